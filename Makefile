@@ -1,0 +1,27 @@
+# Quick start: `make repro` (run the DVC pipeline) and `make test` (run the test suite).
+# Both create .venv if needed and install torch first, so a CPU-only machine gets the
+# CPU wheel (TORCH_SPEC) and never the CUDA wheels a bare `pip install torch` would pull.
+VENV       ?= .venv
+PYTHON     ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.segpipe-installed
+
+.PHONY: install repro test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+repro: $(STAMP)
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

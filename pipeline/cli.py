@@ -1,0 +1,160 @@
+"""`segpipe` command line: a thin layer over the package, one subcommand per DVC stage.
+
+Each subcommand parses its arguments and calls one function of the package; the work and the
+defaults live in the package and in `configs/`. Heavy modules are imported inside the handlers so
+that `segpipe --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+GROUPS = """\
+stages and tools, in data-flow order:
+  data       download, prepare, weightmap, manifest
+  model      train, evaluate
+  inference  infer
+  bench      bench networks | transforms | infer | train
+"""
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --- data (issue 2) -------------------------------------------------------------------------
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from pipeline.data.download import download_dataset
+
+    download_dataset(
+        args.dataset,
+        from_paths=args.from_paths,
+        accept_sha256=args.accept_sha256,
+        mirror=args.mirror,
+    )
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.prepare import prepare_dataset
+
+    prepare_dataset(args.dataset)
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from pipeline.data.manifest import write_file_manifest
+
+    write_file_manifest(args.dataset, args.source, args.output)
+    return 0
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "download",
+        help="fetch (or import) a dataset's archives, verified by sha256",
+        description="Download a dataset's archives into data/raw/DATASET with resume, retries and "
+        "sha256 verification. Mirror: --mirror, $SEGPIPE_MIRROR or configs/data.yaml "
+        "download.mirror. Air-gapped: --from PATH.",
+    )
+    p.add_argument("dataset", help="drive, hela or u373 (see data_manifests/sources.yaml)")
+    p.add_argument(
+        "--from",
+        dest="from_paths",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="import an archive already on disk instead of downloading (repeatable)",
+    )
+    p.add_argument(
+        "--accept-sha256",
+        action="append",
+        default=None,
+        metavar="HASH",
+        help="explicitly accept an archive whose sha256 differs from the manifest (repeatable)",
+    )
+    p.add_argument("--mirror", default=None, metavar="URL", help="base URL of a mirror: URL/DATASET/FILE")
+    p.set_defaults(handler=_cmd_download)
+
+    p = sub.add_parser(
+        "prepare",
+        help="validate, convert to NIfTI, split and compute weight maps",
+        description="Unpack data/raw/DATASET, validate every file against data_manifests/, and write "
+        "data/prepared/DATASET (NIfTI images/labels, weight maps, manifest.csv).",
+    )
+    p.add_argument("dataset", help="drive, hela or u373")
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser(
+        "manifest",
+        help="(maintainers) write a per-file manifest CSV from a verified copy of a dataset",
+    )
+    p.add_argument("dataset")
+    p.add_argument("source", help="an archive or unpacked folder of a verified copy")
+    p.add_argument("--output", default=None, help="CSV path (default: data_manifests/DATASET_files.csv)")
+    p.set_defaults(handler=_cmd_manifest)
+
+
+# --- end data ---------------------------------------------------------------------------------
+
+# --- networks (issue 3) -----------------------------------------------------------------------
+# --- end networks -----------------------------------------------------------------------------
+
+# --- transforms (issue 4) ---------------------------------------------------------------------
+# --- end transforms ---------------------------------------------------------------------------
+
+# --- inference (issue 5) ----------------------------------------------------------------------
+# --- end inference ----------------------------------------------------------------------------
+
+# --- train / evaluate (issue 6) ---------------------------------------------------------------
+# --- end train / evaluate ---------------------------------------------------------------------
+
+BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+"""`segpipe bench NAME`: each area registers a function that adds its arguments and a handler."""
+
+
+def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks side by side with MONAI (not tests)")
+    bench_sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, add_args in BENCHES.items():
+        add_args(bench_sub.add_parser(name, help=f"benchmark: {name}"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="segpipe",
+        description="U-Net family segmentation pipeline (MONAI + PyTorch, DVC, MLflow).",
+        epilog=GROUPS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_commands(sub)
+    _add_bench_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; errors of input or setup print one line naming the file and exit 2."""
+    from pipeline.errors import SegpipeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except SegpipeError as exc:
+        print(f"segpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"segpipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
