@@ -1,0 +1,214 @@
+"""`segpipe download DATASET`: fetch or import a dataset's archives into `data/raw/DATASET/`.
+
+HTTP(S) with resume (Range), retries with exponential backoff and a progress bar. The sha256 is
+verified before an archive gets its final name; a partial download lives under `NAME.part` only.
+An archive already present and verified is not fetched again. The result is recorded in
+`data/raw/DATASET/download.json`, which `segpipe prepare` reads.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import requests
+import urllib3
+from tqdm import tqdm
+
+from pipeline.config import load_config
+from pipeline.data.io import atomic_path, sha256_file, write_text
+from pipeline.data.sources import Archive, DatasetSource, get_source
+from pipeline.errors import SegpipeError
+
+log = logging.getLogger(__name__)
+
+MIRROR_ENV = "SEGPIPE_MIRROR"
+RECORD_NAME = "download.json"
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """The `download` section of configs/data.yaml."""
+
+    retries: int = 5
+    backoff_seconds: float = 2.0
+    timeout_seconds: float = 60.0
+    chunk_bytes: int = 1 << 20
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "DownloadSettings":
+        return cls(
+            retries=int(cfg.get("retries", cls.retries)),
+            backoff_seconds=float(cfg.get("backoff_seconds", cls.backoff_seconds)),
+            timeout_seconds=float(cfg.get("timeout_seconds", cls.timeout_seconds)),
+            chunk_bytes=int(cfg.get("chunk_bytes", cls.chunk_bytes)),
+        )
+
+
+class _Retryable(Exception):
+    """A transfer error worth another attempt (connection cut, timeout, 5xx)."""
+
+
+def archive_url(archive: Archive, dataset: str, mirror: str | None) -> str:
+    """The archive's URL, or `MIRROR/DATASET/NAME` when a mirror is set."""
+    return f"{mirror.rstrip('/')}/{dataset}/{archive.name}" if mirror else archive.url
+
+
+def _override_hint(dataset: str) -> str:
+    return (
+        f"use a mirror (--mirror URL, ${MIRROR_ENV}, or download.mirror in configs/data.yaml; files are "
+        f"fetched from MIRROR/{dataset}/ARCHIVE) or import archives already on disk "
+        f"(segpipe download {dataset} --from PATH)"
+    )
+
+
+def _fetch_once(url: str, part: Path, settings: DownloadSettings, expected_size: int | None) -> None:
+    """One attempt: continue `part` from its current size with a Range request."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=settings.timeout_seconds) as resp:
+            if resp.status_code == 416 and have and (expected_size is None or have == expected_size):
+                return  # the part file is already complete
+            if resp.status_code >= 500 or resp.status_code == 429:
+                raise _Retryable(f"HTTP {resp.status_code}")
+            if resp.status_code not in (200, 206):
+                raise SegpipeError(f"{url}: HTTP {resp.status_code} {resp.reason}; expected the archive")
+            mode = "ab" if resp.status_code == 206 else "wb"
+            if mode == "wb":
+                have = 0  # the server ignored Range: start over
+            length = resp.headers.get("Content-Length")
+            total = have + int(length) if length is not None else expected_size
+            with open(part, mode) as fh, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=part.name.removesuffix(".part"), leave=False,
+            ) as bar:
+                # read1 hands over whatever has arrived, so a cut connection loses no received bytes
+                while chunk := resp.raw.read1(settings.chunk_bytes):
+                    fh.write(chunk)
+                    bar.update(len(chunk))
+            if length is not None and part.stat().st_size != have + int(length):
+                raise _Retryable(f"connection closed after {part.stat().st_size} of {total} bytes")
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError) as exc:
+        raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def fetch_archive(
+    url: str, dest: Path, archive: Archive, accepted: set[str], settings: DownloadSettings, dataset: str
+) -> str:
+    """Download `url` to `dest` (resuming `dest.part`), verify its sha256, rename. Returns the hash."""
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(1, settings.retries + 1):
+        try:
+            _fetch_once(url, part, settings, archive.size)
+            break
+        except _Retryable as exc:
+            if attempt == settings.retries:
+                raise SegpipeError(
+                    f"could not download {url} after {settings.retries} attempts (last error: {exc}); "
+                    f"the partial file {part} is kept and resumed next time. Offline? {_override_hint(dataset)}"
+                ) from exc
+            wait = settings.backoff_seconds * 2 ** (attempt - 1)
+            log.warning("%s: attempt %d/%d failed (%s); retrying in %.1f s", url, attempt, settings.retries, exc, wait)
+            time.sleep(wait)
+    digest = sha256_file(part)
+    if digest != archive.sha256 and digest not in accepted:
+        part.unlink()
+        raise SegpipeError(_mismatch_message(url, archive, digest, dataset))
+    os.replace(part, dest)
+    return digest
+
+
+def _mismatch_message(origin: str, archive: Archive, digest: str, dataset: str) -> str:
+    return (
+        f"{origin}: sha256 mismatch for {archive.name}: expected {archive.sha256} (data_manifests/sources.yaml), "
+        f"got {digest}. Nothing was kept under {archive.name}. If the host re-packed the archive and you "
+        f"trust it, accept this hash explicitly: segpipe download {dataset} --accept-sha256 {digest} "
+        f"(or add it to download.accept_sha256 in configs/data.yaml); prepare still checks every file."
+    )
+
+
+def import_archive(path: Path, raw_dir: Path, source: DatasetSource, accepted: set[str]) -> dict[str, Any]:
+    """Copy an archive from disk into `raw_dir`, verified: known hash -> its name; accepted -> own name."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SegpipeError(f"{path}: --from archive not found (expected a .zip of the {source.name} dataset)")
+    digest = sha256_file(path)
+    known = {a.sha256: a for a in source.archives}
+    if digest in known:
+        name = known[digest].name
+    elif digest in accepted:
+        name = path.name
+    else:
+        expected = ", ".join(f"{a.name}={a.sha256}" for a in source.archives)
+        raise SegpipeError(
+            f"{path}: sha256 {digest} matches no known {source.name} archive ({expected}). If this is an "
+            f"official archive (e.g. DRIVE.zip) or a trusted re-pack, accept it explicitly: "
+            f"segpipe download {source.name} --from {path} --accept-sha256 {digest}; prepare then checks every file."
+        )
+    dest = raw_dir / name
+    if not (dest.is_file() and sha256_file(dest) == digest):
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(path, tmp)
+    log.info("imported %s as %s (sha256 %s)", path, dest, digest)
+    return {"name": name, "sha256": digest, "source": str(path), "accepted_override": digest not in known}
+
+
+def download_dataset(
+    dataset: str,
+    *,
+    from_paths: Sequence[str] | None = None,
+    accept_sha256: Sequence[str] | None = None,
+    mirror: str | None = None,
+) -> Path:
+    """Fetch or import every archive of `dataset`; returns the raw folder. CLI flags win over config."""
+    cfg = load_config("data")
+    dl_cfg = cfg.get("download") or {}
+    source = get_source(Path(cfg["manifests_dir"]), dataset)
+    raw_dir = Path(cfg["raw_dir"]) / dataset
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    accepted = {h.lower() for h in (accept_sha256 or []) + list(dl_cfg.get("accept_sha256") or [])}
+    imports = list(from_paths or (dl_cfg.get("from") or {}).get(dataset) or [])
+    mirror = mirror or os.environ.get(MIRROR_ENV) or dl_cfg.get("mirror")
+    settings = DownloadSettings.from_config(dl_cfg)
+
+    records: list[dict[str, Any]] = []
+    if imports:
+        records = [import_archive(Path(p), raw_dir, source, accepted) for p in imports]
+    else:
+        for archive in source.archives:
+            dest = raw_dir / archive.name
+            url = archive_url(archive, dataset, mirror)
+            if dest.is_file() and (digest := sha256_file(dest)) in accepted | {archive.sha256}:
+                log.info("%s: already downloaded and verified", dest)
+            else:
+                log.info("downloading %s -> %s", url, dest)
+                digest = fetch_archive(url, dest, archive, accepted, settings, dataset)
+            records.append(
+                {"name": archive.name, "sha256": digest, "source": url, "accepted_override": digest != archive.sha256}
+            )
+    keep = {r["name"] for r in records} | {RECORD_NAME}
+    for stale in raw_dir.iterdir():
+        if stale.is_file() and stale.name not in keep and not stale.name.endswith(".part"):
+            log.info("removing %s: not part of this download", stale)
+            stale.unlink()
+    write_text(raw_dir / RECORD_NAME, json.dumps({"dataset": dataset, "archives": records}, indent=2) + "\n")
+    print(f"{dataset}: {len(records)} archive(s) verified in {raw_dir}")
+    return raw_dir
+
+
+def read_record(raw_dir: Path) -> list[dict[str, Any]]:
+    """The archives a previous `segpipe download` verified into `raw_dir`."""
+    path = Path(raw_dir) / RECORD_NAME
+    if not path.is_file():
+        raise SegpipeError(f"{path}: not found; run `segpipe download {Path(raw_dir).name}` first")
+    try:
+        return list(json.loads(path.read_text())["archives"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SegpipeError(f"{path}: expected the JSON record written by segpipe download ({exc})") from exc

@@ -1,0 +1,95 @@
+"""Reading raw dataset files and reading/writing prepared NIfTI volumes, atomically.
+
+TIFF through tifffile, GIF/PNG/JPEG through imageio (the scikit-image stack), NIfTI through
+nibabel, anything else through SimpleITK.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.errors import SegpipeError
+
+TIFF_SUFFIXES = {".tif", ".tiff"}
+IMAGEIO_SUFFIXES = {".gif", ".png", ".jpg", ".jpeg", ".bmp"}
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_raster(path: Path) -> np.ndarray:
+    """Read a 2-D raster as stored: (H, W) or (H, W, C). GIFs give their first frame."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            return tifffile.imread(path)
+        if suffix in IMAGEIO_SUFFIXES:
+            import imageio.v3 as iio
+
+            return iio.imread(path, index=0) if suffix == ".gif" else iio.imread(path)
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            return read_volume(path)
+        import SimpleITK as sitk
+
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except SegpipeError:
+        raise
+    except Exception as exc:  # every reader has its own exception types
+        raise SegpipeError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
+
+
+def read_volume(path: Path) -> np.ndarray:
+    """Read a prepared NIfTI volume back as the channel-first array it was written from."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        return np.asarray(img.dataobj)
+    except Exception as exc:
+        raise SegpipeError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(final.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_volume(path: Path, array: np.ndarray) -> None:
+    """Write a channel-first array as NIfTI (identity affine), atomically."""
+    import nibabel as nib
+
+    with atomic_path(Path(path)) as tmp:
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array), affine=np.eye(4)), str(tmp))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)

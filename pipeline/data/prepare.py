@@ -1,0 +1,200 @@
+"""`segpipe prepare DATASET`: unpack, validate, convert to NIfTI, split, compute weight maps.
+
+Output, `data/prepared/<dataset>/` (built in a temporary folder and renamed into place):
+  images/CASE.nii.gz     (C, H, W), original dtype (DRIVE: 3 x uint8 RGB; cells: 1 x uint8/uint16)
+  labels/CASE.nii.gz     (1, H, W) uint8 {0, 1}; cells: instances > 0 with the pixels where two
+                         cells touch set to background, as in the U-Net paper's training masks
+  weights/CASE.nii.gz    (1, H, W) float32, U-Net eq. 2 (class balance from the train split)
+  fov/CASE.nii.gz        (1, H, W) uint8 (DRIVE field-of-view mask)
+  instances/CASE.nii.gz  (1, H, W) uint16 (cells: CTC SEG instance ids)
+  label2/CASE.nii.gz     (1, H, W) uint8 (DRIVE test: second observer)
+  manifest.csv           case, split, image, label, weight, fov, instances, label2 (relative paths)
+  stats.json             split sizes, seed, class frequencies and weights, intensity statistics
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm import tqdm
+
+from pipeline.config import load_config
+from pipeline.data.download import read_record
+from pipeline.data.io import read_raster, write_text, write_volume
+from pipeline.data.manifest import FoundFile, find_files, unpack, validate
+from pipeline.data.sources import Layout, get_source
+from pipeline.errors import SegpipeError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["case", "split", "image", "label", "weight", "fov", "instances", "label2"]
+ROLE_DIRS = {"image": "images", "label": "labels", "weight": "weights", "fov": "fov",
+             "instances": "instances", "label2": "label2"}
+
+
+def to_channel_first(array: np.ndarray) -> np.ndarray:
+    """(H, W) -> (1, H, W); (H, W, C) -> (C, H, W)."""
+    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+
+
+def to_binary(array: np.ndarray) -> np.ndarray:
+    """A 0/255 mask (grey or RGB, as DRIVE's GIFs are) to (H, W) uint8 {0, 1}."""
+    grey = array.mean(axis=-1) if array.ndim == 3 else array
+    return (grey >= 128).astype(np.uint8)
+
+
+def separate_touching(instances: np.ndarray) -> np.ndarray:
+    """Binary foreground of an instance image with every pixel that touches another cell set to 0.
+
+    A pixel of cell i is a border pixel when its 3x3 neighbourhood holds a cell j != i (not
+    background): this opens the one-pixel gaps the U-Net paper's weight map then emphasises.
+    """
+    inst = instances.astype(np.int64)
+    top = ndimage.maximum_filter(inst, size=3)
+    bottom = ndimage.minimum_filter(np.where(inst > 0, inst, np.iinfo(np.int64).max), size=3)
+    touching = (inst > 0) & ((top != inst) | (bottom != inst))
+    return ((inst > 0) & ~touching).astype(np.uint8)
+
+
+def assign_splits(cases: pd.DataFrame, layout: Layout, seed: int, val_fraction: float) -> pd.Series:
+    """Official test parts -> test; the training parts shuffled with `seed`, `val_fraction` -> val."""
+    split = pd.Series("test", index=cases.index)
+    train_idx = cases.index[cases["part"].isin(layout.train_parts)].to_numpy()
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(np.sort(train_idx))
+    n_val = int(round(val_fraction * len(shuffled)))
+    n_val = min(max(n_val, 1 if len(shuffled) >= 2 and val_fraction > 0 else 0), max(len(shuffled) - 1, 0))
+    split[shuffled] = "train"
+    split[shuffled[:n_val]] = "val"
+    unknown = ~cases["part"].isin(layout.train_parts + layout.test_parts)
+    if unknown.any():
+        raise SegpipeError(f"parts {sorted(cases.loc[unknown, 'part'].unique())} are neither train nor test parts in sources.yaml")
+    return split
+
+
+def _cases(files: list[FoundFile], layout: Layout) -> pd.DataFrame:
+    """One row per case that has every required role (e.g. CTC frames with SEG ground truth)."""
+    table = pd.DataFrame([{"part": f.split, "id": f.case, "role": f.role, "file": f.location} for f in files])
+    wide = table.pivot_table(index=["part", "id"], columns="role", values="file", aggfunc="first").reset_index()
+    for role in layout.require_roles:
+        if role not in wide.columns:
+            raise SegpipeError(f"no {role} files found; expected {layout.require_roles} for every case")
+    complete = wide.dropna(subset=list(layout.require_roles)).copy()
+    complete["case"] = complete["part"] + "_" + complete["id"]
+    return complete.sort_values("case").reset_index(drop=True)
+
+
+def prepare_dataset(dataset: str) -> Path:
+    """Run the prepare stage for one dataset; returns `data/prepared/<dataset>`."""
+    cfg = load_config("data")
+    prep_cfg = cfg.get("prepare") or {}
+    source = get_source(Path(cfg["manifests_dir"]), dataset)
+    raw_dir = Path(cfg["raw_dir"]) / dataset
+    final = Path(cfg["prepared_dir"]) / dataset
+    final.parent.mkdir(parents=True, exist_ok=True)
+    archives = [raw_dir / r["name"] for r in read_record(raw_dir)]
+    for archive in archives:
+        if not archive.is_file():
+            raise SegpipeError(f"{archive}: listed in {raw_dir / 'download.json'} but missing; run segpipe download {dataset}")
+
+    work = Path(tempfile.mkdtemp(prefix=f".{dataset}.tmp-", dir=final.parent))
+    try:
+        root = unpack(archives, work / "unpacked")
+        files = find_files(root, source.layout, dataset)
+        validate(files, source)
+        cases = _cases(files, source.layout)
+        seed, val_fraction = int(prep_cfg.get("seed", 0)), float(prep_cfg.get("val_fraction", 0.2))
+        cases["split"] = assign_splits(cases, source.layout, seed, val_fraction)
+        out = work / "out"
+        stats = _convert(cases, out, prep_cfg.get("weight_map") or {}, dataset)
+        stats.update(dataset=dataset, seed=seed, val_fraction=val_fraction,
+                     archives=[r["sha256"] for r in read_record(raw_dir)])
+        write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+        _swap_into_place(out, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    counts = pd.read_csv(final / "manifest.csv")["split"].value_counts().to_dict()
+    print(f"{dataset}: prepared {sum(counts.values())} cases {counts} in {final}")
+    return final
+
+
+def _swap_into_place(new: Path, final: Path) -> None:
+    """Replace `final` by `new` with renames only: the old version is removed after the swap."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _convert(cases: pd.DataFrame, out: Path, wm_cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """Write every case's volumes and the manifest; return statistics for stats.json."""
+    from pipeline.transforms.weightmap import compute_class_weights, instances_from_binary, unet_weight_map
+
+    for sub in ROLE_DIRS.values():
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    loaded: dict[str, dict[str, np.ndarray]] = {}
+    for row in tqdm(cases.itertuples(index=False), total=len(cases), desc=f"convert {dataset}", unit="case"):
+        vols: dict[str, np.ndarray] = {"image": to_channel_first(read_raster(row.image))}
+        if "instances" in cases.columns and isinstance(row.instances, Path):
+            inst = read_raster(row.instances).astype(np.uint16)
+            vols["instances"] = inst[None]
+            vols["label"] = separate_touching(inst)[None]
+        else:
+            vols["label"] = to_binary(read_raster(row.label))[None]
+        for role in ("fov", "label2"):
+            value = getattr(row, role, None)
+            if isinstance(value, Path):
+                vols[role] = to_binary(read_raster(value))[None]
+        _check_same_size(vols, row.case)
+        loaded[row.case] = vols
+
+    train_cases = cases.loc[cases["split"] == "train", "case"]
+    class_weights = compute_class_weights([loaded[c]["label"][0] for c in train_cases], num_classes=2)
+    w0, sigma = float(wm_cfg.get("w0", 10.0)), float(wm_cfg.get("sigma", 5.0))
+    rows = []
+    for case, split in tqdm(zip(cases["case"], cases["split"]), total=len(cases), desc="weight maps", unit="case"):
+        vols = loaded[case]
+        label = vols["label"][0]
+        inst = vols["instances"][0] if "instances" in vols else instances_from_binary(label)
+        vols["weight"] = unet_weight_map(inst, w0=w0, sigma=sigma, class_weights=class_weights, labels=label)[None]
+        entry = {"case": case, "split": split}
+        for role, sub in ROLE_DIRS.items():
+            if role in vols:
+                rel = f"{sub}/{case}.nii.gz"
+                write_volume(out / rel, vols[role])
+                entry[role] = rel
+        rows.append(entry)
+    write_text(out / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(index=False))
+    return _statistics(cases, loaded, class_weights, w0, sigma)
+
+
+def _check_same_size(vols: dict[str, np.ndarray], case: str) -> None:
+    sizes = {role: v.shape[1:] for role, v in vols.items()}
+    if len(set(sizes.values())) != 1:
+        raise SegpipeError(f"case {case}: image, label and masks differ in size {sizes}; expected one H x W")
+
+
+def _statistics(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], class_weights: np.ndarray,
+                w0: float, sigma: float) -> dict[str, Any]:
+    train = [loaded[c] for c in cases.loc[cases["split"] == "train", "case"]]
+    pixels = np.concatenate([v["image"].reshape(v["image"].shape[0], -1) for v in train], axis=1).astype(np.float64)
+    foreground = float(np.mean([v["label"].mean() for v in train]))
+    return {
+        "splits": {k: int(v) for k, v in cases["split"].value_counts().items()},
+        "cases": {s: sorted(cases.loc[cases["split"] == s, "case"]) for s in ("train", "val", "test")},
+        "foreground_fraction_train": foreground,
+        "class_weights": [float(w) for w in class_weights],
+        "weight_map": {"w0": w0, "sigma": sigma},
+        "intensity_train": {"mean": pixels.mean(axis=1).tolist(), "std": pixels.std(axis=1).tolist()},
+    }

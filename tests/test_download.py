@@ -1,0 +1,141 @@
+"""`segpipe download`: fresh download, resume, retries, sha256 checks, imports, offline errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fixtures import FixtureProject, Mirror, closed_port_url, ctc_members, sha256, write_zip
+from pipeline.cli import main
+from pipeline.data.download import download_dataset
+from pipeline.errors import SegpipeError
+
+HELA = "/hela/DIC-C2DH-HeLa.zip"
+
+
+def raw(project: FixtureProject, dataset: str) -> Path:
+    return project.root / "data" / "raw" / dataset
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_fresh_download_verifies_and_records(project: FixtureProject, mirror: Mirror) -> None:
+    download_dataset("drive", mirror=mirror.url)
+    folder = raw(project, "drive")
+    assert leftovers(folder) == ["download.json", "test.zip", "training.zip"]
+    for served in project.archives["drive"]:
+        assert sha256(folder / served.name) == sha256(served)
+    record = json.loads((folder / "download.json").read_text())
+    assert [a["name"] for a in record["archives"]] == ["training.zip", "test.zip"]
+    assert not any(a["accepted_override"] for a in record["archives"])
+    assert record["archives"][0]["source"] == f"{mirror.url}/drive/training.zip"
+
+
+def test_second_run_fetches_nothing(project: FixtureProject, mirror: Mirror) -> None:
+    download_dataset("hela", mirror=mirror.url)
+    n = len(mirror.control.requests)
+    download_dataset("hela", mirror=mirror.url)
+    assert len(mirror.control.requests) == n
+
+
+def test_mirror_from_environment(project: FixtureProject, mirror: Mirror, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGPIPE_MIRROR", mirror.url + "/")
+    download_dataset("hela")
+    assert mirror.control.requests == [(HELA, None)]
+
+
+def test_resume_after_cut_uses_range(project: FixtureProject, mirror: Mirror) -> None:
+    mirror.control.cut_after[HELA] = 1000
+    download_dataset("hela", mirror=mirror.url)
+    assert mirror.control.requests == [(HELA, None), (HELA, "bytes=1000-")]
+    assert sha256(raw(project, "hela") / "DIC-C2DH-HeLa.zip") == sha256(project.archives["hela"][0])
+
+
+def test_server_without_range_restarts_from_zero(project: FixtureProject, mirror: Mirror) -> None:
+    mirror.control.no_range = True
+    mirror.control.cut_after[HELA] = 700
+    download_dataset("hela", mirror=mirror.url)
+    assert sha256(raw(project, "hela") / "DIC-C2DH-HeLa.zip") == sha256(project.archives["hela"][0])
+
+
+def test_retries_server_errors_with_backoff(project: FixtureProject, mirror: Mirror) -> None:
+    mirror.control.fail_500[HELA] = 2
+    download_dataset("hela", mirror=mirror.url)
+    assert len(mirror.control.requests) == 3
+
+
+def test_gives_up_after_retries_and_keeps_only_the_part_file(project: FixtureProject, mirror: Mirror) -> None:
+    mirror.control.fail_500[HELA] = 10
+    with pytest.raises(SegpipeError, match="after 3 attempts"):
+        download_dataset("hela", mirror=mirror.url)
+    assert "DIC-C2DH-HeLa.zip" not in leftovers(raw(project, "hela"))
+
+
+def _serve_repacked(project: FixtureProject) -> str:
+    """Replace the served HeLa archive by a different zip; return its hash."""
+    served = project.archives["hela"][0]
+    write_zip(served, ctc_members("DIC-C2DH-HeLa", seed=99))
+    return sha256(served)
+
+
+def test_sha256_mismatch_names_both_hashes_and_the_override(project: FixtureProject, mirror: Mirror) -> None:
+    expected = json.dumps(project.data_config())  # unchanged config
+    got = _serve_repacked(project)
+    with pytest.raises(SegpipeError) as err:
+        download_dataset("hela", mirror=mirror.url)
+    message = str(err.value)
+    assert got in message and "expected" in message and f"--accept-sha256 {got}" in message
+    assert leftovers(raw(project, "hela")) == []  # no final file, no .part
+    assert json.dumps(project.data_config()) == expected
+
+
+def test_accepting_a_new_hash_explicitly(project: FixtureProject, mirror: Mirror) -> None:
+    got = _serve_repacked(project)
+    download_dataset("hela", mirror=mirror.url, accept_sha256=[got])
+    record = json.loads((raw(project, "hela") / "download.json").read_text())
+    assert record["archives"][0] == {
+        "name": "DIC-C2DH-HeLa.zip", "sha256": got, "source": f"{mirror.url}{HELA}", "accepted_override": True,
+    }
+
+
+def test_offline_error_names_url_and_overrides(project: FixtureProject, capsys: pytest.CaptureFixture[str]) -> None:
+    url = closed_port_url()
+    code = main(["download", "hela", "--mirror", url])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{url}{HELA}" in err and "--mirror" in err and "--from PATH" in err and "SEGPIPE_MIRROR" in err
+    assert "DIC-C2DH-HeLa.zip" not in leftovers(raw(project, "hela"))
+
+
+def test_import_known_archive_from_disk(project: FixtureProject, tmp_path: Path) -> None:
+    # no mirror is configured and the sources' URLs are unreachable: only --from can work
+    elsewhere = tmp_path / "usb" / "hela-copy.zip"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(project.archives["hela"][0].read_bytes())
+    download_dataset("hela", from_paths=[str(elsewhere)])
+    assert leftovers(raw(project, "hela")) == ["DIC-C2DH-HeLa.zip", "download.json"]
+
+
+def test_import_unknown_archive_needs_explicit_acceptance(project: FixtureProject, tmp_path: Path) -> None:
+    official = write_zip(tmp_path / "DRIVE.zip", {"DRIVE/readme.txt": b"not really"})
+    with pytest.raises(SegpipeError, match=f"--accept-sha256 {sha256(official)}"):
+        download_dataset("drive", from_paths=[str(official)])
+    assert leftovers(raw(project, "drive")) == []
+    download_dataset("drive", from_paths=[str(official)], accept_sha256=[sha256(official)])
+    record = json.loads((raw(project, "drive") / "download.json").read_text())
+    assert record["archives"] == [
+        {"name": "DRIVE.zip", "sha256": sha256(official), "source": str(official), "accepted_override": True}
+    ]
+
+
+def test_import_missing_file(project: FixtureProject, tmp_path: Path) -> None:
+    with pytest.raises(SegpipeError, match="nope.zip: --from archive not found"):
+        download_dataset("drive", from_paths=[str(tmp_path / "nope.zip")])
+
+
+def test_unknown_dataset_lists_known_ones(project: FixtureProject) -> None:
+    with pytest.raises(SegpipeError, match="drive, hela, u373"):
+        download_dataset("kitti")
