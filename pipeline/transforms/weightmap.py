@@ -45,7 +45,7 @@ def _check_instances(instances: np.ndarray) -> np.ndarray:
         raise SegpipeError(f"instances: expected integer instance ids, got dtype {inst.dtype}")
     if inst.size and inst.min() < 0:
         raise SegpipeError("instances: expected non-negative instance ids (0 = background)")
-    return inst.astype(np.int64, copy=False)
+    return inst.astype(np.int32) if inst.dtype == bool else inst
 
 
 def _class_term(
@@ -82,11 +82,17 @@ def border_radius(w0: float, sigma: float, tol: float = DEFAULT_TOL) -> float:
 
 
 def _border_term(d1: np.ndarray, d2: np.ndarray, background: np.ndarray, w0: float, sigma: float) -> np.ndarray:
-    """w0 * exp(-(d1 + d2)**2 / (2 sigma**2)) on `background`, 0 elsewhere (inf distances give 0)."""
-    term = np.zeros(d1.shape, dtype=np.float64)
-    s = d1[background] + d2[background]
-    term[background] = w0 * np.exp(-(s * s) / (2.0 * sigma * sigma))
-    return term
+    """w0 * exp(-(d1 + d2)**2 / (2 sigma**2)) on `background`, 0 elsewhere (inf distances give 0).
+
+    Overwrites d1 (its buffer holds the result).
+    """
+    s = np.add(d1, d2, out=d1)
+    np.square(s, out=s)
+    s *= -1.0 / (2.0 * sigma * sigma)
+    np.exp(s, out=s)
+    s *= w0
+    s *= background
+    return s
 
 
 def unet_weight_map(
