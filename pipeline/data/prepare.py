@@ -59,7 +59,7 @@ def separate_touching(instances: np.ndarray) -> np.ndarray:
     """
     inst = instances.astype(np.int64)
     top = ndimage.maximum_filter(inst, size=3)
-    bottom = ndimage.minimum_filter(np.where(inst > 0, inst, np.iinfo(np.int64).max), size=3)
+    bottom = ndimage.minimum_filter(np.where(inst > 0, inst, inst.max() + 1), size=3)
     touching = (inst > 0) & ((top != inst) | (bottom != inst))
     return ((inst > 0) & ~touching).astype(np.uint8)
 
@@ -166,7 +166,8 @@ def _convert(cases: pd.DataFrame, out: Path, wm_cfg: dict[str, Any], dataset: st
     for case, split in tqdm(zip(cases["case"], cases["split"]), total=len(cases), desc="weight maps", unit="case"):
         vols = loaded[case]
         label = vols["label"][0]
-        inst = vols["instances"][0] if "instances" in vols else instances_from_binary(label)
+        # cells as the label shows them (touching pixels removed), so the gaps get the border term
+        inst = vols["instances"][0] * label if "instances" in vols else instances_from_binary(label)
         vols["weight"] = unet_weight_map(inst, w0=w0, sigma=sigma, class_weights=class_weights, labels=label)[None]
         entry = {"case": case, "split": split}
         for role, sub in ROLE_DIRS.items():
