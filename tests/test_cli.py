@@ -22,3 +22,11 @@ def test_bad_arguments_exit_nonzero() -> None:
 def test_download_flags_parse() -> None:
     args = build_parser().parse_args(["download", "drive", "--from", "a.zip", "--from", "b.zip", "--accept-sha256", "ab"])
     assert args.from_paths == ["a.zip", "b.zip"] and args.accept_sha256 == ["ab"] and args.mirror is None
+
+
+def test_no_torchvision_in_the_installed_tree() -> None:
+    """torchvision has no CPU build here: nothing the project installs may pull it in."""
+    from importlib.metadata import distributions
+
+    names = {(d.metadata["Name"] or "").lower() for d in distributions()}
+    assert "torch" in names and "torchvision" not in names and not any(n.startswith("nvidia-") for n in names)
