@@ -70,7 +70,8 @@ def _override_hint(dataset: str) -> str:
 def _fetch_once(url: str, part: Path, settings: DownloadSettings, expected_size: int | None) -> None:
     """One attempt: continue `part` from its current size with a Range request."""
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    # identity encoding: byte ranges and the sha256 then refer to the archive's own bytes
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     try:
         with requests.get(url, headers=headers, stream=True, timeout=settings.timeout_seconds) as resp:
             if resp.status_code == 416 and have and (expected_size is None or have == expected_size):
