@@ -9,6 +9,21 @@ import pytest
 from fixtures import FixtureProject, Mirror, build_fixture_project
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One SQLite MLflow store for the session (creating a store runs migrations: do it once)."""
+    import os
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 @pytest.fixture(scope="session")
 def fixture_template(tmp_path_factory: pytest.TempPathFactory) -> FixtureProject:
     """The archives and manifests, built once per session (copied per test by `project`)."""

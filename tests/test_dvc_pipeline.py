@@ -26,7 +26,7 @@ def test_dvc_repro_data_stages(project: FixtureProject, mirror: Mirror, tmp_path
     shutil.copytree(REPO_ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(project.root / "configs", repo / "configs")
     shutil.copytree(project.root / "data_manifests", repo / "data_manifests")
-    env = {k: v for k, v in os.environ.items() if k != "SEGPIPE_CONFIG_DIR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("SEGPIPE_CONFIG_DIR", "MLFLOW_TRACKING_URI")}
     env.update(SEGPIPE_MIRROR=mirror.url, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
                DVC_NO_ANALYTICS="1")
     assert _dvc(["init", "--no-scm", "-q"], repo, env).returncode == 0
@@ -37,6 +37,7 @@ def test_dvc_repro_data_stages(project: FixtureProject, mirror: Mirror, tmp_path
         table = pd.read_csv(repo / "data" / "prepared" / dataset / "manifest.csv")
         assert len(table) == n_cases
     assert (repo / "dvc.lock").is_file()
+    assert (repo / "mlflow.db").is_file()  # the default embedded store at the repo root
 
     second = _dvc(["repro"], repo, env)
     assert second.returncode == 0, second.stdout + second.stderr

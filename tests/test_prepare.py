@@ -67,6 +67,30 @@ def test_prepare_drive_converts_and_splits(project: FixtureProject) -> None:
     assert no_temp_left(project)
 
 
+def _runs(dataset: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(dataset)
+    return client.search_runs([experiment.experiment_id], order_by=["start_time DESC"]) if experiment else []
+
+
+def test_prepare_is_tracked_in_mlflow(project: FixtureProject) -> None:
+    install_raw(project, "u373", {"PhC-C2DH-U373.zip": ctc_members("PhC-C2DH-U373")})
+    prepare_dataset("u373")
+    run = _runs("u373")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "prepare"
+    assert run.data.metrics["cases_train"] == 2 and run.data.metrics["cases_test"] == 2
+    assert run.data.params["prepare.seed"] == "2015"
+    assert len(run.data.tags["data_manifest_sha256"]) == 64
+    members = ctc_members("PhC-C2DH-U373")
+    del members["PhC-C2DH-U373/01/t000.tif"]
+    install_raw(project, "u373", {"PhC-C2DH-U373.zip": members})
+    with pytest.raises(SegpipeError):
+        prepare_dataset("u373")
+    assert _runs("u373")[0].info.status == "FAILED"
+
+
 def test_split_is_seeded_and_recorded(project: FixtureProject) -> None:
     install_raw(project, "drive", drive_zips())
     first = pd.read_csv(prepare_dataset("drive") / "manifest.csv")

@@ -30,8 +30,9 @@ from pipeline.config import load_config
 from pipeline.data.download import read_record
 from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, unpack, validate
-from pipeline.data.sources import Layout, get_source
+from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
+from pipeline.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,20 @@ def prepare_dataset(dataset: str) -> Path:
         if not archive.is_file():
             raise SegpipeError(f"{archive}: listed in {raw_dir / 'download.json'} but missing; run segpipe download {dataset}")
 
+    manifest = source.files_manifest or Path(cfg["manifests_dir"]) / "sources.yaml"
+    with stage_run("prepare", dataset, params={"prepare": prep_cfg}, manifest=manifest) as tracker:
+        stats = _prepare_into(final, archives, source, prep_cfg, raw_dir, dataset)
+        if tracker is not None:
+            tracker.log_metrics({f"cases_{split}": n for split, n in stats["splits"].items()})
+            tracker.log_metrics({"foreground_fraction_train": stats["foreground_fraction_train"]})
+            tracker.log_dict(stats, "stats.json")
+    print(f"{dataset}: prepared {sum(stats['splits'].values())} cases {stats['splits']} in {final}")
+    return final
+
+
+def _prepare_into(final: Path, archives: list[Path], source: DatasetSource, prep_cfg: dict[str, Any],
+                  raw_dir: Path, dataset: str) -> dict[str, Any]:
+    """Unpack, validate, convert and swap into `final`; returns the statistics written."""
     work = Path(tempfile.mkdtemp(prefix=f".{dataset}.tmp-", dir=final.parent))
     try:
         root = unpack(archives, work / "unpacked")
@@ -121,9 +136,7 @@ def prepare_dataset(dataset: str) -> Path:
         _swap_into_place(out, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    counts = pd.read_csv(final / "manifest.csv")["split"].value_counts().to_dict()
-    print(f"{dataset}: prepared {sum(counts.values())} cases {counts} in {final}")
-    return final
+    return stats
 
 
 def _swap_into_place(new: Path, final: Path) -> None:
