@@ -7,7 +7,7 @@ import torch
 
 from pipeline.errors import SegpipeError
 from pipeline.transforms import RandElasticd
-from pipeline.transforms.elastic import sampling_grid, warp
+from pipeline.transforms.elastic import dense_displacement, sampling_grid, warp
 
 torch.set_num_threads(1)
 KEYS = ["image", "label", "weight"]
@@ -137,3 +137,12 @@ def test_bad_arguments_raise() -> None:
         RandElasticd(KEYS)({"image": np.zeros((1, 8, 8)), "label": np.zeros((1, 6, 6)), "weight": np.zeros((1, 8, 8))})
     with pytest.raises(SegpipeError, match="fit centred"):
         RandElasticd(["image"], output_size=7)({"image": np.zeros((1, 8, 8))})
+
+
+def test_dense_field_is_bicubic_through_the_nodes() -> None:
+    coarse = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0)) * 10
+    dense = dense_displacement(coarse, (65, 41))
+    ref = torch.nn.functional.interpolate(coarse[None], size=(65, 41), mode="bicubic", align_corners=True)[0]
+    torch.testing.assert_close(dense, ref, atol=1e-4, rtol=0)
+    for (i, j), (y, x) in {(0, 0): (0, 0), (1, 1): (32, 20), (2, 2): (64, 40), (0, 2): (0, 40)}.items():
+        torch.testing.assert_close(dense[:, y, x], coarse[:, i, j], atol=1e-4, rtol=0)

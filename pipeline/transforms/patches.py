@@ -49,7 +49,7 @@ def crop_reflect(x: Array, top: int, left: int, height: int, width: int) -> Arra
         iy_t = torch.as_tensor(iy, device=x.device)
         ix_t = torch.as_tensor(ix, device=x.device)
         return x.index_select(-2, iy_t).index_select(-1, ix_t)
-    return x[..., iy[:, None], ix[None, :]]
+    return x.take(iy, axis=-2).take(ix, axis=-1)
 
 
 def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:

@@ -1,0 +1,157 @@
+"""The training transform chain per dataset, built from `configs/augment.yaml` (DVC params).
+
+U-Net paper (Ronneberger et al. 2015) section 3.1 recipe, over the prepared-data dict
+{"image" (C, H, W), "label" (1, H, W), "weight" (1, H, W), "fov" (1, H, W) for DRIVE}:
+
+    normalise intensities (deterministic: CacheDataset caches it)
+    -> RandOverlapTilePatchd   patch + halo + elastic margin, every key, class balanced, in the FOV
+    -> RandElasticd            one field for all keys; image trimmed to patch + 2 halo, label,
+                               weight and fov to the patch (the network's output size)
+    -> RandFlipd x 2, RandRotate90d          (MONAI)
+    -> gray values: RandAdjustContrastd, RandScaleIntensityd, RandShiftIntensityd,
+                    RandGaussianNoised      (MONAI, image only)
+    -> EnsureTyped                           torch tensors without metadata
+
+Output per patch: image float32 (C, P + 2 halo, P + 2 halo), label int64 (1, P, P), weight
+float32 (1, P, P), fov uint8 (1, P, P) when the preset names a FOV key.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    EnsureTyped,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRangePercentilesd,
+)
+
+from pipeline.config import load_config
+from pipeline.errors import SegpipeError
+from pipeline.transforms.elastic import RandElasticd
+from pipeline.transforms.patches import RandOverlapTilePatchd
+
+CONFIG_NAME = "augment"
+NORMALIZERS = ("zscore", "percentile")
+SCHEMA: dict[str, Any] = {
+    "normalize": None,
+    "patches": {"num_samples": None, "pos": None, "neg": None, "fov_key": None},
+    "elastic": {"prob": None, "sigma": None, "grid_size": None, "margin": None, "image_mode": None},
+    "flip_prob": None,
+    "rot90_prob": None,
+    "gray": {
+        "gamma_prob": None,
+        "gamma": None,
+        "scale_prob": None,
+        "scale": None,
+        "shift_prob": None,
+        "shift": None,
+        "noise_prob": None,
+        "noise_std": None,
+    },
+}
+
+
+def _check(section: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
+    """Every key of the schema present, no other key: errors name the config and the keys."""
+    if not isinstance(section, Mapping):
+        raise SegpipeError(f"{where}: expected a mapping with keys {sorted(schema)}, got {section!r}")
+    missing = sorted(set(schema) - set(section))
+    unknown = sorted(set(section) - set(schema))
+    if missing or unknown:
+        raise SegpipeError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected {sorted(schema)}")
+    for key, sub in schema.items():
+        if sub is not None:
+            _check(section[key], sub, f"{where}.{key}")
+
+
+def preset(dataset: str, config: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    """The validated section of `dataset`: from `config` if given, else configs/augment.yaml."""
+    if config is None:
+        full = load_config(CONFIG_NAME)
+        if dataset not in full:
+            raise SegpipeError(f"configs/{CONFIG_NAME}.yaml: no preset '{dataset}'; presets: {sorted(full)}")
+        config = full[dataset]
+        where = f"configs/{CONFIG_NAME}.yaml:{dataset}"
+    else:
+        where = f"augmentation config for '{dataset}'"
+    _check(config, SCHEMA, where)
+    if config["normalize"] not in NORMALIZERS:
+        raise SegpipeError(f"{where}.normalize: expected one of {NORMALIZERS}, got {config['normalize']!r}")
+    return config
+
+
+def build_preprocess_transforms(dataset: str, config: Mapping[str, Any] | None = None) -> Compose:
+    """The deterministic intensity normalisation of the image (C, H, W); inference must apply the
+    same. zscore: per image and channel; percentile: 0.5..99.5 percentiles -> 0..1, clipped."""
+    cfg = preset(dataset, config)
+    if cfg["normalize"] == "zscore":
+        normalize = NormalizeIntensityd("image", channel_wise=True)
+    else:
+        normalize = ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True, channel_wise=True)
+    return Compose([CastToTyped("image", dtype=torch.float32), normalize])
+
+
+def build_train_transforms(
+    dataset: str,
+    halo: int,
+    patch_size: int,
+    config: Mapping[str, Any] | None = None,
+) -> Compose:
+    """The training Compose of `dataset` (module docstring for the chain and outputs).
+
+    halo: the network's `halo` (0 for same padding); patch_size: its output size P (square).
+    config: the dataset's section of configs/augment.yaml (read from there when None).
+    """
+    cfg = preset(dataset, config)
+    if halo < 0 or patch_size < 1:
+        raise SegpipeError(f"transforms: expected halo >= 0 and patch_size >= 1, got {halo}, {patch_size}")
+    pc, ec, gc = cfg["patches"], cfg["elastic"], cfg["gray"]
+    fov_key = pc["fov_key"]
+    keys = ["image", "label", "weight"] + ([fov_key] if fov_key else [])
+    context = halo + int(ec["margin"])
+    labels = [k for k in keys if k != "image"]
+    chain = [
+        *build_preprocess_transforms(dataset, cfg).transforms,
+        RandOverlapTilePatchd(
+            keys,
+            label_key="label",
+            patch_size=patch_size,
+            halo=context,
+            label_halo=context,
+            fov_key=fov_key,
+            pos=float(pc["pos"]),
+            neg=float(pc["neg"]),
+            num_samples=int(pc["num_samples"]),
+        ),
+        RandElasticd(
+            keys,
+            sigma=float(ec["sigma"]),
+            grid_size=int(ec["grid_size"]),
+            prob=float(ec["prob"]),
+            mode=[ec["image_mode"], "nearest", "bilinear"] + ["nearest"] * (len(keys) - 3),
+            output_size={"image": patch_size + 2 * halo, **{k: patch_size for k in labels}},
+        ),
+        RandFlipd(keys, prob=float(cfg["flip_prob"]), spatial_axis=0),
+        RandFlipd(keys, prob=float(cfg["flip_prob"]), spatial_axis=1),
+        RandRotate90d(keys, prob=float(cfg["rot90_prob"]), max_k=3),
+        RandAdjustContrastd("image", prob=float(gc["gamma_prob"]), gamma=tuple(gc["gamma"])),
+        RandScaleIntensityd("image", factors=float(gc["scale"]), prob=float(gc["scale_prob"])),
+        RandShiftIntensityd("image", offsets=float(gc["shift"]), prob=float(gc["shift_prob"])),
+        RandGaussianNoised("image", prob=float(gc["noise_prob"]), std=float(gc["noise_std"])),
+        EnsureTyped(
+            keys,
+            data_type="tensor",
+            dtype=[torch.float32, torch.int64, torch.float32] + [torch.uint8] * (len(keys) - 3),
+            track_meta=False,
+        ),
+    ]
+    return Compose(chain)
