@@ -103,6 +103,97 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 # --- end networks -----------------------------------------------------------------------------
 
 # --- transforms (issue 4) ---------------------------------------------------------------------
+
+
+def _cmd_weightmap(args: argparse.Namespace) -> int:
+    from pipeline.transforms.weightmap import write_weight_map_file
+
+    output, preview = write_weight_map_file(
+        args.label_image,
+        output=args.output,
+        w0=args.w0,
+        sigma=args.sigma,
+        class_weights=args.class_weights,
+        mode=args.mode,
+        image_path=args.image,
+    )
+    print(f"weight map: {output}\npreview:    {preview}")
+    return 0
+
+
+def _class_weights_arg(text: str) -> str | tuple[float, float]:
+    if text in ("auto", "none"):
+        return text
+    try:
+        bg, fg = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or W_BG,W_FG, got {text!r}") from None
+    return (bg, fg)
+
+
+def _add_transforms_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "weightmap",
+        help="U-Net eq. 2 weight map of a label image (NIfTI or TIFF) with a PNG preview",
+        description="Write the U-Net loss weight map w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2)) of "
+        "one label image (instance ids, or a binary mask split into connected components), and a "
+        "PNG heat map over the image beside it.",
+    )
+    p.add_argument("label_image", help="label image: NIfTI, TIFF, PNG, GIF ...")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="weight map .nii.gz/.nii or .tif/.tiff (default: LABEL_weight.nii.gz for NIfTI labels, "
+        "else LABEL_weight.tif, beside the label); the preview is the same path with .png",
+    )
+    p.add_argument("--w0", type=float, default=10.0, help="border weight w0 (paper: 10)")
+    p.add_argument("--sigma", type=float, default=5.0, help="border width sigma in pixels (paper: 5)")
+    p.add_argument(
+        "--class-weights",
+        type=_class_weights_arg,
+        default="auto",
+        metavar="auto|none|W_BG,W_FG",
+        help="w_c: auto = frequency balancing over this image (default), none = 1.0, or two numbers",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("auto", "binary", "instances"),
+        default="auto",
+        help="instances: ids as stored; binary: connected components; auto: binary if <= 2 values",
+    )
+    p.add_argument("--image", default=None, help="image to draw the preview over (default: the label)")
+    p.set_defaults(handler=_cmd_weightmap)
+
+
+def _cmd_bench_transforms(args: argparse.Namespace) -> int:
+    from pipeline.transforms.bench import run
+
+    return run(
+        halo=args.halo,
+        patch=args.patch,
+        repeat=args.repeat,
+        rounds=args.rounds,
+        large_weightmap=not args.skip_large_weightmap,
+    )
+
+
+def _bench_transforms_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Training-chain patches/s on DRIVE- and CTC-sized images, elastic ms per patch and the "
+        "weight-map speed-up over brute force, each side by side with MONAI / the reference."
+    )
+    p.add_argument("--halo", type=int, default=92, help="network halo (default 92, the paper's U-Net)")
+    p.add_argument("--patch", type=int, default=128, help="output patch size (default 128)")
+    p.add_argument("--repeat", type=int, default=10, help="calls per timed round (default 10)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, best kept (default 3)")
+    p.add_argument(
+        "--skip-large-weightmap",
+        action="store_true",
+        help="skip the 2048^2 / 300-cell weight map (its brute force takes minutes)",
+    )
+    p.set_defaults(handler=_cmd_bench_transforms)
+
+
 # --- end transforms ---------------------------------------------------------------------------
 
 # --- inference (issue 5) ----------------------------------------------------------------------
@@ -112,6 +203,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 # --- end train / evaluate ---------------------------------------------------------------------
 
 BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+BENCHES["transforms"] = _bench_transforms_args
 """`segpipe bench NAME`: each area registers a function that adds its arguments and a handler."""
 
 
@@ -132,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_data_commands(sub)
+    _add_transforms_commands(sub)
     _add_bench_commands(sub)
     return parser
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,40 @@ def test_instances_from_binary_connectivity() -> None:
     assert eight.max() == 2 and four.max() == 3
     assert eight[1, 1] == eight[2, 2] != eight[5, 5]
     assert eight.dtype == np.int32 and np.all((eight > 0) == (mask > 0))
+
+
+def test_weightmap_command_writes_map_and_preview(tmp_path: Path) -> None:
+    import tifffile
+
+    from pipeline.cli import main
+    from pipeline.data.io import read_volume
+
+    mask = np.zeros((40, 50), dtype=np.uint8)
+    mask[5:15, 5:20] = 255
+    mask[5:15, 22:40] = 255  # two blobs, 2 px apart
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    out = tmp_path / "w" / "mask_weight.nii.gz"
+    assert main(["weightmap", str(tmp_path / "mask.tif"), "--output", str(out), "--sigma", "4"]) == 0
+    written = read_volume(out)
+    assert written.shape == (1, 40, 50) and written.dtype == np.float32
+    inst = instances_from_binary(mask)
+    expected = unet_weight_map(inst, sigma=4.0, class_weights=compute_class_weights([inst > 0]))
+    np.testing.assert_array_equal(written[0], expected)
+    assert (tmp_path / "w" / "mask_weight.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["mask_weight.nii.gz", "mask_weight.png"]
+    # TIFF output beside the label by default, fixed class weights
+    assert main(["weightmap", str(tmp_path / "mask.tif"), "--class-weights", "none"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "mask_weight.tif"), unet_weight_map(inst))
+
+
+def test_weightmap_command_errors_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import tifffile
+
+    from pipeline.cli import main
+
+    tifffile.imwrite(tmp_path / "empty.tif", np.zeros((8, 8), np.uint8))
+    assert main(["weightmap", str(tmp_path / "empty.tif")]) == 2
+    assert "empty.tif" in capsys.readouterr().err
+    assert main(["weightmap", str(tmp_path / "empty.tif"), "--output", str(tmp_path / "w.png")]) == 2
+    assert "w.png" in capsys.readouterr().err
+    assert not (tmp_path / "empty_weight.tif").exists()

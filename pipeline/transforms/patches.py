@@ -73,8 +73,9 @@ class RandOverlapTilePatchd(RandomizableTransform, MapTransform):
     (DRIVE). The output patch (`patch_size`) is placed around it and shifted to lie inside the
     image (when the image is at least that large). Crops, concentric around the output patch:
     `image_keys` (default: the key "image" if among `keys`) with `halo` context on each side,
-    the other keys with `label_halo` (0: the output size; give them the image's context when a following transform, such as
-    `RandElasticd(output_size=...)`, moves pixels in from outside the output and trims).
+    the other keys with `label_halo` (0: the output size; give them the image's context when a
+    following transform such as `RandElasticd(output_size=...)` moves pixels in from outside the
+    output and trims).
 
     Input entries are (C, H, W) numpy arrays or tensors of one spatial shape; outputs have the
     input's type (MetaTensor -> Tensor). Returns a list of `num_samples` dicts, like MONAI's
@@ -156,7 +157,9 @@ class RandOverlapTilePatchd(RandomizableTransform, MapTransform):
         h, w = arrays[self.label_key].shape[-2:]
         for k in keys:
             if arrays[k].ndim != 3 or tuple(arrays[k].shape[-2:]) != (h, w):
-                raise SegpipeError(f"patches: '{k}' must be (C, {h}, {w}) like '{self.label_key}', got {tuple(arrays[k].shape)}")
+                raise SegpipeError(
+                    f"patches: '{k}' must be (C, {h}, {w}) like '{self.label_key}', got {tuple(arrays[k].shape)}"
+                )
         self.randomize(self._candidates(d), w)
         ph, pw = self.patch_size
         out = []
@@ -197,7 +200,8 @@ class TileGrid:
         """A grid for a network of the registry: its halo, and the smallest output tile size
         >= tile_size it can produce (`network.valid_output_size`)."""
         out = int(network.valid_output_size(tile_size))  # type: ignore[attr-defined]
-        return cls(image_size=_pair(image_size, "tiles: image_size"), tile_size=(out, out), halo=int(network.halo))  # type: ignore[attr-defined]
+        halo = int(network.halo)  # type: ignore[attr-defined]
+        return cls(image_size=_pair(image_size, "tiles: image_size"), tile_size=(out, out), halo=halo)
 
     @staticmethod
     def _axis(n: int, t: int) -> list[tuple[int, int, int]]:
@@ -223,7 +227,9 @@ class TileGrid:
     def split(self, image: Array) -> Array:
         """(C, H, W) -> (N, C, th + 2 halo, tw + 2 halo) input tiles, same type as the image."""
         if tuple(image.shape[-2:]) != self.image_size or image.ndim != 3:
-            raise SegpipeError(f"tiles: expected a (C, {self.image_size[0]}, {self.image_size[1]}) image, got {tuple(image.shape)}")
+            raise SegpipeError(
+                f"tiles: expected a (C, {self.image_size[0]}, {self.image_size[1]}) image, got {tuple(image.shape)}"
+            )
         ih, iw = self.input_tile_size
         tiles = [crop_reflect(image, y[0] - self.halo, x[0] - self.halo, ih, iw) for y, x in self.tiles]
         return torch.stack(tiles) if isinstance(image, torch.Tensor) else np.stack(tiles)

@@ -27,6 +27,8 @@ Hence |fast - reference| < tol everywhere (default tol = 1e-6, far below the 1e-
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -205,3 +207,113 @@ def instances_from_binary(mask: np.ndarray, connectivity: int = 2) -> np.ndarray
     if connectivity not in (1, 2):
         raise SegpipeError(f"mask: connectivity must be 1 or 2, got {connectivity}")
     return label(arr != 0, connectivity=connectivity).astype(np.int32)
+
+
+def _read_2d(path: Path, what: str) -> np.ndarray:
+    """A label or image file as (H, W) or (H, W, C) (channel-first NIfTI is moved channel-last)."""
+    from pipeline.data.io import read_raster
+
+    arr = np.asarray(read_raster(path))
+    if path.name.lower().endswith((".nii", ".nii.gz")) and arr.ndim == 3:
+        arr = np.moveaxis(arr, 0, -1)  # prepared volumes are channel-first
+    arr = arr.squeeze(axis=tuple(i for i in range(2, arr.ndim) if arr.shape[i] == 1)) if arr.ndim > 2 else arr
+    if arr.ndim != 2 and not (what == "image" and arr.ndim == 3 and arr.shape[-1] in (3, 4)):
+        raise SegpipeError(f"{path}: expected a single-channel 2-D {what}, got shape {arr.shape}")
+    return arr
+
+
+def _default_output(label_path: Path) -> Path:
+    name = label_path.name
+    if name.lower().endswith((".nii", ".nii.gz")):
+        return label_path.with_name(name[: name.lower().rindex(".nii")] + "_weight.nii.gz")
+    return label_path.with_name(label_path.stem + "_weight.tif")
+
+
+def write_weight_map_file(
+    label_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_weights: str | Sequence[float] = "auto",
+    mode: str = "auto",
+    image_path: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Path]:
+    """`segpipe weightmap`: the eq. 2 weight map of one label image, plus a PNG preview.
+
+    mode: "instances" (ids as stored, e.g. CTC man_seg), "binary" (connected components of the
+    nonzero pixels, e.g. DRIVE), "auto" (binary if at most two distinct values). class_weights:
+    "auto" (`compute_class_weights` of this image alone), "none" (1.0) or (w_bg, w_fg).
+    output: .nii.gz/.nii (channel-first (1, H, W), the prepared-data layout) or .tif/.tiff
+    ((H, W)); default beside the label. The preview (heat map over `image_path`, else over the
+    label) goes to the output path with .png. Both written atomically. Returns (output, preview).
+    """
+    from pipeline.data.io import atomic_path, write_volume
+
+    label_path = Path(label_path)
+    out = Path(output) if output is not None else _default_output(label_path)
+    name = out.name.lower()
+    if not name.endswith((".nii", ".nii.gz", ".tif", ".tiff")):
+        raise SegpipeError(f"{out}: the weight map is written as NIfTI (.nii.gz, .nii) or TIFF (.tif, .tiff)")
+    labels = _read_2d(label_path, "label image")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise SegpipeError(f"{label_path}: expected integer labels, got dtype {labels.dtype}")
+    if mode not in ("auto", "binary", "instances"):
+        raise SegpipeError(f"weightmap: mode must be auto, binary or instances, got {mode!r}")
+    if mode == "binary" or (mode == "auto" and np.unique(labels).size <= 2):
+        instances = instances_from_binary(labels)
+    else:
+        instances = labels
+    classes = (instances > 0).astype(np.uint8)
+    if isinstance(class_weights, str):
+        if class_weights not in ("auto", "none"):
+            raise SegpipeError(f"weightmap: class_weights must be auto, none or two numbers, got {class_weights!r}")
+        if class_weights == "auto":
+            try:
+                cw: np.ndarray | None = compute_class_weights([classes])
+            except SegpipeError as exc:
+                raise SegpipeError(f"{label_path}: {exc}; pass class weights explicitly") from exc
+        else:
+            cw = None
+    else:
+        cw = np.asarray(class_weights, dtype=np.float64)
+        if cw.shape != (2,):
+            raise SegpipeError(f"weightmap: expected two class weights (background, foreground), got {class_weights}")
+    weight = unet_weight_map(instances, w0=w0, sigma=sigma, class_weights=cw)
+    if name.endswith((".tif", ".tiff")):
+        import tifffile
+
+        with atomic_path(out) as tmp:
+            tifffile.imwrite(tmp, weight)
+    else:
+        write_volume(out, weight[None])
+    stem = out.name[: name.rindex(".nii")] if ".nii" in name else out.stem
+    preview = out.with_name(stem + ".png")
+    background = _read_2d(Path(image_path), "image") if image_path is not None else labels
+    if background.shape[:2] != weight.shape:
+        raise SegpipeError(f"{image_path}: image shape {background.shape[:2]} differs from the label's {weight.shape}")
+    _write_preview(preview, background, weight, f"{label_path.name}: U-Net weight map (w0={w0}, sigma={sigma})")
+    return out, preview
+
+
+def _write_preview(path: Path, background: np.ndarray, weight: np.ndarray, title: str) -> None:
+    """PNG: the weight map as a heat map (with colour bar) over the gray or RGB background."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.data.io import atomic_path
+
+    bg = background.astype(np.float64)
+    bg = (bg - bg.min()) / max(float(bg.max() - bg.min()), 1e-12)
+    h, w = weight.shape
+    fig, ax = plt.subplots(figsize=(8, 8 * h / w + 0.6), dpi=100)
+    ax.imshow(bg, cmap="gray" if bg.ndim == 2 else None, interpolation="nearest")
+    heat = ax.imshow(weight, cmap="inferno", alpha=0.6, interpolation="nearest")
+    fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02, label="w(x)")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
