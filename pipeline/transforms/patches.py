@@ -154,7 +154,7 @@ class RandOverlapTilePatchd(RandomizableTransform, MapTransform):
         d = dict(data)
         keys = list(self.key_iterator(d))
         arrays = {k: _plain(d[k]) for k in keys}
-        h, w = arrays[self.label_key].shape[-2:]
+        h, w = _plain(d[self.label_key]).shape[-2:]
         for k in keys:
             if arrays[k].ndim != 3 or tuple(arrays[k].shape[-2:]) != (h, w):
                 raise SegpipeError(
