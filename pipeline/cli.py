@@ -100,6 +100,33 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 # --- end data ---------------------------------------------------------------------------------
 
 # --- networks (issue 3) -----------------------------------------------------------------------
+
+
+def _cmd_bench_networks(args: argparse.Namespace) -> int:
+    from pipeline.networks.bench import run_benchmark
+
+    run_benchmark(
+        size=args.size,
+        repeats=args.repeats,
+        threads=args.threads,
+        channels=(args.in_channels, args.out_channels),
+    )
+    return 0
+
+
+def _bench_networks_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Parameters, MB, forward and forward+backward time and peak memory of each network "
+        "(MONAI's BasicUNet / BasicUNetPlusPlus side by side), then UNet++ L1..L4 inference times."
+    )
+    p.add_argument("--size", type=int, default=256, help="output side to reach (default 256)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--out-channels", type=int, default=2)
+    p.set_defaults(handler=_cmd_bench_networks)
+
+
 # --- end networks -----------------------------------------------------------------------------
 
 # --- transforms (issue 4) ---------------------------------------------------------------------
@@ -203,6 +230,7 @@ def _bench_transforms_args(p: argparse.ArgumentParser) -> None:
 # --- end train / evaluate ---------------------------------------------------------------------
 
 BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+BENCHES["networks"] = _bench_networks_args
 BENCHES["transforms"] = _bench_transforms_args
 """`segpipe bench NAME`: each area registers a function that adds its arguments and a handler."""
 

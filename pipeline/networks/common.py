@@ -1,0 +1,147 @@
+"""Pieces shared by the three networks: the contract base class, the conv unit and size rules.
+
+Every network of the registry derives from `SegmentationNetwork`, which holds the attributes the
+training and inference code rely on (see `pipeline.networks` for the contract) and implements the
+size rule of "same"-padded networks: output size = input size, for inputs divisible by
+`size_multiple` (2**depth when max-pooling floors odd sizes).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from pipeline.errors import SegpipeError
+
+SPATIAL_DIMS = 2
+"""All networks here are 2D (DRIVE, HeLa, U373 are 2D images)."""
+
+
+def check_int(value: Any, name: str, *, minimum: int, owner: str) -> int:
+    """`value` as an int >= minimum, else SegpipeError naming `owner` and the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SegpipeError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_float(value: Any, name: str, *, low: float, high: float, owner: str) -> float:
+    """`value` as a float in [low, high), else SegpipeError naming `owner` and the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+        raise SegpipeError(f"{owner}: {name} must be a number in [{low}, {high}), got {value!r}")
+    return float(value)
+
+
+def check_bool(value: Any, name: str, *, owner: str) -> bool:
+    """`value` if it is a bool, else SegpipeError naming `owner` and the option."""
+    if not isinstance(value, bool):
+        raise SegpipeError(f"{owner}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...], *, owner: str) -> str:
+    """`value` if it is one of `choices`, else SegpipeError listing them."""
+    if value not in choices:
+        raise SegpipeError(f"{owner}: {name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def conv_unit(
+    in_channels: int,
+    out_channels: int,
+    *,
+    padding: int,
+    batch_norm: bool,
+    dropout: float = 0.0,
+    dilation: int = 1,
+) -> Convolution:
+    """3x3 conv (+ batch norm) (+ dropout) + ReLU: (N, in, H, W) -> (N, out, H', W').
+
+    H' = H - 2*dilation + 2*padding. MONAI's `Convolution` with the "NDA" order (norm, dropout,
+    activation); dropout before ReLU equals dropout after it, since ReLU commutes with zeroing and
+    scaling by 1/(1-p).
+    """
+    return Convolution(
+        SPATIAL_DIMS,
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        padding=padding * dilation,
+        dilation=dilation,
+        act="relu",
+        norm="batch" if batch_norm else None,
+        dropout=dropout if dropout > 0 else None,
+        adn_ordering="NDA",
+    )
+
+
+def head_conv(in_channels: int, out_channels: int, kernel_size: int = 1) -> nn.Conv2d:
+    """A plain conv producing logits (no norm, no activation), size preserving."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+
+def same_output_size(input_size: int, multiple: int, owner: str) -> int:
+    """Output size of a "same"-padded network: the input size, which must divide by `multiple`."""
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise SegpipeError(f"{owner}: an input size must be a positive integer, got {input_size!r}")
+    if input_size % multiple:
+        lower = input_size // multiple * multiple
+        options = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
+        raise SegpipeError(
+            f"{owner}: input size {input_size} is not divisible by {multiple}; use {options}"
+        )
+    return input_size
+
+
+class SegmentationNetwork(nn.Module):
+    """Base of every registry network: the contract attributes and the "same" size rule.
+
+    Attributes (see `pipeline.networks`): `network_name`, `config` (the exact kwargs that rebuild
+    the network), `in_channels`, `out_channels`, `padding` ("valid" or "same"), `halo` (pixels
+    lost per side, (input - output) / 2).
+    """
+
+    def __init__(
+        self,
+        network_name: str,
+        config: dict[str, Any],
+        in_channels: int,
+        out_channels: int,
+        *,
+        padding: str = "same",
+        halo: int = 0,
+        size_multiple: int = 1,
+    ) -> None:
+        super().__init__()
+        self.network_name = network_name
+        self.config = dict(config)
+        self.in_channels = check_int(in_channels, "in_channels", minimum=1, owner=network_name)
+        self.out_channels = check_int(out_channels, "out_channels", minimum=1, owner=network_name)
+        self.padding = padding
+        self.halo = halo
+        self.size_multiple = size_multiple
+
+    def output_size(self, input_size: int) -> int:
+        """Output size along one spatial axis; SegpipeError if the network cannot take `input_size`."""
+        return same_output_size(input_size, self.size_multiple, self.network_name)
+
+    def input_size(self, output_size: int) -> int:
+        """Input size giving `output_size` along one axis; SegpipeError if unreachable."""
+        return same_output_size(output_size, self.size_multiple, self.network_name)
+
+    def valid_output_size(self, at_least: int) -> int:
+        """The smallest reachable output size >= `at_least` (at least one multiple)."""
+        check_int(at_least, "at_least", minimum=0, owner=self.network_name)
+        return max(1, math.ceil(at_least / self.size_multiple)) * self.size_multiple
+
+    def extra_repr(self) -> str:
+        return f"network_name={self.network_name!r}, config={self.config}"
+
+
+def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Crop (N, C, H, W) to (N, C, height, width) around the centre (U-Net "copy and crop")."""
+    top = (x.shape[-2] - height) // 2
+    left = (x.shape[-1] - width) // 2
+    return x[..., top : top + height, left : left + width]
