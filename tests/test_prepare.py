@@ -239,3 +239,17 @@ def test_manifest_command_matches_an_independent_manifest(project: FixtureProjec
     ours = pd.read_csv(out).sort_values("path").reset_index(drop=True)
     reference = pd.read_csv(project.root / "data_manifests/drive_files.csv").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(ours, reference, check_dtype=False)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    from pipeline.data.io import write_text
+
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

@@ -73,6 +73,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
     suffix = "".join(final.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any new file
     tmp_path = Path(tmp)
     try:
         yield tmp_path
