@@ -169,7 +169,7 @@ class Mirror:
         self.root = root
         self.control = MirrorControl()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(root, self.control))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
