@@ -224,6 +224,97 @@ def _bench_transforms_args(p: argparse.ArgumentParser) -> None:
 # --- end transforms ---------------------------------------------------------------------------
 
 # --- inference (issue 5) ----------------------------------------------------------------------
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.inference.streaming import infer_files
+
+    infer_files(
+        args.model,
+        args.input,
+        args.output,
+        save_probabilities=args.save_probabilities or None,
+        show_progress=not args.no_progress,
+        tile=args.tile,
+        overlap=args.overlap,
+        blend=args.blend,
+        tta=None if args.tta is None else [t for t in args.tta.split(",") if t],
+        batch_size=args.batch_size,
+        device=args.device,
+        probabilities_dtype=args.probabilities_dtype,
+    )
+    return 0
+
+
+def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="segment images of any size, streamed from disk to disk (sliding window)",
+        description="Run a trained checkpoint on TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any "
+        "SimpleITK image, band by band: memory is bounded by the tile band, not the image. Writes "
+        "DIR/NAME_seg.tif (uint8 label map, tiled BigTIFF; NIfTI for NIfTI input) and with "
+        "--save-probabilities DIR/NAME_prob.*. Defaults: configs/inference.yaml.",
+    )
+    p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
+    p.add_argument("--input", required=True, action="append", metavar="PATH_OR_GLOB",
+                   help="image file or glob pattern (quote it); repeatable")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--tile", type=int, default=None,
+                   help="same padding: window side; valid padding: output tile side")
+    p.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (same padding)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default=None)
+    p.add_argument("--tta", default=None, metavar="FLIPS",
+                   help="flip test-time augmentation, comma separated from h, v, hv ('' = off)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
+    p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_infer)
+
+
+def _cmd_bench_infer(args: argparse.Namespace) -> int:
+    from pipeline.inference.bench import run_benchmark
+
+    run_benchmark(
+        sizes=args.size,
+        tile=args.tile,
+        overlap=args.overlap,
+        blend=args.blend,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        preset=args.preset,
+        workdir=args.workdir,
+        monai=not args.skip_monai,
+        valid=not args.skip_valid,
+        compile=args.compile,
+        timeout=args.timeout,
+    )
+    return 0
+
+
+def _bench_infer_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Same network, tile, overlap and blending through (a) segpipe predict_file on a synthetic "
+        "RGB image on disk and (b) MONAI SlidingWindowInferer on the image in memory, each in its "
+        "own subprocess: Mpx/s, peak RSS and their ratios; then the valid-padding U-Net's "
+        "overlap-tile throughput."
+    )
+    p.add_argument("--size", type=int, nargs="+", default=[8192], help="image sides (default 8192)")
+    p.add_argument("--tile", type=int, default=None, help="default: configs/inference.yaml")
+    p.add_argument("--overlap", type=float, default=None, help="default: configs/inference.yaml")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="default: configs/inference.yaml")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--preset", default="default", help="U-Net config preset of configs/networks.yaml")
+    p.add_argument("--workdir", default=None, help="where the synthetic images go (default: a temp dir)")
+    p.add_argument("--skip-monai", action="store_true")
+    p.add_argument("--skip-valid", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile our graph too")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default none)")
+    p.set_defaults(handler=_cmd_bench_infer)
+
+
 # --- end inference ----------------------------------------------------------------------------
 
 # --- train / evaluate (issue 6) ---------------------------------------------------------------
@@ -231,6 +322,7 @@ def _bench_transforms_args(p: argparse.ArgumentParser) -> None:
 
 BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 BENCHES["networks"] = _bench_networks_args
+BENCHES["infer"] = _bench_infer_args
 BENCHES["transforms"] = _bench_transforms_args
 """`segpipe bench NAME`: each area registers a function that adds its arguments and a handler."""
 
@@ -253,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_data_commands(sub)
     _add_transforms_commands(sub)
+    _add_inference_commands(sub)
     _add_bench_commands(sub)
     return parser
 

@@ -1,0 +1,248 @@
+"""`segpipe bench infer`: streamed sliding-window inference against MONAI's, side by side.
+
+For each image side: a synthetic RGB uint8 image is written to disk as a tiled BigTIFF (streamed,
+never whole in memory), then each measurement runs in its own subprocess so that peak RSS
+(`ru_maxrss`) belongs to it alone:
+
+(a) segpipe `predict_file`, disk to disk (read, decode, infer, blend, write), same-padding U-Net;
+(b) MONAI `SlidingWindowInferer` on the image loaded in memory (timed: the inferer call and the
+    argmax to labels; loading the image is not timed), the same network (not optimised), tile,
+    overlap, blending and batch size; skipped with the reason when its buffers would not fit in
+    the memory available now (it holds the image, its float copy, the float output and count map);
+(c) segpipe `predict_file` with the valid-padding U-Net of the same preset: overlap-tile throughput.
+
+Prints Mpx/s, peak RSS (and RSS above the process's baseline after imports and model load) and the
+ratios ours / MONAI. The CPU may be shared: numbers vary between runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+_MONAI_BYTES_PER_PIXEL = 3 + 4 * 3 + 4 * 2 + 4 + 8 + 1
+"""MONAI's peak per pixel: uint8 image, float32 input (3 ch), float32 output (2 ch), count map,
+int64 argmax, uint8 labels."""
+
+
+def synthetic_image(path: Path, size: int, tile: int = 256, seed: int = 0) -> Path:
+    """A size x size RGB uint8 tiled BigTIFF (zlib) with smooth structure plus noise, streamed."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32)
+
+    def tiles() -> Iterator[np.ndarray]:
+        for y in range(0, size, tile):
+            for x in range(0, size, tile):
+                base = 96 + 64 * np.sin((yy + y) / 37.0) * np.cos((xx + x) / 53.0)
+                noise = rng.integers(0, 48, (tile, tile, 3))
+                yield np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
+
+    tmp = path.with_suffix(".tmp.tif")
+    tifffile.imwrite(tmp, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile),
+                     bigtiff=True, photometric="rgb", compression="zlib", metadata=None)
+    os.replace(tmp, path)
+    return path
+
+
+def _checkpoints(workdir: Path, preset: str) -> dict[str, Path]:
+    """Seeded random U-Nets of `preset` (RGB in, 2 classes), same and valid padding, as checkpoints."""
+    import torch
+
+    from pipeline.networks import build_network, network_config, save_checkpoint
+
+    config = network_config("unet", preset)
+    out = {}
+    for padding in ("same", "valid"):
+        torch.manual_seed(0)
+        net = build_network("unet", 3, 2, **{**config, "padding": padding})
+        out[padding] = save_checkpoint(net, workdir / f"unet_{padding}.pt")
+    return out
+
+
+def _run_worker(args: list[str], timeout: float | None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "pipeline.inference.bench", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(
+    sizes: Sequence[int] = (8192,),
+    *,
+    tile: int | None = None,
+    overlap: float | None = None,
+    blend: str | None = None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    preset: str = "default",
+    workdir: str | os.PathLike[str] | None = None,
+    monai: bool = True,
+    valid: bool = True,
+    compile: bool = False,
+    timeout: float | None = None,
+) -> list[dict[str, Any]]:
+    """Run the measurements and print the table; returns one dict per measurement.
+
+    tile, overlap, blend and batch_size left at None come from `configs/inference.yaml`.
+    """
+    import psutil
+
+    from pipeline.inference.sliding import load_settings
+    from pipeline.networks import network_config
+
+    settings = load_settings(None, tile=tile, overlap=overlap, blend=blend, batch_size=batch_size)
+    tile, overlap, blend, batch_size = settings.tile, settings.overlap, settings.blend, settings.batch_size
+
+    tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="segpipe-bench-infer-")
+    root = Path(workdir) if workdir is not None else Path(tmp.name)  # type: ignore[union-attr]
+    root.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    try:
+        ckpts = _checkpoints(root, preset)
+        config = network_config("unet", preset)
+        print(f"segpipe bench infer: U-Net preset {preset!r} {config}, RGB -> 2 classes; tile {tile}, "
+              f"overlap {overlap}, {blend}, batch {batch_size}, torch threads {threads or 'default'}, "
+              f"{os.cpu_count()} CPUs (shared: timings vary); workdir {root}", flush=True)
+        common = ["--tile", str(tile), "--overlap", str(overlap), "--blend", blend,
+                  "--batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
+        for size in sizes:
+            image = root / f"synthetic_{size}.tif"
+            if not image.exists():
+                t0 = time.perf_counter()
+                synthetic_image(image, size)
+                print(f"  wrote {image.name} ({image.stat().st_size / 2**20:.0f} MB) in "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+            runs: list[tuple[str, list[str] | None, str]] = [
+                ("segpipe predict_file, same", ["ours", "--checkpoint", str(ckpts["same"])]
+                 + (["--compile"] if compile else []), "")
+            ]
+            if monai:
+                need = size * size * _MONAI_BYTES_PER_PIXEL / 2**30 + 1.0
+                avail = psutil.virtual_memory().available / 2**30
+                if need > 0.8 * avail:
+                    runs.append(("MONAI SlidingWindowInferer", None,
+                                 f"skipped: needs about {need:.1f} GB in memory, {avail:.1f} GB available"))
+                else:
+                    runs.append(("MONAI SlidingWindowInferer", ["monai", "--checkpoint", str(ckpts["same"])], ""))
+            if valid:
+                runs.append(("segpipe predict_file, valid (overlap-tile)",
+                             ["ours", "--checkpoint", str(ckpts["valid"])] + (["--compile"] if compile else []), ""))
+            for name, worker, reason in runs:
+                row: dict[str, Any] = {"size": size, "method": name}
+                if worker is None:
+                    row["error"] = reason
+                else:
+                    row.update(_run_worker(worker + ["--image", str(image), "--out", str(root)] + common, timeout))
+                results.append(row)
+                _print_row(row)
+            _print_ratio(size, results)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return results
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    if "error" in row:
+        print(f"  {row['size']:>6}  {row['method']:<44} {row['error']}", flush=True)
+        return
+    print(f"  {row['size']:>6}  {row['method']:<44} {row['mpx_s']:7.3f} Mpx/s  {row['seconds']:8.1f} s "
+          f"(CPU {row['cpu_s']:.0f} s)  "
+          f"peak RSS {row['peak_rss_mb']:7.0f} MB  (+{row['peak_rss_mb'] - row['baseline_mb']:.0f} MB over "
+          f"baseline {row['baseline_mb']:.0f})  {row.get('notes', '')}", flush=True)
+
+
+def _print_ratio(size: int, results: list[dict[str, Any]]) -> None:
+    rows = {r["method"]: r for r in results if r["size"] == size and "error" not in r}
+    ours, peer = rows.get("segpipe predict_file, same"), rows.get("MONAI SlidingWindowInferer")
+    if ours and peer:
+        print(f"  {size:>6}  ratio segpipe / MONAI: throughput {ours['mpx_s'] / peer['mpx_s']:.2f}x, "
+              f"peak RSS {ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x "
+              f"(above baseline {(ours['peak_rss_mb'] - ours['baseline_mb']) / max(peer['peak_rss_mb'] - peer['baseline_mb'], 1):.2f}x)",
+              flush=True)
+
+
+def _worker(argv: Sequence[str]) -> None:
+    """One measurement in this (fresh) process; prints a JSON line."""
+    p = argparse.ArgumentParser(prog="pipeline.inference.bench")
+    p.add_argument("kind", choices=("ours", "monai"))
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tile", type=int, required=True)
+    p.add_argument("--overlap", type=float, required=True)
+    p.add_argument("--blend", required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true")
+    a = p.parse_args(argv)
+
+    import psutil
+    import torch
+
+    from pipeline.inference.streaming import peak_rss_mb, reset_peak_rss
+    from pipeline.networks import load_model
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    proc = psutil.Process()
+    if a.kind == "ours":
+        from pipeline.inference import load_settings, optimize_network, predict_file
+
+        settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
+                                 tta=(), intensity="scale", compile=a.compile, threads=a.threads)
+        net = optimize_network(a.checkpoint, "cpu", fold_bn=settings.fold_batch_norm,
+                               channels_last=settings.channels_last, compile=settings.compile)
+        tile_in = net.input_size(net.valid_output_size(a.tile)) if net.padding == "valid" else a.tile
+        net(torch.zeros(a.batch_size, 3, tile_in, tile_in))  # warm-up (and compilation, if any)
+        baseline = proc.memory_info().rss / 2**20
+        reset_peak_rss()
+        cpu0 = sum(proc.cpu_times()[:2])
+        out = Path(a.out) / f"bench_{Path(a.checkpoint).stem}_{Path(a.image).stem}_seg.tif"
+        report = predict_file(net, a.image, out, settings=settings)
+        out.unlink()
+        seconds, pixels = report.seconds, report.megapixels
+        notes = f"{report.plan}; {', '.join(report.notes)}"
+    else:
+        import tifffile
+        from monai.inferers import SlidingWindowInferer
+
+        model = load_model(a.checkpoint)
+        with torch.inference_mode():
+            model(torch.zeros(a.batch_size, 3, a.tile, a.tile))  # warm-up
+        baseline = proc.memory_info().rss / 2**20
+        reset_peak_rss()
+        image = tifffile.imread(a.image)  # (H, W, 3) uint8
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255)
+        inferer = SlidingWindowInferer(roi_size=a.tile, sw_batch_size=a.batch_size, overlap=a.overlap,
+                                       mode=a.blend, sigma_scale=0.125)
+        cpu0 = sum(proc.cpu_times()[:2])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = inferer(x, model)
+            labels = logits.argmax(1).to(torch.uint8)
+        seconds = time.perf_counter() - start
+        pixels = labels.numel() / 1e6
+        notes = "inferer + argmax timed (image load not)"
+    cpu = sum(proc.cpu_times()[:2]) - cpu0
+    print(json.dumps({"seconds": seconds, "mpx_s": pixels / seconds, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(),
+                      "baseline_mb": baseline, "notes": notes}))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

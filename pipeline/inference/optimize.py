@@ -1,0 +1,188 @@
+"""An inference-only graph of a contract network (see `pipeline.networks`).
+
+What helps on CPU, measured in `segpipe bench infer`: batch norm folded into the preceding
+convolution (eval-mode BN is an affine map per channel, so it merges into the conv's weights:
+W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta), channels-last
+tensors (oneDNN's native NHWC layout: no reorders around every conv), explicit thread settings,
+optionally `torch.compile` (inductor, fixed shapes). On CUDA the forward runs under fp16 autocast.
+The contract facts the tiler needs (padding, halo, sizes, channels) are kept beside the graph.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from pipeline.errors import SegpipeError
+
+ModelLike = nn.Module | str | os.PathLike[str]
+
+
+def _first_leaf(module: nn.Module) -> tuple[nn.Module, nn.Module | None, str | None]:
+    """The first module a Sequential runs, with its parent and name (the module itself otherwise)."""
+    parent, name = None, None
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        parent, name = module, next(iter(module._modules))
+        module = module._modules[name]  # type: ignore[assignment]
+    return module, parent, name
+
+
+def _last_leaf(module: nn.Module) -> tuple[nn.Module, nn.Module | None, str | None]:
+    """The last module a Sequential runs, with its parent and name (the module itself otherwise)."""
+    parent, name = None, None
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        parent, name = module, list(module._modules)[-1]
+        module = module._modules[name]  # type: ignore[assignment]
+    return module, parent, name
+
+
+def fold_batch_norm(model: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d into that conv, in place.
+
+    "Directly follows" means consecutive in an `nn.Sequential` (possibly nested, as in MONAI's
+    `Convolution` = Sequential(conv, ADN(N, D, A))), so the conv's output feeds the BN and nothing
+    else. The BN becomes an Identity. Returns the number of BN layers folded.
+    """
+    folded = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for left, right in zip(names, names[1:]):
+            conv, conv_parent, conv_name = _last_leaf(seq._modules[left])  # type: ignore[arg-type]
+            bn, bn_parent, bn_name = _first_leaf(seq._modules[right])  # type: ignore[arg-type]
+            if not (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d):
+                continue
+            if not bn.track_running_stats or bn.running_mean is None:
+                continue
+            fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+            (conv_parent or seq)._modules[conv_name or left] = fused
+            (bn_parent or seq)._modules[bn_name or right] = nn.Identity()
+            folded += 1
+    return folded
+
+
+def count_batch_norm(model: nn.Module) -> int:
+    """Number of BatchNorm layers left in `model`."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def resolve_model(model: ModelLike) -> nn.Module:
+    """A contract network from a module or a checkpoint path (`pipeline.networks.load_model`)."""
+    if isinstance(model, nn.Module):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from pipeline.networks import load_model
+
+        return load_model(Path(model))
+    raise SegpipeError(f"model must be a torch module or a checkpoint path, got {type(model).__name__}")
+
+
+@dataclass
+class InferenceNetwork:
+    """An eval-only copy of a contract network, optimised for inference, plus its contract facts.
+
+    Call it with a batch (N, in_channels, H, W) float32 on any device; it returns float32 logits
+    (N, out_channels, H_out, W_out) on the CPU. `padding`, `halo`, `output_size`, `input_size` and
+    `valid_output_size` are the original network's (see `pipeline.networks`).
+    """
+
+    module: nn.Module
+    padding: str
+    halo: int
+    in_channels: int
+    out_channels: int
+    output_size: Callable[[int], int]
+    input_size: Callable[[int], int]
+    valid_output_size: Callable[[int], int]
+    device: torch.device
+    channels_last: bool
+    fixed_batch: bool
+    """True when compiled: every batch is padded to the same size so the graph never recompiles."""
+    notes: list[str] = field(default_factory=list)
+    """What was done to the graph, for the summary line."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = self.module(x)
+            else:
+                out = self.module(x)
+        if not isinstance(out, torch.Tensor):
+            raise SegpipeError(
+                f"the network returned {type(out).__name__} in eval() mode; the contract is a logits tensor"
+            )
+        return out.float().cpu().contiguous()
+
+
+def optimize_network(
+    model: ModelLike | InferenceNetwork,
+    device: str | torch.device = "cpu",
+    *,
+    fold_bn: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+    threads: int | None = None,
+) -> InferenceNetwork:
+    """Build the inference graph of `model` (a module, a checkpoint path, or already built).
+
+    The caller's module is never modified (a deep copy is optimised). `threads` sets torch's
+    intra-op threads (None keeps torch's default: one per physical core).
+    """
+    if isinstance(model, InferenceNetwork):
+        return model
+    net = resolve_model(model)
+    for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
+        if not hasattr(net, attr):
+            raise SegpipeError(
+                f"{type(net).__name__} lacks `{attr}`: inference needs a network of the "
+                "pipeline.networks contract (padding, halo, in/out channels, size helpers)"
+            )
+    if net.padding not in ("same", "valid"):
+        raise SegpipeError(f"{type(net).__name__}: padding must be 'same' or 'valid', got {net.padding!r}")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SegpipeError("device 'cuda' requested but torch sees no CUDA device")
+    module = copy.deepcopy(net).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    notes: list[str] = []
+    if fold_bn:
+        n = fold_batch_norm(module)
+        left = count_batch_norm(module)
+        if n or left:
+            notes.append(f"bn folded {n}/{n + left}")
+    module = module.to(dev)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+        notes.append("channels-last")
+    if compile:
+        module = torch.compile(module, dynamic=False)  # type: ignore[assignment]
+        notes.append("torch.compile")
+    if dev.type == "cuda":
+        notes.append("fp16 autocast")
+    notes.append(f"{torch.get_num_threads()} threads")
+    return InferenceNetwork(
+        module=module,
+        padding=net.padding,
+        halo=int(net.halo),
+        in_channels=int(net.in_channels),
+        out_channels=int(net.out_channels),
+        output_size=net.output_size,
+        input_size=net.input_size,
+        valid_output_size=net.valid_output_size,
+        device=dev,
+        channels_last=channels_last,
+        fixed_batch=compile,
+        notes=notes,
+    )

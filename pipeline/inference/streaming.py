@@ -1,0 +1,273 @@
+"""`predict_file`: sliding-window inference from disk to disk, memory bounded by the tile band.
+
+The reader (`readers.py`) delivers row bands of the input; the engine (`sliding.py`) runs the
+windows of each band in batches and yields rows as soon as they are final; the writers
+(`writers.py`) encode them (labels, probabilities) and drop them. Nothing image-sized is held:
+peak memory is the band (a few tiles high, the image wide) plus the network's activations.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import SegpipeError
+from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network
+from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix, open_image
+from pipeline.inference.sliding import InferenceSettings, load_settings, stream_probabilities
+from pipeline.inference.writers import (
+    NiftiRowWriter,
+    RowWriter,
+    TiffRowWriter,
+    encode_probabilities,
+    to_labels,
+)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process since start or `reset_peak_rss()`, in MB.
+
+    Linux: VmHWM of /proc/self/status (the high-water mark `reset_peak_rss` restarts; ru_maxrss
+    also keeps the peak seen when any thread exited, which cannot be reset). Elsewhere ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS high-water mark at the current RSS (Linux /proc/self/clear_refs "5").
+
+    Import-time spikes then no longer mask the peak of what follows. False where unsupported.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class InferenceReport:
+    """What one `predict_file` run did, for the summary line and benchmarks.
+
+    `peak_rss_mb` is the process's resident-memory high-water mark (since start, or since the last
+    `reset_peak_rss()`, which `segpipe infer` calls before each image).
+    """
+
+    input: Path
+    outputs: list[Path]
+    shape: tuple[int, int, int]
+    dtype: str
+    plan: str
+    tiles: int
+    seconds: float
+    peak_rss_mb: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def megapixels(self) -> float:
+        return self.shape[1] * self.shape[2] / 1e6
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        c, h, w = self.shape
+        return (
+            f"{self.input.name}: {w}x{h}x{c} {self.dtype}, {self.plan}, {self.seconds:.1f} s, "
+            f"{self.megapixels_per_second:.2f} Mpx/s, peak RSS {self.peak_rss_mb:.0f} MB "
+            f"[{', '.join(self.notes)}] -> {', '.join(str(p) for p in self.outputs)}"
+        )
+
+
+def _stem(path: Path) -> tuple[str, str]:
+    """(name without its image suffix, output suffix): NIfTI keeps its suffix, OME stays OME."""
+    name = path.name
+    lower = name.lower()
+    for suffix in NIFTI_SUFFIXES[::-1]:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    for suffix in (".ome.tif", ".ome.tiff"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)], ".ome.tif"
+    return path.stem, ".tif"
+
+
+def output_paths(input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(label map, probabilities) paths for `input_path` in `output_dir`: NAME_seg.*, NAME_prob.*."""
+    stem, suffix = _stem(Path(input_path))
+    out = Path(output_dir)
+    return out / f"{stem}_seg{suffix}", out / f"{stem}_prob{suffix}"
+
+
+def _writer(
+    path: Path, reader: ImageReader, channels: int, dtype: np.dtype | str, tiff_tile: int, compression: str
+) -> RowWriter:
+    _, h, w = reader.shape
+    if has_suffix(path, NIFTI_SUFFIXES):
+        return NiftiRowWriter(path, h, w, channels, dtype, meta=reader.meta, two_d=reader.two_d and channels == 1)
+    if has_suffix(path, TIFF_SUFFIXES):
+        return TiffRowWriter(path, h, w, channels, dtype, tile=tiff_tile, compression=compression, meta=reader.meta)
+    raise SegpipeError(f"{path}: output must be a TIFF (.tif, .tiff, .ome.tif) or NIfTI (.nii, .nii.gz) path")
+
+
+def predict_file(
+    model: ModelLike | InferenceNetwork,
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    probabilities_path: str | os.PathLike[str] | None = None,
+    tile: int | None = None,
+    overlap: float | None = None,
+    blend: str | None = None,
+    sigma_scale: float | None = None,
+    tta: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    intensity: str | None = None,
+    probabilities_dtype: str | None = None,
+    threshold: float | None = None,
+    compression: str | None = None,
+    settings: InferenceSettings | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> InferenceReport:
+    """Segment the image at `input_path` into a label map at `output_path`, streaming.
+
+    The label map is uint8 (argmax, or probability >= threshold for one output channel) as a tiled
+    BigTIFF (`.tif`) or NIfTI (`.nii`, `.nii.gz`, header taken from a NIfTI input). With
+    `probabilities_path` the class probabilities are written too (K channels; uint8 scaled by 255,
+    float16 or float32). Arguments left at None come from `settings` (default:
+    `configs/inference.yaml`). `progress` is
+    called after each band with (pixels finished, total pixels). Outputs appear under their final
+    names only when complete; any failure leaves nothing behind. Bad input raises SegpipeError
+    naming the file.
+    """
+    settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale, tta=tta,
+                             batch_size=batch_size, device=device, intensity=intensity,
+                             probabilities_dtype=probabilities_dtype, threshold=threshold,
+                             compression=compression)
+    input_path, output_path = Path(input_path), Path(output_path)
+    targets = [output_path] + ([Path(probabilities_path)] if probabilities_path is not None else [])
+    for target in targets:
+        if target.resolve() == input_path.resolve():
+            raise SegpipeError(f"{target}: output would overwrite the input")
+    net = optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
+                           channels_last=settings.channels_last, compile=settings.compile,
+                           threads=settings.threads)
+    if net.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(net.device)
+    start = time.perf_counter()
+    with open_image(input_path) as reader:
+        stream = stream_probabilities(net, reader, settings, progress)
+        writers: list[RowWriter] = []
+        try:
+            writers.append(_writer(output_path, reader, 1, np.uint8, settings.tiff_tile, settings.compression))
+            if probabilities_path is not None:
+                writers.append(_writer(Path(probabilities_path), reader, net.out_channels,
+                                       settings.probabilities_dtype, settings.tiff_tile, settings.compression))
+            for y0, probs in stream.rows:
+                writers[0].write(y0, to_labels(probs, settings.threshold))
+                if len(writers) > 1:
+                    writers[1].write(y0, encode_probabilities(probs, settings.probabilities_dtype))
+            outputs = [w.commit() for w in writers]
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        shape, dtype = reader.shape, str(reader.dtype)
+    seconds = time.perf_counter() - start
+    notes = list(net.notes) + [f"tta {'+'.join(settings.tta)}"] * bool(settings.tta)
+    if net.device.type == "cuda":
+        notes.append(f"peak CUDA {torch.cuda.max_memory_allocated(net.device) / 2**20:.0f} MB")
+    return InferenceReport(input_path, outputs, shape, dtype, stream.plan.describe(), stream.plan.n_windows,
+                           seconds, peak_rss_mb(), notes)
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Files named by paths or glob patterns, in order, without duplicates; SegpipeError if none match."""
+    import glob
+
+    found: list[Path] = []
+    for pattern in patterns:
+        magic = any(ch in pattern for ch in "*?[")
+        matches = sorted(glob.glob(pattern, recursive=True)) if magic else [pattern]
+        files = [Path(m) for m in matches if Path(m).is_file()]
+        if not files:
+            raise SegpipeError(f"{pattern}: no input image matches")
+        found.extend(f for f in files if f not in found)
+    return found
+
+
+def infer_files(
+    model: ModelLike | InferenceNetwork,
+    inputs: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    save_probabilities: bool | None = None,
+    show_progress: bool = True,
+    **overrides: Any,
+) -> list[InferenceReport]:
+    """`segpipe infer`: every input through `predict_file` with the model loaded once.
+
+    `overrides` are `InferenceSettings` fields (tile, overlap, blend, tta, batch_size, device, ...)
+    replacing the values of `configs/inference.yaml`.
+    Outputs go to `output_dir` as NAME_seg.* (and NAME_prob.*). A progress bar per image shows
+    Mpx/s and the ETA; a summary line per image is printed. An input that fails is reported and
+    the others still run; SegpipeError at the end names every failed input.
+    """
+    from tqdm import tqdm
+
+    settings = load_settings(None, **overrides)
+    paths = expand_inputs(inputs)
+    targets: dict[Path, Path] = {}
+    for path in paths:
+        seg, _ = output_paths(path, output_dir)
+        if seg in targets:
+            raise SegpipeError(f"{path} and {targets[seg]} would both write {seg}; rename one of them")
+        targets[seg] = path
+    net = optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
+                           channels_last=settings.channels_last, compile=settings.compile,
+                           threads=settings.threads)
+    probs = settings.save_probabilities if save_probabilities is None else save_probabilities
+    reports: list[InferenceReport] = []
+    failed: list[str] = []
+    for path in paths:
+        seg, prob = output_paths(path, output_dir)
+        bar = tqdm(desc=path.name, unit="px", unit_scale=True, disable=not show_progress, leave=False)
+        reset_peak_rss()  # the summary's peak is this image's
+
+        def advance(pixels: int, total: int, bar: tqdm = bar) -> None:
+            if bar.total != total:
+                bar.total = total
+            bar.update(pixels)
+
+        try:
+            report = predict_file(net, path, seg, probabilities_path=prob if probs else None,
+                                  settings=settings, progress=advance)
+        except SegpipeError as exc:
+            print(f"segpipe infer: error: {exc}", file=sys.stderr)
+            failed.append(str(path))
+            continue
+        finally:
+            bar.close()
+        print(report.summary(), flush=True)
+        reports.append(report)
+    if failed:
+        raise SegpipeError(f"{len(failed)} of {len(paths)} input(s) failed: {', '.join(failed)}")
+    return reports

@@ -1,0 +1,295 @@
+"""Row-band writers: results reach the disk as soon as their rows are final, through a temp file.
+
+* `TiffRowWriter`: a tiled BigTIFF written by tifffile from a generator of tiles. tifffile runs in a
+  background thread that consumes tile rows from a small bounded queue, so encoding overlaps with
+  inference and at most two tile rows wait in memory. Keeps the input's resolution tags, and for
+  OME-TIFF input writes OME-TIFF with the input's physical pixel sizes.
+* `NiftiRowWriter`: NIfTI-1 with the input's header (affine, pixdim, codes), the shape and dtype of
+  the result. NIfTI stores arrays in Fortran order, so a row band is strided on disk: each band is
+  written column by column with `os.pwrite` into a sparse temp `.nii`; `.nii.gz` is compressed from
+  it at the end (streaming).
+
+Every writer writes a temp file beside the final path and renames it on `commit()` (`os.replace`,
+atomic); `abort()` removes it. An interrupted run never leaves a file under the final name.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.errors import SegpipeError
+from pipeline.inference.readers import ImageMeta, has_suffix
+
+_END = object()
+_ABORT = object()
+
+
+class _Aborted(Exception):
+    """Raised inside the writer thread to stop tifffile when the run is abandoned."""
+
+
+def to_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Label map (1, n, W) uint8: argmax over classes, or probability >= threshold for one channel."""
+    if probs.shape[0] == 1:
+        return (probs >= threshold).astype(np.uint8)
+    labels = np.zeros((1, *probs.shape[1:]), np.uint8)  # argmax (first maximum), without int64 temporaries
+    best = probs[0].copy()
+    for k in range(1, probs.shape[0]):
+        higher = probs[k] > best
+        labels[0][higher] = k
+        np.maximum(best, probs[k], out=best)
+    return labels
+
+
+def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """Probabilities as stored: uint8 = round(p * 255), float16 or float32."""
+    if dtype == "uint8":
+        return np.rint(probs * 255.0).astype(np.uint8)
+    return probs.astype(np.dtype(dtype))
+
+
+def temp_beside(final: Path, suffix: str) -> Path:
+    """A new empty temp file in `final`'s directory (created if needed); SegpipeError if not writable."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    except OSError as exc:
+        raise SegpipeError(f"{final.parent}: output directory is not writable ({exc.strerror or exc})") from exc
+    os.close(fd)
+    return Path(tmp)
+
+
+class RowWriter:
+    """Base: `write(y0, rows)` bands (K, n, W) in order; `commit()` renames into place; `abort()`."""
+
+    path: Path
+
+    def write(self, y0: int, rows: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def commit(self) -> Path:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class TiffRowWriter(RowWriter):
+    """A tiled BigTIFF (H, W) or (H, W, K) written from row bands by tifffile in a thread."""
+
+    def __init__(
+        self,
+        path: Path,
+        height: int,
+        width: int,
+        channels: int,
+        dtype: np.dtype | str,
+        *,
+        tile: int = 256,
+        compression: str = "zlib",
+        meta: ImageMeta | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.height, self.width, self.channels = height, width, channels
+        self.dtype = np.dtype(dtype)
+        self.tile = tile
+        self.ome = has_suffix(self.path, (".ome.tif", ".ome.tiff"))
+        self._tmp = temp_beside(self.path, ".tmp.ome.tif" if self.ome else ".tmp.tif")
+        self._strip = np.zeros((tile, width, channels), self.dtype)
+        self._next = 0  # next image row expected
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        kwargs = self._tiff_kwargs(meta or ImageMeta(), compression)
+        self._thread = threading.Thread(target=self._run, args=(kwargs,), name=f"tiff-writer {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def _tiff_kwargs(self, meta: ImageMeta, compression: str) -> dict[str, Any]:
+        shape = (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
+        kwargs: dict[str, Any] = dict(
+            shape=shape,
+            dtype=self.dtype,
+            tile=(self.tile, self.tile),
+            bigtiff=True,
+            photometric="minisblack",
+            compression=None if compression == "none" else compression,
+            metadata=None,
+            # tifffile encodes tiles in threads, `buffersize` bytes of tiles at a time (default:
+            # hundreds of MB, which would pull most of the image out of our generator): one tile row.
+            buffersize=self.tile * -(-self.width // self.tile) * self.tile * self.channels * self.dtype.itemsize,
+        )
+        if self.channels > 1:
+            kwargs["planarconfig"] = "contig"
+        if meta.resolution is not None:
+            kwargs["resolution"] = meta.resolution
+            kwargs["resolutionunit"] = meta.resolution_unit or 1
+        if self.ome:
+            kwargs["ome"] = True
+            kwargs["metadata"] = {"axes": "YX" if self.channels == 1 else "YXS", **meta.ome_pixels}
+        return kwargs
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        t = self.tile
+        while True:
+            strip = self._queue.get()
+            if strip is _END:
+                return
+            if strip is _ABORT:
+                raise _Aborted()
+            for x in range(0, self.width, t):
+                tile = strip[:, x : x + t]
+                if tile.shape[1] < t:
+                    padded = np.zeros((t, t, self.channels), self.dtype)
+                    padded[:, : tile.shape[1]] = tile
+                    tile = padded
+                yield tile if self.channels > 1 else tile[..., 0]
+
+    def _run(self, kwargs: dict[str, Any]) -> None:
+        import tifffile
+
+        try:
+            tifffile.imwrite(self._tmp, self._tiles(), **kwargs)
+        except BaseException as exc:  # reported to the caller by _put / commit
+            self._error = exc
+
+    def _put(self, item: Any) -> None:
+        """Queue `item` for the writer thread; if it died, raise its error."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        if item is not _END or self._error is not None:
+            raise SegpipeError(f"{self.path}: writing the TIFF failed: {self._error!r}") from self._error
+
+    def write(self, y0: int, rows: np.ndarray) -> None:
+        """Rows [y0, y0 + n) as (K, n, W); bands must arrive in order."""
+        if y0 != self._next:
+            raise SegpipeError(f"{self.path}: rows arrive out of order ({y0}, expected {self._next})")
+        data = rows.transpose(1, 2, 0)  # (n, W, K)
+        t = self.tile
+        done = 0
+        while done < data.shape[0]:
+            y = y0 + done
+            offset = y % t
+            take = min(t - offset, data.shape[0] - done)
+            self._strip[offset : offset + take] = data[done : done + take]
+            done += take
+            if offset + take == t or y + take == self.height:  # a full tile row, or the last one
+                self._put(self._strip)
+                self._strip = np.zeros_like(self._strip)
+        self._next = y0 + data.shape[0]
+
+    def commit(self) -> Path:
+        if self._next != self.height:
+            self.abort()
+            raise SegpipeError(f"{self.path}: only {self._next} of {self.height} rows were produced")
+        self._put(_END)
+        self._thread.join()
+        if self._error is not None:
+            self._tmp.unlink(missing_ok=True)
+            raise SegpipeError(f"{self.path}: writing the TIFF failed: {self._error!r}") from self._error
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            while True:  # make room, then tell the thread to stop
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                self._queue.put_nowait(_ABORT)
+            except queue.Full:
+                pass
+            self._thread.join()
+        self._tmp.unlink(missing_ok=True)
+
+
+class NiftiRowWriter(RowWriter):
+    """NIfTI-1 array (K, H, W) (or (H, W) when `two_d`) written by row bands, header from the input."""
+
+    def __init__(
+        self,
+        path: Path,
+        height: int,
+        width: int,
+        channels: int,
+        dtype: np.dtype | str,
+        *,
+        meta: ImageMeta | None = None,
+        two_d: bool = False,
+    ) -> None:
+        import nibabel as nib
+
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.height, self.width, self.channels = height, width, channels
+        if two_d and channels != 1:
+            raise SegpipeError(f"{self.path}: a 2-D NIfTI holds one channel, not {channels}")
+        header = meta.nifti_header.copy() if meta is not None and meta.nifti_header is not None else nib.Nifti1Header()
+        if not isinstance(header, nib.Nifti1Header):
+            header = nib.Nifti1Header.from_header(header)
+        header.set_data_shape((height, width) if two_d else (channels, height, width))
+        try:
+            header.set_data_dtype(self.dtype)
+        except Exception as exc:
+            raise SegpipeError(f"{self.path}: NIfTI cannot store {self.dtype} (use uint8 or float32)") from exc
+        header.set_slope_inter(None, None)
+        buf = io.BytesIO()
+        header.write_to(buf)
+        self._offset = -(-buf.tell() // 16) * 16
+        header.set_data_offset(self._offset)
+        self._tmp = temp_beside(self.path, ".tmp.nii")
+        with open(self._tmp, "wb") as fh:
+            header.write_to(fh)
+            fh.write(b"\0" * (self._offset - fh.tell()))
+            fh.truncate(self._offset + height * width * channels * self.dtype.itemsize)
+        self._fd = os.open(self._tmp, os.O_WRONLY)
+        self._next = 0
+
+    def write(self, y0: int, rows: np.ndarray) -> None:
+        """Rows [y0, y0 + n) as (K, n, W): one contiguous run per column (Fortran order on disk)."""
+        if y0 != self._next:
+            raise SegpipeError(f"{self.path}: rows arrive out of order ({y0}, expected {self._next})")
+        k, n, w = rows.shape
+        block = np.ascontiguousarray(rows.astype(self.dtype, copy=False).transpose(2, 1, 0))  # (W, n, K)
+        size = self.dtype.itemsize
+        for x in range(w):
+            os.pwrite(self._fd, block[x].tobytes(), self._offset + (x * self.height + y0) * k * size)
+        self._next = y0 + n
+
+    def commit(self) -> Path:
+        os.close(self._fd)
+        self._fd = -1
+        if self._next != self.height:
+            self._tmp.unlink(missing_ok=True)
+            raise SegpipeError(f"{self.path}: only {self._next} of {self.height} rows were produced")
+        if has_suffix(self.path, (".gz",)):
+            packed = temp_beside(self.path, ".tmp.nii.gz")
+            try:
+                with open(self._tmp, "rb") as src, gzip.open(packed, "wb", compresslevel=6) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+                os.replace(packed, self.path)
+            finally:
+                packed.unlink(missing_ok=True)
+                self._tmp.unlink(missing_ok=True)
+        else:
+            os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
