@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, optimize_network, plan_tiles, predict
-from pipeline.inference.optimize import count_batch_norm, fold_batch_norm
+from pipeline.inference.optimize import count_batch_norm, fold_batch_norm, inplace_activations
 from pipeline.inference.sliding import output_period, source_index
 
 torch.set_num_threads(1)
@@ -286,6 +286,25 @@ def test_fold_batch_norm_keeps_outputs_and_leaves_the_callers_module_alone():
         np.testing.assert_allclose(graph(x).numpy(), net(x).numpy(), atol=1e-5)
     toy = _net(SameNet, 3, 2, seed=0)
     assert fold_batch_norm(toy) == 1 and count_batch_norm(toy) == 0
+
+
+def test_inplace_activations_only_where_safe():
+    chain = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Dropout(0.1), nn.Sequential(nn.Identity(), nn.ReLU()))
+    first = nn.Sequential(nn.ReLU(), nn.Conv2d(2, 2, 3))  # its input is the chain's input
+    passthrough = nn.Sequential(nn.Identity(), nn.ReLU())  # ditto, through an Identity
+    after_other = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Flatten(0, 0), nn.ReLU())  # unknown producer
+    assert inplace_activations(nn.ModuleList([chain, first, passthrough, after_other])) == 1
+    assert chain[2][1].inplace and not first[0].inplace and not passthrough[1].inplace
+    assert not after_other[2].inplace
+
+    net = _unet("same", seed=3)
+    graph = optimize_network(net)
+    n_relu = sum(isinstance(m, nn.ReLU) for m in net.modules())
+    assert any(note == f"{n_relu} in-place activations" for note in graph.notes)
+    assert not any(m.inplace for m in net.modules() if isinstance(m, nn.ReLU))  # the caller's net untouched
+    x = torch.rand(1, 3, 36, 44)
+    with torch.inference_mode():
+        np.testing.assert_allclose(graph(x).numpy(), net(x).numpy(), atol=1e-5)
 
 
 def test_settings_come_from_config_and_are_validated():

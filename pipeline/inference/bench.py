@@ -202,12 +202,12 @@ def _worker(argv: Sequence[str]) -> None:
         torch.set_num_threads(a.threads)
     proc = psutil.Process()
     if a.kind == "ours":
-        from pipeline.inference import load_settings, optimize_network, predict_file
+        from pipeline.inference import load_settings, predict_file
+        from pipeline.inference.sliding import inference_network
 
         settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
-                                 tta=(), intensity="scale", compile=a.compile, threads=a.threads)
-        net = optimize_network(a.checkpoint, "cpu", fold_bn=settings.fold_batch_norm,
-                               channels_last=settings.channels_last, compile=settings.compile)
+                                 tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads)
+        net = inference_network(a.checkpoint, settings)
         tile_in = net.input_size(net.valid_output_size(a.tile)) if net.padding == "valid" else a.tile
         net(torch.zeros(a.batch_size, 3, tile_in, tile_in))  # warm-up (and compilation, if any)
         baseline = proc.memory_info().rss / 2**20

@@ -3,7 +3,8 @@
 What helps on CPU, measured in `segpipe bench infer`: batch norm folded into the preceding
 convolution (eval-mode BN is an affine map per channel, so it merges into the conv's weights:
 W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta), channels-last
-tensors (oneDNN's native NHWC layout: no reorders around every conv), explicit thread settings,
+tensors (oneDNN's native NHWC layout: no reorders around every conv), in-place ReLU after a conv
+(one activation tensor less to allocate and fill per layer), explicit thread settings,
 optionally `torch.compile` (inductor, fixed shapes). On CUDA the forward runs under fp16 autocast.
 The contract facts the tiler needs (padding, halo, sizes, channels) are kept beside the graph.
 """
@@ -64,6 +65,45 @@ def fold_batch_norm(model: nn.Module) -> int:
             (bn_parent or seq)._modules[bn_name or right] = nn.Identity()
             folded += 1
     return folded
+
+
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout2d)
+"""Modules that return their input itself in eval mode."""
+_CREATORS = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)
+"""Modules that return a new tensor."""
+
+
+def _leaves(seq: nn.Sequential) -> list[nn.Module]:
+    """The modules a Sequential runs, in order, nested Sequentials flattened."""
+    out: list[nn.Module] = []
+    for child in seq:
+        out.extend(_leaves(child) if isinstance(child, nn.Sequential) else [child])
+    return out
+
+
+def inplace_activations(model: nn.Module) -> int:
+    """Make ReLU / LeakyReLU in-place where that is safe, in place; returns how many.
+
+    Safe: inside a chain of Sequentials the activation's input is the fresh output of the conv or
+    batch norm just before it (skipping eval-mode pass-throughs), which nothing else holds. An
+    activation whose input might be the chain's own input, or a view made by other code, is left.
+    """
+    nested = {id(c) for m in model.modules() if isinstance(m, nn.Sequential) for c in m.children()}
+    changed = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential) or id(seq) in nested:
+            continue
+        leaves = _leaves(seq)
+        for i, leaf in enumerate(leaves):
+            if not isinstance(leaf, (nn.ReLU, nn.LeakyReLU)) or leaf.inplace:
+                continue
+            j = i - 1
+            while j >= 0 and isinstance(leaves[j], _PASS_THROUGH):
+                j -= 1
+            if j >= 0 and isinstance(leaves[j], _CREATORS):
+                leaf.inplace = True
+                changed += 1
+    return changed
 
 
 def count_batch_norm(model: nn.Module) -> int:
@@ -128,6 +168,7 @@ def optimize_network(
     device: str | torch.device = "cpu",
     *,
     fold_bn: bool = True,
+    inplace_act: bool = True,
     channels_last: bool = True,
     compile: bool = False,
     threads: int | None = None,
@@ -162,6 +203,10 @@ def optimize_network(
         left = count_batch_norm(module)
         if n or left:
             notes.append(f"bn folded {n}/{n + left}")
+    if inplace_act:
+        n = inplace_activations(module)
+        if n:
+            notes.append(f"{n} in-place activations")
     module = module.to(dev)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -58,6 +58,7 @@ class InferenceSettings:
     device: str
     threads: int | None
     fold_batch_norm: bool
+    inplace_activations: bool
     channels_last: bool
     compile: bool
     tiff_tile: int
@@ -96,7 +97,7 @@ class InferenceSettings:
                 raise bad(key, f"one of {', '.join(choices)}")
         if not isinstance(self.tta, tuple) or any(t not in TTA_FLIPS for t in self.tta):
             raise bad("tta", f"a list of flips from {', '.join(TTA_FLIPS)}")
-        for key in ("fold_batch_norm", "channels_last", "compile", "save_probabilities"):
+        for key in ("fold_batch_norm", "inplace_activations", "channels_last", "compile", "save_probabilities"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
         return self
@@ -135,6 +136,13 @@ def _config_settings() -> InferenceSettings:
     if "tta" in flat:
         flat["tta"] = tuple(flat["tta"] or ())
     return InferenceSettings(**flat).validated(str(path))
+
+
+def inference_network(model: ModelLike | InferenceNetwork, settings: InferenceSettings) -> InferenceNetwork:
+    """`optimize_network` with the graph settings of `settings` (an InferenceNetwork passes through)."""
+    return optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
+                            inplace_act=settings.inplace_activations, channels_last=settings.channels_last,
+                            compile=settings.compile, threads=settings.threads)
 
 
 @dataclass(frozen=True)
@@ -477,9 +485,7 @@ def predict(
     """
     settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                              tta=tta, batch_size=batch_size, device=device, intensity=intensity)
-    net = optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
-                           channels_last=settings.channels_last, compile=settings.compile,
-                           threads=settings.threads)
+    net = inference_network(model, settings)
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     reader = ArrayReader(array, "<image array>")
     stream = stream_probabilities(net, reader, settings)

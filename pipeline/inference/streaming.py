@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network
+from pipeline.inference.optimize import InferenceNetwork, ModelLike
 from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix, open_image
-from pipeline.inference.sliding import InferenceSettings, load_settings, stream_probabilities
+from pipeline.inference.sliding import InferenceSettings, inference_network, load_settings, stream_probabilities
 from pipeline.inference.writers import (
     NiftiRowWriter,
     RowWriter,
@@ -167,9 +167,7 @@ def predict_file(
     for target in targets:
         if target.resolve() == input_path.resolve():
             raise SegpipeError(f"{target}: output would overwrite the input")
-    net = optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
-                           channels_last=settings.channels_last, compile=settings.compile,
-                           threads=settings.threads)
+    net = inference_network(model, settings)
     if net.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(net.device)
     start = time.perf_counter()
@@ -241,9 +239,7 @@ def infer_files(
         if seg in targets:
             raise SegpipeError(f"{path} and {targets[seg]} would both write {seg}; rename one of them")
         targets[seg] = path
-    net = optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
-                           channels_last=settings.channels_last, compile=settings.compile,
-                           threads=settings.threads)
+    net = inference_network(model, settings)
     probs = settings.save_probabilities if save_probabilities is None else save_probabilities
     reports: list[InferenceReport] = []
     failed: list[str] = []
