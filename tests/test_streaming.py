@@ -103,6 +103,19 @@ def test_jpeg_round_trip(tmp_path):
     np.testing.assert_array_equal(_read_output(tmp_path / "prob.tif"), predict(net, decoded, tile=32))
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(compression="jpeg", tile=(32, 32), photometric="rgb"),  # slide-scanner style (YCbCr, subsampled)
+    dict(compression="jpeg", rowsperstrip=16, photometric="rgb", subsampling=(1, 1)),
+    dict(compression="zstd", tile=(16, 32), predictor=True, photometric="rgb"),
+])
+def test_lossy_and_other_codecs_read_like_tifffile(tmp_path, kwargs):
+    tifffile.imwrite(tmp_path / "in.tif", _hwc(_image(3, seed=2)), **kwargs)
+    decoded = np.moveaxis(tifffile.imread(tmp_path / "in.tif"), -1, 0)
+    with open_image(tmp_path / "in.tif") as reader:
+        np.testing.assert_array_equal(reader.read_rows(0, H), decoded)
+        np.testing.assert_array_equal(reader.read_rows(17, 50), decoded[:, 17:50])
+
+
 @pytest.mark.parametrize("name", ["tiled_zlib.tif", "strips_lzw.tif", "planar.tif", "channels.ome.tif", "image.nii.gz", "vector.mha"])
 def test_readers_give_any_row_band(tmp_path, name):
     _, channels, dtype, write = next(w for w in WRITERS if w[0] == name)
@@ -176,6 +189,14 @@ def test_spacing_and_metadata_are_kept(tmp_path):
         np.testing.assert_allclose(out.affine, affine, atol=1e-6)
         assert out.shape == (k, H, W)
         np.testing.assert_allclose(out.header.get_zooms(), (0.7, 0.6, 0.8), atol=1e-6)
+
+    iio.imwrite(tmp_path / "dpi.png", _hwc(image), dpi=(300, 150))
+    predict_file(net, tmp_path / "dpi.png", tmp_path / "dpi_seg.tif", tile=32)
+    with tifffile.TiffFile(tmp_path / "dpi_seg.tif") as tif:
+        tags = tif.pages[0].tags
+        assert tags["ResolutionUnit"].value == 2  # inch
+        x, y = tags["XResolution"].value, tags["YResolution"].value
+        assert abs(x[0] / x[1] - 300) < 0.01 and abs(y[0] / y[1] - 150) < 0.02
 
     itk = sitk.GetImageFromArray(_hwc(image), isVector=True)
     itk.SetSpacing((0.5, 0.25))  # mm
