@@ -153,8 +153,8 @@ def predict_file(
     BigTIFF (`.tif`) or NIfTI (`.nii`, `.nii.gz`, header taken from a NIfTI input). With
     `probabilities_path` the class probabilities are written too (K channels; uint8 scaled by 255,
     float16 or float32). Arguments left at None come from `settings` (default:
-    `configs/inference.yaml`). `progress` is
-    called after each band with (pixels finished, total pixels). Outputs appear under their final
+    `configs/inference.yaml`). `progress` is called after each band with (pixels finished, total
+    pixels). Outputs appear under their final
     names only when complete; any failure leaves nothing behind. Bad input raises SegpipeError
     naming the file.
     """
@@ -183,7 +183,9 @@ def predict_file(
                 writers[0].write(y0, to_labels(probs, settings.threshold))
                 if len(writers) > 1:
                     writers[1].write(y0, encode_probabilities(probs, settings.probabilities_dtype))
-            outputs = [w.commit() for w in writers]
+            for w in writers:  # all complete before any appears under its final name
+                w.finish()
+            outputs = [w.publish() for w in writers]
         except BaseException:
             for w in writers:
                 w.abort()

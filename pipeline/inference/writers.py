@@ -9,8 +9,10 @@
   written column by column with `os.pwrite` into a sparse temp `.nii`; `.nii.gz` is compressed from
   it at the end (streaming).
 
-Every writer writes a temp file beside the final path and renames it on `commit()` (`os.replace`,
-atomic); `abort()` removes it. An interrupted run never leaves a file under the final name.
+Every writer writes a temp file beside the final path; `finish()` completes it and `publish()`
+renames it onto the final name (`os.replace`, atomic); `abort()` removes it. An interrupted run
+never leaves a file under the final name; several outputs of one run are published only once all
+of them are finished.
 """
 from __future__ import annotations
 
@@ -69,18 +71,28 @@ def temp_beside(final: Path, suffix: str) -> Path:
 
 
 class RowWriter:
-    """Base: `write(y0, rows)` bands (K, n, W) in order; `commit()` renames into place; `abort()`."""
+    """Base: `write(y0, rows)` bands (K, n, W) in order; `finish()` completes the temp file,
+    `publish()` renames it into place; `abort()` removes every temp file."""
 
     path: Path
+    _done: Path | None = None
+    """The finished temp file, waiting for `publish()`."""
 
     def write(self, y0: int, rows: np.ndarray) -> None:
         raise NotImplementedError
 
-    def commit(self) -> Path:
+    def finish(self) -> None:
         raise NotImplementedError
 
     def abort(self) -> None:
         raise NotImplementedError
+
+    def publish(self) -> Path:
+        if self._done is None:
+            raise SegpipeError(f"{self.path}: publish() before finish()")
+        os.replace(self._done, self.path)
+        self._done = None
+        return self.path
 
 
 class TiffRowWriter(RowWriter):
@@ -189,7 +201,7 @@ class TiffRowWriter(RowWriter):
                 self._strip = np.zeros_like(self._strip)
         self._next = y0 + data.shape[0]
 
-    def commit(self) -> Path:
+    def finish(self) -> None:
         if self._next != self.height:
             self.abort()
             raise SegpipeError(f"{self.path}: only {self._next} of {self.height} rows were produced")
@@ -198,8 +210,7 @@ class TiffRowWriter(RowWriter):
         if self._error is not None:
             self._tmp.unlink(missing_ok=True)
             raise SegpipeError(f"{self.path}: writing the TIFF failed: {self._error!r}") from self._error
-        os.replace(self._tmp, self.path)
-        return self.path
+        self._done = self._tmp
 
     def abort(self) -> None:
         if self._thread.is_alive():
@@ -214,6 +225,7 @@ class TiffRowWriter(RowWriter):
                 pass
             self._thread.join()
         self._tmp.unlink(missing_ok=True)
+        self._done = None
 
 
 class NiftiRowWriter(RowWriter):
@@ -269,27 +281,31 @@ class NiftiRowWriter(RowWriter):
             os.pwrite(self._fd, block[x].tobytes(), self._offset + (x * self.height + y0) * k * size)
         self._next = y0 + n
 
-    def commit(self) -> Path:
+    def finish(self) -> None:
         os.close(self._fd)
         self._fd = -1
         if self._next != self.height:
             self._tmp.unlink(missing_ok=True)
             raise SegpipeError(f"{self.path}: only {self._next} of {self.height} rows were produced")
-        if has_suffix(self.path, (".gz",)):
-            packed = temp_beside(self.path, ".tmp.nii.gz")
-            try:
-                with open(self._tmp, "rb") as src, gzip.open(packed, "wb", compresslevel=6) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-                os.replace(packed, self.path)
-            finally:
-                packed.unlink(missing_ok=True)
-                self._tmp.unlink(missing_ok=True)
-        else:
-            os.replace(self._tmp, self.path)
-        return self.path
+        if not has_suffix(self.path, (".gz",)):
+            self._done = self._tmp
+            return
+        packed = temp_beside(self.path, ".tmp.nii.gz")
+        try:
+            with open(self._tmp, "rb") as src, gzip.open(packed, "wb", compresslevel=6) as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        except BaseException:
+            packed.unlink(missing_ok=True)
+            raise
+        finally:
+            self._tmp.unlink(missing_ok=True)
+        self._done = packed
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         self._tmp.unlink(missing_ok=True)
+        if self._done is not None:
+            self._done.unlink(missing_ok=True)
+            self._done = None
