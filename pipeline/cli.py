@@ -13,13 +13,11 @@ from typing import Callable, Sequence
 
 GROUPS = """\
 stages and tools, in data-flow order:
-  data       download, prepare, weightmap, manifest
-  model      train, evaluate
-  inference  infer
-  bench      bench networks | transforms | infer | train
+  data        download, prepare, manifest
+  transforms  weightmap
+  inference   infer
+  bench       bench transforms | networks | infer
 """
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 # --- data (issue 2) -------------------------------------------------------------------------
@@ -320,11 +318,12 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
 # --- train / evaluate (issue 6) ---------------------------------------------------------------
 # --- end train / evaluate ---------------------------------------------------------------------
 
-BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-BENCHES["networks"] = _bench_networks_args
-BENCHES["infer"] = _bench_infer_args
-BENCHES["transforms"] = _bench_transforms_args
-"""`segpipe bench NAME`: each area registers a function that adds its arguments and a handler."""
+# `segpipe bench NAME`: each area's function adds its arguments and a handler, in data-flow order.
+BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "transforms": _bench_transforms_args,
+    "networks": _bench_networks_args,
+    "infer": _bench_infer_args,
+}
 
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
