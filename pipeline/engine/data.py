@@ -1,0 +1,114 @@
+"""Prepared cases for training and evaluation: `data/prepared/<dataset>/manifest.csv` + NIfTI.
+
+A case is a dict of channel-first numpy arrays: "image" (C, H, W) as stored, "label" (1, H, W)
+uint8 0/1, "weight" (1, H, W) float32 (U-Net eq. 2), and when the dataset has them "fov" (DRIVE's
+field of view), "instances" (cell ids, CTC) and "label2" (DRIVE's second observer).
+`preprocess` applies the dataset's deterministic intensity normalisation (configs/augment.yaml);
+training, validation, evaluation and the checkpoint's recorded preprocessing all use it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import load_config
+from pipeline.data.io import read_volume
+from pipeline.errors import SegpipeError
+
+ROLES = ("image", "label", "weight", "fov", "instances", "label2")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """One prepared dataset: its folder, manifest rows and stats.json."""
+
+    name: str
+    root: Path
+    manifest: pd.DataFrame
+    stats: dict[str, Any]
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.csv"
+
+    def rows(self, split: str) -> pd.DataFrame:
+        """Manifest rows of `split` (train, val or test), in case order."""
+        if split not in SPLITS:
+            raise SegpipeError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.manifest[self.manifest["split"] == split].sort_values("case").reset_index(drop=True)
+
+    def cases(self, split: str) -> list[str]:
+        return list(self.rows(split)["case"])
+
+    def load(self, case: str) -> dict[str, np.ndarray]:
+        """Every stored role of `case` as channel-first arrays."""
+        match = self.manifest[self.manifest["case"] == case]
+        if match.empty:
+            raise SegpipeError(f"{self.manifest_path}: no case {case!r}")
+        row = match.iloc[0]
+        out: dict[str, np.ndarray] = {}
+        for role in ROLES:
+            rel = row.get(role)
+            if isinstance(rel, str) and rel:
+                out[role] = read_volume(self.root / rel)
+        for role in ("image", "label", "weight"):
+            if role not in out:
+                raise SegpipeError(f"{self.manifest_path}: case {case!r} has no {role}")
+        if out["image"].ndim != 3 or out["label"].shape[1:] != out["image"].shape[1:]:
+            raise SegpipeError(
+                f"{self.root}: case {case!r}: expected image (C, H, W) and label (1, H, W) of one size, "
+                f"got {out['image'].shape} and {out['label'].shape}"
+            )
+        return out
+
+    def load_split(self, split: str) -> list[dict[str, Any]]:
+        """Every case of `split` as {"case": name, role: array, ...}."""
+        return [{"case": case, **self.load(case)} for case in self.cases(split)]
+
+    @property
+    def in_channels(self) -> int:
+        first = self.manifest.iloc[0]
+        return int(read_volume(self.root / first["image"]).shape[0])
+
+
+def prepared_dir(dataset: str) -> Path:
+    """data/prepared/<dataset> (configs/data.yaml: prepared_dir)."""
+    return Path(load_config("data")["prepared_dir"]) / dataset
+
+
+def open_prepared(dataset: str, root: Path | None = None) -> PreparedDataset:
+    """The prepared dataset; SegpipeError naming the file and the command when it is missing."""
+    root = Path(root) if root is not None else prepared_dir(dataset)
+    manifest_path, stats_path = root / "manifest.csv", root / "stats.json"
+    for path in (manifest_path, stats_path):
+        if not path.is_file():
+            raise SegpipeError(f"{path}: not found; run `segpipe prepare {dataset}` first")
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    missing = {"case", "split", "image", "label", "weight"} - set(manifest.columns)
+    if missing:
+        raise SegpipeError(f"{manifest_path}: missing column(s) {sorted(missing)}")
+    try:
+        stats = json.loads(stats_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SegpipeError(f"{stats_path}: not valid JSON: {exc}") from exc
+    dataset_obj = PreparedDataset(dataset, root, manifest, stats)
+    if not dataset_obj.cases("train"):
+        raise SegpipeError(f"{manifest_path}: no training cases")
+    return dataset_obj
+
+
+def preprocess(dataset: str, image: np.ndarray, augment: Mapping[str, Any] | None = None) -> np.ndarray:
+    """The dataset's deterministic normalisation of an image (C, H, W) -> float32 (C', H, W).
+
+    `augment` is the dataset's section of configs/augment.yaml (read when None).
+    """
+    from pipeline.transforms.presets import build_preprocess_transforms
+
+    out = build_preprocess_transforms(dataset, augment)({"image": image})["image"]
+    return np.asarray(out, dtype=np.float32)
