@@ -10,6 +10,7 @@ from monai.data import CacheDataset, DataLoader, Dataset
 
 from pipeline.config import load_config
 from pipeline.errors import SegpipeError
+from pipeline.engine.data import preprocess
 from pipeline.transforms import build_preprocess_transforms, build_train_transforms
 
 torch.set_num_threads(1)
@@ -38,7 +39,7 @@ def test_chain_outputs(dataset: str, halo: int) -> None:
     out = chain(_case(dataset))
     n = load_config("augment")[dataset]["patches"]["num_samples"]
     assert isinstance(out, list) and len(out) == n
-    channels = 3 if dataset == "drive" else 1
+    channels = len(load_config("augment")[dataset]["channels"] or [0])
     for s in out:
         assert s["image"].shape == (channels, 24 + 2 * halo, 24 + 2 * halo) and s["image"].dtype == torch.float32
         assert s["label"].shape == (1, 24, 24) and s["label"].dtype == torch.int64
@@ -91,6 +92,31 @@ def test_preprocess_normalises() -> None:
     assert abs(float(out.mean())) < 1e-4 and abs(float(out.std()) - 1.0) < 1e-2
     out = build_preprocess_transforms("u373")({"image": img})["image"]
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+
+
+def test_green_channel_and_clahe() -> None:
+    rng = np.random.default_rng(0)
+    img = np.zeros((3, 64, 64), np.uint8)
+    img[1] = 100 + rng.integers(0, 8, (64, 64))   # low-contrast green channel
+    img[1, :, 30:34] += 20                         # a faint vertical "vessel"
+    img[0], img[2] = 255, 7
+    cfg = copy.deepcopy(load_config("augment")["drive"])
+    cfg.update(channels=[1], clahe=None, normalize="percentile")
+    plain = build_preprocess_transforms("drive", cfg)({"image": img})["image"]
+    assert plain.shape == (1, 64, 64)
+    plain_np = np.asarray(plain[0])
+    assert plain_np[:, 30:34].mean() > plain_np[:, :20].mean() + 0.5  # the green channel (with the vessel) was kept
+    cfg["clahe"] = 0.01
+    eq = np.asarray(build_preprocess_transforms("drive", cfg)({"image": img})["image"])
+    assert eq.shape == (1, 64, 64) and not np.allclose(eq, np.asarray(plain))
+    cfg["channels"] = [3]
+    with pytest.raises(SegpipeError, match=r"channels \[3\]: the image has only 3"):
+        preprocess("drive", img, cfg)
+    for key, bad in (("channels", [-1]), ("clahe", 2.0), ("clahe", True)):
+        cfg = copy.deepcopy(load_config("augment")["drive"])
+        cfg[key] = bad
+        with pytest.raises(SegpipeError, match=key):
+            build_preprocess_transforms("drive", cfg)
 
 
 def test_config_errors_name_the_problem() -> None:

@@ -110,5 +110,10 @@ def preprocess(dataset: str, image: np.ndarray, augment: Mapping[str, Any] | Non
     """
     from pipeline.transforms.presets import build_preprocess_transforms
 
-    out = build_preprocess_transforms(dataset, augment)({"image": image})["image"]
+    try:
+        out = build_preprocess_transforms(dataset, augment)({"image": image})["image"]
+    except RuntimeError as exc:  # MONAI's Compose wraps errors of its transforms
+        if isinstance(exc.__cause__, SegpipeError):
+            raise exc.__cause__ from None
+        raise
     return np.asarray(out, dtype=np.float32)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from monai.transforms import (
     CastToTyped,
     Compose,
     EnsureTyped,
+    MapTransform,
     NormalizeIntensityd,
     RandAdjustContrastd,
     RandFlipd,
@@ -42,6 +44,8 @@ from pipeline.transforms.patches import RandOverlapTilePatchd
 CONFIG_NAME = "augment"
 NORMALIZERS = ("zscore", "percentile")
 SCHEMA: dict[str, Any] = {
+    "channels": None,
+    "clahe": None,
     "normalize": None,
     "patches": {"num_samples": None, "pos": None, "neg": None, "fov_key": None},
     "elastic": {"prob": None, "sigma": None, "grid_size": None, "margin": None, "image_mode": None},
@@ -86,18 +90,72 @@ def preset(dataset: str, config: Mapping[str, Any] | None = None) -> Mapping[str
     _check(config, SCHEMA, where)
     if config["normalize"] not in NORMALIZERS:
         raise SegpipeError(f"{where}.normalize: expected one of {NORMALIZERS}, got {config['normalize']!r}")
+    channels = config["channels"]
+    if channels is not None and (not isinstance(channels, list) or not channels
+                                 or not all(isinstance(c, int) and c >= 0 for c in channels)):
+        raise SegpipeError(f"{where}.channels: expected null or a list of channel indices >= 0, got {channels!r}")
+    clahe = config["clahe"]
+    if clahe is not None and (isinstance(clahe, bool) or not isinstance(clahe, (int, float)) or not 0 < clahe <= 1):
+        raise SegpipeError(f"{where}.clahe: expected null or a clip limit in (0, 1], got {clahe!r}")
     return config
 
 
+class SelectChannelsd(MapTransform):
+    """Keep the listed channels of a channel-first image, e.g. DRIVE's green channel [1], where
+    vessels have the most contrast (Staal et al. 2004; most DRIVE methods use it)."""
+
+    def __init__(self, keys: str, channels: list[int]) -> None:
+        super().__init__(keys)
+        self.channels = list(channels)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            if max(self.channels) >= image.shape[0]:
+                raise SegpipeError(f"channels {self.channels}: the image has only {image.shape[0]} channel(s)")
+            out[key] = image[self.channels]
+        return out
+
+
+class Clahed(MapTransform):
+    """Contrast-limited adaptive histogram equalisation per channel (skimage
+    `equalize_adapthist`, Zuiderveld 1994) after min-max scaling to [0, 1]; the usual DRIVE
+    pre-processing (e.g. orobix/retina-unet). `clip_limit` is skimage's (0.01 default there)."""
+
+    def __init__(self, keys: str, clip_limit: float) -> None:
+        super().__init__(keys)
+        self.clip_limit = float(clip_limit)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        from skimage.exposure import equalize_adapthist
+
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = np.asarray(out[key], dtype=np.float64)
+            low = image.min(axis=(1, 2), keepdims=True)
+            span = np.maximum(image.max(axis=(1, 2), keepdims=True) - low, 1e-12)
+            scaled = (image - low) / span
+            out[key] = np.stack([equalize_adapthist(c, clip_limit=self.clip_limit) for c in scaled]).astype(np.float32)
+        return out
+
+
+
 def build_preprocess_transforms(dataset: str, config: Mapping[str, Any] | None = None) -> Compose:
-    """The deterministic intensity normalisation of the image (C, H, W); inference must apply the
-    same. zscore: per image and channel; percentile: 0.5..99.5 percentiles -> 0..1, clipped."""
+    """The deterministic intensity pre-processing of the image (C, H, W); inference must apply the
+    same: optional channel selection, optional CLAHE, then zscore (per image and channel) or
+    percentile (0.5..99.5 percentiles -> 0..1, clipped)."""
     cfg = preset(dataset, config)
+    chain: list[Any] = []
+    if cfg["channels"] is not None:
+        chain.append(SelectChannelsd("image", cfg["channels"]))
+    if cfg["clahe"] is not None:
+        chain.append(Clahed("image", cfg["clahe"]))
     if cfg["normalize"] == "zscore":
         normalize = NormalizeIntensityd("image", channel_wise=True)
     else:
         normalize = ScaleIntensityRangePercentilesd("image", 0.5, 99.5, 0.0, 1.0, clip=True, channel_wise=True)
-    return Compose([CastToTyped("image", dtype=torch.float32), normalize])
+    return Compose([*chain, CastToTyped("image", dtype=torch.float32), normalize])
 
 
 def build_train_transforms(
