@@ -16,6 +16,7 @@ stages and tools, in data-flow order:
   data        download, prepare, manifest
   transforms  weightmap
   inference   infer
+  engine      train, evaluate, report
   bench       bench transforms | networks | infer
 """
 
@@ -316,6 +317,78 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
 # --- end inference ----------------------------------------------------------------------------
 
 # --- train / evaluate (issue 6) ---------------------------------------------------------------
+
+
+def _setting(text: str) -> dict:
+    """KEY=VALUE with a dotted key and a YAML value -> nested dict ("optimizer.lr=1e-3")."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. optimizer.lr=0.001), got {text!r}")
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.engine.settings import deep_merge
+    from pipeline.engine.train import train
+
+    overrides: dict = {}
+    for item in args.set or []:
+        overrides = deep_merge(overrides, item)
+    train(args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.engine.evaluate import evaluate
+
+    evaluate(args.dataset, args.network)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.engine.report import report
+
+    report()
+    return 0
+
+
+def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a network on a prepared dataset (DVC stage train@DATASET-NETWORK)",
+        description="Patch training with validation on whole images, best/last checkpoints, "
+        "--resume and MLflow logging; writes models/DATASET/NETWORK/. Settings: the profile of "
+        "configs/train.yaml. Under torchrun: DistributedDataParallel.",
+    )
+    p.add_argument("dataset", help="drive, hela or u373 (prepared with `segpipe prepare`)")
+    p.add_argument("network", help="unet, unetpp or u2net (the profile may substitute, e.g. u2netp)")
+    p.add_argument("--profile", default=None, help="profile of configs/train.yaml (default: its `profile`)")
+    p.add_argument("--resume", action="store_true", help="continue from models/DATASET/NETWORK/last.pt")
+    p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
+                   help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)")
+    p.set_defaults(handler=_cmd_train)
+    p = sub.add_parser(
+        "evaluate",
+        help="test-set metrics, curves and overlays of a trained network (DVC stage evaluate@...)",
+        description="Whole-image sliding-window inference on the test split with the best "
+        "checkpoint; writes results/DATASET/NETWORK/ (metrics.json, per_image.csv, curves, "
+        "overlays). Settings: configs/evaluate.yaml and configs/inference.yaml.",
+    )
+    p.add_argument("dataset")
+    p.add_argument("network")
+    p.set_defaults(handler=_cmd_evaluate)
+    p = sub.add_parser("report", help="one table of every evaluated dataset x network (results/report.md)")
+    p.set_defaults(handler=_cmd_report)
+
+
 # --- end train / evaluate ---------------------------------------------------------------------
 
 # `segpipe bench NAME`: each area's function adds its arguments and a handler, in data-flow order.
@@ -345,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_transforms_commands(sub)
     _add_inference_commands(sub)
+    _add_engine_commands(sub)
     _add_bench_commands(sub)
     return parser
 

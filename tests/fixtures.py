@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import shutil
 import socket
 import threading
 import zipfile
@@ -253,8 +254,18 @@ def build_fixture_project(root: Path) -> FixtureProject:
                      "dtype": str(array.dtype)})
     pd.DataFrame(rows).to_csv(manifests / "drive_files.csv", index=False)
     configs = root / "configs"
-    configs.mkdir()
+    shutil.copytree(REPO_ROOT / "configs", configs)
     cfg = yaml.safe_load((REPO_ROOT / "configs" / "data.yaml").read_text())
     cfg["download"].update(retries=3, backoff_seconds=0.01, timeout_seconds=5)
     (configs / "data.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return FixtureProject(root, archives)
+
+
+def prepare_fixture_datasets(project: FixtureProject, datasets: tuple[str, ...] = ("drive",)) -> None:
+    """Import the project's archives (`--from`) and prepare them, in the project's working dir."""
+    from pipeline.data.download import download_dataset
+    from pipeline.data.prepare import prepare_dataset
+
+    for dataset in datasets:
+        download_dataset(dataset, from_paths=[str(p) for p in project.archives[dataset]])
+        prepare_dataset(dataset)

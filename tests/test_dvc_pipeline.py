@@ -1,6 +1,8 @@
-"""End to end: `dvc repro` of the data stages in a temporary copy of the repo, against the mirror."""
+"""End to end: `dvc repro` of the whole pipeline (smoke profile) in a temporary copy of the repo,
+against the fixture datasets served on 127.0.0.1; then MLflow and `dvc metrics`/`dvc plots`."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,35 +11,78 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from fixtures import REPO_ROOT, FixtureProject, Mirror
+
+DATASETS = {"drive": 8, "hela": 5, "u373": 5}
+NETWORKS = ("unet", "unetpp", "u2net")
 
 
 def _dvc(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=600)
+                          capture_output=True, timeout=900)
 
 
 @pytest.mark.slow
-def test_dvc_repro_data_stages(project: FixtureProject, mirror: Mirror, tmp_path: Path) -> None:
+def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(REPO_ROOT / "dvc.yaml", repo)
     shutil.copytree(REPO_ROOT / "pipeline", repo / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(project.root / "configs", repo / "configs")
     shutil.copytree(project.root / "data_manifests", repo / "data_manifests")
+    train_cfg = yaml.safe_load((repo / "configs" / "train.yaml").read_text())
+    train_cfg["profile"] = "smoke"
+    (repo / "configs" / "train.yaml").write_text(yaml.safe_dump(train_cfg, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("SEGPIPE_CONFIG_DIR", "MLFLOW_TRACKING_URI")}
     env.update(SEGPIPE_MIRROR=mirror.url, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-               DVC_NO_ANALYTICS="1")
+               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
     assert _dvc(["init", "--no-scm", "-q"], repo, env).returncode == 0
 
     first = _dvc(["repro"], repo, env)
-    assert first.returncode == 0, first.stdout + first.stderr
-    for dataset, n_cases in {"drive": 8, "hela": 5, "u373": 5}.items():
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    for dataset, n_cases in DATASETS.items():
         table = pd.read_csv(repo / "data" / "prepared" / dataset / "manifest.csv")
         assert len(table) == n_cases
-    assert (repo / "dvc.lock").is_file()
+        for network in NETWORKS:
+            assert (repo / "models" / dataset / network / "best.pt").is_file()
+            metrics = json.loads((repo / "results" / dataset / network / "metrics.json").read_text())
+            assert 0.0 <= metrics["test_dice"] <= 1.0 and 0.0 <= metrics["test_iou"] <= 1.0
+    assert (repo / "results" / "report.md").is_file()
     assert (repo / "mlflow.db").is_file()  # the default embedded store at the repo root
+
+    # MLflow: one experiment per dataset, one run per stage execution, Dice and IoU logged.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    for dataset in DATASETS:
+        experiment = client.get_experiment_by_name(dataset)
+        assert experiment is not None
+        runs = client.search_runs([experiment.experiment_id])
+        by_stage: dict[str, list] = {}
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            by_stage.setdefault(run.data.tags["stage"], []).append(run)
+        assert len(by_stage["prepare"]) == 1
+        assert sorted(r.data.tags["network"] for r in by_stage["train"]) == sorted(NETWORKS)
+        assert sorted(r.data.tags["network"] for r in by_stage["evaluate"]) == sorted(NETWORKS)
+        for run in by_stage["train"]:
+            assert {"train_loss", "val_dice", "val_iou"} <= set(run.data.metrics)
+            assert run.data.tags["git_commit"] and run.data.tags["data_manifest_sha256"] != "missing"
+        for run in by_stage["evaluate"]:
+            assert {"test_dice", "test_iou"} <= set(run.data.metrics)
+
+    shown = _dvc(["metrics", "show", "--json"], repo, env)
+    assert shown.returncode == 0, shown.stderr
+    listed = json.dumps(json.loads(shown.stdout))
+    for dataset in DATASETS:
+        for network in NETWORKS:
+            assert f"results/{dataset}/{network}/metrics.json" in listed
+    assert "test_dice" in listed
+    plots = _dvc(["plots", "show", "--json"], repo, env)
+    assert plots.returncode == 0, plots.stderr
+    assert "models/drive/unet/log.csv" in plots.stdout and "results/drive/unet/roc.csv" in plots.stdout
 
     second = _dvc(["repro"], repo, env)
     assert second.returncode == 0, second.stdout + second.stderr
@@ -45,3 +90,6 @@ def test_dvc_repro_data_stages(project: FixtureProject, mirror: Mirror, tmp_path
     dag = _dvc(["dag", "--dot"], repo, env)
     assert '"download_drive" -> "prepare@drive"' in dag.stdout
     assert '"download_cells@hela" -> "prepare@hela"' in dag.stdout
+    assert '"prepare@drive" -> "train@drive-unet"' in dag.stdout
+    assert '"train@hela-u2net" -> "evaluate@hela-u2net"' in dag.stdout
+    assert '"evaluate@u373-unetpp" -> "report"' in dag.stdout

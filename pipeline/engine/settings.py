@@ -86,7 +86,7 @@ def resolve_settings(
 
     path = config_dir() / "train.yaml"
     full = load_config("train")
-    for key in ("profile", "profiles", "models_dir"):
+    for key in ("profile", "profiles", "models_dir", "networks"):
         if key not in full:
             raise SegpipeError(f"{path}: missing top-level key {key!r}")
     name = profile or full["profile"]

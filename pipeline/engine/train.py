@@ -334,7 +334,9 @@ def train(
     prepared = prepared or open_prepared(dataset)
     set_track_meta(False)
     torch.manual_seed(int(settings["seed"]))
-    model = build_network(settings["network"], prepared.in_channels, 1, **settings["network_config"])
+    channels = settings["augment"]["channels"]
+    in_channels = len(channels) if channels else prepared.in_channels
+    model = build_network(settings["network"], in_channels, 1, **settings["network_config"])
     model.to(ctx.device)
     loader, sampler, patches_per_rank = build_loader(prepared, settings, model, ctx)
     loss_fn = build_loss(settings["network"], settings["loss"], source=f"configs/train.yaml: profiles.{settings['profile']}.loss")

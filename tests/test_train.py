@@ -1,0 +1,187 @@
+"""`segpipe train`: schedules, deterministic patches, a smoke run, resume after a kill, crash -> FAILED, DDP."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fixtures import FixtureProject, prepare_fixture_datasets
+from pipeline.engine.settings import resolve_settings
+from pipeline.engine.train import PatchDataset, StepSampler, learning_rate, train
+from pipeline.errors import SegpipeError
+from pipeline.networks import load_model, read_checkpoint
+
+
+@pytest.fixture
+def drive_project(project: FixtureProject) -> FixtureProject:
+    prepare_fixture_datasets(project, ("drive",))
+    return project
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_learning_rate_schedules() -> None:
+    cfg = {"name": "cosine", "warmup_steps": 2, "min_lr": 0.0, "poly_power": 0.9, "step_epochs": 2, "gamma": 0.5}
+    assert learning_rate(0, 12, 4, 1.0, cfg) == pytest.approx(0.5)   # warm-up 1/2
+    assert learning_rate(2, 12, 4, 1.0, cfg) == pytest.approx(1.0)   # t = 0
+    assert learning_rate(7, 12, 4, 1.0, cfg) == pytest.approx(0.5)   # t = 1/2
+    assert learning_rate(12, 12, 4, 1.0, cfg) == pytest.approx(0.0)  # t = 1
+    cfg.update(name="poly", warmup_steps=0)
+    assert learning_rate(6, 12, 4, 1.0, cfg) == pytest.approx(0.5 ** 0.9)
+    cfg.update(name="step")
+    assert [learning_rate(s, 24, 4, 1.0, cfg) for s in (0, 7, 8, 16)] == pytest.approx([1, 1, 0.5, 0.25])
+    cfg.update(name="constant")
+    assert learning_rate(11, 12, 4, 0.3, cfg) == 0.3
+
+
+def test_sampler_splits_each_step_across_ranks() -> None:
+    single = list(StepSampler(steps=3, items_per_step=4, rank=0, world=1))
+    ranks = [list(StepSampler(steps=3, items_per_step=4, rank=r, world=2)) for r in range(2)]
+    for step in range(3):
+        together = ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2]
+        assert together == single[4 * step : 4 * step + 4]
+
+
+def test_patches_depend_only_on_seed_epoch_and_index() -> None:
+    from monai.transforms import Compose, RandSpatialCropd
+
+    rng = np.random.default_rng(0)
+    cases = [{"image": rng.random((1, 32, 32)).astype(np.float32)} for _ in range(3)]
+    data = PatchDataset(cases, Compose([RandSpatialCropd("image", (8, 8), random_size=False)]), seed=7)
+    first = data[(1, 5)][0]["image"]
+    data[(0, 0)]  # another item in between changes nothing
+    assert np.array_equal(data[(1, 5)][0]["image"], first)
+    assert not np.array_equal(data[(2, 5)][0]["image"], first)
+    # every pass over the data visits each case once
+    assert sorted(data.case_index(0, i) for i in range(3)) == [0, 1, 2]
+
+
+def test_smoke_training_writes_checkpoints_log_and_mlflow(drive_project: FixtureProject) -> None:
+    from mlflow.tracking import MlflowClient
+
+    result = train("drive", "unet", profile="smoke")
+    out = drive_project.root / "models" / "drive" / "unet"
+    assert result.checkpoint.resolve() == out / "best.pt" and result.epochs == 2 and result.steps == 4
+    log = pd.read_csv(out / "log.csv")
+    assert list(log["epoch"]) == [1, 2] and log["val_dice"].notna().all()
+    assert (log["data_wait_share"] >= 0).all() and (log["data_wait_share"] <= 1).all()
+    best = read_checkpoint(out / "best.pt")
+    assert best["dataset"] == "drive" and best["augment"]["channels"] == [1] and best["in_channels"] == 1
+    assert best["val_dice"] == pytest.approx(log["val_dice"].max())
+    assert load_model(out / "best.pt").network_name == "unet"
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("drive").experiment_id],
+                              filter_string="tags.stage = 'train'", max_results=1)
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["network"] == "unet"
+    assert {"train_loss", "val_dice", "val_iou", "data_wait_share", "patches_per_s"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+
+
+def test_deep_supervision_logs_every_head(drive_project: FixtureProject) -> None:
+    from mlflow.tracking import MlflowClient
+
+    train("drive", "u2net", profile="smoke", overrides={"epochs": 1})
+    assert read_checkpoint(drive_project.root / "models/drive/u2net/best.pt")["network"] == "u2netp"
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("drive").experiment_id],
+                             filter_string="tags.stage = 'train' and tags.network = 'u2net'", max_results=1)[0]
+    assert {f"train_loss_head{i}" for i in range(7)} <= set(run.data.metrics)  # fused + S1..S6
+
+
+def test_a_crash_marks_the_run_failed(drive_project: FixtureProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    import pipeline.engine.train as train_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(train_module, "validate", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train("drive", "unet", profile="smoke")
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("drive").experiment_id],
+                             filter_string="tags.stage = 'train'", max_results=1)[0]
+    assert run.info.status == "FAILED"
+
+
+def test_bad_settings_are_named(drive_project: FixtureProject) -> None:
+    with pytest.raises(SegpipeError, match="optimizer.name must be one of"):
+        resolve_settings("drive", "unet", "smoke", {"optimizer": {"name": "lion"}})
+    with pytest.raises(SegpipeError, match="no profile 'turbo'"):
+        resolve_settings("drive", "unet", "turbo")
+    with pytest.raises(SegpipeError, match="batch_size 6 must be a multiple"):
+        train("drive", "unet", profile="smoke", overrides={"batch_size": 6})
+    with pytest.raises(SegpipeError, match="nothing to resume"):
+        train("drive", "unetpp", profile="smoke", resume=True)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_ends_like_an_uninterrupted_run(drive_project: FixtureProject, tmp_path: Path) -> None:
+    root = drive_project.root
+    args = ["train", "drive", "unet", "--profile", "smoke", "--set", "epochs=4", "--set", "steps_per_epoch=3"]
+    full = _cli(args, root)
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    reference = pd.read_csv(root / "models/drive/unet/log.csv")
+    reference_state = read_checkpoint(root / "models/drive/unet/best.pt")["state_dict"]
+    os.rename(root / "models", tmp_path / "reference-models")
+
+    killed = _cli(args, root)
+    last = root / "models/drive/unet/last.pt"
+    deadline = time.monotonic() + 600
+    while not last.is_file() and time.monotonic() < deadline and killed.poll() is None:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = read_checkpoint(last)["epoch"]
+    assert 1 <= done < 4, f"the run was killed after epoch {done}; the test needs an interrupted run"
+
+    resumed = _cli([*args, "--resume"], root)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    log = pd.read_csv(root / "models/drive/unet/log.csv")
+    pd.testing.assert_frame_equal(log[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],
+                                  reference[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],
+                                  rtol=1e-5)
+    state = read_checkpoint(root / "models/drive/unet/best.pt")["state_dict"]
+    for key, value in reference_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_follow_one_process(drive_project: FixtureProject, tmp_path: Path) -> None:
+    """Same global batch split over 2 ranks: the same patches, gradients averaged by DDP. Only the
+    batch-norm statistics differ (per rank), hence the tolerance."""
+    root = drive_project.root
+    args = ["train", "drive", "unet", "--profile", "smoke", "--set", "epochs=3", "--set", "steps_per_epoch=3",
+            "--set", "val_every=10"]
+    single = _cli(args, root)
+    assert single.wait(timeout=600) == 0, single.stdout.read()
+    one = pd.read_csv(root / "models/drive/unet/log.csv")
+    os.rename(root / "models", tmp_path / "single-models")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "pipeline", *args], cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    two = pd.read_csv(root / "models/drive/unet/log.csv")
+    assert list(two["step"]) == list(one["step"])
+    np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=0.05)
+    assert two["train_loss"].iloc[-1] < two["train_loss"].iloc[0]
