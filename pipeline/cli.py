@@ -17,7 +17,7 @@ stages and tools, in data-flow order:
   transforms  weightmap
   inference   infer
   engine      train, evaluate, report
-  bench       bench transforms | networks | infer
+  bench       bench transforms | networks | infer | train
 """
 
 
@@ -389,6 +389,30 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_report)
 
 
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from pipeline.engine.bench import run_benchmark
+
+    run_benchmark(args.network, steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size,
+                  workers=args.workers, threads=args.threads, dataset=args.dataset)
+    return 0
+
+
+def _bench_train_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Training throughput (patches/s) and data-wait share per network: our loader (overlap-tile "
+        "patches + U-Net elastic deformation) vs a MONAI-standard loader (RandCropByPosNegLabeld + "
+        "Rand2DElasticd), same network, loss and optimizer, side by side. Defaults: configs/train.yaml."
+    )
+    p.add_argument("--network", nargs="+", default=["unet", "unetpp", "u2net"])
+    p.add_argument("--steps", type=int, default=20, help="timed steps per loader (after one warm-up step)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (both loaders)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--dataset", default="drive", help="prepared dataset to read (synthetic images if absent)")
+    p.set_defaults(handler=_cmd_bench_train)
+
+
 # --- end train / evaluate ---------------------------------------------------------------------
 
 # `segpipe bench NAME`: each area's function adds its arguments and a handler, in data-flow order.
@@ -396,6 +420,7 @@ BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "transforms": _bench_transforms_args,
     "networks": _bench_networks_args,
     "infer": _bench_infer_args,
+    "train": _bench_train_args,
 }
 
 

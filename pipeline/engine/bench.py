@@ -1,0 +1,150 @@
+"""`segpipe bench train`: training throughput (patches/s) and data-wait share, ours vs MONAI.
+
+For each network, the same number of optimizer steps with the same network, loss, optimizer,
+batch and patch size through
+  (a) our loader: CacheDataset of normalised cases + the dataset's augmentation preset
+      (overlap-tile crop, U-Net elastic deformation, flips, gray values), seeded per item;
+  (b) a MONAI-standard loader: CacheDataset + RandCropByPosNegLabeld + Rand2DElasticd + flips,
+      MONAI's usual training recipe.
+Data-wait share = time blocked on the next batch / step time. Input: a prepared dataset
+(`--dataset`, default drive) or, when it is not prepared, synthetic vessel-like images.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import CacheDataset, DataLoader, list_data_collate, set_track_meta
+from monai.transforms import Compose, EnsureTyped, Rand2DElasticd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
+
+from pipeline.data.io import write_volume
+from pipeline.engine.data import PreparedDataset, open_prepared, preprocess
+from pipeline.engine.losses import build_loss
+from pipeline.engine.settings import resolve_settings
+from pipeline.engine.train import Dist, build_loader, build_optimizer, patch_keys
+from pipeline.errors import SegpipeError
+from pipeline.networks import build_network
+
+
+def synthetic_prepared(root: Path, cases: int = 8, size: int = 512, seed: int = 0) -> PreparedDataset:
+    """A DRIVE-like prepared dataset: RGB images with dark random line "vessels" and a round FOV."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    fov = (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= (size / 2 - 4) ** 2).astype(np.uint8)
+    rows = []
+    for i in range(cases):
+        label = np.zeros((size, size), np.uint8)
+        for _ in range(40):
+            r0, c0, r1, c1 = rng.integers(0, size, 4)
+            n = max(abs(r1 - r0), abs(c1 - c0)) + 1
+            rr, cc = np.linspace(r0, r1, n).astype(int), np.linspace(c0, c1, n).astype(int)
+            for d in range(int(rng.integers(1, 4))):
+                label[np.clip(rr + d, 0, size - 1), cc] = 1
+        label *= fov
+        image = (rng.normal(150, 20, (3, size, size)) - 60 * label).clip(0, 255).astype(np.uint8)
+        case = f"case_{i:02d}"
+        vols = {"image": image, "label": label[None], "weight": np.ones((1, size, size), np.float32), "fov": fov[None]}
+        for role, vol in vols.items():
+            write_volume(root / role / f"{case}.nii.gz", vol)
+        rows.append({"case": case, "split": "train", **{r: f"{r}/{case}.nii.gz" for r in vols}})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    (root / "stats.json").write_text(json.dumps({"synthetic": True}))
+    return open_prepared("drive", root)
+
+
+def _timed(batches: Iterable[Any], steps: int, step_fn) -> tuple[float, float]:
+    """(patches/s, data-wait share) over `steps` steps after one warm-up step."""
+    it: Iterator[Any] = iter(batches)
+    step_fn(next(it))
+    wait, n_patches, start = 0.0, 0, time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        batch = next(it)
+        wait += time.perf_counter() - t
+        n_patches += step_fn(batch)
+    total = time.perf_counter() - start
+    return n_patches / total, wait / total
+
+
+def _monai_loader(prepared: PreparedDataset, settings: dict[str, Any], in_size: int, batches: int) -> DataLoader:
+    """MONAI-standard patches: pos/neg crops, Rand2DElasticd, flips/rot90, from normalised cases."""
+    aug = settings["augment"]
+    num = int(aug["patches"]["num_samples"])
+    data = []
+    for case in prepared.cases("train"):
+        arrays = prepared.load(case)
+        data.append({"image": preprocess("drive", arrays["image"], aug), "label": arrays["label"].astype(np.float32),
+                     "weight": arrays["weight"].astype(np.float32), "fov": arrays["fov"].astype(np.float32)})
+    keys = ["image", "label", "weight", "fov"]
+    transforms = Compose([
+        RandCropByPosNegLabeld(keys, "label", (in_size, in_size), pos=1, neg=1, num_samples=num),
+        Rand2DElasticd(keys, spacing=(in_size // 3, in_size // 3), magnitude_range=(1, 2),
+                       prob=float(aug["elastic"]["prob"]), mode=["bilinear", "nearest", "bilinear", "nearest"],
+                       padding_mode="reflection"),
+        RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandRotate90d(keys, prob=0.5, max_k=3),
+        EnsureTyped(keys, track_meta=False),
+    ])
+    dataset = CacheDataset(data * max(1, batches * num // len(data) + 1), transforms, progress=False)
+    workers = int(settings["workers"])
+    return DataLoader(dataset, batch_size=int(settings["batch_size"]) // num, shuffle=True, num_workers=workers,
+                      collate_fn=list_data_collate, persistent_workers=workers > 0)
+
+
+def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | None = None,
+                  patch_size: int | None = None, workers: int | None = None, threads: int | None = None,
+                  dataset: str = "drive") -> pd.DataFrame:
+    """Print and return the table: per network, ours vs MONAI-standard patches/s and data wait."""
+    if threads:
+        torch.set_num_threads(threads)
+    set_track_meta(False)
+    overrides = {k: v for k, v in {"batch_size": batch_size, "patch_size": patch_size, "workers": workers}.items()
+                 if v is not None}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            prepared = open_prepared(dataset)
+            source = f"prepared {dataset}"
+        except SegpipeError:
+            prepared = synthetic_prepared(Path(tmp) / "synthetic")
+            source = "synthetic DRIVE-like images"
+        rows = []
+        for network in networks:
+            settings = resolve_settings("drive", network, overrides=overrides)
+            torch.manual_seed(0)
+            channels = settings["augment"]["channels"]
+            model = build_network(settings["network"], len(channels) if channels else prepared.in_channels, 1,
+                                  **settings["network_config"])
+            loss_fn = build_loss(settings["network"], settings["loss"])
+            optimizer = build_optimizer(model, settings["optimizer"])
+            keys = patch_keys(settings)
+            model.train()
+
+            def step(batch: dict[str, torch.Tensor]) -> int:
+                image = torch.as_tensor(batch["image"])
+                loss = loss_fn(model(image), torch.as_tensor(batch["label"]).long(),
+                               torch.as_tensor(batch["weight"]), torch.as_tensor(batch[keys[-1]]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                return int(image.shape[0])
+
+            ours_loader, _, _ = build_loader(prepared, {**settings, "steps_per_epoch": steps + 1}, model,
+                                             Dist(0, 1, torch.device("cpu")))
+            ours = _timed(ours_loader, steps, step)
+            in_size = model.input_size(int(settings["patch_size"]))
+            if model.padding == "valid":
+                raise SegpipeError("bench train compares same-padding networks (MONAI crops input = output)")
+            monai = _timed(_monai_loader(prepared, settings, in_size, steps + 1), steps, step)
+            rows.append({"network": settings["network"], "patch": in_size, "batch": settings["batch_size"],
+                         "workers": settings["workers"], "ours_patches_s": ours[0], "ours_data_wait": ours[1],
+                         "monai_patches_s": monai[0], "monai_data_wait": monai[1], "ratio": ours[0] / monai[0]})
+    table = pd.DataFrame(rows)
+    print(f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return table
