@@ -1,0 +1,168 @@
+"""`segpipe report`: every results/<dataset>/<network>/metrics.json in one table (issue 6).
+
+Writes, atomically, results/summary.csv (every key of every metrics.json, one row per dataset x
+network, plus the training facts) and results/report.md (a markdown table of the key metrics).
+Training facts come from models/<dataset>/<network>/log.csv when it exists: `train_minutes` is the
+sum of its per-epoch `seconds` (training steps; validation passes are not included), `epochs` its
+last epoch. DRIVE's second observer (`observer2_*` of metrics.json) gets a reference row.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from pipeline.config import load_config
+from pipeline.data.io import atomic_path, write_text
+from pipeline.errors import SegpipeError
+
+NETWORK_ORDER = ("unet", "unetpp", "u2net")
+OBSERVER_ROW = "2nd observer"
+REPORT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dataset", "dataset"),
+    ("network", "network"),
+    ("network_used", "checkpoint"),
+    ("dice", "Dice"),
+    ("iou", "IoU"),
+    ("pooled_f1", "F1 pooled"),
+    ("pooled_f1_best", "F1 pooled @ val t"),
+    ("pooled_auc", "AUC-ROC"),
+    ("pooled_accuracy", "accuracy"),
+    ("seg", "SEG"),
+    ("maxf", "maxFβ"),
+    ("mae", "MAE"),
+    ("train_minutes", "train min"),
+    ("epochs", "epochs"),
+)
+"""(summary.csv column, report.md header) of the markdown table."""
+
+
+def training_facts(log_csv: Path) -> dict[str, float]:
+    """train_minutes (sum of the epochs' `seconds`) and epochs (last `epoch`) of a training log.csv."""
+    log = pd.read_csv(log_csv)
+    missing = {"epoch", "seconds"} - set(log.columns)
+    if missing:
+        raise SegpipeError(f"{log_csv}: missing column(s) {sorted(missing)} (expected the log of `segpipe train`)")
+    if log.empty:
+        return {}
+    return {"train_minutes": float(log["seconds"].sum()) / 60.0, "epochs": int(log["epoch"].max())}
+
+
+def collect(
+    results_dir: Path,
+    models_dir: Path,
+    datasets: Iterable[str] | None = None,
+    networks: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """One row per results/<dataset>/<network>/metrics.json (filtered), with the training facts."""
+    keep_ds = None if datasets is None else set(datasets)
+    keep_net = None if networks is None else set(networks)
+    rows = []
+    for path in sorted(results_dir.glob("*/*/metrics.json")):
+        dataset, network = path.parent.parent.name, path.parent.name
+        if (keep_ds is not None and dataset not in keep_ds) or (keep_net is not None and network not in keep_net):
+            continue
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SegpipeError(f"{path}: not valid JSON: {exc}") from exc
+        if not isinstance(metrics, dict):
+            raise SegpipeError(f"{path}: expected a JSON object of metrics")
+        row: dict[str, Any] = {**metrics, "dataset": dataset, "network": network}
+        log_csv = models_dir / dataset / network / "log.csv"
+        if log_csv.is_file():
+            row.update(training_facts(log_csv))
+        rows.append(row)
+    if not rows:
+        wanted = "" if keep_ds is None and keep_net is None else (
+            f" for datasets {sorted(keep_ds) if keep_ds else 'any'} and networks {sorted(keep_net) if keep_net else 'any'}")
+        raise SegpipeError(f"{results_dir}: no <dataset>/<network>/metrics.json found{wanted}; "
+                           "run `segpipe evaluate DATASET NETWORK` first")
+    table = sorted_rows(pd.DataFrame(rows))
+    first = ["dataset", "network"]
+    return table[first + [c for c in table.columns if c not in first]]
+
+
+def sorted_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Rows by dataset, then unet, unetpp, u2net, other networks by name, the second observer last."""
+
+    def key(i: int) -> tuple[str, int, str]:
+        network = table.at[i, "network"]
+        rank = len(NETWORK_ORDER) + 1 if network == OBSERVER_ROW else (
+            NETWORK_ORDER.index(network) if network in NETWORK_ORDER else len(NETWORK_ORDER))
+        return table.at[i, "dataset"], rank, network
+
+    return table.loc[sorted(table.index, key=key)].reset_index(drop=True)
+
+
+def observer_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset with a second observer: its pooled F1 and accuracy as a reference row."""
+    if "observer2_pooled_f1" not in table.columns:
+        return pd.DataFrame()
+    rows = []
+    for dataset, group in table.groupby("dataset", sort=True):
+        known = group.dropna(subset=["observer2_pooled_f1"])
+        if not known.empty:
+            first = known.iloc[0]
+            rows.append({"dataset": dataset, "network": OBSERVER_ROW,
+                         "pooled_f1": first["observer2_pooled_f1"],
+                         "pooled_accuracy": first.get("observer2_pooled_accuracy")})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """report.md: the key metrics of every dataset x network, and the second observers."""
+
+    def cell(key: str, value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        if key == "epochs":
+            return str(int(value))
+        if isinstance(value, float):
+            return f"{value:.1f}" if key == "train_minutes" else f"{value:.4f}"
+        return str(value)
+
+    rows = sorted_rows(pd.concat([table, observer_rows(table)], ignore_index=True))
+    columns = [(key, title) for key, title in REPORT_COLUMNS if key in rows.columns]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for record in rows.to_dict("records"):
+        lines.append("| " + " | ".join(cell(key, record.get(key)) for key, _ in columns) + " |")
+    notes = [
+        "# Evaluation report",
+        "",
+        "Test split, whole images. Dice/IoU: mean over test images at threshold "
+        "(configs/evaluate.yaml, inside the FOV for DRIVE); F1/AUC/accuracy: pooled over all test pixels "
+        "(\"@ val t\": at the best-F1 threshold picked on validation); SEG: Cell Tracking Challenge SEG "
+        "(the U-Net paper's \"IOU\"); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; train min: sum of the "
+        "epochs' training time in models/<dataset>/<network>/log.csv. Every value: results/summary.csv.",
+        "",
+    ]
+    return "\n".join(notes + lines) + "\n"
+
+
+def report(
+    results_dir: Path | None = None,
+    datasets: Iterable[str] | None = None,
+    networks: Iterable[str] | None = None,
+    *,
+    models_dir: Path | None = None,
+) -> Path:
+    """Collect results/*/*/metrics.json into results/summary.csv and results/report.md.
+
+    results_dir: configs/evaluate.yaml; models_dir (training logs): configs/train.yaml. Returns the
+    path of report.md; SegpipeError when no metrics.json matches.
+    """
+    results_dir = Path(results_dir if results_dir is not None else load_config("evaluate")["results_dir"])
+    models_dir = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
+    table = collect(results_dir, models_dir, datasets, networks)
+    with atomic_path(results_dir / "summary.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    out = results_dir / "report.md"
+    text = markdown(table)
+    write_text(out, text)
+    print(text)
+    return out
