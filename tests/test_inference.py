@@ -350,3 +350,15 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
     (tmp_path / "inference.yaml").write_text(yaml.safe_dump({**data, "blend": "median"}))
     with pytest.raises(SegpipeError, match="inference.yaml: blend must be one of gaussian, constant"):
         load_settings()
+
+
+def test_flip_tta_with_one_output_channel():
+    """One-channel networks return a tensor made in inference mode; TTA must not update it in place."""
+    from pipeline.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network("unet", 1, 1, base_width=4, depth=2, padding="same").eval()
+    image = _rand((1, 64, 64), seed=3)
+    with_tta = predict(net, image, tile=32, tta=["h"], intensity="none")
+    reference = predict(_FlipAveraged(net, [(-1,)]), image, tile=32, intensity="none")
+    np.testing.assert_allclose(with_tta, reference, atol=1e-5)

@@ -384,10 +384,10 @@ def _forward(net: InferenceNetwork, x: torch.Tensor, flips: Sequence[tuple[int, 
     if net.fixed_batch and n < batch_size:
         x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
     out = net(x)
-    for dims in flips:
-        out += net(x.flip(dims)).flip(dims)
+    for dims in flips:  # out of place: `out` may be an inference-mode tensor
+        out = out + net(x.flip(dims)).flip(dims)
     if flips:
-        out /= 1 + len(flips)
+        out = out / (1 + len(flips))
     return out[:n]
 
 
