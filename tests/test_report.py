@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -26,6 +27,7 @@ def write_log(models: Path, dataset: str, network: str, seconds: list[float]) ->
     pd.DataFrame({
         "epoch": range(1, len(seconds) + 1), "step": range(len(seconds)), "lr": 0.001, "train_loss": 0.5,
         "val_dice": 0.7, "val_iou": 0.6, "patches_per_s": 100.0, "data_wait_share": 0.1, "seconds": seconds,
+        "elapsed_seconds": np.cumsum(seconds) + 5.0,  # + set-up
     }).to_csv(folder / "log.csv", index=False)
 
 
@@ -49,7 +51,7 @@ def test_report_table_and_summary(results: Path) -> None:
     assert path == results / "report.md"
     summary = pd.read_csv(results / "summary.csv")
     assert list(zip(summary["dataset"], summary["network"])) == [("drive", "unet"), ("drive", "u2net"), ("u373", "unet")]
-    assert summary.loc[0, "train_minutes"] == pytest.approx(3.0) and summary.loc[0, "epochs"] == 3
+    assert summary.loc[0, "train_minutes"] == pytest.approx(185.0 / 60) and summary.loc[0, "epochs"] == 3
     assert summary["train_minutes"].isna().tolist() == [False, True, True]
     assert summary.loc[2, "seg"] == pytest.approx(0.77)
 
@@ -57,7 +59,7 @@ def test_report_table_and_summary(results: Path) -> None:
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == ("| dataset | network | checkpoint | Dice | IoU | F1 pooled | F1 pooled @ val t | AUC-ROC | "
                         "accuracy | SEG | maxFβ | MAE | train min | epochs |")
-    assert table[2] == "| drive | unet | unet | 0.8123 | 0.6800 | 0.8251 | 0.8262 | 0.9812 | 0.9561 | – | 0.8300 | 0.0400 | 3.0 | 3 |"
+    assert table[2] == "| drive | unet | unet | 0.8123 | 0.6800 | 0.8251 | 0.8262 | 0.9812 | 0.9561 | – | 0.8300 | 0.0400 | 3.1 | 3 |"
     assert table[3].startswith("| drive | u2net | u2netp | 0.7800 |") and table[3].endswith("| – | – |")
     assert table[4] == "| drive | 2nd observer | – | – | – | 0.7889 | – | – | 0.9637 | – | – | – | – | – |"
     assert table[5].startswith("| u373 | unet | unet | 0.9100 | 0.8400 | 0.9200 | – | 0.9900 | 0.9700 | 0.7700 |")
@@ -84,7 +86,7 @@ def test_report_rejects_broken_inputs(results: Path) -> None:
         report(results, models_dir=results.parent / "models")
     (results / "drive" / "unet" / "metrics.json").write_text("{}")
     (results.parent / "models" / "drive" / "unet" / "log.csv").write_text("epoch,loss\n1,0.5\n")
-    with pytest.raises(SegpipeError, match=r"log\.csv: missing column\(s\) \['seconds'\]"):
+    with pytest.raises(SegpipeError, match=r"log\.csv: missing column\(s\) \['elapsed_seconds'\]"):
         report(results, models_dir=results.parent / "models")
 
 
@@ -94,4 +96,4 @@ def test_report_defaults_come_from_configs(results: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(root)
     monkeypatch.setenv("SEGPIPE_CONFIG_DIR", str(root / "configs"))
     assert report() == Path("results") / "report.md"
-    assert pd.read_csv(root / "results" / "summary.csv").loc[0, "train_minutes"] == pytest.approx(3.0)
+    assert pd.read_csv(root / "results" / "summary.csv").loc[0, "train_minutes"] == pytest.approx(185.0 / 60)

@@ -3,8 +3,8 @@
 Writes, atomically, results/summary.csv (every key of every metrics.json, one row per dataset x
 network, plus the training facts) and results/report.md (a markdown table of the key metrics).
 Training facts come from models/<dataset>/<network>/log.csv when it exists: `train_minutes` is the
-sum of its per-epoch `seconds` (training steps; validation passes are not included), `epochs` its
-last epoch. DRIVE's second observer (`observer2_*` of metrics.json) gets a reference row.
+training's wall time (its last `elapsed_seconds`: set-up, validation and checkpoints included),
+`epochs` its last epoch. DRIVE's second observer (`observer2_*` of metrics.json) gets a reference row.
 """
 from __future__ import annotations
 
@@ -41,14 +41,14 @@ REPORT_COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 def training_facts(log_csv: Path) -> dict[str, float]:
-    """train_minutes (sum of the epochs' `seconds`) and epochs (last `epoch`) of a training log.csv."""
+    """train_minutes (wall time: the last `elapsed_seconds`) and epochs (last `epoch`) of a training log.csv."""
     log = pd.read_csv(log_csv)
-    missing = {"epoch", "seconds"} - set(log.columns)
+    missing = {"epoch", "elapsed_seconds"} - set(log.columns)
     if missing:
         raise SegpipeError(f"{log_csv}: missing column(s) {sorted(missing)} (expected the log of `segpipe train`)")
     if log.empty:
         return {}
-    return {"train_minutes": float(log["seconds"].sum()) / 60.0, "epochs": int(log["epoch"].max())}
+    return {"train_minutes": float(log["elapsed_seconds"].max()) / 60.0, "epochs": int(log["epoch"].max())}
 
 
 def collect(

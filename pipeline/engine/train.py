@@ -10,7 +10,10 @@ steps.
 
 Optimisation: Adam/AdamW or the U-Net paper's SGD with momentum 0.99; learning rate per step
 (linear warm-up, then cosine / poly / step / constant); gradient-norm clipping; autocast (bf16 or
-fp16 with a grad scaler) on CUDA, fp32 on the CPU; optional `torch.compile`.
+fp16 with a grad scaler) on CUDA, fp32 on the CPU; optional `torch.compile`. With `max_minutes`
+the run stops once that wall-clock budget is spent and the schedule advances with the larger of
+the step count and the share of the budget used, so the learning rate anneals in time either way
+(such a run depends on the machine's speed; without the budget, runs are deterministic).
 
 Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
 whole validation images; the checkpoint with the best validation Dice is `best.pt`. `last.pt` is
@@ -50,7 +53,9 @@ from pipeline.networks import SegmentationNetwork, build_network, read_checkpoin
 from pipeline.tracking import stage_run
 
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_dice", "val_iou", "patches_per_s",
-               "data_wait_share", "seconds")
+               "data_wait_share", "seconds", "elapsed_seconds")
+"""log.csv: `seconds` = the epoch's training steps; `elapsed_seconds` = wall time of the training so
+far (set-up, validation and checkpoints included; a resumed run adds to the killed run's time)."""
 RESUME_KEYS = ("dataset", "network_key", "network", "network_config", "augment", "seed", "epochs",
                "steps_per_epoch", "batch_size", "patch_size", "optimizer", "schedule", "grad_clip",
                "loss", "weight_map")
@@ -346,7 +351,7 @@ def train(
     amp_dtype = torch.bfloat16 if settings["amp"] == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
-    first_epoch, best, log_rows = 0, {"val_dice": -1.0, "epoch": -1}, []
+    first_epoch, best, log_rows, previous_elapsed = 0, {"val_dice": -1.0, "epoch": -1}, [], 0.0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if resume:
         if not last_path.is_file():
@@ -357,6 +362,7 @@ def train(
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         first_epoch, best, log_rows = int(state["epoch"]), dict(state["best"]), list(state["log"])
+        previous_elapsed = float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.json", json.dumps(settings, indent=2, default=str) + "\n")
@@ -388,6 +394,8 @@ def train(
                 batch = next(batches)
                 wait += time.perf_counter() - t_wait
                 step = epoch * steps + step_in_epoch
+                if limit is not None:  # a wall-clock budget: the schedule follows the time spent
+                    step = max(step, int(epochs * steps * (time.perf_counter() - start) / limit))
                 lr = learning_rate(step, epochs * steps, steps, float(settings["optimizer"]["lr"]), settings["schedule"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -437,6 +445,7 @@ def train(
                         save_checkpoint(model, best_path, dataset=dataset, network_key=network,
                                         profile=settings["profile"], epoch=epoch + 1, val_dice=row["val_dice"],
                                         augment=settings["augment"])
+                row["elapsed_seconds"] = previous_elapsed + time.perf_counter() - start
                 log_rows.append(row)
                 _save_last(model, last_path, settings, optimizer, scaler, epoch + 1, best, log_rows)
                 write_text(out_dir / "log.csv", _log_text(log_rows))
