@@ -17,7 +17,7 @@ stages and tools, in data-flow order:
   transforms  weightmap
   inference   infer
   engine      train, evaluate, report
-  bench       bench transforms | networks | infer | train
+  bench       bench transforms | networks | infer | train | quality
 """
 
 
@@ -413,6 +413,31 @@ def _bench_train_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=_cmd_bench_train)
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> int:
+    from pipeline.engine.bench import run_quality
+
+    run_quality(args.dataset, args.network, baseline_seconds=args.baseline_seconds,
+                baseline_input=args.baseline_input, threads=args.threads, workdir=args.workdir)
+    return 0
+
+
+def _bench_quality_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "The quality bar side by side: `segpipe train` with the current profile (its max_minutes is "
+        "the budget) vs the MONAI-standard baseline (BasicUNet, DiceCELoss, 64x64 patches, Adam 1e-3, "
+        "batch 32, SlidingWindowInferer 128 gaussian) for the same wall-clock budget; both scored on "
+        "the test split (DRIVE protocol, pixels pooled inside the FOV)."
+    )
+    p.add_argument("--dataset", default="drive")
+    p.add_argument("--network", default="unet")
+    p.add_argument("--baseline-seconds", type=float, default=600.0)
+    p.add_argument("--baseline-input", choices=("monai", "ours"), default="monai",
+                   help="monai: RGB z-scored per channel; ours: our preprocessing (green, CLAHE)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--workdir", default=None, help="keep checkpoints here (default: a temp dir)")
+    p.set_defaults(handler=_cmd_bench_quality)
+
+
 # --- end train / evaluate ---------------------------------------------------------------------
 
 # `segpipe bench NAME`: each area's function adds its arguments and a handler, in data-flow order.
@@ -421,6 +446,7 @@ BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "networks": _bench_networks_args,
     "infer": _bench_infer_args,
     "train": _bench_train_args,
+    "quality": _bench_quality_args,
 }
 
 

@@ -148,3 +148,67 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
     print(f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return table
+
+
+def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_seconds: float = 600.0,
+                baseline_input: str = "monai", threads: int | None = None, seed: int = 0,
+                workdir: Path | None = None) -> pd.DataFrame:
+    """`segpipe bench quality`: issue 6's quality bar, side by side in one run.
+
+    (a) `segpipe train DATASET NETWORK` with the current profile (its `max_minutes` is the budget),
+    (b) the MONAI-standard baseline (`pipeline.engine.baseline`) for `baseline_seconds`,
+    both scored by `evaluate_probabilities` (test split; pixels pooled inside the FOV; F1 at 0.5 and
+    at the best-F1 threshold of the validation split). `baseline_input`: "monai" feeds the baseline
+    RGB images z-scored per channel (MONAI NormalizeIntensityd, no channel selection, no CLAHE);
+    "ours" gives it our preprocessing, to separate the input's share of the difference.
+    Training runs log to a throw-away MLflow store in the work directory.
+    """
+    import copy
+    import os
+
+    from pipeline.engine.baseline import evaluate_probabilities, predict_baseline, train_baseline
+    from pipeline.engine.train import train
+    from pipeline.inference.sliding import inference_network, load_settings, predict
+    from pipeline.networks import read_checkpoint
+    from pipeline.transforms.presets import preset
+
+    if threads:
+        torch.set_num_threads(threads)
+    prepared = open_prepared(dataset)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir or tmp)
+        old_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'bench-mlflow.db'}"
+        try:
+            ours = train(dataset, network, models_dir=work / "models", prepared=prepared)
+        finally:
+            if old_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI")
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = old_uri
+        ckpt = read_checkpoint(ours.checkpoint)
+        settings = load_settings(intensity="none", tta=())
+        net = inference_network(ours.checkpoint, settings)
+        ours_scores = evaluate_probabilities(prepared, lambda img: predict(net, img, settings=settings),
+                                             augment=ckpt["augment"])
+        base_augment = copy.deepcopy(dict(preset(dataset)))
+        if baseline_input == "monai":
+            base_augment.update(channels=None, clahe=None, normalize="zscore")
+        baseline = train_baseline(prepared, baseline_seconds, seed=seed, augment=base_augment)
+        base_scores = evaluate_probabilities(prepared, lambda img: predict_baseline(baseline.model, img),
+                                             augment=base_augment)
+    rows = []
+    for name, wall, patches, scores in (
+        (f"segpipe {network} ({ckpt['network']})", ours.wall_seconds, None, ours_scores),
+        (f"MONAI BasicUNet baseline (input: {baseline_input})", baseline.wall_seconds, baseline.patches, base_scores),
+    ):
+        rows.append({"model": name, "train_s": wall, "patches": patches, "auc": scores["auc"],
+                     "f1@0.5": scores["at_0.5"]["f1"], "f1@val": scores["at_val"]["f1"],
+                     "threshold": scores["at_val"]["threshold"], "acc@val": scores["at_val"]["accuracy"],
+                     "sens@val": scores["at_val"]["sensitivity"], "spec@val": scores["at_val"]["specificity"]})
+    table = pd.DataFrame(rows)
+    print(f"bench quality: {dataset} test split, pixels pooled inside the FOV, {torch.get_num_threads()} threads")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"ratios ours/baseline: AUC {rows[0]['auc'] / rows[1]['auc']:.4f}, F1@val {rows[0]['f1@val'] / rows[1]['f1@val']:.4f}, "
+          f"training time {rows[0]['train_s'] / rows[1]['train_s']:.2f}")
+    return table
