@@ -352,3 +352,14 @@ def test_bench_measures_in_process():
     result = measure(case, "backward", 16, 1, 1, (1, 2))
     assert result["output"] >= 16 and result["input"] == result["output"] + 2 * unet_halo(2)
     assert result["params"] > 0 and result["seconds"] > 0 and math.isfinite(result["peak_mib"])
+
+
+def test_unet_widths_per_level() -> None:
+    from pipeline.networks import build_network
+
+    net = build_network("unet", 1, 1, padding="same", depth=2, batch_norm=True, widths=[8, 8, 16])
+    convs = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 8, 8, 16, 16]
+    assert net.config["widths"] == [8, 8, 16]
+    with pytest.raises(SegpipeError, match=r"widths must be null or a list of depth \+ 1 = 3"):
+        build_network("unet", 1, 1, padding="same", depth=2, widths=[8, 16])

@@ -8,7 +8,7 @@ Networks (one file each, written from the papers):
 
 Config keys (defaults = the papers' settings; `configs/networks.yaml` holds the presets):
     unet:   padding ("valid"|"same"), base_width, depth, batch_norm, dropout,
-            upsampling ("transposed"|"bilinear")
+            upsampling ("transposed"|"bilinear"), widths (null or one width per level)
     unetpp: base_width, depth, batch_norm, dropout, deep_supervision, mode ("accurate"|"fast"),
             prune_level (1..depth, default depth)
     u2net, u2netp: none (Table 1 fixes them)

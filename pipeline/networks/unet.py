@@ -156,7 +156,9 @@ class UNet(SegmentationNetwork):
     """U-Net (Ronneberger et al. 2015, Fig. 1): (N, in_channels, H, W) -> (N, out_channels, H', W').
 
     H' = `output_size(H)`: H - 2 * halo for valid padding (halo 92 at depth 4), H for same padding
-    (H divisible by 2**depth). Widths base_width * 2**level, level 0..depth (64..1024 by default).
+    (H divisible by 2**depth). Widths base_width * 2**level, level 0..depth (64..1024 by default),
+    or `widths` given per level (e.g. [16, 16, 32, 64, 128]: a CPU budget spends its FLOPs at full
+    resolution, where the thin structures are; the doubling rule costs the same at every level).
     train(): returns (logits, []); eval(): logits.
     """
 
@@ -167,6 +169,7 @@ class UNet(SegmentationNetwork):
         "batch_norm": False,
         "dropout": 0.5,
         "upsampling": "transposed",
+        "widths": None,
     }
 
     def __init__(
@@ -180,6 +183,7 @@ class UNet(SegmentationNetwork):
         batch_norm: bool = False,
         dropout: float = 0.5,
         upsampling: str = "transposed",
+        widths: list[int] | None = None,
     ) -> None:
         owner = "unet"
         check_choice(padding, "padding", PADDINGS, owner=owner)
@@ -188,6 +192,10 @@ class UNet(SegmentationNetwork):
         check_bool(batch_norm, "batch_norm", owner=owner)
         check_float(dropout, "dropout", low=0.0, high=1.0, owner=owner)
         check_choice(upsampling, "upsampling", UPSAMPLINGS, owner=owner)
+        if widths is not None:
+            if not isinstance(widths, (list, tuple)) or len(widths) != depth + 1:
+                raise SegpipeError(f"unet: widths must be null or a list of depth + 1 = {depth + 1} integers, got {widths!r}")
+            widths = [check_int(w, "widths[]", minimum=1, owner=owner) for w in widths]
         config = dict(
             padding=padding,
             base_width=base_width,
@@ -195,6 +203,7 @@ class UNet(SegmentationNetwork):
             batch_norm=batch_norm,
             dropout=float(dropout),
             upsampling=upsampling,
+            widths=widths,
         )
         super().__init__(
             "unet",
@@ -207,7 +216,7 @@ class UNet(SegmentationNetwork):
         )
         self.depth = depth
         pad = 1 if padding == "same" else 0
-        widths = [base_width * 2**level for level in range(depth + 1)]
+        widths = widths or [base_width * 2**level for level in range(depth + 1)]
 
         def double_conv(cin: int, cout: int, drop: float = 0.0) -> nn.Sequential:
             return nn.Sequential(
