@@ -47,7 +47,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -500,7 +500,7 @@ def evaluate(
         if cfg["val_threshold"]:
             thresholds["_best"], val_f1 = pick_threshold(predictor, data, f"{tag} val")
         predictor.seconds = 0.0
-        runners = head_runners(model, settings) if cfg["per_head"] else []
+        runners = head_runners(model, replace(settings, tta=())) if cfg["per_head"] else []  # heads: no TTA
         head_scores: dict[str, list[Confusion]] = {name: [] for r in runners for name in r.names}
         tally = Tally(thresholds)
         n_overlays = len(test_cases) if cfg["overlays"] is None else min(cfg["overlays"], len(test_cases))
