@@ -158,7 +158,9 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     (a) `segpipe train DATASET NETWORK` with the current profile (its `max_minutes` is the budget),
     (b) the MONAI-standard baseline (`pipeline.engine.baseline`) for `baseline_seconds`,
     both scored by `evaluate_probabilities` (test split; pixels pooled inside the FOV; F1 at 0.5 and
-    at the best-F1 threshold of the validation split). `baseline_input`: "monai" feeds the baseline
+    at the best-F1 threshold of the validation split). Ours is predicted with the inference settings
+    of `segpipe evaluate` (configs/evaluate.yaml, e.g. flip TTA); the baseline with MONAI's
+    SlidingWindowInferer as the issue specifies. `baseline_input`: "monai" feeds the baseline
     RGB images z-scored per channel (MONAI NormalizeIntensityd, no channel selection, no CLAHE);
     "ours" gives it our preprocessing, to separate the input's share of the difference.
     Training runs log to a throw-away MLflow store in the work directory.
@@ -167,6 +169,7 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     import os
 
     from pipeline.engine.baseline import evaluate_probabilities, predict_baseline, train_baseline
+    from pipeline.engine.evaluate import evaluate_config
     from pipeline.engine.train import train
     from pipeline.inference.sliding import inference_network, load_settings, predict
     from pipeline.networks import read_checkpoint
@@ -187,7 +190,7 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = old_uri
         ckpt = read_checkpoint(ours.checkpoint)
-        settings = load_settings(intensity="none", tta=())
+        settings = load_settings(**evaluate_config()["inference"], intensity="none")  # as `segpipe evaluate`
         net = inference_network(ours.checkpoint, settings)
         ours_scores = evaluate_probabilities(prepared, lambda img: predict(net, img, settings=settings),
                                              augment=ckpt["augment"])
