@@ -19,6 +19,7 @@ import imageio.v3 as iio
 import numpy as np
 import pandas as pd
 import tifffile
+import torch
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -269,3 +270,19 @@ def prepare_fixture_datasets(project: FixtureProject, datasets: tuple[str, ...] 
     for dataset in datasets:
         download_dataset(dataset, from_paths=[str(p) for p in project.archives[dataset]])
         prepare_dataset(dataset)
+
+
+class FlipAveraged(torch.nn.Module):
+    """A contract network averaging its logits over flipped inputs (window-level flip TTA)."""
+
+    def __init__(self, net: torch.nn.Module, flips: list[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.net, self.flips = net, flips
+        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
+            setattr(self, attr, getattr(net, attr))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        for dims in self.flips:
+            out = out + self.net(x.flip(dims)).flip(dims)
+        return out / (1 + len(self.flips))

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from fixtures import FlipAveraged
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.io import write_volume
 from pipeline.data.prepare import separate_touching
@@ -335,22 +336,6 @@ def test_unetpp_heads_per_level(work: Path) -> None:
     run = last_run("drive", "unetpp")
     assert run.data.metrics["head_L1_dice"] == pytest.approx(heads.loc[0, "dice"])
     assert "head_L4_iou" in run.data.metrics
-
-
-class FlipAveraged(torch.nn.Module):
-    """A contract network averaging its logits over flipped inputs (window-level flip TTA)."""
-
-    def __init__(self, net: torch.nn.Module, flips: list[tuple[int, ...]]) -> None:
-        super().__init__()
-        self.net, self.flips = net, flips
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
-            setattr(self, attr, getattr(net, attr))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        for dims in self.flips:
-            out = out + self.net(x.flip(dims)).flip(dims)
-        return out / (1 + len(self.flips))
 
 
 def test_u2net_side_outputs_and_fused(work: Path) -> None:

@@ -8,6 +8,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
+from fixtures import FlipAveraged
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, optimize_network, plan_tiles, predict
 from pipeline.inference.optimize import count_batch_norm, fold_batch_norm, inplace_activations
@@ -219,29 +220,13 @@ def test_reflect_index_matches_numpy_pad():
     np.testing.assert_array_equal(idx, [-1, -1, 0, 1, 2, 3, -1, -1, -1])
 
 
-class _FlipAveraged(nn.Module):
-    """Reference TTA: the average of the network and its flipped, un-flipped versions."""
-
-    def __init__(self, net: nn.Module, flips: list[tuple[int, ...]]) -> None:
-        super().__init__()
-        self.net, self.flips = net, flips
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
-            setattr(self, attr, getattr(net, attr))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        for dims in self.flips:
-            out = out + self.net(x.flip(dims)).flip(dims)
-        return out / (1 + len(self.flips))
-
-
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_flip_tta_averages_unflipped_predictions(padding):
     net = _unet(padding, seed=5)
     image = _rand((3, 40, 50), seed=6)
     tile = 32 if padding == "same" else 20
     with_tta = predict(net, image, tile=tile, tta=("h", "v", "hv"), batch_size=2, blend="constant")
-    reference = predict(_FlipAveraged(net, [(-1,), (-2,), (-2, -1)]), image, tile=tile, batch_size=2, blend="constant")
+    reference = predict(FlipAveraged(net, [(-1,), (-2,), (-2, -1)]), image, tile=tile, batch_size=2, blend="constant")
     np.testing.assert_allclose(with_tta, reference, atol=1e-5)
     assert np.abs(with_tta - predict(net, image, tile=tile, batch_size=2, blend="constant")).max() > 1e-4
 
@@ -360,5 +345,5 @@ def test_flip_tta_with_one_output_channel():
     net = build_network("unet", 1, 1, base_width=4, depth=2, padding="same").eval()
     image = _rand((1, 64, 64), seed=3)
     with_tta = predict(net, image, tile=32, tta=["h"], intensity="none")
-    reference = predict(_FlipAveraged(net, [(-1,)]), image, tile=32, intensity="none")
+    reference = predict(FlipAveraged(net, [(-1,)]), image, tile=32, intensity="none")
     np.testing.assert_allclose(with_tta, reference, atol=1e-5)
