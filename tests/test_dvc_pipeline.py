@@ -48,7 +48,7 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
         for network in NETWORKS:
             assert (repo / "models" / dataset / network / "best.pt").is_file()
             metrics = json.loads((repo / "results" / dataset / network / "metrics.json").read_text())
-            assert 0.0 <= metrics["test_dice"] <= 1.0 and 0.0 <= metrics["test_iou"] <= 1.0
+            assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["iou"] <= 1.0
     assert (repo / "results" / "report.md").is_file()
     assert (repo / "mlflow.db").is_file()  # the default embedded store at the repo root
 
@@ -79,7 +79,7 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
     for dataset in DATASETS:
         for network in NETWORKS:
             assert f"results/{dataset}/{network}/metrics.json" in listed
-    assert "test_dice" in listed
+    assert "\"dice\"" in listed and "pooled_auc" in listed
     plots = _dvc(["plots", "show", "--json"], repo, env)
     assert plots.returncode == 0, plots.stderr
     assert "models/drive/unet/log.csv" in plots.stdout and "results/drive/unet/roc.csv" in plots.stdout
