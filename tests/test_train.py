@@ -173,7 +173,7 @@ def test_two_gloo_processes_follow_one_process(drive_project: FixtureProject, tm
     batch-norm statistics differ (per rank), hence the tolerance."""
     root = drive_project.root
     args = ["train", "drive", "unet", "--profile", "smoke", "--set", "epochs=3", "--set", "steps_per_epoch=3",
-            "--set", "val_every=10", "--set", "batch_size=8"]
+            "--set", "val_every=10", "--set", "batch_size=8", "--set", "max_minutes=100"]  # budget path: ranks share one clock
     single = _cli(args, root)
     assert single.wait(timeout=600) == 0, single.stdout.read()
     one = pd.read_csv(root / "models/drive/unet/log.csv")

@@ -113,6 +113,15 @@ def _all_mean(values: torch.Tensor, ctx: Dist) -> torch.Tensor:
     return values.cpu()
 
 
+def _max_over_ranks(value: float, ctx: Dist) -> float:
+    """The largest `value` of all ranks (so that time-based decisions agree across ranks)."""
+    if ctx.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 
@@ -395,7 +404,8 @@ def train(
                 wait += time.perf_counter() - t_wait
                 step = epoch * steps + step_in_epoch
                 if limit is not None:  # a wall-clock budget: the schedule follows the time spent
-                    step = max(step, int(epochs * steps * (time.perf_counter() - start) / limit))
+                    spent = _max_over_ranks(time.perf_counter() - start, ctx)  # one clock for all ranks
+                    step = max(step, int(epochs * steps * spent / limit))
                 lr = learning_rate(step, epochs * steps, steps, float(settings["optimizer"]["lr"]), settings["schedule"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -424,7 +434,7 @@ def train(
                 elapsed = time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", patches_s=f"{n_steps * patches_per_rank * ctx.world / elapsed:.0f}")
-                if limit is not None and time.perf_counter() - start > limit:
+                if limit is not None and _max_over_ranks(time.perf_counter() - start, ctx) > limit:
                     stopped_early = True
                     break
             bar.close()
