@@ -137,8 +137,8 @@ def markdown(table: pd.DataFrame) -> str:
         "Test split, whole images. Dice/IoU: mean over test images at threshold "
         "(configs/evaluate.yaml, inside the FOV for DRIVE); F1/AUC/accuracy: pooled over all test pixels "
         "(\"@ val t\": at the best-F1 threshold picked on validation); SEG: Cell Tracking Challenge SEG "
-        "(the U-Net paper's \"IOU\"); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; train min: sum of the "
-        "epochs' training time in models/<dataset>/<network>/log.csv. Every value: results/summary.csv.",
+        "(the U-Net paper's \"IOU\"); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; train min: training wall "
+        "time (elapsed_seconds of models/<dataset>/<network>/log.csv). Every value: results/summary.csv.",
         "",
     ]
     return "\n".join(notes + lines) + "\n"
