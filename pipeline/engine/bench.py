@@ -76,16 +76,16 @@ def _monai_loader(prepared: PreparedDataset, settings: dict[str, Any], in_size: 
     """MONAI-standard patches: pos/neg crops, Rand2DElasticd, flips/rot90, from normalised cases."""
     aug = settings["augment"]
     num = int(aug["patches"]["num_samples"])
+    keys = patch_keys(settings)  # image, label, weight (+ fov)
     data = []
     for case in prepared.cases("train"):
         arrays = prepared.load(case)
-        data.append({"image": preprocess("drive", arrays["image"], aug), "label": arrays["label"].astype(np.float32),
-                     "weight": arrays["weight"].astype(np.float32), "fov": arrays["fov"].astype(np.float32)})
-    keys = ["image", "label", "weight", "fov"]
+        data.append({"image": preprocess(prepared.name, arrays["image"], aug),
+                     **{k: arrays[k].astype(np.float32) for k in keys[1:]}})
     transforms = Compose([
         RandCropByPosNegLabeld(keys, "label", (in_size, in_size), pos=1, neg=1, num_samples=num),
         Rand2DElasticd(keys, spacing=(in_size // 3, in_size // 3), magnitude_range=(1, 2),
-                       prob=float(aug["elastic"]["prob"]), mode=["bilinear", "nearest", "bilinear", "nearest"],
+                       prob=float(aug["elastic"]["prob"]), mode=["bilinear", "nearest", "bilinear", "nearest"][: len(keys)],
                        padding_mode="reflection"),
         RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandRotate90d(keys, prob=0.5, max_k=3),
@@ -115,7 +115,7 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
             source = "synthetic DRIVE-like images"
         rows = []
         for network in networks:
-            settings = resolve_settings("drive", network, overrides=overrides)
+            settings = resolve_settings(prepared.name, network, overrides=overrides)
             torch.manual_seed(0)
             channels = settings["augment"]["channels"]
             model = build_network(settings["network"], len(channels) if channels else prepared.in_channels, 1,
@@ -127,8 +127,9 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
 
             def step(batch: dict[str, torch.Tensor]) -> int:
                 image = torch.as_tensor(batch["image"])
+                mask = torch.as_tensor(batch[keys[3]]) if len(keys) > 3 else None
                 loss = loss_fn(model(image), torch.as_tensor(batch["label"]).long(),
-                               torch.as_tensor(batch["weight"]), torch.as_tensor(batch[keys[-1]]))
+                               torch.as_tensor(batch["weight"]), mask)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

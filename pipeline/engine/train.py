@@ -384,7 +384,7 @@ def train(
     keys = patch_keys(settings)
     fov_key = settings["augment"]["patches"]["fov_key"]
     limit = None if settings["max_minutes"] is None else float(settings["max_minutes"]) * 60
-    stopped_early = False
+    stopped_early, spent = False, 0.0  # spent: budget used at the end of the last step (max over ranks)
 
     params = {k: v for k, v in settings.items() if k not in ("augment",)}
     with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network) as tracker:
@@ -404,7 +404,6 @@ def train(
                 wait += time.perf_counter() - t_wait
                 step = epoch * steps + step_in_epoch
                 if limit is not None:  # a wall-clock budget: the schedule follows the time spent
-                    spent = _max_over_ranks(time.perf_counter() - start, ctx)  # one clock for all ranks
                     step = max(step, int(epochs * steps * spent / limit))
                 lr = learning_rate(step, epochs * steps, steps, float(settings["optimizer"]["lr"]), settings["schedule"])
                 for group in optimizer.param_groups:
@@ -434,9 +433,11 @@ def train(
                 elapsed = time.perf_counter() - t0
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", patches_s=f"{n_steps * patches_per_rank * ctx.world / elapsed:.0f}")
-                if limit is not None and _max_over_ranks(time.perf_counter() - start, ctx) > limit:
-                    stopped_early = True
-                    break
+                if limit is not None:
+                    spent = _max_over_ranks(time.perf_counter() - start, ctx)  # one clock for all ranks
+                    if spent > limit:
+                        stopped_early = True
+                        break
             bar.close()
             seconds = time.perf_counter() - t0
             means = _all_mean(torch.cat([torch.tensor([loss_sum]), head_sums]) / max(1, n_steps), ctx)
