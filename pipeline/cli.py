@@ -240,6 +240,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         tta=None if args.tta is None else [t for t in args.tta.split(",") if t],
         batch_size=args.batch_size,
         device=args.device,
+        preprocess=args.preprocess,
         probabilities_dtype=args.probabilities_dtype,
     )
     return 0
@@ -266,6 +267,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
                    help="flip test-time augmentation, comma separated from h, v, hv ('' = off)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,
+                   help="checkpoint: the training preprocessing the checkpoint records (channels, CLAHE, "
+                   "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
     p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
     p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,7 +14,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -122,6 +122,17 @@ def resolve_model(model: ModelLike) -> nn.Module:
     raise SegpipeError(f"model must be a torch module or a checkpoint path, got {type(model).__name__}")
 
 
+def recorded_preprocessing(model: ModelLike) -> dict[str, Any] | None:
+    """The training preprocessing a checkpoint path records (its `augment` dict, see
+    `pipeline.inference.preprocessing`); None for a module or a checkpoint without one."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    from pipeline.networks import read_checkpoint
+
+    augment = read_checkpoint(Path(model)).get("augment")
+    return dict(augment) if isinstance(augment, dict) else None
+
+
 @dataclass
 class InferenceNetwork:
     """An eval-only copy of a contract network, optimised for inference, plus its contract facts.
@@ -145,6 +156,10 @@ class InferenceNetwork:
     """True when compiled: every batch is padded to the same size so the graph never recompiles."""
     notes: list[str] = field(default_factory=list)
     """What was done to the graph, for the summary line."""
+    augment: dict[str, Any] | None = None
+    """The checkpoint's recorded training preprocessing (None: a module, or no record)."""
+    source: Path | None = None
+    """The checkpoint file the network came from (None: a module)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -176,11 +191,13 @@ def optimize_network(
     """Build the inference graph of `model` (a module, a checkpoint path, or already built).
 
     The caller's module is never modified (a deep copy is optimised). `threads` sets torch's
-    intra-op threads (None keeps torch's default: one per physical core).
+    intra-op threads (None keeps torch's default: one per physical core). A checkpoint's recorded
+    training preprocessing is kept as `augment`.
     """
     if isinstance(model, InferenceNetwork):
         return model
     net = resolve_model(model)
+    augment = recorded_preprocessing(model)
     for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
         if not hasattr(net, attr):
             raise SegpipeError(
@@ -230,4 +247,6 @@ def optimize_network(
         channels_last=channels_last,
         fixed_batch=compile,
         notes=notes,
+        augment=augment,
+        source=Path(model) if isinstance(model, (str, os.PathLike)) else None,
     )

@@ -33,6 +33,8 @@ from pipeline.inference.readers import ArrayReader, ImageReader
 
 BLENDS = ("gaussian", "constant")
 INTENSITIES = ("scale", "none")
+PREPROCESSING = ("checkpoint", "intensity")
+"""`preprocess`: the checkpoint's recorded training preprocessing (when it has one), or `intensity`."""
 PROBABILITY_DTYPES = ("uint8", "float16", "float32")
 COMPRESSIONS = ("zlib", "zstd", "lzw", "lzma", "none")
 _EMIT_ROWS = 64
@@ -55,6 +57,8 @@ class InferenceSettings:
     batch_size: int
     tta: tuple[str, ...]
     intensity: str
+    preprocess: str
+    preprocess_max_megapixels: float
     device: str
     threads: int | None
     fold_batch_norm: bool
@@ -91,7 +95,10 @@ class InferenceSettings:
             raise bad("sigma_scale", "a positive number")
         if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold < 1:
             raise bad("threshold", "a number in (0, 1)")
-        for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES),
+        limit = self.preprocess_max_megapixels
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            raise bad("preprocess_max_megapixels", "a positive number")
+        for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
                              ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS)):
             if getattr(self, key) not in choices:
                 raise bad(key, f"one of {', '.join(choices)}")
@@ -482,6 +489,9 @@ def predict(
     None come from `settings` (default: `configs/inference.yaml`). Sigmoid for one output channel,
     softmax otherwise.
     `intensity="scale"` divides integer images by their dtype's maximum (floats pass unchanged).
+    The checkpoint's recorded training preprocessing (`preprocess` setting) is NOT applied here:
+    `image` is taken as the network's input, so callers preprocess it themselves (`segpipe
+    evaluate` uses `pipeline.engine.data.preprocess`); `predict_file` applies it to files.
     """
     settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                              tta=tta, batch_size=batch_size, device=device, intensity=intensity)

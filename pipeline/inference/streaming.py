@@ -4,6 +4,9 @@ The reader (`readers.py`) delivers row bands of the input; the engine (`sliding.
 windows of each band in batches and yields rows as soon as they are final; the writers
 (`writers.py`) encode them (labels, probabilities) and drop them. Nothing image-sized is held:
 peak memory is the band (a few tiles high, the image wide) plus the network's activations.
+A checkpoint's recorded training preprocessing wraps the reader (`preprocessing.py`): zscore and
+percentile of <= 16-bit images stream (one extra statistics pass); CLAHE and other percentiles
+hold the whole image, up to `preprocess_max_megapixels`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from pipeline.errors import SegpipeError
 from pipeline.inference.optimize import InferenceNetwork, ModelLike
+from pipeline.inference.preprocessing import PreprocessedReader
 from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix, open_image
 from pipeline.inference.sliding import InferenceSettings, inference_network, load_settings, stream_probabilities
 from pipeline.inference.writers import (
@@ -141,6 +145,7 @@ def predict_file(
     batch_size: int | None = None,
     device: str | None = None,
     intensity: str | None = None,
+    preprocess: str | None = None,
     probabilities_dtype: str | None = None,
     threshold: float | None = None,
     compression: str | None = None,
@@ -157,9 +162,12 @@ def predict_file(
     pixels). Outputs appear under their final
     names only when complete; any failure leaves nothing behind. Bad input raises SegpipeError
     naming the file.
+    With `preprocess="checkpoint"` and a checkpoint that records its training preprocessing
+    (`augment`), the image gets exactly that preprocessing (`PreprocessedReader`, as `segpipe
+    evaluate` applies it) and `intensity` does not apply; otherwise `intensity` does.
     """
     settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale, tta=tta,
-                             batch_size=batch_size, device=device, intensity=intensity,
+                             batch_size=batch_size, device=device, intensity=intensity, preprocess=preprocess,
                              probabilities_dtype=probabilities_dtype, threshold=threshold,
                              compression=compression)
     input_path, output_path = Path(input_path), Path(output_path)
@@ -171,7 +179,12 @@ def predict_file(
     if net.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(net.device)
     start = time.perf_counter()
-    with open_image(input_path) as reader:
+    recorded = net.augment if settings.preprocess == "checkpoint" else None
+    with open_image(input_path) as raw:
+        reader: ImageReader = raw
+        if recorded is not None:
+            reader = PreprocessedReader(raw, recorded, max_megapixels=settings.preprocess_max_megapixels,
+                                        where=str(net.source or "the checkpoint"))
         stream = stream_probabilities(net, reader, settings, progress)
         writers: list[RowWriter] = []
         try:
@@ -190,9 +203,16 @@ def predict_file(
             for w in writers:
                 w.abort()
             raise
-        shape, dtype = reader.shape, str(reader.dtype)
+        finally:
+            if reader is not raw:  # a PreprocessedReader drops its statistics or whole-image result
+                reader.close()
+        shape, dtype = raw.shape, str(raw.dtype)
     seconds = time.perf_counter() - start
     notes = list(net.notes) + [f"tta {'+'.join(settings.tta)}"] * bool(settings.tta)
+    if isinstance(reader, PreprocessedReader):
+        notes.append(f"preprocessing from checkpoint: {reader.describe()}")
+    elif net.augment is not None:
+        notes.append(f"checkpoint preprocessing off, intensity {settings.intensity}")
     if net.device.type == "cuda":
         notes.append(f"peak CUDA {torch.cuda.max_memory_allocated(net.device) / 2**20:.0f} MB")
     return InferenceReport(input_path, outputs, shape, dtype, stream.plan.describe(), stream.plan.n_windows,
@@ -225,8 +245,9 @@ def infer_files(
 ) -> list[InferenceReport]:
     """`segpipe infer`: every input through `predict_file` with the model loaded once.
 
-    `overrides` are `InferenceSettings` fields (tile, overlap, blend, tta, batch_size, device, ...)
-    replacing the values of `configs/inference.yaml`.
+    `overrides` are `InferenceSettings` fields (tile, overlap, blend, tta, batch_size, device,
+    preprocess, ...) replacing the values of `configs/inference.yaml`. With `preprocess: checkpoint`
+    every image gets the checkpoint's recorded training preprocessing (see `predict_file`).
     Outputs go to `output_dir` as NAME_seg.* (and NAME_prob.*). A progress bar per image shows
     Mpx/s and the ETA; a summary line per image is printed. An input that fails is reported and
     the others still run; SegpipeError at the end names every failed input.
