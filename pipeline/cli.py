@@ -263,8 +263,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
                    help="same padding: window side; valid padding: output tile side")
     p.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (same padding)")
     p.add_argument("--blend", choices=("gaussian", "constant"), default=None)
-    p.add_argument("--tta", default=None, metavar="FLIPS",
-                   help="flip test-time augmentation, comma separated from h, v, hv ('' = off)")
+    p.add_argument("--tta", default=None, metavar="TRANSFORMS",
+                   help="test-time augmentation, comma separated from h, v, hv (flips), t, th, tv, thv "
+                        "(transposes, 90-degree rotations); '' = off")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default=None, help="cpu or cuda")
     p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,

@@ -231,6 +231,36 @@ def test_flip_tta_averages_unflipped_predictions(padding):
     assert np.abs(with_tta - predict(net, image, tile=tile, batch_size=2, blend="constant")).max() > 1e-4
 
 
+DIHEDRAL = ("h", "v", "hv", "t", "th", "tv", "thv")
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_dihedral_tta_is_equivariant_to_transposing_the_image(padding):
+    """With all 8 symmetries of the window averaged, predicting the transposed image gives the
+    transposed prediction (a wrong inverse transform of any of the 7 breaks this)."""
+    net = _unet(padding, seed=7)
+    image = _rand((3, 40, 52), seed=8)
+    tile = 32 if padding == "same" else 20
+    straight = predict(net, image, tile=tile, tta=DIHEDRAL, batch_size=2)
+    transposed = predict(net, np.ascontiguousarray(image.transpose(0, 2, 1)), tile=tile, tta=DIHEDRAL, batch_size=2)
+    np.testing.assert_allclose(transposed, straight.transpose(0, 2, 1), atol=1e-5)
+    without = predict(net, np.ascontiguousarray(image.transpose(0, 2, 1)), tile=tile, batch_size=2)
+    assert np.abs(without - straight.transpose(0, 2, 1)).max() > 1e-4
+
+
+def test_rotation_tta_on_one_window_by_hand():
+    """"th" and "tv" are the two 90-degree rotations: one window, averaged by hand with torch.rot90."""
+    net = _unet("same", seed=9).eval()
+    image = _rand((3, 32, 32), seed=10)
+    x = torch.from_numpy(image)[None]
+    with torch.no_grad():
+        logits = (net(x) + torch.rot90(net(torch.rot90(x, 1, (-2, -1))), -1, (-2, -1))
+                  + torch.rot90(net(torch.rot90(x, -1, (-2, -1))), 1, (-2, -1))) / 3
+    expected = torch.softmax(logits, 1)[0].numpy()
+    got = predict(net, image, tile=32, tta=("th", "tv"), blend="constant")
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_probabilities_sigmoid_and_softmax():
     image = _rand((3, 30, 30), seed=1)
     two = predict(_net(SameNet, 3, 2, seed=1), image, tile=16)

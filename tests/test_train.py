@@ -125,6 +125,25 @@ def test_a_crash_marks_the_run_failed(drive_project: FixtureProject, monkeypatch
     assert run.info.status == "FAILED"
 
 
+def test_channels_last_trains_like_the_default_layout(drive_project: FixtureProject, tmp_path: Path) -> None:
+    """NHWC is a memory layout only: the same losses and validation scores (up to float rounding),
+    and the weights are stored in the layout that was asked for."""
+    out = drive_project.root / "models" / "drive" / "unet"
+    logs, layouts = {}, {}
+    for channels_last in (False, True):
+        train("drive", "unet", profile="smoke", overrides={"channels_last": channels_last})
+        logs[channels_last] = pd.read_csv(out / "log.csv")
+        weights = [v for v in read_checkpoint(out / "last.pt")["state_dict"].values() if v.dim() == 4]
+        layouts[channels_last] = {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                  for w in weights if w.shape[2:] != (1, 1) and w.shape[1] > 1}
+        os.rename(drive_project.root / "models", tmp_path / f"models-{channels_last}")
+    assert layouts == {False: {False}, True: {True}}
+    for key in ("train_loss", "val_dice"):
+        np.testing.assert_allclose(logs[True][key], logs[False][key], rtol=1e-3)
+    with pytest.raises(SegpipeError, match="channels_last must be true or false"):
+        resolve_settings("drive", "unet", "smoke", {"channels_last": "yes"})
+
+
 def test_bad_settings_are_named(drive_project: FixtureProject) -> None:
     with pytest.raises(SegpipeError, match="optimizer.name must be one of"):
         resolve_settings("drive", "unet", "smoke", {"optimizer": {"name": "lion"}})

@@ -62,7 +62,7 @@ from pipeline.data.io import atomic_path, write_text
 from pipeline.engine.data import PreparedDataset, open_prepared, preprocess
 from pipeline.errors import SegpipeError
 from pipeline.inference import InferenceNetwork, InferenceSettings, load_settings, optimize_network, predict
-from pipeline.inference.sliding import TTA_FLIPS, inference_network, probabilities
+from pipeline.inference.sliding import inference_network, probabilities, tta_logits
 from pipeline.metrics import (
     Confusion,
     best_f1_threshold,
@@ -187,15 +187,11 @@ def u2net_head_scores(heads: U2NetHeads, image: np.ndarray, settings: InferenceS
     from monai.inferers import sliding_window_inference
 
     device = torch.device(settings.device)
-    flips = [TTA_FLIPS[t] for t in settings.tta]
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         if settings.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = heads(x)
-        for dims in flips:
-            out = out + heads(x.flip(dims)).flip(dims)
-        return out / (1 + len(flips))
+        return tta_logits(heads, x, settings.tta)
 
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     heads.eval()

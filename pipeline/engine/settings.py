@@ -16,7 +16,7 @@ from pipeline.errors import SegpipeError
 
 PROFILE_KEYS = {
     "network_preset", "substitute", "seed", "epochs", "steps_per_epoch", "batch_size", "patch_size",
-    "optimizer", "schedule", "grad_clip", "amp", "compile", "workers", "val_every", "max_minutes",
+    "optimizer", "schedule", "grad_clip", "amp", "channels_last", "compile", "workers", "val_every", "max_minutes",
     "weight_map", "loss", "overrides",
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -63,7 +63,7 @@ def _validate(cfg: Mapping[str, Any], where: str) -> None:
         raise SegpipeError(f"{where}: schedule.name must be one of {SCHEDULES}, got {sched['name']!r}")
     if cfg["amp"] not in AMP_DTYPES:
         raise SegpipeError(f"{where}: amp must be one of {AMP_DTYPES}, got {cfg['amp']!r}")
-    for key in ("compile", "weight_map"):
+    for key in ("channels_last", "compile", "weight_map"):
         if not isinstance(cfg[key], bool):
             raise SegpipeError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
     for key in ("grad_clip", "max_minutes"):

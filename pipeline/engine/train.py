@@ -10,7 +10,8 @@ steps.
 
 Optimisation: Adam/AdamW or the U-Net paper's SGD with momentum 0.99; learning rate per step
 (linear warm-up, then cosine / poly / step / constant); gradient-norm clipping; autocast (bf16 or
-fp16 with a grad scaler) on CUDA, fp32 on the CPU; optional `torch.compile`. With `max_minutes`
+fp16 with a grad scaler) on CUDA, fp32 on the CPU; channels-last (NHWC) weights and batches;
+optional `torch.compile`. With `max_minutes`
 the run stops once that wall-clock budget is spent and the schedule advances with the larger of
 the step count and the share of the budget used, so the learning rate anneals in time either way
 (such a run depends on the machine's speed; without the budget, runs are deterministic).
@@ -351,7 +352,8 @@ def train(
     channels = settings["augment"]["channels"]
     in_channels = len(channels) if channels else prepared.in_channels
     model = build_network(settings["network"], in_channels, 1, **settings["network_config"])
-    model.to(ctx.device)
+    layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    model.to(ctx.device, memory_format=layout)
     loader, sampler, patches_per_rank = build_loader(prepared, settings, model, ctx)
     loss_fn = build_loss(settings["network"], settings["loss"], source=f"configs/train.yaml: profiles.{settings['profile']}.loss")
     optimizer = build_optimizer(model, settings["optimizer"])
@@ -410,7 +412,7 @@ def train(
                     group["lr"] = lr
                 data = _to_device(batch, keys, ctx.device)
                 with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp):
-                    output = forward(data["image"])
+                    output = forward(data["image"].contiguous(memory_format=layout))
                 heads = loss_fn.head_losses(
                     _float(output), data["label"], data["weight"] if settings["weight_map"] else None,
                     data[fov_key] if fov_key else None,

@@ -39,8 +39,28 @@ PROBABILITY_DTYPES = ("uint8", "float16", "float32")
 COMPRESSIONS = ("zlib", "zstd", "lzw", "lzma", "none")
 _EMIT_ROWS = 64
 """Final rows are normalised and handed to the writers this many at a time (bounds temporaries)."""
-TTA_FLIPS: dict[str, tuple[int, ...]] = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
-"""Flip test-time augmentation: "h" mirrors left-right, "v" top-bottom, "hv" both."""
+TTA_TRANSFORMS: dict[str, tuple[tuple[int, ...], bool]] = {
+    "h": ((-1,), False), "v": ((-2,), False), "hv": ((-2, -1), False),
+    "t": ((), True), "th": ((-1,), True), "tv": ((-2,), True), "thv": ((-2, -1), True),
+}
+"""Test-time augmentation by the symmetries of the square window (the dihedral group D4): name ->
+(flipped axes, then transposed?). "h" mirrors left-right, "v" top-bottom, "hv" both (a 180 degree
+rotation); "t" transposes (swaps rows and columns), "th" / "tv" are rotations by 90 degrees, "thv"
+the anti-transpose. The 7 together with the identity are all 8 symmetries."""
+
+
+def tta_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """`net(x)` averaged with `net` of the `names` transforms of the square windows `x` (N, C, T, T),
+    each output mapped back by the inverse transform; out of place (`net` may return
+    inference-mode tensors)."""
+    out = net(x)
+    for name in names:
+        dims, transpose = TTA_TRANSFORMS[name]
+        y = x.flip(dims) if dims else x
+        y = net(y.transpose(-2, -1) if transpose else y)
+        y = y.transpose(-2, -1) if transpose else y
+        out = out + (y.flip(dims) if dims else y)
+    return out / (1 + len(names)) if names else out
 
 
 @dataclass(frozen=True)
@@ -102,8 +122,8 @@ class InferenceSettings:
                              ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS)):
             if getattr(self, key) not in choices:
                 raise bad(key, f"one of {', '.join(choices)}")
-        if not isinstance(self.tta, tuple) or any(t not in TTA_FLIPS for t in self.tta):
-            raise bad("tta", f"a list of flips from {', '.join(TTA_FLIPS)}")
+        if not isinstance(self.tta, tuple) or any(t not in TTA_TRANSFORMS for t in self.tta):
+            raise bad("tta", f"a list of window transforms from {', '.join(TTA_TRANSFORMS)}")
         for key in ("fold_batch_norm", "inplace_activations", "channels_last", "compile", "save_probabilities"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
@@ -385,17 +405,12 @@ class RowStream:
     """(first image row, probabilities (K, n, W) float32) in order, covering the image once."""
 
 
-def _forward(net: InferenceNetwork, x: torch.Tensor, flips: Sequence[tuple[int, ...]], batch_size: int) -> torch.Tensor:
-    """Logits of a batch, averaged over the flips (each un-flipped); padded to `batch_size` if compiled."""
+def _forward(net: InferenceNetwork, x: torch.Tensor, tta: Sequence[str], batch_size: int) -> torch.Tensor:
+    """Logits of a batch, averaged over the `tta` transforms; padded to `batch_size` if compiled."""
     n = x.shape[0]
     if net.fixed_batch and n < batch_size:
         x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
-    out = net(x)
-    for dims in flips:  # out of place: `out` may be an inference-mode tensor
-        out = out + net(x.flip(dims)).flip(dims)
-    if flips:
-        out = out / (1 + len(flips))
-    return out[:n]
+    return tta_logits(net, x, tta)[:n]
 
 
 def stream_probabilities(
@@ -433,7 +448,6 @@ def _rows(
     )
     scale = (float(np.iinfo(reader.dtype).max)
              if settings.intensity == "scale" and np.issubdtype(reader.dtype, np.integer) else None)
-    flips = [TTA_FLIPS[t] for t in settings.tta]
     source = _PaddedRows(reader, plan)
     band = _Band(net.out_channels, w, plan.out_tile, blend)
     batches = _batches(len(plan.rows.starts), len(plan.cols.starts), settings.batch_size)
@@ -449,7 +463,7 @@ def _rows(
         x = torch.from_numpy(tiles).to(torch.float32)
         if scale is not None:
             x /= scale
-        logits = _forward(net, x, flips, settings.batch_size)
+        logits = _forward(net, x, settings.tta, settings.batch_size)
         if logits.shape[1:] != (net.out_channels, t_out, t_out):
             raise SegpipeError(
                 f"the network mapped tiles {tuple(x.shape[1:])} to {tuple(logits.shape[1:])}, expected "
