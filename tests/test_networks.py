@@ -363,3 +363,23 @@ def test_unet_widths_per_level() -> None:
     assert net.config["widths"] == [8, 8, 16]
     with pytest.raises(SegpipeError, match=r"widths must be null or a list of depth \+ 1 = 3"):
         build_network("unet", 1, 1, padding="same", depth=2, widths=[8, 16])
+
+
+def test_unetpp_widths_per_level_survive_pruning() -> None:
+    from pipeline.networks import build_network
+
+    torch.manual_seed(0)
+    net = build_network("unetpp", 1, 1, depth=3, batch_norm=True, widths=[4, 4, 8, 16]).eval()
+    outs = {name: [m.out_channels for m in node.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+            for name, node in net.nodes.items()}
+    assert outs == {"x0_0": 4, "x1_0": 4, "x2_0": 8, "x3_0": 16, "x0_1": 4, "x1_1": 4, "x2_1": 8,
+                    "x0_2": 4, "x1_2": 4, "x0_3": 4}
+    assert net.config["widths"] == [4, 4, 8, 16]
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        features = net.top_features(x)
+        pruned = net.pruned(2, mode="fast").eval()
+        assert pruned.config["widths"] == [4, 4, 8, 16]
+        assert torch.allclose(pruned(x), net.heads["x0_2"](features[1]), atol=1e-6)
+    with pytest.raises(SegpipeError, match=r"unetpp: widths must be null or a list of depth \+ 1 = 4"):
+        build_network("unetpp", 1, 1, depth=3, widths=[4, 8, 16])

@@ -8,6 +8,8 @@ batch and patch size through
       MONAI's usual training recipe.
 Data-wait share = time blocked on the next batch / step time. Input: a prepared dataset
 (`--dataset`, default drive) or, when it is not prepared, synthetic vessel-like images.
+Ours runs the model in the profile's memory layout (`channels_last`), as `segpipe train` does; the
+MONAI-standard loop in PyTorch's default (NCHW).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -125,25 +127,32 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
             keys = patch_keys(settings)
             model.train()
 
-            def step(batch: dict[str, torch.Tensor]) -> int:
-                image = torch.as_tensor(batch["image"])
-                mask = torch.as_tensor(batch[keys[3]]) if len(keys) > 3 else None
-                loss = loss_fn(model(image), torch.as_tensor(batch["label"]).long(),
-                               torch.as_tensor(batch["weight"]), mask)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                return int(image.shape[0])
+            def stepper(layout: torch.memory_format) -> Callable[[dict[str, torch.Tensor]], int]:
+                """One optimizer step on a batch, with the model and the batch in `layout`."""
+                model.to(memory_format=layout)
+
+                def step(batch: dict[str, torch.Tensor]) -> int:
+                    image = torch.as_tensor(batch["image"]).contiguous(memory_format=layout)
+                    mask = torch.as_tensor(batch[keys[3]]) if len(keys) > 3 else None
+                    loss = loss_fn(model(image), torch.as_tensor(batch["label"]).long(),
+                                   torch.as_tensor(batch["weight"]), mask)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    return int(image.shape[0])
+                return step
 
             ours_loader, _, _ = build_loader(prepared, {**settings, "steps_per_epoch": steps + 1}, model,
                                              Dist(0, 1, torch.device("cpu")))
-            ours = _timed(ours_loader, steps, step)
+            layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+            ours = _timed(ours_loader, steps, stepper(layout))  # as `segpipe train` runs
             in_size = model.input_size(int(settings["patch_size"]))
             if model.padding == "valid":
                 raise SegpipeError("bench train compares same-padding networks (MONAI crops input = output)")
-            monai = _timed(_monai_loader(prepared, settings, in_size, steps + 1), steps, step)
+            monai = _timed(_monai_loader(prepared, settings, in_size, steps + 1), steps, stepper(torch.contiguous_format))
             rows.append({"network": settings["network"], "patch": in_size, "batch": settings["batch_size"],
-                         "workers": settings["workers"], "ours_patches_s": ours[0], "ours_data_wait": ours[1],
+                         "workers": settings["workers"], "channels_last": settings["channels_last"],
+                         "ours_patches_s": ours[0], "ours_data_wait": ours[1],
                          "monai_patches_s": monai[0], "monai_data_wait": monai[1], "ratio": ours[0] / monai[0]})
     table = pd.DataFrame(rows)
     print(f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}")

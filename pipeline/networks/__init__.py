@@ -10,7 +10,7 @@ Config keys (defaults = the papers' settings; `configs/networks.yaml` holds the 
     unet:   padding ("valid"|"same"), base_width, depth, batch_norm, dropout,
             upsampling ("transposed"|"bilinear"), widths (null or one width per level)
     unetpp: base_width, depth, batch_norm, dropout, deep_supervision, mode ("accurate"|"fast"),
-            prune_level (1..depth, default depth)
+            prune_level (1..depth, default depth), widths (null or one width per level)
     u2net, u2netp: none (Table 1 fixes them)
 
 Output contract (all networks; 2D, input (N, in_channels, H, W)):

@@ -27,6 +27,16 @@ def check_int(value: Any, name: str, *, minimum: int, owner: str) -> int:
     return value
 
 
+def level_widths(widths: Any, base_width: int, depth: int, *, owner: str) -> list[int]:
+    """Channels per level 0..depth: `widths` (a list of depth + 1 integers >= 1) or, when it is
+    None, base_width * 2**level (the papers' doubling); SegpipeError naming `owner` otherwise."""
+    if widths is None:
+        return [base_width * 2**level for level in range(depth + 1)]
+    if not isinstance(widths, (list, tuple)) or len(widths) != depth + 1:
+        raise SegpipeError(f"{owner}: widths must be null or a list of depth + 1 = {depth + 1} integers, got {widths!r}")
+    return [check_int(w, "widths[]", minimum=1, owner=owner) for w in widths]
+
+
 def check_float(value: Any, name: str, *, low: float, high: float, owner: str) -> float:
     """`value` as a float in [low, high), else SegpipeError naming `owner` and the option."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:

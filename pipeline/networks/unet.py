@@ -34,6 +34,7 @@ from pipeline.networks.common import (
     check_int,
     conv_unit,
     head_conv,
+    level_widths,
     same_output_size,
 )
 
@@ -192,10 +193,7 @@ class UNet(SegmentationNetwork):
         check_bool(batch_norm, "batch_norm", owner=owner)
         check_float(dropout, "dropout", low=0.0, high=1.0, owner=owner)
         check_choice(upsampling, "upsampling", UPSAMPLINGS, owner=owner)
-        if widths is not None:
-            if not isinstance(widths, (list, tuple)) or len(widths) != depth + 1:
-                raise SegpipeError(f"unet: widths must be null or a list of depth + 1 = {depth + 1} integers, got {widths!r}")
-            widths = [check_int(w, "widths[]", minimum=1, owner=owner) for w in widths]
+        per_level = level_widths(widths, base_width, depth, owner=owner)
         config = dict(
             padding=padding,
             base_width=base_width,
@@ -203,7 +201,7 @@ class UNet(SegmentationNetwork):
             batch_norm=batch_norm,
             dropout=float(dropout),
             upsampling=upsampling,
-            widths=widths,
+            widths=None if widths is None else per_level,
         )
         super().__init__(
             "unet",
@@ -216,7 +214,7 @@ class UNet(SegmentationNetwork):
         )
         self.depth = depth
         pad = 1 if padding == "same" else 0
-        widths = widths or [base_width * 2**level for level in range(depth + 1)]
+        widths = per_level
 
         def double_conv(cin: int, cout: int, drop: float = 0.0) -> nn.Sequential:
             return nn.Sequential(

@@ -6,7 +6,8 @@ Nodes X^{i,j} (i: down-sampling level, j: position along the skip pathway), Eq. 
     X^{i,j} = H([X^{i,0}, ..., X^{i,j-1}, U(X^{i+1,j-1})])     (j >= 1, dense skip pathway)
 with H two 3x3 convs + ReLU (optional batch norm and dropout; the authors' Keras code has dropout
 after each conv and no batch norm) and U a 2x2 transposed conv to the width of level i. Widths
-base_width * 2**i (32, 64, 128, 256, 512 for the paper). Deep supervision: 1x1 heads on
+base_width * 2**i (32, 64, 128, 256, 512 for the paper), or `widths` per level (e.g. 16, 16, 32,
+64, 128: on a CPU budget the dense nodes at full resolution are where the FLOPs go). Deep supervision: 1x1 heads on
 X^{0,1}, ..., X^{0,depth}; at inference "accurate" averages the heads, "fast" takes one.
 
 Pruning (Sec. 2, Fig. 1c-d): UNet++ L_p is the sub-network of the nodes X^{i,j} with i + j <= p,
@@ -35,6 +36,7 @@ from pipeline.networks.common import (
     check_int,
     conv_unit,
     head_conv,
+    level_widths,
 )
 
 MODES = ("accurate", "fast")
@@ -73,6 +75,7 @@ class UNetPlusPlus(SegmentationNetwork):
         "deep_supervision": True,
         "mode": "accurate",
         "prune_level": None,
+        "widths": None,
     }
 
     def __init__(
@@ -87,6 +90,7 @@ class UNetPlusPlus(SegmentationNetwork):
         deep_supervision: bool = True,
         mode: str = "accurate",
         prune_level: int | None = None,
+        widths: list[int] | None = None,
     ) -> None:
         owner = "unetpp"
         check_int(base_width, "base_width", minimum=1, owner=owner)
@@ -95,6 +99,7 @@ class UNetPlusPlus(SegmentationNetwork):
         check_float(dropout, "dropout", low=0.0, high=1.0, owner=owner)
         check_bool(deep_supervision, "deep_supervision", owner=owner)
         check_choice(mode, "mode", MODES, owner=owner)
+        per_level = level_widths(widths, base_width, depth, owner=owner)
         level = depth if prune_level is None else prune_level
         check_int(level, "prune_level", minimum=1, owner=owner)
         if level > depth:
@@ -107,12 +112,13 @@ class UNetPlusPlus(SegmentationNetwork):
             deep_supervision=deep_supervision,
             mode=mode,
             prune_level=level,
+            widths=None if widths is None else per_level,
         )
         super().__init__("unetpp", config, in_channels, out_channels, size_multiple=2**level)
         self.prune_level = level
         self.deep_supervision = deep_supervision
         self.mode = mode
-        widths = [base_width * 2**i for i in range(level + 1)]
+        widths = per_level[: level + 1]
 
         def node(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -138,7 +144,7 @@ class UNetPlusPlus(SegmentationNetwork):
         )
 
     def top_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Eq. 1 over all built nodes; returns X^{0,1}..X^{0,p}, each (N, base_width, H, W)."""
+        """Eq. 1 over all built nodes; returns X^{0,1}..X^{0,p}, each (N, widths[0], H, W)."""
         grid: list[list[torch.Tensor]] = []  # grid[i][j] = X^{i,j}
         for i in range(self.prune_level + 1):
             x = self.nodes[f"x{i}_0"](x if i == 0 else self.pool(x))
