@@ -11,10 +11,10 @@ steps.
 Optimisation: Adam/AdamW or the U-Net paper's SGD with momentum 0.99; learning rate per step
 (linear warm-up, then cosine / poly / step / constant); gradient-norm clipping; autocast (bf16 or
 fp16 with a grad scaler) on CUDA, fp32 on the CPU; channels-last (NHWC) weights and batches;
-optional `torch.compile`. With `max_minutes`
-the run stops once that wall-clock budget is spent and the schedule advances with the larger of
-the step count and the share of the budget used, so the learning rate anneals in time either way
-(such a run depends on the machine's speed; without the budget, runs are deterministic).
+optional `torch.compile`. With `max_minutes` the run stops once that wall-clock budget is spent
+and the schedule advances with the larger of the step count and the share of the budget used, so
+the learning rate anneals in time either way (such a run depends on the machine's speed; without
+the budget, runs are deterministic).
 
 Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
 whole validation images; the checkpoint with the best validation Dice is `best.pt`. `last.pt` is

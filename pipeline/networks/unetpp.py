@@ -7,8 +7,9 @@ Nodes X^{i,j} (i: down-sampling level, j: position along the skip pathway), Eq. 
 with H two 3x3 convs + ReLU (optional batch norm and dropout; the authors' Keras code has dropout
 after each conv and no batch norm) and U a 2x2 transposed conv to the width of level i. Widths
 base_width * 2**i (32, 64, 128, 256, 512 for the paper), or `widths` per level (e.g. 16, 16, 32,
-64, 128: on a CPU budget the dense nodes at full resolution are where the FLOPs go). Deep supervision: 1x1 heads on
-X^{0,1}, ..., X^{0,depth}; at inference "accurate" averages the heads, "fast" takes one.
+64, 128: on a CPU budget the dense nodes at full resolution are where the FLOPs go). Deep
+supervision: 1x1 heads on X^{0,1}, ..., X^{0,depth}; at inference "accurate" averages the heads,
+"fast" takes one.
 
 Pruning (Sec. 2, Fig. 1c-d): UNet++ L_p is the sub-network of the nodes X^{i,j} with i + j <= p,
 ending in head X^{0,p}. `prune_level=p` builds only those nodes, so a pruned forward computes less;
