@@ -144,6 +144,39 @@ def test_channels_last_trains_like_the_default_layout(drive_project: FixtureProj
         resolve_settings("drive", "unet", "smoke", {"channels_last": "yes"})
 
 
+def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixtureProject,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The killed run's checkpointed wall time counts against `max_minutes`: a run that had
+    already used more than its budget stops after one step when resumed (a fresh budget of an hour
+    would train the remaining epochs)."""
+    import pipeline.engine.train as train_module
+
+    calls = []
+    real_validate = train_module.validate
+
+    def dies_at_the_second_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_validate(*args, **kwargs)
+
+    settings = {"epochs": 3, "val_every": 1}
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "validate", dies_at_the_second_validation)
+        with pytest.raises(RuntimeError, match="killed"):
+            train("drive", "unet", profile="smoke", overrides=settings)
+    last = drive_project.root / "models/drive/unet/last.pt"
+    state = read_checkpoint(last)
+    assert state["epoch"] == 1
+    state["log"][-1]["elapsed_seconds"] = 7200.0  # the killed run had used two hours
+    torch.save(state, last)
+    result = train("drive", "unet", profile="smoke", resume=True, overrides={**settings, "max_minutes": 60})
+    assert result.stopped_early and result.epochs == 2
+    log = pd.read_csv(drive_project.root / "models/drive/unet/log.csv")
+    assert list(log["epoch"]) == [1, 2] and list(log["step"]) == [2, 3]  # one step of epoch 2
+    assert log["elapsed_seconds"].iloc[-1] > 7200.0
+
+
 def test_bad_settings_are_named(drive_project: FixtureProject) -> None:
     with pytest.raises(SegpipeError, match="optimizer.name must be one of"):
         resolve_settings("drive", "unet", "smoke", {"optimizer": {"name": "lion"}})

@@ -14,7 +14,8 @@ fp16 with a grad scaler) on CUDA, fp32 on the CPU; channels-last (NHWC) weights 
 optional `torch.compile`. With `max_minutes` the run stops once that wall-clock budget is spent
 and the schedule advances with the larger of the step count and the share of the budget used, so
 the learning rate anneals in time either way (such a run depends on the machine's speed; without
-the budget, runs are deterministic).
+the budget, runs are deterministic). A resumed run continues the budget: the wall time of the
+killed run's checkpointed epochs counts.
 
 Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
 whole validation images; the checkpoint with the best validation Dice is `best.pt`. `last.pt` is
@@ -386,7 +387,9 @@ def train(
     keys = patch_keys(settings)
     fov_key = settings["augment"]["patches"]["fov_key"]
     limit = None if settings["max_minutes"] is None else float(settings["max_minutes"]) * 60
-    stopped_early, spent = False, 0.0  # spent: budget used at the end of the last step (max over ranks)
+    # spent: budget used at the end of the last step (max over ranks); a resumed run goes on with
+    # the wall time its checkpointed epochs used
+    stopped_early, spent = False, previous_elapsed
 
     params = {k: v for k, v in settings.items() if k not in ("augment",)}
     with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network) as tracker:
@@ -436,7 +439,7 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", patches_s=f"{n_steps * patches_per_rank * ctx.world / elapsed:.0f}")
                 if limit is not None:
-                    spent = _max_over_ranks(time.perf_counter() - start, ctx)  # one clock for all ranks
+                    spent = _max_over_ranks(previous_elapsed + time.perf_counter() - start, ctx)  # one clock for all ranks
                     if spent > limit:
                         stopped_early = True
                         break
