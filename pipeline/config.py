@@ -1,14 +1,21 @@
-"""Loading the DVC params files in `configs/`.
+"""The DVC params files in `configs/` and the one set of helpers that validate settings.
 
-Every knob lives in `configs/<name>.yaml` (DVC params). The directory is found from, in order:
-the `SEGPIPE_CONFIG_DIR` environment variable, `./configs` in the working directory (where DVC
-runs the stages), or the `configs/` folder of the source checkout.
+Every knob lives in `configs/<name>.yaml` (DVC params). Only a stage's entry (the function a
+`segpipe` command calls) reads them, with `load_config`; it validates them with the helpers below
+and passes typed values down, so library functions never look a file up. The directory is, in
+order: the `SEGPIPE_CONFIG_DIR` environment variable, `./configs` in the working directory (where
+DVC runs the stages), or the `configs/` folder of the source checkout.
+
+The helpers take a value, the key it came from and `where` (the file and section, e.g.
+"configs/train.yaml: profiles.default"), and raise `ConfigError` naming all three. Numbers must be
+finite: NaN and infinities are refused everywhere.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Mapping, Sequence
 
 import yaml
 
@@ -18,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(SegpipeError, ValueError):
-    """A config file is missing or does not hold what is expected."""
+    """A config file or a setting is missing or does not hold what is expected."""
 
 
 def config_dir() -> Path:
@@ -30,9 +37,14 @@ def config_dir() -> Path:
     return local if local.is_dir() else REPO_ROOT / "configs"
 
 
+def config_path(name: str) -> Path:
+    """`configs/<name>.yaml` in `config_dir()`."""
+    return config_dir() / f"{name}.yaml"
+
+
 def load_config(name: str) -> dict[str, Any]:
     """Read `configs/<name>.yaml` as a dict; a clear error names the file when it is wrong."""
-    path = config_dir() / f"{name}.yaml"
+    path = config_path(name)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (expected a YAML mapping)")
     try:
@@ -47,3 +59,86 @@ def load_config(name: str) -> dict[str, Any]:
 def resolve_path(value: str | os.PathLike[str]) -> Path:
     """A path from a config, relative to the working directory (the repo root under DVC)."""
     return Path(value).expanduser()
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def _bad(where: str, key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{where}: {key} must be {expected}, got {value!r}")
+
+
+def check_keys(section: Any, expected: Collection[str], where: str, optional: Collection[str] = ()) -> dict[str, Any]:
+    """`section` as a dict holding every key of `expected` (those in `optional` may be absent) and no
+    other; the error lists the missing and the unknown keys."""
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with keys {sorted(expected)}, got {section!r}")
+    missing = sorted(set(expected) - set(optional) - set(section))
+    unknown = sorted(set(section) - set(expected))
+    if missing or unknown:
+        raise ConfigError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected {sorted(expected)}")
+    return dict(section)
+
+
+def check_int(value: Any, key: str, where: str, *, minimum: int | None = None, maximum: int | None = None,
+              optional: bool = False) -> int | None:
+    """An integer (not a bool) in [minimum, maximum]; None passes when `optional`."""
+    if value is None and optional:
+        return None
+    bounds = " ".join(part for part in (f">= {minimum}" if minimum is not None else "",
+                                        f"<= {maximum}" if maximum is not None else "") if part)
+    expected = ("null or " if optional else "") + f"an integer {bounds}".rstrip()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(where, key, expected, value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _bad(where, key, expected, value)
+    return value
+
+
+def check_number(value: Any, key: str, where: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> float | None:
+    """A finite number in the interval given by low/high (closed unless `*_open`); None passes when
+    `optional`."""
+    if value is None and optional:
+        return None
+    left = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    right = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    expected = ("null or " if optional else "") + "a finite number" + (f" {left}" if left else "") + (
+        f"{' and' if left else ''} {right}" if right else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(where, key, expected, value)
+    if low is not None and (value <= low if low_open else value < low):
+        raise _bad(where, key, expected, value)
+    if high is not None and (value >= high if high_open else value > high):
+        raise _bad(where, key, expected, value)
+    return float(value)
+
+
+def check_bool(value: Any, key: str, where: str) -> bool:
+    """True or false, nothing else (YAML's yes/no are read as bools already)."""
+    if not isinstance(value, bool):
+        raise _bad(where, key, "true or false", value)
+    return value
+
+
+def check_choice(value: Any, key: str, choices: Sequence[Any], where: str) -> Any:
+    """One of `choices`."""
+    if value not in choices:
+        raise _bad(where, key, f"one of {', '.join(map(str, choices))}", value)
+    return value
+
+
+def check_str(value: Any, key: str, where: str) -> str:
+    """A non-empty string (a path or a name)."""
+    if not isinstance(value, str) or not value:
+        raise _bad(where, key, "a non-empty string", value)
+    return value
+
+
+def check_list(value: Any, key: str, where: str, *, optional: bool = False, nonempty: bool = False) -> list[Any] | None:
+    """A list (or tuple) as a list; None passes when `optional`."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (list, tuple)) or (nonempty and not value):
+        raise _bad(where, key, ("null or " if optional else "") + ("a non-empty list" if nonempty else "a list"), value)
+    return list(value)

@@ -265,7 +265,7 @@ def build_fixture_project(root: Path) -> FixtureProject:
 def prepare_fixture_datasets(project: FixtureProject, datasets: tuple[str, ...] = ("drive",)) -> None:
     """Import the project's archives (`--from`) and prepare them, in the project's working dir."""
     from pipeline.data.download import download_dataset
-    from pipeline.data.prepare import prepare_dataset
+    from pipeline.preprocessing.prepare import prepare_dataset
 
     for dataset in datasets:
         download_dataset(dataset, from_paths=[str(p) for p in project.archives[dataset]])

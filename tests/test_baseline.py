@@ -13,13 +13,15 @@ import torch
 from monai.data import CacheDataset, DataLoader
 
 from pipeline.data.io import write_volume
-from pipeline.engine.baseline import (
+from pipeline.bench.baseline import (
     baseline_transforms,
     evaluate_probabilities,
     predict_baseline,
     train_baseline,
 )
-from pipeline.engine.data import PreparedDataset, open_prepared, preprocess
+from pipeline.config import load_config
+from pipeline.data.prepared import PreparedDataset, open_prepared
+from pipeline.transforms.presets import preprocess
 from pipeline.errors import SegpipeError
 
 SHAPE = (72, 68)  # not a multiple of 16, smaller than the 128² inference window
@@ -65,6 +67,11 @@ def make_prepared(root: Path, splits: dict[str, int], seed: int = 0) -> Prepared
     return open_prepared("drive", root=root)
 
 
+def _augment() -> dict:
+    """The DRIVE preprocessing of configs/augment.yaml."""
+    return dict(load_config("augment")["drive"])
+
+
 @pytest.fixture
 def prepared(tmp_path: Path) -> PreparedDataset:
     return make_prepared(tmp_path / "drive", {"train": 3, "val": 2, "test": 2})
@@ -74,7 +81,7 @@ def lookup_predictor(dataset: PreparedDataset, maps: dict[str, np.ndarray]) -> C
     """A predictor returning `maps[case]` for the normalised image of that case (and failing otherwise)."""
     by_image = {}
     for case, probs in maps.items():
-        image = preprocess(dataset.name, dataset.load(case)["image"])
+        image = preprocess(dataset.name, dataset.load(case)["image"], _augment())
         by_image[hashlib.sha256(image.tobytes()).hexdigest()] = probs
     return lambda image: by_image[hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()]
 
@@ -91,7 +98,8 @@ def _fovs(dataset: PreparedDataset, split: str) -> dict[str, np.ndarray]:
 
 
 def _train(prepared: PreparedDataset, seed: int = 0, steps: int = 3):
-    return train_baseline(prepared, 3600.0, seed=seed, batch_size=8, patch=32, max_steps=steps, progress=False)
+    return train_baseline(prepared, 3600.0, seed=seed, batch_size=8, patch=32, max_steps=steps, progress=False,
+                          augment=_augment())
 
 
 def test_baseline_trains_steps_and_is_deterministic(prepared: PreparedDataset) -> None:
@@ -108,7 +116,7 @@ def test_baseline_learns_bright_vessels(prepared: PreparedDataset) -> None:
     scores = {}
     for steps in (1, 40):
         result = _train(prepared, steps=steps)
-        out = evaluate_probabilities(prepared, lambda image: predict_baseline(result.model, image))
+        out = evaluate_probabilities(prepared, lambda image: predict_baseline(result.model, image), augment=_augment())
         scores[steps] = (result.final_loss, out["auc"], out["at_val"]["f1"])
     assert scores[40][0] < scores[1][0] - 0.3
     assert scores[40][1] > 0.99 and scores[40][2] > 0.95 and scores[1][2] < 0.8
@@ -116,7 +124,7 @@ def test_baseline_learns_bright_vessels(prepared: PreparedDataset) -> None:
 
 def test_predict_baseline_gives_probabilities_of_the_image_size(prepared: PreparedDataset) -> None:
     model = _train(prepared, steps=1).model
-    image = preprocess("drive", prepared.load("test_00")["image"])
+    image = preprocess("drive", prepared.load("test_00")["image"], _augment())
     probs = predict_baseline(model, image)
     assert probs.shape == SHAPE and probs.dtype == np.float32
     assert probs.min() >= 0 and probs.max() <= 1
@@ -125,7 +133,7 @@ def test_predict_baseline_gives_probabilities_of_the_image_size(prepared: Prepar
 
 
 def test_random_part_leaves_the_cache_untouched(prepared: PreparedDataset) -> None:
-    items = [{"image": preprocess("drive", c["image"]), "label": c["label"].astype(np.float32)}
+    items = [{"image": preprocess("drive", c["image"], _augment()), "label": c["label"].astype(np.float32)}
              for c in prepared.load_split("train")]
     dataset = CacheDataset(items, baseline_transforms(32, 4), progress=False, copy_cache=False)
     before = [(d["image"].clone(), d["label"].clone()) for d in dataset._cache]
@@ -139,11 +147,11 @@ def test_random_part_leaves_the_cache_untouched(prepared: PreparedDataset) -> No
 
 def test_baseline_rejects_bad_settings(prepared: PreparedDataset) -> None:
     with pytest.raises(SegpipeError, match="multiple of 16"):
-        train_baseline(prepared, 10.0, patch=40, progress=False)
+        train_baseline(prepared, 10.0, patch=40, progress=False, augment=_augment())
     with pytest.raises(SegpipeError, match="train split has 3"):
-        train_baseline(prepared, 10.0, batch_size=32, patch=32, progress=False)  # 8 images per batch
+        train_baseline(prepared, 10.0, batch_size=32, patch=32, progress=False, augment=_augment())  # 8 images
     with pytest.raises(SegpipeError, match="seconds > 0"):
-        train_baseline(prepared, 0.0, progress=False)
+        train_baseline(prepared, 0.0, progress=False, augment=_augment())
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -155,7 +163,7 @@ def test_oracle_scores_one_and_ignores_pixels_outside_the_fov(prepared: Prepared
         fovs = _fovs(prepared, split)
         for case, label in _labels(prepared, split).items():
             maps[case] = np.where(fovs[case], label, 1.0).astype(np.float32)  # wrong outside the FOV
-    out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps))
+    out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), augment=_augment())
     assert out["images"] == 2 and out["pixels"] == sum(f.sum() for f in _fovs(prepared, "test").values())
     assert out["auc"] == 1.0
     for key in ("at_0.5", "at_val"):
@@ -165,7 +173,8 @@ def test_oracle_scores_one_and_ignores_pixels_outside_the_fov(prepared: Prepared
 
 
 def test_constant_predictor_has_auc_one_half(prepared: PreparedDataset) -> None:
-    out = evaluate_probabilities(prepared, lambda image: np.full(image.shape[1:], 0.3, np.float32), val_threshold=False)
+    out = evaluate_probabilities(prepared, lambda image: np.full(image.shape[1:], 0.3, np.float32),
+                                 val_threshold=False, augment=_augment())
     assert out["auc"] == 0.5
     assert out["at_0.5"]["f1"] == 0.0 and out["at_0.5"]["sensitivity"] == 0.0 and out["at_0.5"]["specificity"] == 1.0
     assert "at_val" not in out
@@ -178,7 +187,7 @@ def test_threshold_is_picked_on_validation_not_test(prepared: PreparedDataset) -
     for case, label in _labels(prepared, "test").items():
         distract = (np.arange(label.size).reshape(label.shape) % 7 == 0) & (label == 0)
         maps[case] = np.where(label > 0, 0.8, np.where(distract, 0.25, 0.1)).astype(np.float32)
-    out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps))
+    out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), augment=_augment())
     assert out["at_val"]["threshold"] == pytest.approx(0.2) and out["at_val"]["val_f1"] == 1.0
     assert out["at_0.5"]["f1"] == 1.0
     assert 0 < out["at_val"]["f1"] < 0.9 and out["at_val"]["sensitivity"] == 1.0
@@ -190,7 +199,7 @@ def test_pooled_f1_differs_from_mean_per_image_dice(prepared: PreparedDataset) -
     labels = _labels(prepared, "test")
     first, second = sorted(labels)
     maps = {first: labels[first].astype(np.float32), second: np.zeros(SHAPE, np.float32)}
-    out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False)
+    out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False, augment=_augment())
     fovs = _fovs(prepared, "test")
     tp = int((labels[first] > 0)[fovs[first]].sum())
     fn = int((labels[second] > 0)[fovs[second]].sum())
@@ -210,7 +219,7 @@ def test_pooled_f1_differs_from_mean_per_image_dice(prepared: PreparedDataset) -
 )
 def test_bad_predictions_are_rejected(prepared: PreparedDataset, bad: Callable, message: str) -> None:
     with pytest.raises(SegpipeError, match=message):
-        evaluate_probabilities(prepared, bad)
+        evaluate_probabilities(prepared, bad, augment=_augment())
 
 
 def test_softmax_and_channel_outputs_are_read_as_foreground(prepared: PreparedDataset) -> None:
@@ -218,14 +227,12 @@ def test_softmax_and_channel_outputs_are_read_as_foreground(prepared: PreparedDa
     two = {case: np.stack([1.0 - label, label]).astype(np.float32) for case, label in labels.items()}
     one = {case: label[None].astype(np.float32) for case, label in labels.items()}
     for maps in (two, one):
-        out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False)
+        out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False, augment=_augment())
         assert out["at_0.5"]["f1"] == 1.0 and out["auc"] == 1.0
 
 
 def test_scoring_normalises_with_the_recorded_augment_section(prepared: PreparedDataset) -> None:
-    from pipeline.transforms.presets import preset
-
-    current = preset("drive")
+    current = _augment()
     custom = {**current, "normalize": "percentile" if current["normalize"] == "zscore" else "zscore"}
     result = train_baseline(prepared, 3600.0, batch_size=8, patch=32, max_steps=1, augment=custom, progress=False)
     assert result.augment == custom
@@ -238,4 +245,4 @@ def test_scoring_normalises_with_the_recorded_augment_section(prepared: Prepared
     evaluate_probabilities(prepared, record, val_threshold=False, augment=result.augment)
     raw = prepared.load("test_00")["image"]
     assert np.array_equal(seen[0], preprocess("drive", raw, custom))
-    assert not np.allclose(seen[0], preprocess("drive", raw))  # the config's normalisation differs
+    assert not np.allclose(seen[0], preprocess("drive", raw, _augment()))  # the config's normalisation differs

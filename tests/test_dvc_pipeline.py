@@ -1,5 +1,6 @@
 """End to end: `dvc repro` of the whole pipeline (smoke profile) in a temporary copy of the repo,
-against the fixture datasets served on 127.0.0.1; then MLflow and `dvc metrics`/`dvc plots`."""
+against the fixture datasets served on 127.0.0.1; then MLflow and `dvc metrics`/`dvc plots`, and a
+forced re-run of one training beside a CPU burner that must give the same weights and metrics."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from fixtures import REPO_ROOT, FixtureProject, Mirror
@@ -93,3 +95,30 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
     assert '"prepare@drive" -> "train@drive-unet"' in dag.stdout
     assert '"train@hela-u2net" -> "evaluate@hela-u2net"' in dag.stdout
     assert '"evaluate@u373-unetpp" -> "report"' in dag.stdout
+
+    # The same numbers twice: a forced re-run of one training and its evaluation, this time with a
+    # process burning a CPU beside it, gives bit-identical weights and identical metrics.
+    before = _weights_and_metrics(repo, "drive", "unet")
+    burner = subprocess.Popen([sys.executable, "-c", BURNER])
+    try:
+        again = _dvc(["repro", "-f", "train@drive-unet", "evaluate@drive-unet"], repo, env)
+    finally:
+        burner.kill()
+        burner.wait()
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "Running stage 'train@drive-unet'" in again.stdout
+    after = _weights_and_metrics(repo, "drive", "unet")
+    assert after[1] == before[1]  # metrics.json holds no timing: every value is equal
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]), "weights differ"
+
+
+BURNER = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end:\n    pass\n"
+"""Busy-loops one CPU for at most 10 minutes (the test kills it sooner)."""
+
+
+def _weights_and_metrics(repo: Path, dataset: str, network: str) -> tuple[dict, dict]:
+    from pipeline.networks import read_checkpoint
+
+    state = read_checkpoint(repo / "models" / dataset / network / "best.pt")["state_dict"]
+    return state, json.loads((repo / "results" / dataset / network / "metrics.json").read_text())

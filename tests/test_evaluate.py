@@ -19,14 +19,20 @@ import yaml
 from fixtures import FlipAveraged
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.io import write_volume
-from pipeline.data.prepare import separate_touching
-from pipeline.engine import evaluate as ev
-from pipeline.engine.data import open_prepared, preprocess
+from pipeline.preprocessing.prepare import separate_touching
+from pipeline.evaluation import evaluate as ev
+from pipeline.data.prepared import open_prepared
+from pipeline.evaluation.heads import multi_head_scores
+from pipeline.evaluation.overlays import overlay
+from pipeline.inference import inference_network
+from pipeline.networks.u2net import U2NetSides
+from pipeline.transforms.presets import preprocess
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, predict
 from pipeline.metrics import (
     best_f1_threshold,
     confusion,
+    foreground,
     label_instances,
     mae,
     max_f_beta,
@@ -157,7 +163,7 @@ def fake_predict(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[..., np.nda
 
 
 def cases(dataset: str, split: str) -> list[dict[str, Any]]:
-    return open_prepared(dataset).load_split(split)
+    return open_prepared(dataset, Path("data/prepared") / dataset).load_split(split)
 
 
 def scores_of(dataset: str, case: dict[str, Any], fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -183,7 +189,9 @@ def test_oracle_gives_perfect_scores_and_all_files(drive: Path, monkeypatch: pyt
     m = ev.evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
     assert len(seen) == 5 and all(a == augment("drive") for a in seen)  # the checkpoint's preprocessing
     out = drive / "results" / "drive" / "unet"
-    assert json.loads((out / "metrics.json").read_text()) == m
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"inference_seconds", "seconds"} and all(v > 0 for v in timings.values())
+    assert {**json.loads((out / "metrics.json").read_text()), **timings} == m  # no timing in metrics.json
     for key in ("dice", "iou", "pooled_f1", "mean_f1", "pooled_auc", "mean_auc", "pooled_accuracy",
                 "pooled_sensitivity", "pooled_specificity", "dice_best", "pooled_f1_best", "maxf"):
         assert m[key] == pytest.approx(1.0), key
@@ -308,7 +316,7 @@ def test_real_network_end_to_end_and_report(drive: Path) -> None:
     assert run.info.status == "FINISHED" and run.data.metrics["test_dice"] == pytest.approx(m["dice"])
     assert run.data.metrics["test_iou"] == pytest.approx(m["iou"])
 
-    from pipeline.engine.report import report
+    from pipeline.evaluation.report import report
 
     md = report(drive / "results", models_dir=drive / "models").read_text()
     assert f"| drive | unet | unet | {m['dice']:.4f} | {m['iou']:.4f} |" in md
@@ -353,15 +361,15 @@ def test_u2net_side_outputs_and_fused(work: Path) -> None:
     settings = load_settings(tile=SIZE, intensity="none")
     c = cases("drive", "test")[0]
     x = preprocess("drive", c["image"], augment("drive"))
-    heads_net = ev.U2NetHeads(model)
-    per_head = ev.u2net_head_scores(heads_net, x, settings)
+    heads_net = U2NetSides(model)
+    per_head = multi_head_scores(inference_network(heads_net, settings), x, settings, 7)
     assert per_head.shape == (7, SIZE, SIZE)
     # the fused channel is the network's eval output through the project's predict, also with
     # several blended windows (48 on 64: overlapping, the last one shifted back) and flip TTA
     np.testing.assert_allclose(per_head[6], predict(model, x, settings=settings)[0], atol=1e-4)
     blended = load_settings(tile=48, overlap=0.5, intensity="none")
     flipped = load_settings(blended, tta=["h", "hv"])
-    np.testing.assert_allclose(ev.u2net_head_scores(heads_net, x, flipped)[6],
+    np.testing.assert_allclose(multi_head_scores(inference_network(heads_net, flipped), x, flipped, 7)[6],
                                predict(FlipAveraged(model, [(-1,), (-2, -1)]), x, settings=blended)[0], atol=1e-4)
     # the six side channels are exactly what the fuse conv combines (order S1..S6), eval-mode BN
     with torch.inference_mode():
@@ -410,25 +418,27 @@ def test_failure_marks_run_failed_and_writes_nothing(work: Path) -> None:
 
 def test_config_is_checked(work: Path) -> None:
     set_eval_config(work, threshold=1.5)
-    with pytest.raises(SegpipeError, match=r"evaluate\.yaml: threshold must be a number in \(0, 1\)"):
-        ev.evaluate_config()
+    with pytest.raises(SegpipeError, match=r"evaluate\.yaml: threshold must be a finite number > 0 and < 1"):
+        ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
     set_eval_config(work, threshold=0.5, overlays=-1)
     with pytest.raises(SegpipeError, match="overlays"):
-        ev.evaluate_config()
+        ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
+    with pytest.raises(SegpipeError, match="overlays"):  # the stage reads the file and stops before any work
+        ev.evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
 
 
 def test_foreground_of_softmax_outputs() -> None:
     probs = np.array([[[0.7, 0.1]], [[0.2, 0.3]], [[0.1, 0.6]]], np.float32)  # K = 3, background first
-    np.testing.assert_allclose(ev.foreground(probs), [[0.3, 0.9]], atol=1e-6)
-    np.testing.assert_allclose(ev.foreground(probs[1:2]), [[0.2, 0.3]])
+    np.testing.assert_allclose(foreground(probs), [[0.3, 0.9]], atol=1e-6)
+    np.testing.assert_allclose(foreground(probs[1:2]), [[0.2, 0.3]])
 
 
 def test_overlay_colours() -> None:
     image = np.zeros((1, 2, 2), np.uint16)
     pred = np.array([[1, 1], [0, 0]], bool)
     label = np.array([[1, 0], [1, 0]], bool)
-    rgb = ev.overlay(image, pred, label)
+    rgb = overlay(image, pred, label)
     assert rgb[0, 0].argmax() == 1 and rgb[0, 1].argmax() == 0 and rgb[1, 0].argmax() == 2
     assert (rgb[1, 1] == 0).all()
-    masked = ev.overlay(image, pred, label, mask=np.array([[0, 1], [1, 1]], bool))
+    masked = overlay(image, pred, label, mask=np.array([[0, 1], [1, 1]], bool))
     assert (masked[0, 0] == 0).all()

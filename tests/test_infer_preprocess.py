@@ -1,5 +1,5 @@
 """`segpipe infer` applies the preprocessing the checkpoint records: `PreprocessedReader` equals
-`pipeline.engine.data.preprocess` band by band, and `predict_file` on a file equals `predict` on the
+`pipeline.transforms.presets.preprocess` band by band, and `predict_file` on a file equals `predict` on the
 preprocessed image (infer == evaluate); `preprocess: intensity` keeps the old behaviour."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tifffile
 import torch
 from torch import nn
 
-from pipeline.engine.data import preprocess
+from pipeline.transforms.presets import preprocess
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, optimize_network, predict, predict_file
 from pipeline.inference.preprocessing import PreprocessedReader, histogram_percentile
@@ -255,16 +255,16 @@ def test_settings_validate_the_new_keys():
     assert settings.preprocess in ("checkpoint", "intensity") and settings.preprocess_max_megapixels > 0
     with pytest.raises(SegpipeError, match="preprocess must be one of checkpoint, intensity"):
         load_settings(None, preprocess="auto")
-    for bad in (0, -1, True):
-        with pytest.raises(SegpipeError, match="preprocess_max_megapixels must be a positive number"):
+    for bad in (0, -1, True, float("nan"), float("inf")):
+        with pytest.raises(SegpipeError, match="preprocess_max_megapixels must be a finite number > 0"):
             load_settings(None, preprocess_max_megapixels=bad)
 
 
 def test_cli_passes_preprocess(monkeypatch):
-    import pipeline.inference.streaming as streaming
+    import pipeline.inference.stage as stage
     from pipeline.cli import main
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(streaming, "infer_files", lambda *a, **kw: seen.update(kw) or [])
+    monkeypatch.setattr(stage, "infer_files", lambda *a, **kw: seen.update(kw) or [])
     assert main(["infer", "--model", "m.pt", "--input", "x.tif", "--output", "out", "--preprocess", "intensity"]) == 0
-    assert seen["preprocess"] == "intensity"
+    assert seen["settings"] == load_settings(stage.config_settings(), preprocess="intensity")  # the file, then the flag

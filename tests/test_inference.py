@@ -10,9 +10,17 @@ from torch import nn
 
 from fixtures import FlipAveraged
 from pipeline.errors import SegpipeError
-from pipeline.inference import load_settings, optimize_network, plan_tiles, predict
+from pipeline.inference import (
+    InferenceSettings,
+    load_settings,
+    optimize_network,
+    output_period,
+    plan_tiles,
+    predict,
+    settings_from_config,
+    source_index,
+)
 from pipeline.inference.optimize import count_batch_norm, fold_batch_norm, inplace_activations
-from pipeline.inference.sliding import output_period, source_index
 
 torch.set_num_threads(1)
 
@@ -322,16 +330,22 @@ def test_inplace_activations_only_where_safe():
         np.testing.assert_allclose(graph(x).numpy(), net(x).numpy(), atol=1e-5)
 
 
-def test_settings_come_from_config_and_are_validated():
+def test_settings_default_overridden_and_validated():
     settings = load_settings()
-    assert settings.blend in ("gaussian", "constant") and settings.tile >= 1
-    assert load_settings(None, tile=64, tta=["h"]).tile == 64
+    assert settings == InferenceSettings() and settings.blend in ("gaussian", "constant") and settings.tile >= 1
+    assert load_settings(None, tile=64, tta=["h"]) == InferenceSettings(tile=64, tta=("h",))
+    base = InferenceSettings(tile=128, blend="constant")
+    assert load_settings(base, overlap=0.5, tile=None) == InferenceSettings(tile=128, blend="constant", overlap=0.5)
     with pytest.raises(SegpipeError, match="blend"):
         load_settings(None, blend="linear")
     with pytest.raises(SegpipeError, match="overlap"):
         load_settings(None, overlap=1.0)
     with pytest.raises(SegpipeError, match="tta"):
         load_settings(None, tta=["diagonal"])
+    with pytest.raises(SegpipeError, match="inference arguments: overlap must be a finite number"):
+        load_settings(None, overlap=float("nan"))
+    with pytest.raises(SegpipeError, match="unknown inference setting.*tile_size"):
+        load_settings(None, tile_size=64)
 
 
 def test_bad_input_for_predict():
@@ -348,23 +362,97 @@ def test_bad_input_for_predict():
         predict(nn.Conv2d(3, 2, 3, padding=1), _rand((3, 20, 20), seed=0), tile=16)
 
 
-def test_config_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
+def _shipped_config() -> dict:
     import yaml
 
     from pipeline.config import REPO_ROOT
 
-    data = yaml.safe_load((REPO_ROOT / "configs" / "inference.yaml").read_text())
+    return yaml.safe_load((REPO_ROOT / "configs" / "inference.yaml").read_text())
+
+
+def test_config_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
+    """The stage entry reads configs/inference.yaml from SEGPIPE_CONFIG_DIR; errors name the file."""
+    import yaml
+
+    from pipeline.inference.stage import config_settings
+
+    data = _shipped_config()
     monkeypatch.setenv("SEGPIPE_CONFIG_DIR", str(tmp_path))
+    (tmp_path / "inference.yaml").write_text(yaml.safe_dump({**data, "tile": 64}))
+    assert config_settings() == InferenceSettings(tile=64)
     (tmp_path / "inference.yaml").write_text(yaml.safe_dump({**data, "tile_size": 3}))
-    with pytest.raises(SegpipeError, match=r"inference.yaml: unknown key\(s\) tile_size"):
-        load_settings()
+    with pytest.raises(SegpipeError, match=r"inference.yaml: missing keys \[\], unknown keys \['tile_size'\]"):
+        config_settings()
     del data["blend"]
     (tmp_path / "inference.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(SegpipeError, match=r"inference.yaml: missing key\(s\) blend"):
-        load_settings()
+    with pytest.raises(SegpipeError, match=r"inference.yaml: missing keys \['blend'\], unknown keys \[\]"):
+        config_settings()
     (tmp_path / "inference.yaml").write_text(yaml.safe_dump({**data, "blend": "median"}))
     with pytest.raises(SegpipeError, match="inference.yaml: blend must be one of gaussian, constant"):
-        load_settings()
+        config_settings()
+
+
+def test_settings_from_config_names_the_file_and_the_key():
+    where = "configs/inference.yaml"
+    data = _shipped_config()
+    assert settings_from_config(data, where) == InferenceSettings()
+    missing = {k: v for k, v in data.items() if k != "overlap"}
+    with pytest.raises(SegpipeError, match=r"configs/inference.yaml: missing keys \['overlap'\]"):
+        settings_from_config(missing, where)
+    with pytest.raises(SegpipeError, match=r"configs/inference.yaml: .*unknown keys \['overlapp'\]"):
+        settings_from_config({**data, "overlapp": 0.5}, where)
+    with pytest.raises(SegpipeError, match=r"configs/inference.yaml: overlap must be a finite number.*got nan"):
+        settings_from_config({**data, "overlap": float("nan")}, where)
+    with pytest.raises(SegpipeError, match=r"configs/inference.yaml: sigma_scale must be a finite number.*got inf"):
+        settings_from_config({**data, "sigma_scale": float("inf")}, where)
+    # a section's keys stay in their section: the error names the section and the key
+    graph = {k: v for k, v in data["graph"].items() if k != "compile"}
+    with pytest.raises(SegpipeError, match=r"configs/inference.yaml: graph: missing keys \['compile'\]"):
+        settings_from_config({**data, "graph": graph}, where)
+    with pytest.raises(SegpipeError, match=r"configs/inference.yaml: .*unknown keys \['threshold'\]"):
+        settings_from_config({**data, "threshold": 0.5}, where)
+    with pytest.raises(SegpipeError, match=r"configs/inference.yaml: output: .*unknown keys \['tile'\]"):
+        settings_from_config({**data, "output": {**data["output"], "tile": 64}}, where)
+    with pytest.raises(SegpipeError, match="configs/inference.yaml: threshold must be a finite number"):
+        settings_from_config({**data, "output": {**data["output"], "threshold": float("nan")}}, where)
+    assert settings_from_config({**data, "tta": None}, where).tta == ()
+    assert settings_from_config({**data, "tta": ["h", "tv"]}, where).tta == ("h", "tv")
+
+
+def test_library_defaults_equal_the_shipped_params():
+    """configs/inference.yaml (DVC params) and `InferenceSettings()` must not drift apart."""
+    from dataclasses import asdict
+
+    shipped = asdict(settings_from_config(_shipped_config(), "configs/inference.yaml"))
+    assert shipped == asdict(InferenceSettings())
+
+
+def test_only_the_stage_entry_reads_configs():
+    """Configuration at the edge: no module of pipeline.inference but `stage` calls load_config,
+    config_path or config_dir (nor imports them)."""
+    import ast
+    from pathlib import Path
+
+    import pipeline.inference as package
+
+    readers = {"load_config", "config_dir", "config_path"}
+    offenders, stage_calls = [], set()
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            name = None
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+            elif isinstance(node, ast.ImportFrom):
+                name = next((a.name for a in node.names if a.name in readers), None)
+            if name in readers:
+                if path.name == "stage.py":
+                    stage_calls.add(name)
+                else:
+                    offenders.append(f"{path.name}:{node.lineno} {name}")
+    assert not offenders, offenders
+    assert "load_config" in stage_calls  # the test looks at the right thing
 
 
 def test_flip_tta_with_one_output_channel():

@@ -1,7 +1,7 @@
 """`segpipe bench infer` runs end to end on a tiny image (a smoke test: no timing is asserted)."""
 from __future__ import annotations
 
-from pipeline.inference.bench import run_benchmark, synthetic_image
+from pipeline.bench.inference import run_benchmark, synthetic_image
 
 
 def test_bench_infer_smoke(tmp_path, capsys):

@@ -9,14 +9,9 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.losses import DiceLoss
 
-from pipeline.engine import (
-    LOSS_DEFAULTS,
-    DeepSupervisionLoss,
-    SegmentationLoss,
-    SoftDiceLoss,
-    build_loss,
-    weighted_cross_entropy,
-)
+from pipeline.networks import build_network
+from pipeline.training.losses import LOSS_DEFAULTS, SegmentationLoss, SoftDiceLoss, weighted_cross_entropy
+from pipeline.training.supervision import DeepSupervisionLoss, build_loss
 from pipeline.errors import SegpipeError
 
 torch.set_num_threads(1)
@@ -191,13 +186,13 @@ def test_unetpp_averages_heads_u2net_sums_them():
     per_head = SegmentationLoss()
     heads = _heads(3)
     single = [per_head(h, target, weight, mask).item() for h in heads]
-    unetpp = build_loss("unetpp")
+    unetpp = build_loss(network=_net("unetpp"))
     assert unetpp.mode == "mean"
     assert unetpp((heads[0], heads[1:]), target, weight, mask).item() == pytest.approx(sum(single) / 4)
     heads = _heads(6)
     single = [per_head(h, target, weight, mask).item() for h in heads]
-    u2net = build_loss("u2net")
-    assert u2net.mode == "sum" and build_loss("u2netp").mode == "sum"
+    u2net = build_loss(network=_net("u2netp"))
+    assert u2net.mode == "sum" and build_loss(network=_net("u2net")).mode == "sum"
     total = u2net((heads[0], heads[1:]), target, weight, mask)
     assert total.item() == pytest.approx(sum(single))
     total.backward()
@@ -210,25 +205,27 @@ def test_head_weights_main_mode_and_plain_outputs():
     single = [SegmentationLoss()(h, target).item() for h in heads]
     weights = [2.0, 1.0, 0.5]
     output = (heads[0], heads[1:])
-    assert build_loss("u2net", {"head_weights": weights})(output, target).item() == pytest.approx(
+    assert build_loss({"head_weights": weights, "deep_supervision": "sum"})(output, target).item() == pytest.approx(
         sum(w * l for w, l in zip(weights, single))
     )
-    assert build_loss("unetpp", {"head_weights": weights})(output, target).item() == pytest.approx(
+    assert build_loss({"head_weights": weights})(output, target).item() == pytest.approx(
         sum(w * l for w, l in zip(weights, single)) / sum(weights)
     )
-    main_only = build_loss("unetpp", {"deep_supervision": "main"})
+    main_only = build_loss({"deep_supervision": "main"}, network=_net("unetpp"))
     loss = main_only(output, target)
     assert loss.item() == pytest.approx(single[0])
     loss.backward()
     assert heads[1].grad is None and heads[0].grad is not None
     # eval() output (a tensor) and U-Net's (main, []) give the main head's loss in every mode.
-    for name in ("unet", "unetpp", "u2net"):
-        assert build_loss(name)(heads[0], target).item() == pytest.approx(single[0])
-        assert build_loss(name)((heads[0], []), target).item() == pytest.approx(single[0])
+    for name in ("unet", "unetpp", "u2netp"):
+        assert build_loss(network=_net(name))(heads[0], target).item() == pytest.approx(single[0])
+        assert build_loss(network=_net(name))((heads[0], []), target).item() == pytest.approx(single[0])
     with pytest.raises(SegpipeError, match="3 entries but the network output has 4 heads"):
-        build_loss("unetpp", {"head_weights": weights})((heads[0], heads), target)
+        build_loss({"head_weights": weights})((heads[0], heads), target)
+    with pytest.raises(SegpipeError, match=r"head_weights has 3 entries, network u2netp has 7 heads \['fused', 'S1'"):
+        build_loss({"head_weights": weights}, network=_net("u2netp"))
     with pytest.raises(SegpipeError, match="auxiliary head 1 has shape"):
-        build_loss("unetpp")((heads[0], [heads[1][..., :4, :4]]), target)
+        build_loss(network=_net("unetpp"))((heads[0], [heads[1][..., :4, :4]]), target)
     with pytest.raises(SegpipeError, match="network output"):
         DeepSupervisionLoss(SegmentationLoss())([heads[0]], target)
 
@@ -238,8 +235,8 @@ def test_build_loss_config_validation():
         "ce_weight", "dice_weight", "ce_normalization", "dice_include_background", "dice_batch",
         "dice_smooth", "deep_supervision", "head_weights",
     }
-    with pytest.raises(SegpipeError, match=r"configs/x.yaml: loss: unknown key\(s\) \['dice_wieght'\]; valid keys"):
-        build_loss("unet", {"dice_wieght": 1}, source="configs/x.yaml: loss")
+    with pytest.raises(SegpipeError, match=r"configs/x.yaml: loss: missing keys \[\], unknown keys \['dice_wieght'\]"):
+        build_loss({"dice_wieght": 1}, source="configs/x.yaml: loss")
     bad = [
         {"ce_weight": -1},
         {"ce_weight": "1"},
@@ -252,13 +249,18 @@ def test_build_loss_config_validation():
         {"head_weights": [1, -1]},
         {"head_weights": "1"},
         {"deep_supervision": "main", "head_weights": [1, 1]},
+        {"ce_weight": float("nan")},
+        {"dice_smooth": float("inf")},
     ]
     for config in bad:
         with pytest.raises(SegpipeError):
-            build_loss("unetpp", config)
-    with pytest.raises(SegpipeError, match="does not know network 'segnet'"):
-        build_loss("segnet")
-    assert build_loss("segnet", {"deep_supervision": "sum"}).mode == "sum"
+            build_loss(config, network=_net("unetpp"))
+    assert build_loss({"deep_supervision": "sum"}, network=_net("unetpp")).mode == "sum"  # the config wins
+
+
+def _net(name: str):
+    """A small instance of a registry network: the loss reads only its heads contract."""
+    return build_network(name, 1, 1, **({"base_width": 2} if name in ("unet", "unetpp") else {}))
 
 
 def test_gradients_finite_with_extreme_logits_and_gradcheck():

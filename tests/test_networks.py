@@ -11,22 +11,23 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.config import load_config
 from pipeline.errors import SegpipeError
 from pipeline.networks import (
     CHECKPOINT_FORMAT,
-    NETWORK_NAMES,
     average_heads,
     build_network,
     config_keys,
     load_model,
     network_config,
+    network_names,
     save_checkpoint,
     unet_halo,
     unet_input_size,
     unet_output_size,
     unet_valid_output_size,
 )
-from pipeline.networks.bench import count_conv_calls
+from pipeline.bench.networks import count_conv_calls
 
 torch.set_num_threads(1)
 
@@ -322,19 +323,20 @@ def test_registry_errors_list_valid_choices():
         build_network("unetpp", 1, 1, prune_level=5)
     with pytest.raises(SegpipeError, match="out_channels"):
         build_network("u2netp", 1, 0)
-    assert set(NETWORK_NAMES) == {"unet", "unetpp", "u2net", "u2netp"}
+    assert {"unet", "unetpp", "u2net", "u2netp"} <= set(network_names())
 
 
 @pytest.mark.parametrize("preset", ["default", "paper"])
 def test_config_presets_build(preset):
-    for name in NETWORK_NAMES:
-        config = network_config(name, preset)
+    presets = load_config("networks")
+    for name in ("unet", "unetpp", "u2net", "u2netp"):
+        config = network_config(presets, name, preset, "configs/networks.yaml")
         assert set(config) <= set(config_keys(name))
         with torch.device("meta"):
             model = build_network(name, 1, 2, **config)
         assert set(model.config) == set(config_keys(name))
         assert all(model.config[key] == value for key, value in config.items())
-    paper_unet = network_config("unet", "paper")
+    paper_unet = network_config(presets, "unet", "paper", "configs/networks.yaml")
     assert (paper_unet["padding"], paper_unet["base_width"]) == ("valid", 64)
 
 
@@ -346,7 +348,7 @@ def test_bench_cli_is_registered():
 
 
 def test_bench_measures_in_process():
-    from pipeline.networks.bench import Case, measure
+    from pipeline.bench.networks import Case, measure
 
     case = Case("tiny", "segpipe", "unet", dict(base_width=2, depth=2))
     result = measure(case, "backward", 16, 1, 1, (1, 2))

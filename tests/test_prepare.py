@@ -11,7 +11,7 @@ import pytest
 from fixtures import FixtureProject, ctc_members, disk_instances, drive_members, sha256, write_zip
 from pipeline.data.io import read_volume
 from pipeline.data.manifest import write_file_manifest
-from pipeline.data.prepare import prepare_dataset, separate_touching
+from pipeline.preprocessing.prepare import prepare_dataset, separate_touching
 from pipeline.errors import SegpipeError
 
 

@@ -10,8 +10,9 @@ from monai.data import CacheDataset, DataLoader, Dataset
 
 from pipeline.config import load_config
 from pipeline.errors import SegpipeError
-from pipeline.engine.data import preprocess
+from pipeline.transforms.presets import preprocess
 from pipeline.transforms import build_preprocess_transforms, build_train_transforms
+from pipeline.transforms.presets import preset_section
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,7 @@ def _case(dataset: str, seed: int = 0, size: tuple[int, int] = (90, 80)) -> dict
 @pytest.mark.parametrize("dataset", ["drive", "hela", "u373"])
 @pytest.mark.parametrize("halo", [0, 30])
 def test_chain_outputs(dataset: str, halo: int) -> None:
-    chain = build_train_transforms(dataset, halo=halo, patch_size=24)
+    chain = build_train_transforms(dataset, halo=halo, patch_size=24, config=load_config("augment")[dataset])
     chain.set_random_state(0)
     out = chain(_case(dataset))
     n = load_config("augment")[dataset]["patches"]["num_samples"]
@@ -78,7 +79,7 @@ def _batches(loader: DataLoader, seed: int = 1234) -> list[torch.Tensor]:
 
 def test_same_seed_same_patches_with_workers() -> None:
     data = [_case("drive", seed=i) for i in range(4)]
-    chain = build_train_transforms("drive", halo=8, patch_size=16)
+    chain = build_train_transforms("drive", halo=8, patch_size=16, config=load_config("augment")["drive"])
     for dataset in (Dataset(data, chain), CacheDataset(data, chain, progress=False)):
         loader = DataLoader(dataset, batch_size=2, num_workers=2)
         first, second, other = _batches(loader), _batches(loader), _batches(loader, seed=99)
@@ -88,9 +89,9 @@ def test_same_seed_same_patches_with_workers() -> None:
 
 def test_preprocess_normalises() -> None:
     img = _case("hela")["image"]
-    out = build_preprocess_transforms("hela")({"image": img})["image"]
+    out = build_preprocess_transforms("hela", load_config("augment")["hela"])({"image": img})["image"]
     assert abs(float(out.mean())) < 1e-4 and abs(float(out.std()) - 1.0) < 1e-2
-    out = build_preprocess_transforms("u373")({"image": img})["image"]
+    out = build_preprocess_transforms("u373", load_config("augment")["u373"])({"image": img})["image"]
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
 
 
@@ -122,11 +123,11 @@ def test_green_channel_and_clahe() -> None:
 def test_config_errors_name_the_problem() -> None:
     cfg = copy.deepcopy(load_config("augment")["drive"])
     cfg["elastic"]["sigmaa"] = 3
-    with pytest.raises(SegpipeError, match=r"drive'.elastic: missing keys \[\], unknown keys \['sigmaa'\]"):
+    with pytest.raises(SegpipeError, match=r"drive.elastic: missing keys \[\], unknown keys \['sigmaa'\]"):
         build_train_transforms("drive", 0, 16, config=cfg)
     del cfg["elastic"]["sigmaa"]
     cfg["normalize"] = "minmax"
     with pytest.raises(SegpipeError, match="normalize"):
         build_train_transforms("drive", 0, 16, config=cfg)
     with pytest.raises(SegpipeError, match="no preset 'isbi'"):
-        build_train_transforms("isbi", 0, 16)
+        preset_section(load_config("augment"), "isbi")

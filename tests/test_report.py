@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import REPO_ROOT
-from pipeline.engine.report import report
+from pipeline.evaluation.report import report
 from pipeline.errors import SegpipeError
 
 

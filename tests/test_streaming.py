@@ -274,8 +274,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np, tifffile, torch
     torch.set_num_threads(1)
-    from pipeline.inference import load_settings, predict, predict_file
-    from pipeline.inference.streaming import peak_rss_mb, reset_peak_rss
+    from pipeline.inference import load_settings, peak_rss_mb, predict, predict_file, reset_peak_rss
     from pipeline.networks import build_network
 
     mode, folder = sys.argv[1], sys.argv[2]

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from fixtures import FixtureProject, prepare_fixture_datasets
-from pipeline.engine.settings import resolve_settings
-from pipeline.engine.train import PatchDataset, StepSampler, learning_rate, train
+from pipeline.training.loader import PatchDataset, StepSampler
+from pipeline.training.optim import learning_rate
+from pipeline.training.settings import resolve_settings
+from pipeline.training.stage import load_train_configs, train
 from pipeline.errors import SegpipeError
 from pipeline.networks import load_model, read_checkpoint
 
@@ -111,7 +113,7 @@ def test_deep_supervision_logs_every_head(drive_project: FixtureProject) -> None
 def test_a_crash_marks_the_run_failed(drive_project: FixtureProject, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    import pipeline.engine.train as train_module
+    import pipeline.training.loop as train_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -141,7 +143,7 @@ def test_channels_last_trains_like_the_default_layout(drive_project: FixtureProj
     for key in ("train_loss", "val_dice"):
         np.testing.assert_allclose(logs[True][key], logs[False][key], rtol=1e-3)
     with pytest.raises(SegpipeError, match="channels_last must be true or false"):
-        resolve_settings("drive", "unet", "smoke", {"channels_last": "yes"})
+        resolve_settings(load_train_configs(), "drive", "unet", "smoke", {"channels_last": "yes"})
 
 
 def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixtureProject,
@@ -149,7 +151,7 @@ def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixturePro
     """The killed run's checkpointed wall time counts against `max_minutes`: a run that had
     already used more than its budget stops after one step when resumed (a fresh budget of an hour
     would train the remaining epochs)."""
-    import pipeline.engine.train as train_module
+    import pipeline.training.loop as train_module
 
     calls = []
     real_validate = train_module.validate
@@ -179,9 +181,9 @@ def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixturePro
 
 def test_bad_settings_are_named(drive_project: FixtureProject) -> None:
     with pytest.raises(SegpipeError, match="optimizer.name must be one of"):
-        resolve_settings("drive", "unet", "smoke", {"optimizer": {"name": "lion"}})
+        resolve_settings(load_train_configs(), "drive", "unet", "smoke", {"optimizer": {"name": "lion"}})
     with pytest.raises(SegpipeError, match="no profile 'turbo'"):
-        resolve_settings("drive", "unet", "turbo")
+        resolve_settings(load_train_configs(), "drive", "unet", "turbo")
     with pytest.raises(SegpipeError, match="batch_size 6 must be a multiple"):
         train("drive", "unet", profile="smoke", overrides={"batch_size": 6})
     with pytest.raises(SegpipeError, match="nothing to resume"):

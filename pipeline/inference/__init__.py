@@ -1,23 +1,53 @@
-"""Sliding-window inference on images of any size, streamed from disk to disk.
+"""Sliding-window inference on images of any size, streamed from disk to disk: the public API.
 
 `predict(model, image, ...)` -> probabilities (K, H, W) float32 for an image in memory;
 `predict_file(model, input_path, output_path, ...)` -> the same result streamed band by band from
 a TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any SimpleITK format into a tiled BigTIFF or NIfTI.
 The network's padding picks the strategy: "same" -> MONAI-identical blended windows, "valid" -> the
 U-Net paper's overlap-tile. `model` is a `pipeline.networks` module or a checkpoint path.
+Settings are values (`InferenceSettings`, defaults equal to `configs/inference.yaml`); only the
+`segpipe infer` entry (`pipeline.inference.stage`) reads that file. Other packages import from
+here, not from the submodules.
 """
-from pipeline.inference.optimize import InferenceNetwork, optimize_network
-from pipeline.inference.sliding import InferenceSettings, load_settings, plan_tiles, predict
-from pipeline.inference.streaming import InferenceReport, output_paths, predict_file
+from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network, recorded_preprocessing
+from pipeline.inference.settings import InferenceSettings, load_settings, settings_from_config
+from pipeline.inference.sliding import RowStream, inference_network, predict, probabilities, stream_probabilities
+from pipeline.inference.streaming import (
+    InferenceReport,
+    expand_inputs,
+    infer_files,
+    output_paths,
+    peak_rss_mb,
+    predict_file,
+    reset_peak_rss,
+)
+from pipeline.inference.tiling import TilePlan, output_period, plan_tiles, source_index
+from pipeline.inference.tta import TTA_TRANSFORMS, tta_logits
 
 __all__ = [
+    "TTA_TRANSFORMS",
     "InferenceNetwork",
     "InferenceReport",
     "InferenceSettings",
+    "ModelLike",
+    "RowStream",
+    "TilePlan",
+    "expand_inputs",
+    "infer_files",
+    "inference_network",
     "load_settings",
     "optimize_network",
     "output_paths",
+    "output_period",
+    "peak_rss_mb",
     "plan_tiles",
     "predict",
     "predict_file",
+    "probabilities",
+    "recorded_preprocessing",
+    "reset_peak_rss",
+    "settings_from_config",
+    "source_index",
+    "stream_probabilities",
+    "tta_logits",
 ]

@@ -25,7 +25,8 @@ from pipeline.errors import SegpipeError
 from pipeline.inference.optimize import InferenceNetwork, ModelLike
 from pipeline.inference.preprocessing import PreprocessedReader
 from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix, open_image
-from pipeline.inference.sliding import InferenceSettings, inference_network, load_settings, stream_probabilities
+from pipeline.inference.settings import InferenceSettings, load_settings
+from pipeline.inference.sliding import inference_network, stream_probabilities
 from pipeline.inference.writers import (
     NiftiRowWriter,
     RowWriter,
@@ -158,10 +159,9 @@ def predict_file(
     BigTIFF (`.tif`) or NIfTI (`.nii`, `.nii.gz`, header taken from a NIfTI input). With
     `probabilities_path` the class probabilities are written too (K channels; uint8 scaled by 255,
     float16 or float32). Arguments left at None come from `settings` (default:
-    `configs/inference.yaml`). `progress` is called after each band with (pixels finished, total
-    pixels). Outputs appear under their final
-    names only when complete; any failure leaves nothing behind. Bad input raises SegpipeError
-    naming the file.
+    `InferenceSettings()`). `progress` is called after each band with (pixels finished, total
+    pixels). Outputs appear under their final names only when complete; any failure leaves
+    nothing behind. Bad input raises SegpipeError naming the file.
     With `preprocess="checkpoint"` and a checkpoint that records its training preprocessing
     (`augment`), the image gets exactly that preprocessing (`PreprocessedReader`, as `segpipe
     evaluate` applies it) and `intensity` does not apply; otherwise `intensity` does.
@@ -239,22 +239,25 @@ def infer_files(
     inputs: Sequence[str],
     output_dir: str | os.PathLike[str],
     *,
+    settings: InferenceSettings | None = None,
     save_probabilities: bool | None = None,
     show_progress: bool = True,
     **overrides: Any,
 ) -> list[InferenceReport]:
-    """`segpipe infer`: every input through `predict_file` with the model loaded once.
+    """Every input through `predict_file` with the model loaded once (the work of `segpipe infer`,
+    whose entry `pipeline.inference.stage.run_infer` passes the settings of configs/inference.yaml).
 
     `overrides` are `InferenceSettings` fields (tile, overlap, blend, tta, batch_size, device,
-    preprocess, ...) replacing the values of `configs/inference.yaml`. With `preprocess: checkpoint`
-    every image gets the checkpoint's recorded training preprocessing (see `predict_file`).
+    preprocess, ...) replacing the values of `settings` (default: `InferenceSettings()`). With
+    `preprocess: checkpoint` every image gets the checkpoint's recorded training preprocessing (see
+    `predict_file`).
     Outputs go to `output_dir` as NAME_seg.* (and NAME_prob.*). A progress bar per image shows
     Mpx/s and the ETA; a summary line per image is printed. An input that fails is reported and
     the others still run; SegpipeError at the end names every failed input.
     """
     from tqdm import tqdm
 
-    settings = load_settings(None, **overrides)
+    settings = load_settings(settings, **overrides)
     paths = expand_inputs(inputs)
     targets: dict[Path, Path] = {}
     for path in paths:

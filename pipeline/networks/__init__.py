@@ -6,6 +6,9 @@ Networks (one file each, written from the papers):
     "u2net"   U2-Net, Qin et al. 2020, full (44.0 M)   (`pipeline.networks.u2net.U2Net`)
     "u2netp"  U2-Net-lite (1.13 M)                     (`pipeline.networks.u2net.U2Net(lite=True)`)
 
+`register_network` adds a network (e.g. one defined in a user's code); everything downstream reads
+the contract below, never a network's name.
+
 Config keys (defaults = the papers' settings; `configs/networks.yaml` holds the presets):
     unet:   padding ("valid"|"same"), base_width, depth, batch_norm, dropout,
             upsampling ("transposed"|"bilinear"), widths (null or one width per level)
@@ -27,6 +30,9 @@ Output contract (all networks; 2D, input (N, in_channels, H, W)):
       H_out = H - 2 * net.halo) or "same" (H_out = H, halo 0); `net.input_size(H_out)` inverts it
       and `net.valid_output_size(n)` rounds n up to a reachable output size. Sizes the network
       cannot take raise SegpipeError.
+    * Heads: `net.head_names()` names the train() outputs (main first),
+      `net.deep_supervision_mode` says how the loss combines them ("mean" or "sum") and
+      `net.head_views()` gives the networks whose outputs `segpipe evaluate` scores per head.
 
 Checkpoints (`save_checkpoint` / `load_model`) describe themselves: a dict with format
 "segpipe-checkpoint/1", network, config, in_channels, out_channels, padding, halo, state_dict and
@@ -38,12 +44,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from pipeline.errors import SegpipeError
-from pipeline.networks.common import SegmentationNetwork
+from pipeline.networks.common import HeadView, SegmentationNetwork
 from pipeline.networks.u2net import U2Net
 from pipeline.networks.unet import (
     UNet,
@@ -56,17 +62,31 @@ from pipeline.networks.unetpp import UNetPlusPlus, average_heads
 
 CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
 
-_BUILDERS: dict[str, tuple[Callable[..., SegmentationNetwork], dict[str, Any]]] = {
+Builder = Callable[..., SegmentationNetwork]
+_BUILDERS: dict[str, tuple[Builder, dict[str, Any]]] = {
     "unet": (UNet, UNet.config_defaults),
     "unetpp": (UNetPlusPlus, UNetPlusPlus.config_defaults),
     "u2net": (lambda cin, cout: U2Net(cin, cout, lite=False), U2Net.config_defaults),
     "u2netp": (lambda cin, cout: U2Net(cin, cout, lite=True), U2Net.config_defaults),
 }
-NETWORK_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def register_network(name: str, builder: Builder, config_defaults: Mapping[str, Any]) -> None:
+    """Add a network to the registry: `builder(in_channels, out_channels, **config)` returns a
+    `SegmentationNetwork` whose `network_name` is `name`; `config_defaults` are the config keys it
+    takes. Training, evaluation and inference then use it like the built-in ones."""
+    if name in _BUILDERS:
+        raise SegpipeError(f"network {name!r} is registered already")
+    _BUILDERS[name] = (builder, dict(config_defaults))
+
+
+def network_names() -> tuple[str, ...]:
+    """The registered networks' names."""
+    return tuple(_BUILDERS)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "NETWORK_NAMES",
+    "HeadView",
     "SegmentationNetwork",
     "U2Net",
     "UNet",
@@ -76,6 +96,9 @@ __all__ = [
     "config_keys",
     "load_model",
     "network_config",
+    "network_names",
+    "read_checkpoint",
+    "register_network",
     "save_checkpoint",
     "unet_halo",
     "unet_input_size",
@@ -88,7 +111,7 @@ def config_keys(name: str) -> dict[str, Any]:
     """The config keys `name` accepts with their defaults (the papers' settings)."""
     if name not in _BUILDERS:
         raise SegpipeError(
-            f"unknown network {name!r}; valid networks: {', '.join(NETWORK_NAMES)}"
+            f"unknown network {name!r}; valid networks: {', '.join(_BUILDERS)}"
         )
     return dict(_BUILDERS[name][1])
 
@@ -112,21 +135,16 @@ def build_network(
     return builder(in_channels, out_channels, **config)
 
 
-def network_config(name: str, preset: str = "default") -> dict[str, Any]:
-    """The config of `name` under `preset` ("default" or "paper") in configs/networks.yaml."""
-    from pipeline.config import config_dir, load_config
-
-    presets = load_config("networks")
-    path = config_dir() / "networks.yaml"
+def network_config(presets: Mapping[str, Any], name: str, preset: str, where: str) -> dict[str, Any]:
+    """The config of network `name` under `preset` of `presets` (configs/networks.yaml, read by the
+    stage entry; `where` names it in errors)."""
     if preset not in presets or not isinstance(presets[preset], dict):
-        raise SegpipeError(
-            f"{path}: no preset {preset!r}; presets: {', '.join(map(str, presets))}"
-        )
+        raise SegpipeError(f"{where}: no preset {preset!r}; presets: {', '.join(map(str, presets))}")
     if name not in presets[preset]:
-        raise SegpipeError(f"{path}: preset {preset!r} has no entry for network {name!r}")
+        raise SegpipeError(f"{where}: preset {preset!r} has no entry for network {name!r}")
     config = presets[preset][name] or {}
     if not isinstance(config, dict):
-        raise SegpipeError(f"{path}: {preset}.{name} must be a mapping of config keys")
+        raise SegpipeError(f"{where}: {preset}.{name} must be a mapping of config keys")
     return dict(config)
 
 

@@ -8,23 +8,18 @@ size rule of "same"-padded networks: output size = input size, for inputs divisi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from pipeline.config import check_int
 from pipeline.errors import SegpipeError
 
 SPATIAL_DIMS = 2
 """All networks here are 2D (DRIVE, HeLa, U373 are 2D images)."""
-
-
-def check_int(value: Any, name: str, *, minimum: int, owner: str) -> int:
-    """`value` as an int >= minimum, else SegpipeError naming `owner` and the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SegpipeError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def level_widths(widths: Any, base_width: int, depth: int, *, owner: str) -> list[int]:
@@ -34,28 +29,7 @@ def level_widths(widths: Any, base_width: int, depth: int, *, owner: str) -> lis
         return [base_width * 2**level for level in range(depth + 1)]
     if not isinstance(widths, (list, tuple)) or len(widths) != depth + 1:
         raise SegpipeError(f"{owner}: widths must be null or a list of depth + 1 = {depth + 1} integers, got {widths!r}")
-    return [check_int(w, "widths[]", minimum=1, owner=owner) for w in widths]
-
-
-def check_float(value: Any, name: str, *, low: float, high: float, owner: str) -> float:
-    """`value` as a float in [low, high), else SegpipeError naming `owner` and the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-        raise SegpipeError(f"{owner}: {name} must be a number in [{low}, {high}), got {value!r}")
-    return float(value)
-
-
-def check_bool(value: Any, name: str, *, owner: str) -> bool:
-    """`value` if it is a bool, else SegpipeError naming `owner` and the option."""
-    if not isinstance(value, bool):
-        raise SegpipeError(f"{owner}: {name} must be true or false, got {value!r}")
-    return value
-
-
-def check_choice(value: Any, name: str, choices: tuple[str, ...], *, owner: str) -> str:
-    """`value` if it is one of `choices`, else SegpipeError listing them."""
-    if value not in choices:
-        raise SegpipeError(f"{owner}: {name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    return [check_int(w, "widths[]", owner, minimum=1) for w in widths]
 
 
 def conv_unit(
@@ -105,13 +79,35 @@ def same_output_size(input_size: int, multiple: int, owner: str) -> int:
     return input_size
 
 
+@dataclass(frozen=True)
+class HeadView:
+    """A network whose eval() output is the logits of some heads of another, for per-head scores.
+
+    `network` returns (N, len(labels) * K, H, W): K channels per head, in the order of `labels`
+    (the rows of heads.csv, e.g. "L2", "S3") and `keys` (the metric prefixes, e.g. "head_L2",
+    "side_3"). It follows the `SegmentationNetwork` contract, so it runs through the same
+    sliding-window inference as the network itself.
+    """
+
+    labels: tuple[str, ...]
+    keys: tuple[str, ...]
+    network: "SegmentationNetwork"
+
+
 class SegmentationNetwork(nn.Module):
-    """Base of every registry network: the contract attributes and the "same" size rule.
+    """Base of every registry network: the contract attributes, the "same" size rule and the heads.
 
     Attributes (see `pipeline.networks`): `network_name`, `config` (the exact kwargs that rebuild
     the network), `in_channels`, `out_channels`, `padding` ("valid" or "same"), `halo` (pixels
-    lost per side, (input - output) / 2).
+    lost per side, (input - output) / 2). A network with deep supervision overrides `head_names`,
+    `deep_supervision_mode` and `head_views`; losses and evaluation read them, nothing else needs
+    to know the network.
     """
+
+    deep_supervision_mode: str = "mean"
+    """How the training loss combines the heads of the train() output: "mean" (UNet++, Zhou et al.
+    2018: the loss averaged over the heads) or "sum" (U2-Net, Qin et al. 2020 eq. 1). With a single
+    head both are the main head's loss."""
 
     def __init__(
         self,
@@ -127,8 +123,8 @@ class SegmentationNetwork(nn.Module):
         super().__init__()
         self.network_name = network_name
         self.config = dict(config)
-        self.in_channels = check_int(in_channels, "in_channels", minimum=1, owner=network_name)
-        self.out_channels = check_int(out_channels, "out_channels", minimum=1, owner=network_name)
+        self.in_channels = check_int(in_channels, "in_channels", network_name, minimum=1)
+        self.out_channels = check_int(out_channels, "out_channels", network_name, minimum=1)
         self.padding = padding
         self.halo = halo
         self.size_multiple = size_multiple
@@ -143,8 +139,16 @@ class SegmentationNetwork(nn.Module):
 
     def valid_output_size(self, at_least: int) -> int:
         """The smallest reachable output size >= `at_least` (at least one multiple)."""
-        check_int(at_least, "at_least", minimum=0, owner=self.network_name)
+        check_int(at_least, "at_least", self.network_name, minimum=0)
         return max(1, math.ceil(at_least / self.size_multiple)) * self.size_multiple
+
+    def head_names(self) -> list[str]:
+        """Names of the heads of the train() output `(main, [aux, ...])`, main first."""
+        return ["main"]
+
+    def head_views(self) -> list[HeadView]:
+        """The heads `segpipe evaluate` scores one by one (per_head); none for a single-head network."""
+        return []
 
     def extra_repr(self) -> str:
         return f"network_name={self.network_name!r}, config={self.config}"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.networks.common import SegmentationNetwork, conv_unit, head_conv
+from pipeline.networks.common import HeadView, SegmentationNetwork, conv_unit, head_conv
 
 Stage = tuple[int, bool, int | None, int, int]
 """Table 1 row: (height L, dilated RSU-LF?, in channels (None: the network's), mid, out)."""
@@ -130,8 +130,25 @@ class U2Net(SegmentationNetwork):
         self.fuse = head_conv(len(side_widths) * out_channels, out_channels, 1)
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
 
+    deep_supervision_mode = "sum"  # eq. 1: L = w_fuse l_fuse + sum_m w_side^m l_side^m
+
+    def head_names(self) -> list[str]:
+        return ["fused"] + [f"S{k}" for k in range(1, len(self.sides) + 1)]
+
+    def head_views(self) -> list[HeadView]:
+        """One pass gives the six side outputs and the fused one (Fig. 5)."""
+        sides = [f"S{k}" for k in range(1, len(self.sides) + 1)]
+        return [HeadView((*sides, "fused"), (*(f"side_{s[1:]}" for s in sides), "fused"), U2NetSides(self))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """(N, in, H, W) -> fused logits (N, out, H, W); (fused, [S1..S6]) in train mode."""
+        fused, sides = self.fused_and_sides(x)
+        if self.training:
+            return fused, sides
+        return fused
+
+    def fused_and_sides(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The fused logits and the side logits S1..S6, all (N, out, H, W), in any mode."""
         encoded: list[torch.Tensor] = []
         h = x
         for k, stage in enumerate(self.encoder):
@@ -144,7 +161,18 @@ class U2Net(SegmentationNetwork):
             decoded.append(h)
         decoded.reverse()  # [De_1, ..., De_5, En_6]
         sides = [upsample_like(side(feat), x) for side, feat in zip(self.sides, decoded)]
-        fused = self.fuse(torch.cat(sides, dim=1))
-        if self.training:
-            return fused, sides
-        return fused
+        return self.fuse(torch.cat(sides, dim=1)), sides
+
+
+class U2NetSides(SegmentationNetwork):
+    """A U2-Net whose output is [S1 | ... | S6 | fused]: (N, in, H, W) -> (N, 7 K, H, W), K channels
+    per head (Qin et al. 2020, Fig. 5), for scoring every side output of a trained network."""
+
+    def __init__(self, net: U2Net) -> None:
+        heads = len(net.sides) + 1
+        super().__init__(f"{net.network_name}-sides", {}, net.in_channels, heads * net.out_channels)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused, sides = self.net.fused_and_sides(x)
+        return torch.cat([*sides, fused], dim=1)

@@ -23,15 +23,12 @@ import torch
 from monai.networks.blocks import UpSample
 from torch import nn
 
+from pipeline.config import check_bool, check_choice, check_int, check_number
 from pipeline.errors import SegpipeError
 from pipeline.networks.common import (
     SPATIAL_DIMS,
     SegmentationNetwork,
     center_crop,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
     conv_unit,
     head_conv,
     level_widths,
@@ -44,16 +41,16 @@ _LOSS_PER_LEVEL = 4  # two unpadded 3x3 convs lose 2 pixels each along an axis
 
 
 def _check_size_args(size: Any, depth: int, padding: str, what: str) -> None:
-    check_int(depth, "depth", minimum=1, owner="unet")
-    check_choice(padding, "padding", PADDINGS, owner="unet")
+    check_int(depth, "depth", "unet", minimum=1)
+    check_choice(padding, "padding", PADDINGS, "unet")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise SegpipeError(f"unet: {what} must be a positive integer, got {size!r}")
 
 
 def unet_halo(depth: int, padding: str = "valid") -> int:
     """Pixels lost on each side, (input - output) / 2: 6 * 2**depth - 4 for valid (92 at depth 4)."""
-    check_int(depth, "depth", minimum=1, owner="unet")
-    check_choice(padding, "padding", PADDINGS, owner="unet")
+    check_int(depth, "depth", "unet", minimum=1)
+    check_choice(padding, "padding", PADDINGS, "unet")
     return 6 * 2**depth - 4 if padding == "valid" else 0
 
 
@@ -143,9 +140,9 @@ def unet_input_size(output_size: int, depth: int = 4, padding: str = "valid") ->
 
 def unet_valid_output_size(at_least: int, depth: int = 4, padding: str = "valid") -> int:
     """The smallest reachable output size >= `at_least` along one axis."""
-    check_int(at_least, "at_least", minimum=0, owner="unet")
-    check_int(depth, "depth", minimum=1, owner="unet")
-    check_choice(padding, "padding", PADDINGS, owner="unet")
+    check_int(at_least, "at_least", "unet", minimum=0)
+    check_int(depth, "depth", "unet", minimum=1)
+    check_choice(padding, "padding", PADDINGS, "unet")
     step = 2**depth
     if padding == "same":
         return max(1, math.ceil(at_least / step)) * step
@@ -187,12 +184,12 @@ class UNet(SegmentationNetwork):
         widths: list[int] | None = None,
     ) -> None:
         owner = "unet"
-        check_choice(padding, "padding", PADDINGS, owner=owner)
-        check_int(base_width, "base_width", minimum=1, owner=owner)
-        check_int(depth, "depth", minimum=1, owner=owner)
-        check_bool(batch_norm, "batch_norm", owner=owner)
-        check_float(dropout, "dropout", low=0.0, high=1.0, owner=owner)
-        check_choice(upsampling, "upsampling", UPSAMPLINGS, owner=owner)
+        check_choice(padding, "padding", PADDINGS, owner)
+        check_int(base_width, "base_width", owner, minimum=1)
+        check_int(depth, "depth", owner, minimum=1)
+        check_bool(batch_norm, "batch_norm", owner)
+        check_number(dropout, "dropout", owner, low=0.0, high=1.0, high_open=True)
+        check_choice(upsampling, "upsampling", UPSAMPLINGS, owner)
         per_level = level_widths(widths, base_width, depth, owner=owner)
         config = dict(
             padding=padding,

@@ -27,14 +27,12 @@ import torch.nn.functional as F
 from monai.networks.blocks import UpSample
 from torch import nn
 
+from pipeline.config import check_bool, check_choice, check_int, check_number
 from pipeline.errors import SegpipeError
 from pipeline.networks.common import (
     SPATIAL_DIMS,
+    HeadView,
     SegmentationNetwork,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
     conv_unit,
     head_conv,
     level_widths,
@@ -94,15 +92,15 @@ class UNetPlusPlus(SegmentationNetwork):
         widths: list[int] | None = None,
     ) -> None:
         owner = "unetpp"
-        check_int(base_width, "base_width", minimum=1, owner=owner)
-        check_int(depth, "depth", minimum=1, owner=owner)
-        check_bool(batch_norm, "batch_norm", owner=owner)
-        check_float(dropout, "dropout", low=0.0, high=1.0, owner=owner)
-        check_bool(deep_supervision, "deep_supervision", owner=owner)
-        check_choice(mode, "mode", MODES, owner=owner)
+        check_int(base_width, "base_width", owner, minimum=1)
+        check_int(depth, "depth", owner, minimum=1)
+        check_bool(batch_norm, "batch_norm", owner)
+        check_number(dropout, "dropout", owner, low=0.0, high=1.0, high_open=True)
+        check_bool(deep_supervision, "deep_supervision", owner)
+        check_choice(mode, "mode", MODES, owner)
         per_level = level_widths(widths, base_width, depth, owner=owner)
         level = depth if prune_level is None else prune_level
-        check_int(level, "prune_level", minimum=1, owner=owner)
+        check_int(level, "prune_level", owner, minimum=1)
         if level > depth:
             raise SegpipeError(f"unetpp: prune_level must be in 1..depth={depth}, got {level}")
         config = dict(
@@ -143,6 +141,16 @@ class UNetPlusPlus(SegmentationNetwork):
         self.heads = nn.ModuleDict(
             {f"x0_{j}": head_conv(widths[0], out_channels) for j in range(self.first_head, level + 1)}
         )
+
+    def head_names(self) -> list[str]:
+        """X^{0,p} (main), then X^{0,1}..X^{0,p-1} with deep supervision."""
+        return [f"X0,{j}" for j in (self.prune_level, *range(self.first_head, self.prune_level))]
+
+    def head_views(self) -> list[HeadView]:
+        """UNet++ L1..Lp: the network pruned at each level in "fast" mode (Sec. 2, Fig. 1c-d); the
+        trained level only, without deep supervision."""
+        levels = range(1, self.prune_level + 1) if self.deep_supervision else [self.prune_level]
+        return [HeadView((f"L{level}",), (f"head_L{level}",), self.pruned(level, "fast")) for level in levels]
 
     def top_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Eq. 1 over all built nodes; returns X^{0,1}..X^{0,p}, each (N, widths[0], H, W)."""

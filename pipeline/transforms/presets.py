@@ -36,7 +36,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
-from pipeline.config import load_config
+from pipeline.config import check_choice, check_int, check_keys, check_list, check_number
 from pipeline.errors import SegpipeError
 from pipeline.transforms.elastic import RandElasticd
 from pipeline.transforms.patches import RandOverlapTilePatchd
@@ -64,40 +64,44 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def _check(section: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
+def _check(section: Any, schema: Mapping[str, Any], where: str) -> None:
     """Every key of the schema present, no other key: errors name the config and the keys."""
-    if not isinstance(section, Mapping):
-        raise SegpipeError(f"{where}: expected a mapping with keys {sorted(schema)}, got {section!r}")
-    missing = sorted(set(schema) - set(section))
-    unknown = sorted(set(section) - set(schema))
-    if missing or unknown:
-        raise SegpipeError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected {sorted(schema)}")
+    check_keys(section, schema, where)
     for key, sub in schema.items():
         if sub is not None:
             _check(section[key], sub, f"{where}.{key}")
 
 
-def preset(dataset: str, config: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
-    """The validated section of `dataset`: from `config` if given, else configs/augment.yaml."""
-    if config is None:
-        full = load_config(CONFIG_NAME)
-        if dataset not in full:
-            raise SegpipeError(f"configs/{CONFIG_NAME}.yaml: no preset '{dataset}'; presets: {sorted(full)}")
-        config = full[dataset]
-        where = f"configs/{CONFIG_NAME}.yaml:{dataset}"
-    else:
-        where = f"augmentation config for '{dataset}'"
+def preset(dataset: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`config`, the section of `dataset` in configs/augment.yaml (read by the stage entry), validated."""
+    where = f"configs/{CONFIG_NAME}.yaml: {dataset}"
     _check(config, SCHEMA, where)
-    if config["normalize"] not in NORMALIZERS:
-        raise SegpipeError(f"{where}.normalize: expected one of {NORMALIZERS}, got {config['normalize']!r}")
-    channels = config["channels"]
-    if channels is not None and (not isinstance(channels, list) or not channels
-                                 or not all(isinstance(c, int) and c >= 0 for c in channels)):
-        raise SegpipeError(f"{where}.channels: expected null or a list of channel indices >= 0, got {channels!r}")
-    clahe = config["clahe"]
-    if clahe is not None and (isinstance(clahe, bool) or not isinstance(clahe, (int, float)) or not 0 < clahe <= 1):
-        raise SegpipeError(f"{where}.clahe: expected null or a clip limit in (0, 1], got {clahe!r}")
+    check_choice(config["normalize"], "normalize", NORMALIZERS, where)
+    channels = check_list(config["channels"], "channels", where, optional=True, nonempty=True)
+    for channel in channels or []:
+        check_int(channel, "channels[]", where, minimum=0)
+    check_number(config["clahe"], "clahe", where, low=0, high=1, low_open=True, optional=True)
     return config
+
+
+def preset_section(augment: Mapping[str, Any], dataset: str) -> Mapping[str, Any]:
+    """The validated preset of `dataset` from all of configs/augment.yaml (`augment`)."""
+    if dataset not in augment:
+        raise SegpipeError(f"configs/{CONFIG_NAME}.yaml: no preset '{dataset}'; presets: {sorted(augment)}")
+    return preset(dataset, augment[dataset])
+
+
+def preprocess(dataset: str, image: np.ndarray, augment: Mapping[str, Any]) -> np.ndarray:
+    """The dataset's deterministic normalisation of an image (C, H, W) -> float32 (C', H, W), as
+    `augment` (its configs/augment.yaml section, or a checkpoint's record of it) says; training,
+    validation, evaluation and `segpipe infer` all apply it."""
+    try:
+        out = build_preprocess_transforms(dataset, augment)({"image": image})["image"]
+    except RuntimeError as exc:  # MONAI's Compose wraps errors of its transforms
+        if isinstance(exc.__cause__, SegpipeError):
+            raise exc.__cause__ from None
+        raise
+    return np.asarray(out, dtype=np.float32)
 
 
 class SelectChannelsd(MapTransform):
@@ -141,7 +145,7 @@ class Clahed(MapTransform):
 
 
 
-def build_preprocess_transforms(dataset: str, config: Mapping[str, Any] | None = None) -> Compose:
+def build_preprocess_transforms(dataset: str, config: Mapping[str, Any]) -> Compose:
     """The deterministic intensity pre-processing of the image (C, H, W); inference must apply the
     same: optional channel selection, optional CLAHE, then zscore (per image and channel) or
     percentile (0.5..99.5 percentiles -> 0..1, clipped)."""
@@ -162,12 +166,12 @@ def build_train_transforms(
     dataset: str,
     halo: int,
     patch_size: int,
-    config: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any],
 ) -> Compose:
     """The training Compose of `dataset` (module docstring for the chain and outputs).
 
     halo: the network's `halo` (0 for same padding); patch_size: its output size P (square).
-    config: the dataset's section of configs/augment.yaml (read from there when None).
+    config: the dataset's section of configs/augment.yaml.
     """
     cfg = preset(dataset, config)
     if halo < 0 or patch_size < 1:

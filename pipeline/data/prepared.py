@@ -3,8 +3,7 @@
 A case is a dict of channel-first numpy arrays: "image" (C, H, W) as stored, "label" (1, H, W)
 uint8 0/1, "weight" (1, H, W) float32 (U-Net eq. 2), and when the dataset has them "fov" (DRIVE's
 field of view), "instances" (cell ids, CTC) and "label2" (DRIVE's second observer).
-`preprocess` applies the dataset's deterministic intensity normalisation (configs/augment.yaml);
-training, validation, evaluation and the checkpoint's recorded preprocessing all use it.
+The intensity normalisation of training lives with the transforms (`pipeline.transforms.presets.preprocess`).
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from pipeline.config import load_config
 from pipeline.data.io import read_volume
 from pipeline.errors import SegpipeError
 
@@ -77,14 +75,14 @@ class PreparedDataset:
         return int(read_volume(self.root / first["image"]).shape[0])
 
 
-def prepared_dir(dataset: str) -> Path:
-    """data/prepared/<dataset> (configs/data.yaml: prepared_dir)."""
-    return Path(load_config("data")["prepared_dir"]) / dataset
+def prepared_root(data_config: Mapping[str, Any], dataset: str) -> Path:
+    """data/prepared/<dataset> from configs/data.yaml (`data_config`: its `prepared_dir`)."""
+    return Path(data_config["prepared_dir"]) / dataset
 
 
-def open_prepared(dataset: str, root: Path | None = None) -> PreparedDataset:
-    """The prepared dataset; SegpipeError naming the file and the command when it is missing."""
-    root = Path(root) if root is not None else prepared_dir(dataset)
+def open_prepared(dataset: str, root: Path) -> PreparedDataset:
+    """The prepared dataset in `root`; SegpipeError naming the file and the command when it is missing."""
+    root = Path(root)
     manifest_path, stats_path = root / "manifest.csv", root / "stats.json"
     for path in (manifest_path, stats_path):
         if not path.is_file():
@@ -101,19 +99,3 @@ def open_prepared(dataset: str, root: Path | None = None) -> PreparedDataset:
     if not dataset_obj.cases("train"):
         raise SegpipeError(f"{manifest_path}: no training cases")
     return dataset_obj
-
-
-def preprocess(dataset: str, image: np.ndarray, augment: Mapping[str, Any] | None = None) -> np.ndarray:
-    """The dataset's deterministic normalisation of an image (C, H, W) -> float32 (C', H, W).
-
-    `augment` is the dataset's section of configs/augment.yaml (read when None).
-    """
-    from pipeline.transforms.presets import build_preprocess_transforms
-
-    try:
-        out = build_preprocess_transforms(dataset, augment)({"image": image})["image"]
-    except RuntimeError as exc:  # MONAI's Compose wraps errors of its transforms
-        if isinstance(exc.__cause__, SegpipeError):
-            raise exc.__cause__ from None
-        raise
-    return np.asarray(out, dtype=np.float32)

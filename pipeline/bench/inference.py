@@ -54,13 +54,12 @@ def synthetic_image(path: Path, size: int, tile: int = 256, seed: int = 0) -> Pa
     return path
 
 
-def _checkpoints(workdir: Path, preset: str) -> dict[str, Path]:
-    """Seeded random U-Nets of `preset` (RGB in, 2 classes), same and valid padding, as checkpoints."""
+def _checkpoints(workdir: Path, config: dict[str, Any]) -> dict[str, Path]:
+    """Seeded random U-Nets of `config` (RGB in, 2 classes), same and valid padding, as checkpoints."""
     import torch
 
-    from pipeline.networks import build_network, network_config, save_checkpoint
+    from pipeline.networks import build_network, save_checkpoint
 
-    config = network_config("unet", preset)
     out = {}
     for padding in ("same", "valid"):
         torch.manual_seed(0)
@@ -70,7 +69,7 @@ def _checkpoints(workdir: Path, preset: str) -> dict[str, Path]:
 
 
 def _run_worker(args: list[str], timeout: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pipeline.inference.bench", *args]
+    cmd = [sys.executable, "-m", "pipeline.bench.inference", *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -102,10 +101,13 @@ def run_benchmark(
     """
     import psutil
 
-    from pipeline.inference.sliding import load_settings
+    from pipeline.config import config_path, load_config
+    from pipeline.inference import load_settings
+    from pipeline.inference.stage import config_settings
     from pipeline.networks import network_config
 
-    settings = load_settings(None, tile=tile, overlap=overlap, blend=blend, batch_size=batch_size)
+    settings = load_settings(config_settings(), tile=tile, overlap=overlap, blend=blend, batch_size=batch_size)
+    config = network_config(load_config("networks"), "unet", preset, str(config_path("networks")))
     tile, overlap, blend, batch_size = settings.tile, settings.overlap, settings.blend, settings.batch_size
 
     tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="segpipe-bench-infer-")
@@ -113,8 +115,7 @@ def run_benchmark(
     root.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     try:
-        ckpts = _checkpoints(root, preset)
-        config = network_config("unet", preset)
+        ckpts = _checkpoints(root, config)
         print(f"segpipe bench infer: U-Net preset {preset!r} {config}, RGB -> 2 classes; tile {tile}, "
               f"overlap {overlap}, {blend}, batch {batch_size}, torch threads {threads or 'default'}, "
               f"{os.cpu_count()} CPUs (shared: timings vary); workdir {root}", flush=True)
@@ -179,7 +180,7 @@ def _print_ratio(size: int, results: list[dict[str, Any]]) -> None:
 
 def _worker(argv: Sequence[str]) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
-    p = argparse.ArgumentParser(prog="pipeline.inference.bench")
+    p = argparse.ArgumentParser(prog="pipeline.bench.inference")
     p.add_argument("kind", choices=("ours", "monai"))
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True)
@@ -195,15 +196,14 @@ def _worker(argv: Sequence[str]) -> None:
     import psutil
     import torch
 
-    from pipeline.inference.streaming import peak_rss_mb, reset_peak_rss
+    from pipeline.inference import peak_rss_mb, reset_peak_rss
     from pipeline.networks import load_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
     proc = psutil.Process()
     if a.kind == "ours":
-        from pipeline.inference import load_settings, predict_file
-        from pipeline.inference.sliding import inference_network
+        from pipeline.inference import inference_network, load_settings, predict_file
 
         settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
                                  tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads)

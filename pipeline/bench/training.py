@@ -26,12 +26,17 @@ from monai.data import CacheDataset, DataLoader, list_data_collate, set_track_me
 from monai.transforms import Compose, EnsureTyped, Rand2DElasticd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
 
 from pipeline.data.io import write_volume
-from pipeline.engine.data import PreparedDataset, open_prepared, preprocess
-from pipeline.engine.losses import build_loss
-from pipeline.engine.settings import resolve_settings
-from pipeline.engine.train import Dist, build_loader, build_optimizer, patch_keys
+from pipeline.config import config_path, load_config
+from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
 from pipeline.errors import SegpipeError
 from pipeline.networks import build_network
+from pipeline.training.distributed import Dist
+from pipeline.training.loader import build_loader, patch_keys
+from pipeline.training.optim import build_optimizer
+from pipeline.training.settings import resolve_settings
+from pipeline.training.stage import load_train_configs
+from pipeline.training.supervision import build_loss
+from pipeline.transforms.presets import preprocess, preset_section
 
 
 def synthetic_prepared(root: Path, cases: int = 8, size: int = 512, seed: int = 0) -> PreparedDataset:
@@ -110,19 +115,19 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
                  if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            prepared = open_prepared(dataset)
+            prepared = open_prepared(dataset, prepared_root(load_config("data"), dataset))
             source = f"prepared {dataset}"
         except SegpipeError:
             prepared = synthetic_prepared(Path(tmp) / "synthetic")
             source = "synthetic DRIVE-like images"
         rows = []
         for network in networks:
-            settings = resolve_settings(prepared.name, network, overrides=overrides)
+            settings = resolve_settings(load_train_configs(), prepared.name, network, overrides=overrides)
             torch.manual_seed(0)
             channels = settings["augment"]["channels"]
             model = build_network(settings["network"], len(channels) if channels else prepared.in_channels, 1,
                                   **settings["network_config"])
-            loss_fn = build_loss(settings["network"], settings["loss"])
+            loss_fn = build_loss(settings["loss"], network=model)
             optimizer = build_optimizer(model, settings["optimizer"])
             keys = patch_keys(settings)
             model.train()
@@ -160,13 +165,14 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
     return table
 
 
-def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_seconds: float = 600.0,
+def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_seconds: float | None = None,
                 baseline_input: str = "monai", threads: int | None = None, seed: int = 0,
                 workdir: Path | None = None) -> pd.DataFrame:
     """`segpipe bench quality`: issue 6's quality bar, side by side in one run.
 
-    (a) `segpipe train DATASET NETWORK` with the current profile (its `max_minutes` is the budget),
-    (b) the MONAI-standard baseline (`pipeline.engine.baseline`) for `baseline_seconds`,
+    (a) `segpipe train DATASET NETWORK` with the current profile (its step count),
+    (b) the MONAI-standard baseline (`pipeline.bench.baseline`) for `baseline_seconds` of wall time
+        (default: the time (a) took),
     both scored by `evaluate_probabilities` (test split; pixels pooled inside the FOV; F1 at 0.5 and
     at the best-F1 threshold of the validation split). Ours is predicted with the inference settings
     of `segpipe evaluate` (configs/evaluate.yaml, e.g. flip TTA); the baseline with MONAI's
@@ -178,16 +184,15 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     import copy
     import os
 
-    from pipeline.engine.baseline import evaluate_probabilities, predict_baseline, train_baseline
-    from pipeline.engine.evaluate import evaluate_config
-    from pipeline.engine.train import train
-    from pipeline.inference.sliding import inference_network, load_settings, predict
+    from pipeline.bench.baseline import evaluate_probabilities, predict_baseline, train_baseline
+    from pipeline.evaluation.evaluate import evaluate_config
+    from pipeline.inference import inference_network, load_settings, predict, settings_from_config
     from pipeline.networks import read_checkpoint
-    from pipeline.transforms.presets import preset
+    from pipeline.training.stage import train
 
     if threads:
         torch.set_num_threads(threads)
-    prepared = open_prepared(dataset)
+    prepared = open_prepared(dataset, prepared_root(load_config("data"), dataset))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
         old_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -200,14 +205,17 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = old_uri
         ckpt = read_checkpoint(ours.checkpoint)
-        settings = load_settings(**evaluate_config()["inference"], intensity="none")  # as `segpipe evaluate`
+        inference = settings_from_config(load_config("inference"), str(config_path("inference")))
+        overrides = evaluate_config(load_config("evaluate"), str(config_path("evaluate")))["inference"]
+        settings = load_settings(inference, **overrides, intensity="none")  # as `segpipe evaluate`
         net = inference_network(ours.checkpoint, settings)
         ours_scores = evaluate_probabilities(prepared, lambda img: predict(net, img, settings=settings),
                                              augment=ckpt["augment"])
-        base_augment = copy.deepcopy(dict(preset(dataset)))
+        base_augment = copy.deepcopy(dict(preset_section(load_config("augment"), dataset)))
         if baseline_input == "monai":
             base_augment.update(channels=None, clahe=None, normalize="zscore")
-        baseline = train_baseline(prepared, baseline_seconds, seed=seed, augment=base_augment)
+        budget = ours.wall_seconds if baseline_seconds is None else baseline_seconds
+        baseline = train_baseline(prepared, budget, seed=seed, augment=base_augment)
         base_scores = evaluate_probabilities(prepared, lambda img: predict_baseline(baseline.model, img),
                                              augment=base_augment)
     rows = []

@@ -22,8 +22,8 @@ Baseline recipe (issue 6, "Quality bar"), built from MONAI blocks only:
 - inference: ``SlidingWindowInferer(roi_size=(128, 128), overlap=0.25, mode="gaussian")`` on the
   whole image, then a sigmoid.
 
-Input: ``pipeline.engine.data.preprocess`` with the given ``augment`` section, by default the
-dataset's configs/augment.yaml, i.e. the same normalised image as our pipeline (for DRIVE e.g. green
+Input: ``pipeline.transforms.presets.preprocess`` with the given ``augment`` section; with the
+dataset's configs/augment.yaml section, that is the same normalised image as our pipeline (for DRIVE e.g. green
 channel, CLAHE, z-score), not MONAI's ``ScaleIntensityd``: at the same budget the comparison then
 measures the training recipe and the network, not the input normalisation. A section with
 ``channels: null, clahe: null, normalize: zscore`` gives MONAI's ``NormalizeIntensityd`` (per
@@ -57,10 +57,10 @@ from monai.transforms import (
     RandRotate90d,
 )
 
-from pipeline.engine.data import PreparedDataset, preprocess
+from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.metrics import best_f1_threshold, confusion, roc_auc
-from pipeline.transforms.presets import preset
+from pipeline.transforms.presets import preprocess, preset
 
 FEATURES = (16, 16, 32, 64, 128, 16)
 ROI_SIZE = (128, 128)
@@ -134,14 +134,14 @@ def train_baseline(
     samples_per_image: int = 4,
     workers: int = 0,
     max_steps: int | None = None,
-    augment: Mapping[str, Any] | None = None,
+    augment: Mapping[str, Any],
     progress: bool = True,
 ) -> BaselineResult:
     """Train the baseline on the train split for `seconds` of wall clock (module docstring).
 
     `max_steps` also stops training after that many steps (tests use it to be independent of
-    timing). `augment`: the dataset's configs/augment.yaml section for `preprocess` (None: read it
-    now; the result records it so that scoring normalises test images the same way).
+    timing). `augment`: the dataset's configs/augment.yaml section for `preprocess` (the result records
+    it so that scoring normalises test images the same way).
     `workers`: DataLoader worker processes; 0 loads in this process. On the 2-core CPU one worker
     measured no faster on DRIVE (patch sampling ~20 ms of a ~230 ms step; the worker competes
     with the two compute threads).
@@ -281,9 +281,10 @@ def _at(scores: np.ndarray, gt: np.ndarray, results: list[dict[str, Any]], thres
 def evaluate_probabilities(
     dataset: PreparedDataset,
     predict_fn: Callable[[np.ndarray], np.ndarray],
+    *,
+    augment: Mapping[str, Any],
     split: str = "test",
     val_threshold: bool = True,
-    augment: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score a predictor on `split` with the DRIVE protocol (module docstring).
 

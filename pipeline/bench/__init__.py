@@ -1,0 +1,1 @@
+"""`segpipe bench ...`: benchmarks side by side with their anchors (MONAI, torch eager); not tests."""

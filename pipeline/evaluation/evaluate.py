@@ -1,0 +1,338 @@
+"""The `evaluate` stage: a trained network on the test split (`segpipe evaluate DATASET NETWORK`).
+
+Reads models/<dataset>/<network>/best.pt (configs/train.yaml: models_dir), normalises every image
+as the checkpoint records (`preprocess(dataset, image, ckpt["augment"])`) and predicts whole images
+with the project's sliding-window inference (`pipeline.inference.predict`, configs/inference.yaml
+with the overrides of configs/evaluate.yaml, intensity "none"). Writes, each file atomically,
+results/<dataset>/<network>/ (configs/evaluate.yaml: results_dir):
+
+    metrics.json          means over test images and pooled-pixel values (`dvc metrics`)
+    per_image.csv         one row per test image
+    roc.csv, pr.csv       pooled test ROC (fpr, tpr) and PR (recall, precision) curves (`dvc plots`)
+    heads.csv             deep-supervised networks: Dice/IoU per head (see "Heads"); others: header only
+    timings.json          wall times (seconds, inference_seconds, per-head seconds): kept out of
+                          metrics.json so that `dvc metrics diff` compares results, not the machine
+    overlays/<case>.png   the image with true positives green, false positives red, false negatives blue
+
+Metrics (`pipeline.metrics`), inside the field of view when the dataset has one (DRIVE), else on
+all pixels. The foreground probability is the sigmoid output for one channel and
+1 - P(background) for K > 1 (softmax, channel 0 = background: channel 1 for K = 2); a pixel is
+foreground iff probability >= threshold.
+
+    dice, iou                mean over test images at `threshold` (every dataset)
+    mean_<s>, pooled_<s>     s in f1, accuracy, sensitivity, specificity, precision (pooled also
+                             iou): mean over images (undefined per-image ratios skipped), or one
+                             confusion over all test pixels, as the DRIVE literature reports them
+    <key>_best               the same at the best-F1 threshold picked on the validation split
+                             (`best_f1_threshold` on its pooled pixels): `threshold_best`, `val_best_f1`
+    mean_auc, pooled_auc     AUC-ROC per image (mean) and over all test pixels
+    maxf, maxf_threshold, mae  U2-Net (Qin et al. 2020, sec. 4.2): maxF_beta (beta^2 = 0.3) over the
+                             test images, MAE per image (mean); computed for every network
+    seg, mean_seg            cells (reference `instances`): CTC SEG of the connected components of
+                             the thresholded prediction (`label_instances`), the mean Jaccard over all
+                             reference objects of the test set (the challenge's, and the U-Net
+                             paper's Table 2 "IOU"), and the mean of per-image SEG
+    observer2_*              DRIVE's second observer (`label2`) against the reference: a human
+                             reference row (pooled and mean F1, accuracy, sensitivity, specificity)
+
+Heads (configs/evaluate.yaml: per_head), Dice/IoU at `threshold`, mean over test images, for the
+heads the network names (`SegmentationNetwork.head_views`; `pipeline.evaluation.heads`): UNet++
+L1..Lp (head_L<p>_dice, with seconds and parameters per level), U2-Net S1..S6 and fused
+(side_<k>_dice, fused_dice).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import (
+    check_bool, check_int, check_keys, check_number, check_str, config_path, load_config,
+)
+from pipeline.data.io import atomic_path, write_text
+from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
+from pipeline.errors import SegpipeError
+from pipeline.evaluation.heads import HeadRunner, head_metrics, head_runners, heads_table
+from pipeline.evaluation.overlays import overlay, write_png
+from pipeline.inference import (
+    InferenceNetwork, InferenceSettings, inference_network, load_settings, predict, settings_from_config,
+)
+from pipeline.metrics import Confusion, Tally, best_f1_threshold, confusion, foreground
+from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
+from pipeline.tracking import stage_run
+from pipeline.transforms.presets import preprocess
+
+CONFIG_KEYS = ("results_dir", "threshold", "val_threshold", "overlays", "curve_points", "per_head", "inference")
+TIMINGS = ("inference_seconds", "seconds")
+"""Wall times: in timings.json (and MLflow), never in metrics.json, which DVC compares."""
+
+
+def evaluate_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """configs/evaluate.yaml (`cfg`), checked; errors name `where` and the key."""
+    cfg = check_keys(cfg, CONFIG_KEYS, where)
+    check_number(cfg["threshold"], "threshold", where, low=0, high=1, low_open=True, high_open=True)
+    for key in ("val_threshold", "per_head"):
+        check_bool(cfg[key], key, where)
+    check_int(cfg["overlays"], "overlays", where, minimum=0, optional=True)
+    check_int(cfg["curve_points"], "curve_points", where, minimum=2)
+    check_str(cfg["results_dir"], "results_dir", where)
+    cfg["inference"] = check_keys(cfg["inference"] or {}, InferenceSettings.__dataclass_fields__, f"{where}: inference",
+                                  optional=InferenceSettings.__dataclass_fields__)
+    if "intensity" in cfg["inference"]:
+        raise SegpipeError(f"{where}: inference.intensity cannot be set: evaluation images are preprocessed as "
+                           "the checkpoint records, so intensity is always 'none'")
+    return cfg
+
+
+def load_trained(path: Path, dataset: str, network: str) -> tuple[SegmentationNetwork, dict[str, Any]]:
+    """(network in eval mode, checkpoint dict) of a `segpipe train` checkpoint for `dataset`."""
+    if not path.is_file():
+        raise SegpipeError(f"{path}: no trained model found; run `segpipe train {dataset} {network}` first")
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("augment"), dict):
+        raise SegpipeError(f"{path}: checkpoint lacks 'augment' (the preprocessing of training); expected a "
+                           f"checkpoint written by `segpipe train {dataset} {network}`")
+    if ckpt.get("dataset", dataset) != dataset:
+        raise SegpipeError(f"{path}: checkpoint was trained on {ckpt['dataset']!r}, not on {dataset!r}")
+    return load_model(path), ckpt
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` in place of `final` (the old one is removed after the rename)."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_csv(path: Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN -> None (null) so that metrics.json is strict JSON."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Case:
+    """A loaded case, reduced to what evaluation uses: image (C, H, W) as stored, 2-D masks."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    mask: np.ndarray | None
+    instances: np.ndarray | None
+    label2: np.ndarray | None
+
+    @staticmethod
+    def load(data: PreparedDataset, case: str) -> "_Case":
+        arrays = data.load(case)
+
+        def plane(role: str, dtype: Any) -> np.ndarray | None:
+            return arrays[role][0].astype(dtype) if role in arrays else None
+
+        return _Case(case, arrays["image"], plane("label", bool), plane("fov", bool),
+                     plane("instances", np.int64), plane("label2", bool))
+
+
+@dataclass
+class _Predictor:
+    """The main network's inference graph and the checkpoint's preprocessing."""
+
+    dataset: str
+    net: InferenceNetwork
+    augment: dict[str, Any]
+    settings: InferenceSettings
+    seconds: float = field(default=0.0)
+
+    def inputs(self, case: _Case) -> np.ndarray:
+        return preprocess(self.dataset, case.image, self.augment)
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Foreground probabilities (H, W) of a preprocessed image; adds to `seconds`."""
+        t0 = time.perf_counter()
+        out = foreground(predict(self.net, x, settings=self.settings))
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def pick_threshold(predictor: _Predictor, data: PreparedDataset, desc: str) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 over the pooled validation pixels (inside the FOV)."""
+    cases = data.cases("val")
+    if not cases:
+        raise SegpipeError(f"{data.manifest_path}: no validation cases to pick the threshold on; "
+                           "set val_threshold: false in configs/evaluate.yaml")
+    scores, truth = [], []
+    for name in tqdm(cases, desc=desc, unit="image"):
+        case = _Case.load(data, name)
+        s = predictor.scores(predictor.inputs(case))
+        valid = np.ones(case.label.shape, bool) if case.mask is None else case.mask
+        scores.append(s[valid])
+        truth.append(case.label[valid])
+    try:
+        return best_f1_threshold(np.concatenate(scores), np.concatenate(truth))
+    except SegpipeError as exc:
+        raise SegpipeError(f"{data.manifest_path}: validation split: {exc}") from exc
+
+
+def evaluate(
+    dataset: str,
+    network: str,
+    *,
+    models_dir: Path | None = None,
+    results_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The `evaluate` stage: models/<dataset>/<network>/best.pt on the test split.
+
+    Reads configs/evaluate.yaml, configs/inference.yaml (with evaluate.yaml's `inference`
+    overrides), configs/train.yaml (models_dir) and configs/data.yaml (prepared_dir). Returns
+    metrics.json's dict with the timings of timings.json added.
+    """
+    cfg = evaluate_config(load_config("evaluate"), str(config_path("evaluate")))
+    base = settings_from_config(load_config("inference"), str(config_path("inference")))
+    settings = load_settings(base, **cfg["inference"], intensity="none")
+    models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
+    data = open_prepared(dataset, prepared_root(load_config("data"), dataset))
+    out_dir = Path(results_dir if results_dir is not None else cfg["results_dir"]) / dataset / network
+    return evaluate_checkpoint(models / dataset / network / "best.pt", data, network, cfg, settings, out_dir)
+
+
+def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Mapping[str, Any],
+                        settings: InferenceSettings, out_dir: Path) -> dict[str, Any]:
+    """Score the checkpoint `path` on the test split of `data` and write `out_dir` (module docstring).
+
+    `network` is the DVC matrix name (unet, unetpp, u2net); the checkpoint may hold another
+    registry network (u2netp), reported as `network_used`. Logs one MLflow "evaluate" run.
+    """
+    start, dataset = time.perf_counter(), data.name
+    model, ckpt = load_trained(path, dataset, network)
+    test_cases = data.cases("test")
+    if not test_cases:
+        raise SegpipeError(f"{data.manifest_path}: no test cases")
+    facts = {
+        "path": str(path), "network": ckpt["network"], "profile": ckpt.get("profile", ""),
+        "epoch": ckpt.get("epoch", ""), "val_dice": ckpt.get("val_dice", ""),
+    }
+    params = {"evaluate": dict(cfg), "checkpoint": facts, "inference": asdict(settings)}
+    tag = f"{dataset}/{network}"
+    with stage_run("evaluate", dataset, params=params, manifest=data.manifest_path, network=network) as tracker:
+        predictor = _Predictor(dataset, inference_network(model, settings), ckpt["augment"], settings)
+        thresholds = {"": float(cfg["threshold"])}
+        val_f1 = math.nan
+        if cfg["val_threshold"]:
+            thresholds["_best"], val_f1 = pick_threshold(predictor, data, f"{tag} val")
+        predictor.seconds = 0.0
+        runners = head_runners(model, replace(settings, tta=())) if cfg["per_head"] else []  # heads: no TTA
+        head_scores: dict[str, list[Confusion]] = {label: [] for r in runners for label in r.view.labels}
+        tally = Tally(thresholds)
+        n_overlays = len(test_cases) if cfg["overlays"] is None else min(cfg["overlays"], len(test_cases))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        overlay_tmp = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out_dir))
+        try:
+            for i, name in enumerate(tqdm(test_cases, desc=f"{tag} test", unit="image")):
+                case = _Case.load(data, name)
+                x = predictor.inputs(case)
+                before = predictor.seconds
+                scores = predictor.scores(x)
+                tally.add(name, scores, case.label, case.mask, case.instances, case.label2,
+                          predictor.seconds - before)
+                for runner in runners:
+                    t0 = time.perf_counter()
+                    per_head = runner.run(x)
+                    runner.seconds += time.perf_counter() - t0
+                    for label, s in zip(runner.view.labels, per_head):
+                        head_scores[label].append(confusion(s >= thresholds[""], case.label, case.mask))
+                if i < n_overlays:
+                    pred = scores >= thresholds[""]
+                    write_png(overlay_tmp / f"{name}.png", overlay(case.image, pred, case.label, case.mask))
+            metrics = tally.metrics()
+            roc, pr = tally.curves(cfg["curve_points"])
+            heads = heads_table(runners, head_scores)
+            summary: dict[str, Any] = {
+                "dataset": dataset, "network": network, "network_used": ckpt["network"],
+                "checkpoint": str(path), "checkpoint_epoch": ckpt.get("epoch"),
+                "checkpoint_val_dice": ckpt.get("val_dice"), "test_images": len(test_cases),
+                "threshold": thresholds[""],
+            }
+            if cfg["val_threshold"]:
+                summary.update(threshold_best=thresholds["_best"], val_best_f1=val_f1)
+            per_head = head_metrics(runners, heads, ("dice", "iou"))
+            summary.update(metrics)
+            summary.update(per_head)
+            summary = {k: json_safe(v) for k, v in summary.items()}
+            timings = {"inference_seconds": predictor.seconds, **head_metrics(runners, heads, ("seconds",)),
+                       "seconds": time.perf_counter() - start}
+            write_csv(out_dir / "per_image.csv", tally.table())
+            write_csv(out_dir / "roc.csv", roc)
+            write_csv(out_dir / "pr.csv", pr)
+            write_csv(out_dir / "heads.csv", heads)
+            replace_dir(overlay_tmp, out_dir / "overlays")
+            write_text(out_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
+            write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")  # last: the run is complete
+        finally:
+            shutil.rmtree(overlay_tmp, ignore_errors=True)
+        if tracker is not None:
+            log_run(tracker, summary, {**metrics_logged(metrics), **per_head, **timings}, out_dir, not heads.empty)
+    print(summary_text(summary, timings, heads))
+    return {**summary, **timings}
+
+
+def metrics_logged(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Test metrics as MLflow logs them: test_<metric>, undefined (NaN) values left out."""
+    return {f"test_{k}": v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def log_run(tracker: Any, summary: Mapping[str, Any], logged: Mapping[str, float], out_dir: Path,
+            has_heads: bool) -> None:
+    """MLflow: the `logged` metrics, the thresholds; metrics.json, timings.json, the CSVs, overlays."""
+    extra = {k: summary[k] for k in ("threshold_best", "val_best_f1") if isinstance(summary.get(k), float)}
+    tracker.log_metrics({**logged, **extra})
+    for name in ("metrics.json", "timings.json", "per_image.csv", "roc.csv", "pr.csv") + (("heads.csv",) if has_heads else ()):
+        tracker.log_artifact(str(out_dir / name))
+    if any((out_dir / "overlays").iterdir()):
+        tracker.log_artifacts(str(out_dir / "overlays"), "overlays")
+
+
+def summary_text(summary: Mapping[str, Any], timings: Mapping[str, float], heads: pd.DataFrame) -> str:
+    """The short table printed at the end of `segpipe evaluate`."""
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    columns = [("", f"t = {summary['threshold']:g}")]
+    if "threshold_best" in summary:
+        columns.append(("_best", f"val-best t = {summary['threshold_best']:.3f}"))
+    rows = [("Dice (mean)", "dice"), ("IoU (mean)", "iou"), ("F1 (pooled)", "pooled_f1"),
+            ("accuracy (pooled)", "pooled_accuracy"), ("sensitivity (pooled)", "pooled_sensitivity"),
+            ("specificity (pooled)", "pooled_specificity"), ("SEG", "seg")]
+    table = {label: [fmt(summary.get(key + suffix)) for suffix, _ in columns]
+             for label, key in rows if key in summary}
+    free = [("AUC-ROC (pooled)", "pooled_auc"), ("maxF_beta", "maxf"), ("MAE (mean)", "mae"),
+            ("2nd observer F1 (pooled)", "observer2_pooled_f1")]
+    table.update({label: [fmt(summary[key])] + [""] * (len(columns) - 1) for label, key in free if key in summary})
+    text = pd.DataFrame.from_dict(table, orient="index", columns=[c for _, c in columns]).to_string()
+    head = (f"{summary['dataset']}/{summary['network']} ({summary['network_used']}, epoch "
+            f"{summary['checkpoint_epoch']}): {summary['test_images']} test images, "
+            f"{timings['seconds']:.1f} s ({timings['inference_seconds']:.1f} s inference)")
+    parts = [head, text]
+    if not heads.empty:
+        parts.append(heads.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return "\n".join(parts)

@@ -1,0 +1,136 @@
+"""Inference settings: `InferenceSettings` (with the one copy of the defaults) and its validation.
+
+The library takes settings as values and never reads `configs/`. `InferenceSettings()` holds the
+defaults, equal to the values shipped in `configs/inference.yaml` (the DVC params; a test keeps the
+two equal). The `segpipe infer` stage entry (`pipeline.inference.stage`) reads that file and builds
+its settings with `settings_from_config`; `load_settings` applies keyword overrides. Validation
+uses the shared helpers of `pipeline.config`: errors name where the value came from and the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+from pipeline.config import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_keys,
+    check_list,
+    check_number,
+)
+from pipeline.inference.tta import TTA_TRANSFORMS
+
+BLENDS = ("gaussian", "constant")
+INTENSITIES = ("scale", "none")
+PREPROCESSING = ("checkpoint", "intensity")
+"""`preprocess`: the checkpoint's recorded training preprocessing (when it has one), or `intensity`."""
+PROBABILITY_DTYPES = ("uint8", "float16", "float32")
+COMPRESSIONS = ("zlib", "zstd", "lzw", "lzma", "none")
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "graph": ("fold_batch_norm", "inplace_activations", "channels_last", "compile"),
+    "output": ("tiff_tile", "compression", "threshold", "save_probabilities", "probabilities_dtype"),
+}
+"""The sections of `configs/inference.yaml` and their keys; every other field is a top-level key."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The knobs of `configs/inference.yaml` (DVC params); see that file for their meaning.
+
+    The defaults below are the only ones in the code, equal to the values shipped in that file.
+    Call `validated()` (or build through `load_settings` / `settings_from_config`, which do).
+    """
+
+    tile: int = 256
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    sigma_scale: float = 0.125
+    batch_size: int = 1
+    tta: tuple[str, ...] = ()
+    intensity: str = "scale"
+    preprocess: str = "checkpoint"
+    preprocess_max_megapixels: float = 128
+    device: str = "cpu"
+    threads: int | None = None
+    fold_batch_norm: bool = True
+    inplace_activations: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    tiff_tile: int = 256
+    compression: str = "zlib"
+    threshold: float = 0.5
+    save_probabilities: bool = False
+    probabilities_dtype: str = "uint8"
+
+    def validated(self, where: str = "inference settings") -> "InferenceSettings":
+        """Self, after checking every value; ConfigError naming `where` and the key otherwise."""
+        for key in ("tile", "batch_size", "tiff_tile"):
+            check_int(getattr(self, key), key, where, minimum=1)
+        if self.tiff_tile % 16:
+            raise ConfigError(f"{where}: tiff_tile must be a multiple of 16 (TIFF tiles), got {self.tiff_tile!r}")
+        check_int(self.threads, "threads", where, minimum=1, optional=True)
+        check_number(self.overlap, "overlap", where, low=0, high=1, high_open=True)
+        check_number(self.sigma_scale, "sigma_scale", where, low=0, low_open=True)
+        check_number(self.threshold, "threshold", where, low=0, high=1, low_open=True, high_open=True)
+        check_number(self.preprocess_max_megapixels, "preprocess_max_megapixels", where, low=0, low_open=True)
+        for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
+                             ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS)):
+            check_choice(getattr(self, key), key, choices, where)
+        if not isinstance(self.tta, tuple):
+            raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")
+        for name in self.tta:
+            check_choice(name, "tta", tuple(TTA_TRANSFORMS), where)
+        for key in ("fold_batch_norm", "inplace_activations", "channels_last", "compile", "save_probabilities"):
+            check_bool(getattr(self, key), key, where)
+        return self
+
+
+FIELDS = tuple(f.name for f in fields(InferenceSettings))
+"""Every setting, in declaration order."""
+
+
+def settings_from_config(cfg: Mapping[str, Any], where: str) -> InferenceSettings:
+    """Settings from the dict of `configs/inference.yaml`, validated; `where` names the file.
+
+    Every key is required, in its place: the `graph` and `output` sections (`SECTIONS`) are
+    flattened, everything else is top level. Missing and unknown keys are named, as is any bad
+    value (NaN and infinities included). `tta: null` means no augmentation.
+    """
+    top = [key for key in FIELDS if not any(key in keys for keys in SECTIONS.values())]
+    flat = check_keys(cfg, [*top, *SECTIONS], where)
+    for section, keys in SECTIONS.items():
+        flat.update(check_keys(flat.pop(section), keys, f"{where}: {section}"))
+    flat["tta"] = tuple(check_list(flat["tta"], "tta", where, optional=True) or ())
+    return InferenceSettings(**flat).validated(where)
+
+
+def load_settings(base: InferenceSettings | None = None, **overrides: Any) -> InferenceSettings:
+    """`base` (default: `InferenceSettings()`) with the non-None `overrides` applied, validated.
+
+    `overrides` are field names of `InferenceSettings`; `tta` may be any sequence of names.
+    """
+    if base is None:
+        base = InferenceSettings()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "tta" in given:
+        given["tta"] = tuple(given["tta"])
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown inference setting(s): {', '.join(unknown)}")
+    return replace(base, **given).validated("inference arguments")
+
+
+__all__ = [
+    "BLENDS",
+    "COMPRESSIONS",
+    "FIELDS",
+    "INTENSITIES",
+    "PREPROCESSING",
+    "PROBABILITY_DTYPES",
+    "SECTIONS",
+    "InferenceSettings",
+    "load_settings",
+    "settings_from_config",
+]

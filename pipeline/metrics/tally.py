@@ -1,0 +1,118 @@
+"""The running tally of a test set: per-image rows and pooled confusions, ROC and PR curves.
+
+`foreground` turns class probabilities into the foreground probability every score uses;
+`Tally.add` scores one image (inside its mask), `Tally.metrics` gives the means over images and the
+values pooled over all test pixels (as the DRIVE literature reports them; keys in
+`pipeline.evaluation.evaluate`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import SegpipeError
+from pipeline.metrics.instances import label_instances, seg_jaccards
+from pipeline.metrics.saliency import mae, max_f_beta
+from pipeline.metrics.segmentation import Confusion, confusion, pr_curve, roc_auc, roc_curve
+
+SCORES = ("f1", "accuracy", "sensitivity", "specificity", "precision")
+"""Confusion scores reported as mean_<s> and pooled_<s> (F1 = Dice)."""
+OBSERVER_SCORES = ("f1", "accuracy", "sensitivity", "specificity")
+
+
+def foreground(probs: np.ndarray) -> np.ndarray:
+    """Probabilities (K, H, W) -> foreground probability (H, W): channel 0 for K = 1 (sigmoid),
+    1 - P(background) for K > 1 (softmax, channel 0 = background)."""
+    if probs.ndim != 3:
+        raise SegpipeError(f"evaluate: expected probabilities (K, H, W), got shape {probs.shape}")
+    return probs[0] if probs.shape[0] == 1 else np.clip(1.0 - probs[0], 0.0, 1.0)
+
+
+def pooled_confusion(parts: list[Confusion]) -> Confusion:
+    """One confusion from the counts of several images."""
+    return Confusion(*(sum(getattr(c, k) for c in parts) for k in ("tp", "fp", "fn", "tn")))
+
+
+class Tally:
+    """Per-image rows and the pooled state of the test set (see the module docstring)."""
+
+    def __init__(self, thresholds: Mapping[str, float]) -> None:
+        self.thresholds = dict(thresholds)  # suffix -> threshold: "" and, if picked, "_best"
+        self.rows: list[dict[str, Any]] = []
+        self.scores: list[np.ndarray] = []  # valid pixels of each image, 1-D
+        self.truth: list[np.ndarray] = []
+        self.confusions: dict[str, list[Confusion]] = {s: [] for s in self.thresholds}
+        self.jaccards: dict[str, list[np.ndarray]] = {s: [] for s in self.thresholds}
+        self.observer2: list[Confusion] = []
+
+    def add(
+        self,
+        case: str,
+        scores: np.ndarray,
+        label: np.ndarray,
+        mask: np.ndarray | None,
+        instances: np.ndarray | None = None,
+        label2: np.ndarray | None = None,
+        seconds: float = math.nan,
+    ) -> dict[str, Any]:
+        """One test image: scores (H, W) in [0, 1], label/mask/label2 (H, W) bool, instances (H, W) ids."""
+        valid = np.ones(label.shape, bool) if mask is None else mask
+        s, g = scores[valid], label[valid]
+        self.scores.append(s)
+        self.truth.append(g)
+        row: dict[str, Any] = {"case": case}
+        for suffix, t in self.thresholds.items():
+            c = confusion(s >= t, g)
+            self.confusions[suffix].append(c)
+            row.update({f"{name}{suffix}": value for name, value in c.scores().items()})
+            if instances is not None:
+                _, jaccard = seg_jaccards(label_instances(scores >= t), instances)
+                self.jaccards[suffix].append(jaccard)
+                row[f"seg{suffix}"] = float(jaccard.mean()) if jaccard.size else math.nan
+        row["auc"] = roc_auc(s, g)
+        row["mae"] = mae(s, g)
+        if label2 is not None:
+            c2 = confusion(label2[valid], g)
+            self.observer2.append(c2)
+            row.update({f"observer2_{name}": getattr(c2, name) for name in OBSERVER_SCORES})
+        row["seconds"] = seconds
+        self.rows.append(row)
+        return row
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+    def metrics(self) -> dict[str, float]:
+        """Means over images and pooled values (module docstring for the keys)."""
+        table = self.table()
+        out: dict[str, float] = {}
+        for suffix in self.thresholds:
+            out[f"dice{suffix}"] = table[f"dice{suffix}"].mean()
+            out[f"iou{suffix}"] = table[f"iou{suffix}"].mean()
+            out.update({f"mean_{name}{suffix}": table[f"{name}{suffix}"].mean() for name in SCORES})
+            pooled = pooled_confusion(self.confusions[suffix])
+            out.update({f"pooled_{name}{suffix}": getattr(pooled, name) for name in SCORES + ("iou",)})
+            if self.jaccards[suffix]:
+                jaccards = np.concatenate(self.jaccards[suffix])
+                out[f"seg{suffix}"] = float(jaccards.mean()) if jaccards.size else math.nan
+                out[f"mean_seg{suffix}"] = table[f"seg{suffix}"].mean()
+        s, g = np.concatenate(self.scores), np.concatenate(self.truth)
+        out["mean_auc"] = table["auc"].mean()
+        out["pooled_auc"] = roc_auc(s, g)
+        out["maxf"], out["maxf_threshold"] = max_f_beta(self.scores, self.truth)
+        out["mae"] = table["mae"].mean()
+        if self.observer2:
+            out.update({f"observer2_mean_{n}": table[f"observer2_{n}"].mean() for n in OBSERVER_SCORES})
+            pooled2 = pooled_confusion(self.observer2)
+            out.update({f"observer2_pooled_{n}": getattr(pooled2, n) for n in OBSERVER_SCORES})
+        return {k: float(v) for k, v in out.items()}
+
+    def curves(self, max_points: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Pooled test ROC (fpr, tpr) and PR (recall, precision) curves, at most max_points each."""
+        s, g = np.concatenate(self.scores), np.concatenate(self.truth)
+        fpr, tpr, _ = roc_curve(s, g, max_points=max_points)
+        precision, recall, _ = pr_curve(s, g, max_points=max_points)
+        return pd.DataFrame({"fpr": fpr, "tpr": tpr}), pd.DataFrame({"recall": recall, "precision": precision})

@@ -1,0 +1,125 @@
+"""Training patches: every patch a pure function of (seed, epoch, item index).
+
+The training split's normalised cases sit in a MONAI `CacheDataset`; patches come from the
+dataset's augmentation preset (`pipeline.transforms.presets`: overlap-tile crop, elastic
+deformation, flips, gray values). Item `index` of `epoch` is re-seeded from those three numbers,
+so the data do not depend on DataLoader workers, on the number of DDP ranks, or on where a run
+was resumed. A step takes `batch_size` patches (all ranks together).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, list_data_collate
+from monai.transforms import Compose
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.data.prepared import PreparedDataset
+from pipeline.errors import SegpipeError
+from pipeline.networks import SegmentationNetwork
+from pipeline.training.distributed import Dist
+from pipeline.transforms.presets import build_preprocess_transforms, build_train_transforms
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The transform seed of item `index` of `epoch` (independent of workers and ranks)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0] % (2**31))
+
+
+class PatchDataset(Dataset):
+    """Training patches: key (epoch, index) -> the list of patch dicts of one augmented case.
+
+    Item `index` of `epoch` uses case `perm[index % n]` of a seeded permutation per pass over the
+    n cases, and its transforms are seeded with `item_seed(seed, epoch, index)`.
+    """
+
+    def __init__(self, cases: CacheDataset, augment: Compose, seed: int) -> None:
+        self.cases = cases
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def case_index(self, epoch: int, index: int) -> int:
+        n = len(self.cases)
+        perm = np.random.default_rng([self.seed, epoch, index // n]).permutation(n)
+        return int(perm[index % n])
+
+    def __getitem__(self, key: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        epoch, index = key
+        case = dict(self.cases[self.case_index(epoch, index)])
+        self.augment.set_random_state(seed=item_seed(self.seed, epoch, index))
+        out = self.augment(case)
+        return out if isinstance(out, list) else [out]
+
+
+class StepSampler(Sampler[tuple[int, int]]):
+    """Keys (epoch, index) of this rank: step s of the epoch covers items [s*G, (s+1)*G) of all
+    ranks (G items per step), rank r takes the r-th contiguous share."""
+
+    def __init__(self, steps: int, items_per_step: int, rank: int, world: int) -> None:
+        self.steps, self.items, self.rank, self.world = steps, items_per_step, rank, world
+        self.per_rank = items_per_step // world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.per_rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for step in range(self.steps):
+            first = step * self.items + self.rank * self.per_rank
+            for index in range(first, first + self.per_rank):
+                yield self.epoch, index
+
+
+def training_cases(prepared: PreparedDataset, keys: list[str]) -> list[dict[str, np.ndarray]]:
+    """The training split as dicts holding only the keys the patch transforms handle."""
+    cases = []
+    for case in prepared.cases("train"):
+        arrays = prepared.load(case)
+        missing = [k for k in keys if k not in arrays]
+        if missing:
+            raise SegpipeError(f"{prepared.manifest_path}: case {case!r} lacks {missing}, needed for training")
+        cases.append({k: arrays[k] for k in keys})
+    return cases
+
+
+def patch_keys(settings: Mapping[str, Any]) -> list[str]:
+    fov = settings["augment"]["patches"]["fov_key"]
+    return ["image", "label", "weight"] + ([fov] if fov else [])
+
+
+def build_loader(
+    prepared: PreparedDataset, settings: Mapping[str, Any], model: SegmentationNetwork, ctx: Dist
+) -> tuple[DataLoader, StepSampler, int]:
+    """The patch loader of this rank; returns (loader, sampler, patches per step and rank)."""
+    num_samples = int(settings["augment"]["patches"]["num_samples"])
+    batch = int(settings["batch_size"])
+    if batch % (num_samples * ctx.world):
+        raise SegpipeError(
+            f"batch_size {batch} must be a multiple of patches.num_samples ({num_samples}, configs/augment.yaml) "
+            f"x the number of processes ({ctx.world})"
+        )
+    out_size = model.valid_output_size(int(settings["patch_size"])) if model.padding == "valid" else int(settings["patch_size"])
+    try:
+        model.input_size(out_size)
+    except SegpipeError as exc:
+        raise SegpipeError(f"patch_size {out_size} does not fit network {settings['network']}: {exc}") from exc
+    dataset, augment_cfg = settings["dataset"], settings["augment"]
+    full = build_train_transforms(dataset, model.halo, out_size, augment_cfg)
+    n_pre = len(build_preprocess_transforms(dataset, augment_cfg).transforms)
+    cache = CacheDataset(training_cases(prepared, patch_keys(settings)), Compose(full.transforms[:n_pre]),
+                         cache_rate=1.0, num_workers=None, copy_cache=False, progress=False)
+    patches = PatchDataset(cache, Compose(full.transforms[n_pre:]), int(settings["seed"]))
+    sampler = StepSampler(int(settings["steps_per_epoch"]), batch // num_samples, ctx.rank, ctx.world)
+    workers = int(settings["workers"])
+    loader = DataLoader(patches, batch_size=sampler.per_rank, sampler=sampler, num_workers=workers,
+                        collate_fn=list_data_collate, persistent_workers=workers > 0,
+                        pin_memory=ctx.device.type == "cuda")
+    return loader, sampler, batch // ctx.world

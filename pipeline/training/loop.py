@@ -1,0 +1,313 @@
+"""The training loop: optimizer steps, validation, checkpoints, resume and DDP.
+
+A training is bounded by its step count (epochs x steps_per_epoch) and the learning rate follows
+the steps alone (`pipeline.training.optim`), so the same params and data give the same weights on
+a busy or an idle machine. `max_minutes` is an opt-in safety net: when it fires the run stops,
+keeps its checkpoints and is tagged `stopped_by_time_limit` in MLflow, and `segpipe train` exits
+non-zero (such a model depends on the machine's speed). A resumed run continues that budget: the
+wall time of the killed run's checkpointed epochs counts.
+
+Optimisation: Adam/AdamW or the U-Net paper's SGD with momentum 0.99; gradient-norm clipping;
+autocast (bf16 or fp16 with a grad scaler) on CUDA, fp32 on the CPU; channels-last (NHWC) weights
+and batches; optional `torch.compile`. The loss is the network's deep supervision over its heads
+(`pipeline.training.supervision`).
+
+Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
+whole validation images; the checkpoint with the best validation Dice is `best.pt`. `last.pt` is
+written atomically after every epoch with the optimizer state, the torch RNG state and the log,
+so `--resume` continues a killed run to the same result as an uninterrupted one.
+
+Under `torchrun` every rank trains on its share of each step's patches (DistributedDataParallel,
+gloo on CPU, nccl on CUDA); only rank 0 validates, writes files and logs to MLflow.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from monai.data import set_track_meta
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.data.io import write_text
+from pipeline.data.prepared import PreparedDataset
+from pipeline.errors import SegpipeError
+from pipeline.inference import InferenceSettings
+from pipeline.networks import SegmentationNetwork, build_network, read_checkpoint, save_checkpoint
+from pipeline.tracking import stage_run
+from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
+from pipeline.training.loader import StepSampler, build_loader, patch_keys
+from pipeline.training.optim import build_optimizer, learning_rate
+from pipeline.training.supervision import DeepSupervisionLoss, build_loss
+from pipeline.training.validation import validate, validation_cases, validation_settings
+
+LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_dice", "val_iou", "patches_per_s",
+               "data_wait_share", "seconds", "elapsed_seconds")
+"""log.csv: `seconds` = the epoch's training steps; `elapsed_seconds` = wall time of the training so
+far (set-up, validation and checkpoints included; a resumed run adds to the killed run's time)."""
+RESUME_KEYS = ("dataset", "network_key", "network", "network_config", "augment", "seed", "epochs",
+               "steps_per_epoch", "batch_size", "patch_size", "optimizer", "schedule", "grad_clip",
+               "loss", "weight_map")
+"""Settings a resumed run must share with the checkpoint (others, e.g. workers, may change)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished training wrote and how it went."""
+
+    out_dir: Path
+    checkpoint: Path
+    epochs: int
+    steps: int
+    best_val_dice: float
+    wall_seconds: float
+    stopped_early: bool
+
+
+@dataclass
+class _Trainer:
+    """Everything one training step needs, built once (`_build`)."""
+
+    settings: Mapping[str, Any]
+    ctx: Dist
+    model: SegmentationNetwork
+    forward: torch.nn.Module
+    loader: DataLoader
+    sampler: StepSampler
+    patches_per_rank: int
+    loss_fn: DeepSupervisionLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: bool
+    amp_dtype: torch.dtype
+    layout: torch.memory_format
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Progress:
+    """Where the training stands: the next epoch, the best validation so far, the log rows."""
+
+    first_epoch: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"val_dice": -1.0, "epoch": -1})
+    log_rows: list[dict[str, Any]] = field(default_factory=list)
+    previous_elapsed: float = 0.0
+
+
+def _build(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) -> _Trainer:
+    """Network (seeded), patch loader, loss, optimizer and grad scaler of a training."""
+    torch.manual_seed(int(settings["seed"]))
+    channels = settings["augment"]["channels"]
+    in_channels = len(channels) if channels else prepared.in_channels
+    model = build_network(settings["network"], in_channels, 1, **settings["network_config"])
+    layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    model.to(ctx.device, memory_format=layout)
+    loader, sampler, patches_per_rank = build_loader(prepared, settings, model, ctx)
+    loss_fn = build_loss(settings["loss"], network=model,
+                         source=f"configs/train.yaml: profiles.{settings['profile']}.loss")
+    optimizer = build_optimizer(model, settings["optimizer"])
+    amp = ctx.device.type == "cuda" and settings["amp"] != "fp32"
+    amp_dtype = torch.bfloat16 if settings["amp"] == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    net: torch.nn.Module = model
+    if ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    forward = torch.compile(net) if settings["compile"] else net
+    return _Trainer(settings, ctx, model, forward, loader, sampler, patches_per_rank, loss_fn, optimizer, scaler,
+                    amp, amp_dtype, layout, patch_keys(settings))
+
+
+def _restore(trainer: _Trainer, path: Path) -> _Progress:
+    """The state of `last.pt` loaded into the trainer; SegpipeError if the settings changed."""
+    if not path.is_file():
+        raise SegpipeError(f"{path}: nothing to resume; train without --resume")
+    state = read_checkpoint(path)
+    saved, current = state.get("settings") or {}, _resume_settings(trainer.settings)
+    changed = [k for k in RESUME_KEYS if saved.get(k) != current[k]]
+    if changed:
+        raise SegpipeError(f"{path}: cannot resume, settings changed since this checkpoint: {changed}; "
+                           "train without --resume to start over")
+    trainer.model.load_state_dict(state["state_dict"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    log_rows = list(state["log"])
+    return _Progress(int(state["epoch"]), dict(state["best"]), log_rows,
+                     float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0)
+
+
+def _train_epoch(t: _Trainer, epoch: int, deadline: float | None, clock: float) -> tuple[dict[str, Any], torch.Tensor, bool]:
+    """One epoch of optimizer steps: (log row without validation, mean losses [total, heads...],
+    stopped by the time limit). `deadline` is in the units of `clock`'s offset: seconds of the
+    training's wall budget, `clock` the perf_counter value its time counts from."""
+    s, ctx = t.settings, t.ctx
+    epochs, steps = int(s["epochs"]), int(s["steps_per_epoch"])
+    t.model.train()
+    t.sampler.set_epoch(epoch)
+    t0, wait, loss_sum, head_sums, n_steps, stopped, lr = time.perf_counter(), 0.0, 0.0, None, 0, False, 0.0
+    bar = tqdm(total=steps, desc=f"{s['dataset']}/{s['network_key']} epoch {epoch + 1}/{epochs}", unit="step",
+               disable=not ctx.main, leave=False, dynamic_ncols=True)
+    batches = iter(t.loader)
+    fov_key = s["augment"]["patches"]["fov_key"]
+    for step_in_epoch in range(steps):
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t_wait
+        lr = learning_rate(epoch * steps + step_in_epoch, epochs * steps, steps, float(s["optimizer"]["lr"]), s["schedule"])
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        data = {k: torch.as_tensor(batch[k]).to(ctx.device, non_blocking=True) for k in t.keys}
+        with torch.autocast(ctx.device.type, dtype=t.amp_dtype, enabled=t.amp):
+            output = t.forward(data["image"].contiguous(memory_format=t.layout))
+        heads = t.loss_fn.head_losses(_float(output), data["label"], data["weight"] if s["weight_map"] else None,
+                                      data[fov_key] if fov_key else None)
+        loss = t.loss_fn.combine(heads)
+        if not torch.isfinite(loss):
+            raise SegpipeError(f"{s['dataset']}/{s['network_key']}: loss became {loss.item()} at epoch {epoch + 1} "
+                               f"step {step_in_epoch + 1}; lower optimizer.lr in configs/train.yaml")
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        if s["grad_clip"] is not None:
+            t.scaler.unscale_(t.optimizer)
+            torch.nn.utils.clip_grad_norm_(t.model.parameters(), float(s["grad_clip"]))
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        detached = torch.stack([h.detach().float() for h in heads]).cpu()
+        head_sums = detached if head_sums is None else head_sums + detached
+        loss_sum += loss.item()
+        n_steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}",
+                        patches_s=f"{n_steps * t.patches_per_rank * ctx.world / (time.perf_counter() - t0):.0f}")
+        # one clock for all ranks, so that they agree on stopping
+        if deadline is not None and max_over_ranks(time.perf_counter() - clock, ctx) > deadline:
+            stopped = True
+            break
+    bar.close()
+    seconds = time.perf_counter() - t0
+    means = all_mean(torch.cat([torch.tensor([loss_sum]), head_sums]) / max(1, n_steps), ctx)
+    row = {"epoch": epoch + 1, "step": epoch * steps + n_steps, "lr": lr, "train_loss": float(means[0]),
+           "val_dice": "", "val_iou": "", "patches_per_s": n_steps * t.patches_per_rank * ctx.world / seconds,
+           "data_wait_share": wait / seconds, "seconds": seconds}
+    return row, means, stopped
+
+
+def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any],
+                       validation: tuple[list[dict[str, Any]], InferenceSettings], out_dir: Path, last: bool,
+                       clock: float) -> None:
+    """Rank 0 after an epoch: validation when due (best.pt when it improved), last.pt and log.csv."""
+    s, epoch = t.settings, int(row["epoch"])
+    if epoch % int(s["val_every"]) == 0 or last:
+        row["val_dice"], row["val_iou"] = validate(t.model, *validation)
+        if row["val_dice"] > progress.best["val_dice"] or progress.best["epoch"] < 0:
+            progress.best = {"val_dice": row["val_dice"], "epoch": epoch}
+            save_checkpoint(t.model, out_dir / "best.pt", dataset=s["dataset"], network_key=s["network_key"],
+                            profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"])
+    row["elapsed_seconds"] = time.perf_counter() - clock
+    progress.log_rows.append(row)
+    save_checkpoint(t.model, out_dir / "last.pt", settings=_resume_settings(s), optimizer=t.optimizer.state_dict(),
+                    scaler=t.scaler.state_dict(), torch_rng=torch.get_rng_state(), epoch=epoch,
+                    best=dict(progress.best), log=progress.log_rows)
+    write_text(out_dir / "log.csv", _log_text(progress.log_rows))
+
+
+def _log_epoch(tracker: Any, row: Mapping[str, Any], means: torch.Tensor) -> None:
+    """MLflow metrics of one epoch (step = epoch number)."""
+    metrics = {k: float(row[k]) for k in ("train_loss", "lr", "patches_per_s", "data_wait_share")}
+    if len(means) > 2:
+        metrics.update({f"train_loss_head{i}": float(v) for i, v in enumerate(means[1:])})
+    if row["val_dice"] != "":
+        metrics.update(val_dice=row["val_dice"], val_iou=row["val_iou"])
+    tracker.log_metrics(metrics, step=int(row["epoch"]))
+
+
+def run_training(
+    settings: Mapping[str, Any],
+    prepared: PreparedDataset,
+    out_dir: Path,
+    inference: InferenceSettings,
+    *,
+    resume: bool = False,
+) -> TrainResult:
+    """Train as `settings` say (`pipeline.training.settings.resolve_settings`) on `prepared`; writes
+    `out_dir`: best.pt, last.pt, log.csv, config.json. `inference`: configs/inference.yaml's
+    settings, which validation uses (without TTA)."""
+    start = time.perf_counter()
+    ctx = init_distributed()
+    set_track_meta(False)
+    dataset, network = settings["dataset"], settings["network_key"]
+    trainer = _build(settings, prepared, ctx)
+    progress = _restore(trainer, out_dir / "last.pt") if resume else _Progress()
+    if ctx.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.json", json.dumps(settings, indent=2, default=str) + "\n")
+    validation = (validation_cases(prepared, settings) if ctx.main else [], validation_settings(inference, ctx.device))
+    limit = None if settings["max_minutes"] is None else float(settings["max_minutes"]) * 60
+    clock = start - progress.previous_elapsed  # a resumed run's budget counts the killed run's time
+    epochs, stopped_early, epoch = int(settings["epochs"]), False, progress.first_epoch
+
+    params = {k: v for k, v in settings.items() if k != "augment"}
+    with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network) as tracker:
+        if tracker is not None and resume:
+            tracker.set_tag("resumed_from_epoch", str(progress.first_epoch))
+        for epoch in range(progress.first_epoch, epochs):
+            row, means, stopped_early = _train_epoch(trainer, epoch, limit, clock)
+            if ctx.main:
+                _validate_and_save(trainer, progress, row, validation, out_dir, stopped_early or epoch + 1 == epochs,
+                                   clock)
+                if tracker is not None:
+                    _log_epoch(tracker, row, means)
+                tqdm.write(_summary(row, epochs))
+            if ctx.world > 1:
+                dist.barrier()
+            if stopped_early:
+                break
+        wall = time.perf_counter() - start
+        best = progress.best
+        if tracker is not None:
+            tracker.log_metrics({"best_val_dice": best["val_dice"], "best_epoch": best["epoch"], "wall_seconds": wall})
+            tracker.set_tag("stopped_by_time_limit", str(stopped_early))
+            for name in ("config.json", "log.csv", "best.pt"):
+                tracker.log_artifact(str(out_dir / name))
+    if ctx.world > 1:
+        dist.destroy_process_group()
+    steps = int(progress.log_rows[-1]["step"]) if progress.log_rows else 0
+    if ctx.main:
+        print(f"{dataset}/{network}: best validation Dice {best['val_dice']:.4f} at epoch {best['epoch']} "
+              f"({settings['network']}, {steps} steps, {wall / 60:.1f} min"
+              f"{', STOPPED BY max_minutes' if stopped_early else ''}) -> {out_dir / 'best.pt'}")
+    return TrainResult(out_dir, out_dir / "best.pt", epoch + 1, steps, float(best["val_dice"]), wall, stopped_early)
+
+
+def _log_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _float(output: Any) -> Any:
+    """Network output in fp32 for the loss (autocast may give bf16/fp16 logits)."""
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    main, aux = output
+    return main.float(), [a.float() for a in aux]
+
+
+def _resume_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The RESUME_KEYS of `settings` as plain JSON values (as stored in last.pt)."""
+    return json.loads(json.dumps({k: settings[k] for k in RESUME_KEYS}, default=str))
+
+
+def _summary(row: Mapping[str, Any], epochs: int) -> str:
+    val = f" | val Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f}" if row["val_dice"] != "" else ""
+    return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}{val} | lr {row['lr']:.2e}  "
+            f"{row['patches_per_s']:.0f} patches/s  data wait {100 * row['data_wait_share']:.0f}%  {row['seconds']:.0f} s")

@@ -1,0 +1,123 @@
+"""Resolved training settings: a profile of `configs/train.yaml` merged with its overrides.
+
+`resolve_settings(configs, dataset, network)` returns one validated, JSON-ready dict that the
+trainer, the checkpoint (config.json, last.pt) and MLflow all see: the profile's keys, then
+`overrides.<network>`, `overrides.<dataset>` and `overrides.<dataset>/<network>` merged in (later
+wins), then the caller's overrides; plus the network actually built (`substitute`), its config
+(configs/networks.yaml) and the dataset's augmentation preset (configs/augment.yaml). Every value
+is checked up front (type, range, missing and unknown keys), so a bad `--set` fails before any
+work with a message naming the key.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pipeline.config import check_bool, check_choice, check_int, check_keys, check_number, check_str
+from pipeline.errors import SegpipeError
+from pipeline.networks import network_config, network_names
+from pipeline.training.losses import LOSS_DEFAULTS
+from pipeline.transforms.presets import preset_section
+
+PROFILE_KEYS = {
+    "network_preset", "substitute", "seed", "epochs", "steps_per_epoch", "batch_size", "patch_size",
+    "optimizer", "schedule", "grad_clip", "amp", "channels_last", "compile", "workers", "val_every", "max_minutes",
+    "weight_map", "loss", "overrides",
+}
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "poly", "step", "constant")
+AMP_DTYPES = ("bf16", "fp16", "fp32")
+OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "momentum", "nesterov"}
+SCHEDULE_KEYS = {"name", "warmup_steps", "min_lr", "poly_power", "step_epochs", "gamma"}
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `update` merged in recursively (mappings merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass(frozen=True)
+class TrainConfigs:
+    """The params files a training reads, as loaded by the stage entry (`pipeline.training.stage`)."""
+
+    train: Mapping[str, Any]
+    networks: Mapping[str, Any]
+    augment: Mapping[str, Any]
+    where: str = "configs/train.yaml"
+    """How errors name configs/train.yaml."""
+
+
+def _validate(cfg: Mapping[str, Any], where: str) -> None:
+    check_keys(cfg, PROFILE_KEYS, where)
+    check_int(cfg["seed"], "seed", where, minimum=0)
+    for key in ("epochs", "steps_per_epoch", "batch_size", "patch_size", "val_every"):
+        check_int(cfg[key], key, where, minimum=1)
+    check_int(cfg["workers"], "workers", where, minimum=0)
+    opt = check_keys(cfg["optimizer"], OPTIMIZER_KEYS, f"{where}.optimizer")
+    check_choice(opt["name"], "optimizer.name", OPTIMIZERS, where)
+    check_number(opt["lr"], "optimizer.lr", where, low=0, low_open=True)
+    check_number(opt["weight_decay"], "optimizer.weight_decay", where, low=0)
+    check_number(opt["momentum"], "optimizer.momentum", where, low=0, high=1, high_open=True)
+    check_bool(opt["nesterov"], "optimizer.nesterov", where)
+    sched = check_keys(cfg["schedule"], SCHEDULE_KEYS, f"{where}.schedule")
+    check_choice(sched["name"], "schedule.name", SCHEDULES, where)
+    check_int(sched["warmup_steps"], "schedule.warmup_steps", where, minimum=0)
+    check_number(sched["min_lr"], "schedule.min_lr", where, low=0)
+    check_number(sched["poly_power"], "schedule.poly_power", where, low=0, low_open=True)
+    check_int(sched["step_epochs"], "schedule.step_epochs", where, minimum=1)
+    check_number(sched["gamma"], "schedule.gamma", where, low=0, low_open=True)
+    check_choice(cfg["amp"], "amp", AMP_DTYPES, where)
+    for key in ("channels_last", "compile", "weight_map"):
+        check_bool(cfg[key], key, where)
+    for key in ("grad_clip", "max_minutes"):
+        check_number(cfg[key], key, where, low=0, low_open=True, optional=True)
+    check_keys(cfg["loss"], LOSS_DEFAULTS, f"{where}.loss", optional=LOSS_DEFAULTS)
+    check_keys(cfg["substitute"] or {}, network_names(), f"{where}.substitute", optional=network_names())
+    check_str(cfg["network_preset"], "network_preset", where)
+
+
+def resolve_settings(
+    configs: TrainConfigs,
+    dataset: str,
+    network: str,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The training settings of (`dataset`, `network`) under `profile` (default: the file's)."""
+    full, path = configs.train, configs.where
+    for key in ("profile", "profiles", "models_dir", "networks"):
+        if key not in full:
+            raise SegpipeError(f"{path}: missing top-level key {key!r}")
+    name = profile or full["profile"]
+    profiles = full["profiles"]
+    if not isinstance(profiles, Mapping) or name not in profiles:
+        raise SegpipeError(f"{path}: no profile {name!r}; profiles: {sorted(profiles or {})}")
+    cfg = copy.deepcopy(profiles[name])
+    where = f"{path}: profiles.{name}"
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("overrides", {}), Mapping):
+        raise SegpipeError(f"{where}: expected a mapping with an `overrides` mapping")
+    for key in (network, dataset, f"{dataset}/{network}"):
+        cfg = deep_merge(cfg, cfg.get("overrides", {}).get(key) or {})
+    cfg = deep_merge(cfg, overrides or {})
+    _validate(cfg, where)
+    actual = (cfg["substitute"] or {}).get(network, network)
+    if actual not in network_names():
+        raise SegpipeError(f"{where}: network {actual!r} unknown; networks: {network_names()}")
+    cfg.pop("overrides")
+    return {
+        **cfg,
+        "profile": name,
+        "dataset": dataset,
+        "network_key": network,
+        "network": actual,
+        "network_config": network_config(configs.networks, actual, cfg["network_preset"], "configs/networks.yaml"),
+        "augment": dict(preset_section(configs.augment, dataset)),
+        "models_dir": str(full["models_dir"]),
+    }

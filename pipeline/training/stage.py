@@ -1,0 +1,43 @@
+"""The `train` stage entry (`segpipe train DATASET NETWORK`): the one place training reads configs/.
+
+It reads configs/train.yaml (the profile), configs/networks.yaml (the network preset),
+configs/augment.yaml (the dataset's preset), configs/inference.yaml (the sliding-window settings
+of validation) and configs/data.yaml (where the prepared data are), and passes values down.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.config import config_path, load_config
+from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
+from pipeline.inference import settings_from_config
+from pipeline.training.loop import TrainResult, run_training
+from pipeline.training.settings import TrainConfigs, resolve_settings
+
+
+def load_train_configs() -> TrainConfigs:
+    """configs/train.yaml, networks.yaml and augment.yaml as loaded dicts."""
+    return TrainConfigs(load_config("train"), load_config("networks"), load_config("augment"),
+                        str(config_path("train")))
+
+
+def train(
+    dataset: str,
+    network: str,
+    *,
+    profile: str | None = None,
+    resume: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    models_dir: Path | None = None,
+    prepared: PreparedDataset | None = None,
+) -> TrainResult:
+    """Train `network` (the DVC matrix name: unet, unetpp, u2net, ...) on `dataset`.
+
+    Writes models/<dataset>/<network>/: best.pt, last.pt, log.csv, config.json.
+    """
+    settings = resolve_settings(load_train_configs(), dataset, network, profile, overrides)
+    inference = settings_from_config(load_config("inference"), str(config_path("inference")))
+    out_dir = Path(models_dir or settings["models_dir"]) / dataset / network
+    prepared = prepared or open_prepared(dataset, prepared_root(load_config("data"), dataset))
+    return run_training(settings, prepared, out_dir, inference, resume=resume)
