@@ -9,19 +9,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from pipeline.bench.commands import add_bench_commands
 
 GROUPS = """\
 stages and tools, in data-flow order:
-  data        download, prepare, manifest
-  transforms  weightmap
-  inference   infer
-  engine      train, evaluate, report
-  bench       bench transforms | networks | infer | train | quality
+  data           download, manifest
+  preprocessing  prepare
+  transforms     weightmap
+  inference      infer
+  training       train
+  evaluation     evaluate, report
+  bench          bench transforms | networks | infer | train | quality
 """
 
 
-# --- data (issue 2) -------------------------------------------------------------------------
+# --- data -------------------------------------------------------------------------------------
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
@@ -98,37 +102,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 # --- end data ---------------------------------------------------------------------------------
 
-# --- networks (issue 3) -----------------------------------------------------------------------
-
-
-def _cmd_bench_networks(args: argparse.Namespace) -> int:
-    from pipeline.bench.networks import run_benchmark
-
-    run_benchmark(
-        size=args.size,
-        repeats=args.repeats,
-        threads=args.threads,
-        channels=(args.in_channels, args.out_channels),
-    )
-    return 0
-
-
-def _bench_networks_args(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Parameters, MB, forward and forward+backward time and peak memory of each network "
-        "(MONAI's BasicUNet / BasicUNetPlusPlus side by side), then UNet++ L1..L4 inference times."
-    )
-    p.add_argument("--size", type=int, default=256, help="output side to reach (default 256)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--in-channels", type=int, default=1)
-    p.add_argument("--out-channels", type=int, default=2)
-    p.set_defaults(handler=_cmd_bench_networks)
-
-
-# --- end networks -----------------------------------------------------------------------------
-
-# --- transforms (issue 4) ---------------------------------------------------------------------
+# --- transforms -------------------------------------------------------------------------------
 
 
 def _cmd_weightmap(args: argparse.Namespace) -> int:
@@ -191,38 +165,9 @@ def _add_transforms_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_weightmap)
 
 
-def _cmd_bench_transforms(args: argparse.Namespace) -> int:
-    from pipeline.bench.transforms import run
-
-    return run(
-        halo=args.halo,
-        patch=args.patch,
-        repeat=args.repeat,
-        rounds=args.rounds,
-        large_weightmap=not args.skip_large_weightmap,
-    )
-
-
-def _bench_transforms_args(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Training-chain patches/s on DRIVE- and CTC-sized images, elastic ms per patch and the "
-        "weight-map speed-up over brute force, each side by side with MONAI / the reference."
-    )
-    p.add_argument("--halo", type=int, default=92, help="network halo (default 92, the paper's U-Net)")
-    p.add_argument("--patch", type=int, default=128, help="output patch size (default 128)")
-    p.add_argument("--repeat", type=int, default=10, help="calls per timed round (default 10)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds, best kept (default 3)")
-    p.add_argument(
-        "--skip-large-weightmap",
-        action="store_true",
-        help="skip the 2048^2 / 300-cell weight map (its brute force takes minutes)",
-    )
-    p.set_defaults(handler=_cmd_bench_transforms)
-
-
 # --- end transforms ---------------------------------------------------------------------------
 
-# --- inference (issue 5) ----------------------------------------------------------------------
+# --- inference --------------------------------------------------------------------------------
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
@@ -277,51 +222,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_infer)
 
 
-def _cmd_bench_infer(args: argparse.Namespace) -> int:
-    from pipeline.bench.inference import run_benchmark
-
-    run_benchmark(
-        sizes=args.size,
-        tile=args.tile,
-        overlap=args.overlap,
-        blend=args.blend,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        preset=args.preset,
-        workdir=args.workdir,
-        monai=not args.skip_monai,
-        valid=not args.skip_valid,
-        compile=args.compile,
-        timeout=args.timeout,
-    )
-    return 0
-
-
-def _bench_infer_args(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Same network, tile, overlap and blending through (a) segpipe predict_file on a synthetic "
-        "RGB image on disk and (b) MONAI SlidingWindowInferer on the image in memory, each in its "
-        "own subprocess: Mpx/s, peak RSS and their ratios; then the valid-padding U-Net's "
-        "overlap-tile throughput."
-    )
-    p.add_argument("--size", type=int, nargs="+", default=[8192], help="image sides (default 8192)")
-    p.add_argument("--tile", type=int, default=None, help="default: configs/inference.yaml")
-    p.add_argument("--overlap", type=float, default=None, help="default: configs/inference.yaml")
-    p.add_argument("--blend", choices=("gaussian", "constant"), default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="default: configs/inference.yaml")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--preset", default="default", help="U-Net config preset of configs/networks.yaml")
-    p.add_argument("--workdir", default=None, help="where the synthetic images go (default: a temp dir)")
-    p.add_argument("--skip-monai", action="store_true")
-    p.add_argument("--skip-valid", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile our graph too")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default none)")
-    p.set_defaults(handler=_cmd_bench_infer)
-
-
 # --- end inference ----------------------------------------------------------------------------
 
-# --- train / evaluate (issue 6) ---------------------------------------------------------------
+# --- train / evaluate -------------------------------------------------------------------------
 
 
 def _setting(text: str) -> dict:
@@ -369,7 +272,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a network on a prepared dataset (DVC stage train@DATASET-NETWORK)",
@@ -398,74 +301,7 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_report)
 
 
-def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from pipeline.bench.training import run_benchmark
-
-    run_benchmark(args.network, steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size,
-                  workers=args.workers, threads=args.threads, dataset=args.dataset)
-    return 0
-
-
-def _bench_train_args(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Training throughput (patches/s) and data-wait share per network: our loader (overlap-tile "
-        "patches + U-Net elastic deformation) vs a MONAI-standard loader (RandCropByPosNegLabeld + "
-        "Rand2DElasticd), same network, loss and optimizer, side by side. Defaults: configs/train.yaml."
-    )
-    p.add_argument("--network", nargs="+", default=["unet", "unetpp", "u2net"])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per loader (after one warm-up step)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (both loaders)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--dataset", default="drive", help="prepared dataset to read (synthetic images if absent)")
-    p.set_defaults(handler=_cmd_bench_train)
-
-
-def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    from pipeline.bench.training import run_quality
-
-    run_quality(args.dataset, args.network, baseline_seconds=args.baseline_seconds,
-                baseline_input=args.baseline_input, threads=args.threads, workdir=args.workdir)
-    return 0
-
-
-def _bench_quality_args(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "The quality bar side by side: `segpipe train` with the current profile (its step count) vs "
-        "the MONAI-standard baseline (BasicUNet, DiceCELoss, 64x64 patches, Adam 1e-3, batch 32, "
-        "SlidingWindowInferer 128 gaussian) for the wall time our training took; both scored on "
-        "the test split (DRIVE protocol, pixels pooled inside the FOV)."
-    )
-    p.add_argument("--dataset", default="drive")
-    p.add_argument("--network", default="unet")
-    p.add_argument("--baseline-seconds", type=float, default=None,
-                   help="the baseline's training budget (default: the wall time of our training)")
-    p.add_argument("--baseline-input", choices=("monai", "ours"), default="monai",
-                   help="monai: RGB z-scored per channel; ours: our preprocessing (green, CLAHE)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--workdir", default=None, help="keep checkpoints here (default: a temp dir)")
-    p.set_defaults(handler=_cmd_bench_quality)
-
-
 # --- end train / evaluate ---------------------------------------------------------------------
-
-# `segpipe bench NAME`: each area's function adds its arguments and a handler, in data-flow order.
-BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "transforms": _bench_transforms_args,
-    "networks": _bench_networks_args,
-    "infer": _bench_infer_args,
-    "train": _bench_train_args,
-    "quality": _bench_quality_args,
-}
-
-
-def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks side by side with MONAI (not tests)")
-    bench_sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for name, add_args in BENCHES.items():
-        add_args(bench_sub.add_parser(name, help=f"benchmark: {name}"))
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -479,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_transforms_commands(sub)
     _add_inference_commands(sub)
-    _add_engine_commands(sub)
-    _add_bench_commands(sub)
+    _add_training_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 

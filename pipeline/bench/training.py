@@ -28,6 +28,7 @@ from monai.transforms import Compose, EnsureTyped, Rand2DElasticd, RandCropByPos
 from pipeline.data.io import write_volume
 from pipeline.config import config_path, load_config
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
+from pipeline.data.settings import load_data_config
 from pipeline.errors import SegpipeError
 from pipeline.networks import build_network
 from pipeline.training.distributed import Dist
@@ -115,7 +116,7 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
                  if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            prepared = open_prepared(dataset, prepared_root(load_config("data"), dataset))
+            prepared = open_prepared(dataset, prepared_root(load_data_config(), dataset))
             source = f"prepared {dataset}"
         except SegpipeError:
             prepared = synthetic_prepared(Path(tmp) / "synthetic")
@@ -192,7 +193,7 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
 
     if threads:
         torch.set_num_threads(threads)
-    prepared = open_prepared(dataset, prepared_root(load_config("data"), dataset))
+    prepared = open_prepared(dataset, prepared_root(load_data_config(), dataset))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
         old_uri = os.environ.get("MLFLOW_TRACKING_URI")

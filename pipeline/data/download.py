@@ -14,14 +14,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.config import load_config
 from pipeline.data.io import atomic_path, sha256_file, write_text
+from pipeline.data.settings import load_data_config
 from pipeline.data.sources import Archive, DatasetSource, get_source
 from pipeline.errors import SegpipeError
 
@@ -41,13 +41,10 @@ class DownloadSettings:
     chunk_bytes: int = 1 << 20
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "DownloadSettings":
-        return cls(
-            retries=int(cfg.get("retries", cls.retries)),
-            backoff_seconds=float(cfg.get("backoff_seconds", cls.backoff_seconds)),
-            timeout_seconds=float(cfg.get("timeout_seconds", cls.timeout_seconds)),
-            chunk_bytes=int(cfg.get("chunk_bytes", cls.chunk_bytes)),
-        )
+    def from_config(cls, cfg: Mapping[str, Any]) -> "DownloadSettings":
+        """From the checked `download` section (`pipeline.data.settings.check_data_config`)."""
+        return cls(int(cfg["retries"]), float(cfg["backoff_seconds"]), float(cfg["timeout_seconds"]),
+                   int(cfg["chunk_bytes"]))
 
 
 class _Retryable(Exception):
@@ -169,14 +166,14 @@ def download_dataset(
     mirror: str | None = None,
 ) -> Path:
     """Fetch or import every archive of `dataset`; returns the raw folder. CLI flags win over config."""
-    cfg = load_config("data")
-    dl_cfg = cfg.get("download") or {}
+    cfg = load_data_config()
+    dl_cfg = cfg["download"]
     source = get_source(Path(cfg["manifests_dir"]), dataset)
     raw_dir = Path(cfg["raw_dir"]) / dataset
     raw_dir.mkdir(parents=True, exist_ok=True)
-    accepted = {h.lower() for h in (accept_sha256 or []) + list(dl_cfg.get("accept_sha256") or [])}
-    imports = list(from_paths or (dl_cfg.get("from") or {}).get(dataset) or [])
-    mirror = mirror or os.environ.get(MIRROR_ENV) or dl_cfg.get("mirror")
+    accepted = {h.lower() for h in (accept_sha256 or []) + list(dl_cfg["accept_sha256"] or [])}
+    imports = list(from_paths or (dl_cfg["from"] or {}).get(dataset) or [])
+    mirror = mirror or os.environ.get(MIRROR_ENV) or dl_cfg["mirror"]
     settings = DownloadSettings.from_config(dl_cfg)
 
     records: list[dict[str, Any]] = []

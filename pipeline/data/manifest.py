@@ -15,6 +15,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.data.io import read_raster, sha256_file, write_text
+from pipeline.data.settings import load_data_config
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
 
@@ -156,9 +157,8 @@ def write_file_manifest(dataset: str, source_path: str, output: str | None = Non
     """`segpipe manifest`: hash and describe every file of a verified copy (folder or zip) into a CSV."""
     import tempfile
 
-    from pipeline.config import load_config
-
-    cfg = load_config("data")
+    
+    cfg = load_data_config()
     manifests_dir = Path(cfg["manifests_dir"])
     source = get_source(manifests_dir, dataset)
     src = Path(source_path)

@@ -61,6 +61,7 @@ from pipeline.config import (
 )
 from pipeline.data.io import atomic_path, write_text
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
+from pipeline.data.settings import load_data_config
 from pipeline.errors import SegpipeError
 from pipeline.evaluation.heads import HeadRunner, head_metrics, head_runners, heads_table
 from pipeline.evaluation.overlays import overlay, write_png
@@ -210,7 +211,7 @@ def evaluate(
     base = settings_from_config(load_config("inference"), str(config_path("inference")))
     settings = load_settings(base, **cfg["inference"], intensity="none")
     models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
-    data = open_prepared(dataset, prepared_root(load_config("data"), dataset))
+    data = open_prepared(dataset, prepared_root(load_data_config(), dataset))
     out_dir = Path(results_dir if results_dir is not None else cfg["results_dir"]) / dataset / network
     return evaluate_checkpoint(models / dataset / network / "best.pt", data, network, cfg, settings, out_dir)
 

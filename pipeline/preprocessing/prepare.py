@@ -26,8 +26,8 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from pipeline.config import load_config
 from pipeline.data.download import read_record
+from pipeline.data.settings import load_data_config
 from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, unpack, validate
 from pipeline.data.sources import DatasetSource, Layout, get_source
@@ -95,8 +95,8 @@ def _cases(files: list[FoundFile], layout: Layout) -> pd.DataFrame:
 
 def prepare_dataset(dataset: str) -> Path:
     """Run the prepare stage for one dataset; returns `data/prepared/<dataset>`."""
-    cfg = load_config("data")
-    prep_cfg = cfg.get("prepare") or {}
+    cfg = load_data_config()
+    prep_cfg = cfg["prepare"]
     source = get_source(Path(cfg["manifests_dir"]), dataset)
     raw_dir = Path(cfg["raw_dir"]) / dataset
     final = Path(cfg["prepared_dir"]) / dataset
@@ -126,10 +126,10 @@ def _prepare_into(final: Path, archives: list[Path], source: DatasetSource, prep
         files = find_files(root, source.layout, dataset)
         validate(files, source)
         cases = _cases(files, source.layout)
-        seed, val_fraction = int(prep_cfg.get("seed", 0)), float(prep_cfg.get("val_fraction", 0.2))
+        seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
         cases["split"] = assign_splits(cases, source.layout, seed, val_fraction)
         out = work / "out"
-        stats = _convert(cases, out, prep_cfg.get("weight_map") or {}, dataset)
+        stats = _convert(cases, out, prep_cfg["weight_map"], dataset)
         stats.update(dataset=dataset, seed=seed, val_fraction=val_fraction,
                      archives=[r["sha256"] for r in read_record(raw_dir)])
         write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
@@ -174,7 +174,7 @@ def _convert(cases: pd.DataFrame, out: Path, wm_cfg: dict[str, Any], dataset: st
 
     train_cases = cases.loc[cases["split"] == "train", "case"]
     class_weights = compute_class_weights([loaded[c]["label"][0] for c in train_cases], num_classes=2)
-    w0, sigma = float(wm_cfg.get("w0", 10.0)), float(wm_cfg.get("sigma", 5.0))
+    w0, sigma = float(wm_cfg["w0"]), float(wm_cfg["sigma"])
     rows = []
     for case, split in tqdm(zip(cases["case"], cases["split"]), total=len(cases), desc="weight maps", unit="case"):
         vols = loaded[case]

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from pipeline.config import config_path, load_config
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
+from pipeline.data.settings import load_data_config
 from pipeline.inference import settings_from_config
 from pipeline.training.loop import TrainResult, run_training
 from pipeline.training.settings import TrainConfigs, resolve_settings
@@ -39,5 +40,5 @@ def train(
     settings = resolve_settings(load_train_configs(), dataset, network, profile, overrides)
     inference = settings_from_config(load_config("inference"), str(config_path("inference")))
     out_dir = Path(models_dir or settings["models_dir"]) / dataset / network
-    prepared = prepared or open_prepared(dataset, prepared_root(load_config("data"), dataset))
+    prepared = prepared or open_prepared(dataset, prepared_root(load_data_config(), dataset))
     return run_training(settings, prepared, out_dir, inference, resume=resume)

@@ -1,0 +1,49 @@
+"""configs/data.yaml, checked once by the data stages' entries (download, manifest, prepare).
+
+Every key is required (the file is the one place its defaults live); errors name the file and the
+key. `download.from.<dataset>` lists archives to import instead of downloading.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.config import (
+    check_int, check_keys, check_list, check_number, check_str, config_path, load_config,
+)
+
+TOP_KEYS = ("datasets", "cell_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download", "prepare")
+DOWNLOAD_KEYS = ("mirror", "from", "accept_sha256", "retries", "backoff_seconds", "timeout_seconds", "chunk_bytes")
+PREPARE_KEYS = ("seed", "val_fraction", "weight_map")
+
+
+def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`cfg` (configs/data.yaml) validated; returned as a dict."""
+    cfg = check_keys(cfg, TOP_KEYS, where)
+    for key in ("datasets", "cell_datasets"):
+        for name in check_list(cfg[key], key, where):
+            check_str(name, f"{key}[]", where)
+    for key in ("manifests_dir", "raw_dir", "prepared_dir"):
+        check_str(cfg[key], key, where)
+    dl = check_keys(cfg["download"], DOWNLOAD_KEYS, f"{where}: download")
+    if dl["mirror"] is not None:
+        check_str(dl["mirror"], "download.mirror", where)
+    for dataset, paths in check_keys(dl["from"] or {}, cfg["datasets"], f"{where}: download.from",
+                                     optional=cfg["datasets"]).items():
+        check_list(paths, f"download.from.{dataset}", where, optional=True)
+    check_list(dl["accept_sha256"], "download.accept_sha256", where, optional=True)
+    check_int(dl["retries"], "download.retries", where, minimum=1)
+    check_number(dl["backoff_seconds"], "download.backoff_seconds", where, low=0)
+    check_number(dl["timeout_seconds"], "download.timeout_seconds", where, low=0, low_open=True)
+    check_int(dl["chunk_bytes"], "download.chunk_bytes", where, minimum=1)
+    prep = check_keys(cfg["prepare"], PREPARE_KEYS, f"{where}: prepare")
+    check_int(prep["seed"], "prepare.seed", where, minimum=0)
+    check_number(prep["val_fraction"], "prepare.val_fraction", where, low=0, high=1, high_open=True)
+    wm = check_keys(prep["weight_map"], ("w0", "sigma"), f"{where}: prepare.weight_map")
+    check_number(wm["w0"], "prepare.weight_map.w0", where, low=0)
+    check_number(wm["sigma"], "prepare.weight_map.sigma", where, low=0, low_open=True)
+    return cfg
+
+
+def load_data_config() -> dict[str, Any]:
+    """configs/data.yaml, read and checked (for the data stages' entries)."""
+    return check_data_config(load_config("data"), str(config_path("data")))
