@@ -242,30 +242,12 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
             thresholds["_best"], val_f1 = pick_threshold(predictor, data, f"{tag} val")
         predictor.seconds = 0.0
         runners = head_runners(model, replace(settings, tta=())) if cfg["per_head"] else []  # heads: no TTA
-        head_scores: dict[str, list[Confusion]] = {label: [] for r in runners for label in r.view.labels}
-        tally = Tally(thresholds)
         n_overlays = len(test_cases) if cfg["overlays"] is None else min(cfg["overlays"], len(test_cases))
         out_dir.mkdir(parents=True, exist_ok=True)
         overlay_tmp = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out_dir))
         try:
-            for i, name in enumerate(tqdm(test_cases, desc=f"{tag} test", unit="image")):
-                case = _Case.load(data, name)
-                x = predictor.inputs(case)
-                before = predictor.seconds
-                scores = predictor.scores(x)
-                tally.add(name, scores, case.label, case.mask, case.instances, case.label2,
-                          predictor.seconds - before)
-                for runner in runners:
-                    t0 = time.perf_counter()
-                    per_head = runner.run(x)
-                    runner.seconds += time.perf_counter() - t0
-                    for label, s in zip(runner.view.labels, per_head):
-                        head_scores[label].append(confusion(s >= thresholds[""], case.label, case.mask))
-                if i < n_overlays:
-                    pred = scores >= thresholds[""]
-                    write_png(overlay_tmp / f"{name}.png", overlay(case.image, pred, case.label, case.mask))
+            tally, head_scores = _score_test_split(data, predictor, runners, thresholds, n_overlays, overlay_tmp, tag)
             metrics = tally.metrics()
-            roc, pr = tally.curves(cfg["curve_points"])
             heads = heads_table(runners, head_scores)
             summary: dict[str, Any] = {
                 "dataset": dataset, "network": network, "network_used": ckpt["network"],
@@ -276,24 +258,54 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
             if cfg["val_threshold"]:
                 summary.update(threshold_best=thresholds["_best"], val_best_f1=val_f1)
             per_head = head_metrics(runners, heads, ("dice", "iou"))
-            summary.update(metrics)
-            summary.update(per_head)
-            summary = {k: json_safe(v) for k, v in summary.items()}
+            summary = {k: json_safe(v) for k, v in {**summary, **metrics, **per_head}.items()}
             timings = {"inference_seconds": predictor.seconds, **head_metrics(runners, heads, ("seconds",)),
                        "seconds": time.perf_counter() - start}
-            write_csv(out_dir / "per_image.csv", tally.table())
-            write_csv(out_dir / "roc.csv", roc)
-            write_csv(out_dir / "pr.csv", pr)
-            write_csv(out_dir / "heads.csv", heads)
-            replace_dir(overlay_tmp, out_dir / "overlays")
-            write_text(out_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
-            write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")  # last: the run is complete
+            _write_results(out_dir, tally, cfg["curve_points"], heads, overlay_tmp, summary, timings)
         finally:
             shutil.rmtree(overlay_tmp, ignore_errors=True)
         if tracker is not None:
             log_run(tracker, summary, {**metrics_logged(metrics), **per_head, **timings}, out_dir, not heads.empty)
     print(summary_text(summary, timings, heads))
     return {**summary, **timings}
+
+
+def _score_test_split(data: PreparedDataset, predictor: _Predictor, runners: list[HeadRunner],
+                      thresholds: Mapping[str, float], n_overlays: int, overlay_dir: Path,
+                      tag: str) -> tuple[Tally, dict[str, list[Confusion]]]:
+    """Every test image: the tally of the main output, the confusions per head, the first
+    `n_overlays` overlays written to `overlay_dir`."""
+    tally = Tally(thresholds)
+    head_scores: dict[str, list[Confusion]] = {label: [] for r in runners for label in r.view.labels}
+    for i, name in enumerate(tqdm(data.cases("test"), desc=f"{tag} test", unit="image")):
+        case = _Case.load(data, name)
+        x = predictor.inputs(case)
+        before = predictor.seconds
+        scores = predictor.scores(x)
+        tally.add(name, scores, case.label, case.mask, case.instances, case.label2, predictor.seconds - before)
+        for runner in runners:
+            t0 = time.perf_counter()
+            per_head = runner.run(x)
+            runner.seconds += time.perf_counter() - t0
+            for label, s in zip(runner.view.labels, per_head):
+                head_scores[label].append(confusion(s >= thresholds[""], case.label, case.mask))
+        if i < n_overlays:
+            pred = scores >= thresholds[""]
+            write_png(overlay_dir / f"{name}.png", overlay(case.image, pred, case.label, case.mask))
+    return tally, head_scores
+
+
+def _write_results(out_dir: Path, tally: Tally, curve_points: int, heads: pd.DataFrame, overlay_tmp: Path,
+                   summary: Mapping[str, Any], timings: Mapping[str, float]) -> None:
+    """results/<dataset>/<network>/, each file atomically; metrics.json last (the run is complete)."""
+    roc, pr = tally.curves(curve_points)
+    write_csv(out_dir / "per_image.csv", tally.table())
+    write_csv(out_dir / "roc.csv", roc)
+    write_csv(out_dir / "pr.csv", pr)
+    write_csv(out_dir / "heads.csv", heads)
+    replace_dir(overlay_tmp, out_dir / "overlays")
+    write_text(out_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
+    write_text(out_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
 
 
 def metrics_logged(metrics: Mapping[str, float]) -> dict[str, float]:
