@@ -30,3 +30,19 @@ def test_no_torchvision_in_the_installed_tree() -> None:
 
     names = {(d.metadata["Name"] or "").lower() for d in distributions()}
     assert "torch" in names and "torchvision" not in names and not any(n.startswith("nvidia-") for n in names)
+
+
+def test_a_training_stopped_by_its_time_limit_exits_3(monkeypatch, capsys, tmp_path) -> None:
+    """`max_minutes` is a safety net, not a budget: when it fires the stage fails loudly."""
+    import pipeline.training.stage as stage
+    from pipeline.cli import main
+    from pipeline.training.loop import TrainResult
+
+    def stopped(*args, **kwargs) -> TrainResult:
+        return TrainResult(tmp_path, tmp_path / "best.pt", 3, 120, 0.5, 61.0, stopped_early=True)
+
+    monkeypatch.setattr(stage, "train", stopped)
+    assert main(["train", "drive", "unet", "--set", "max_minutes=1"]) == 3
+    assert "stopped by max_minutes after 120 steps" in capsys.readouterr().err
+    monkeypatch.setattr(stage, "train", lambda *a, **k: TrainResult(tmp_path, tmp_path, 3, 120, 0.5, 1.0, False))
+    assert main(["train", "drive", "unet"]) == 0
