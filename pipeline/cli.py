@@ -122,13 +122,17 @@ def _cmd_weightmap(args: argparse.Namespace) -> int:
 
 
 def _class_weights_arg(text: str) -> str | tuple[float, float]:
+    from pipeline.config import ConfigError, check_number
+
     if text in ("auto", "none"):
         return text
     try:
         bg, fg = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, none or W_BG,W_FG, got {text!r}") from None
-    return (bg, fg)
+        return (float(check_number(bg, "W_BG", "--class-weights", low=0)),
+                float(check_number(fg, "W_FG", "--class-weights", low=0)))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(
+            f"expected auto, none or W_BG,W_FG (finite numbers >= 0), got {text!r}") from None
 
 
 def _add_transforms_commands(sub: argparse._SubParsersAction) -> None:
@@ -146,8 +150,21 @@ def _add_transforms_commands(sub: argparse._SubParsersAction) -> None:
         help="weight map .nii.gz/.nii or .tif/.tiff (default: LABEL_weight.nii.gz for NIfTI labels, "
         "else LABEL_weight.tif, beside the label); the preview is the same path with .png",
     )
-    p.add_argument("--w0", type=float, default=10.0, help="border weight w0 (paper: 10)")
-    p.add_argument("--sigma", type=float, default=5.0, help="border width sigma in pixels (paper: 5)")
+    from typing import Callable
+
+    def nonnegative(option: str) -> Callable[[str], float]:
+        def parse(text: str) -> float:
+            from pipeline.config import ConfigError, check_number
+
+            try:
+                return float(check_number(float(text), option, "segpipe weightmap", low=0))
+            except (ValueError, ConfigError):
+                raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+        return parse
+
+    p.add_argument("--w0", type=nonnegative("--w0"), default=10.0, help="border weight w0 (paper: 10)")
+    p.add_argument("--sigma", type=nonnegative("--sigma"), default=5.0,
+                   help="border width sigma in pixels (paper: 5)")
     p.add_argument(
         "--class-weights",
         type=_class_weights_arg,
@@ -187,6 +204,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         device=args.device,
         preprocess=args.preprocess,
         probabilities_dtype=args.probabilities_dtype,
+        nonfinite=args.nonfinite,
     )
     return 0
 
@@ -212,13 +230,25 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
                    help="test-time augmentation, comma separated from h, v, hv (flips), t, th, tv, thv "
                         "(transposes, 90-degree rotations); '' = off")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,
                    help="checkpoint: the training preprocessing the checkpoint records (channels, CLAHE, "
                    "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
     p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
     p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def finite(text: str) -> float:
+        from pipeline.config import ConfigError, check_number
+
+        try:
+            return float(check_number(float(text), "VALUE", "--nonfinite"))
+        except (ValueError, ConfigError) as exc:
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from exc
+
+    p.add_argument("--nonfinite", type=finite, default=None, metavar="VALUE",
+                   help="replace NaN, +-Inf and floats beyond float32 in the input by VALUE (default: such an "
+                   "input is an error naming the file and the count of bad pixels)")
     p.set_defaults(handler=_cmd_infer)
 
 

@@ -20,6 +20,11 @@ ScaleIntensityRangePercentiles: the 0.5 and 99.5 percentiles -> 0 and 1, clipped
   C' * H * W <= `max_megapixels` * 1e6; otherwise SegpipeError.
 
 Memory of the streamed modes is the band (band_rows x W x C'), whatever the image height.
+
+`CheckedReader` sits under all of it, directly on the file's reader: the one place where a failing
+read (truncated or corrupt data, whatever the library's exception) becomes a SegpipeError naming the
+file, and where non-finite values (NaN, +-Inf, or floats beyond float32's range) are refused or,
+with `nonfinite`, replaced.
 """
 from __future__ import annotations
 
@@ -35,6 +40,83 @@ PERCENTILES = (0.5, 99.5)
 """The percentiles `build_preprocess_transforms` maps to 0 and 1 (normalize: percentile)."""
 _BAND_ROWS = 256
 """Rows per band of the statistics pass."""
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _nonfinite_mask(rows: np.ndarray) -> np.ndarray | None:
+    """Pixels (rows, W) with a value that is not a finite float32 in any channel; None if none."""
+    if rows.dtype.kind != "f":
+        return None
+    bad = ~np.isfinite(rows)
+    if rows.dtype.itemsize > 4:
+        with np.errstate(invalid="ignore"):
+            bad |= np.abs(rows) > _F32_MAX
+    if not bad.any():
+        return None
+    return bad.any(axis=0)
+
+
+class CheckedReader(ImageReader):
+    """`reader` with every read checked: errors -> SegpipeError naming the file, non-finite values
+    refused (SegpipeError with their count) or replaced by `nonfinite` (the count is `replaced`)."""
+
+    def __init__(self, reader: ImageReader, nonfinite: float | None = None, band_rows: int = _BAND_ROWS) -> None:
+        self.reader = reader
+        self.path, self.shape, self.dtype = reader.path, reader.shape, reader.dtype
+        self.meta, self.two_d = reader.meta, reader.two_d
+        if nonfinite is not None and self.dtype.kind == "f" and abs(nonfinite) > float(np.finfo(self.dtype).max):
+            raise SegpipeError(f"{self.path}: the replacement of non-finite values {nonfinite:g} does not fit "
+                               f"the image's {self.dtype}")
+        self.nonfinite = nonfinite
+        self.band_rows = band_rows
+        self.replaced = 0
+        self._counted = 0  # rows below this were counted in `replaced` (some rows are read twice)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        c, _, w = self.shape
+        try:
+            rows = np.asarray(self.reader.read_rows(start, stop))
+        except SegpipeError:
+            raise
+        except Exception as exc:  # every library has its own exceptions for truncated or corrupt data
+            raise SegpipeError(f"{self.path}: cannot read rows {start}..{stop} (truncated or corrupt file?): "
+                               f"{type(exc).__name__}: {exc}") from exc
+        if rows.shape != (c, stop - start, w):
+            raise SegpipeError(f"{self.path}: rows {start}..{stop} read back with shape {rows.shape}, "
+                               f"expected {(c, stop - start, w)} (truncated or corrupt file?)")
+        return rows
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        rows = self._read(start, stop)
+        bad = _nonfinite_mask(rows)
+        if bad is None:
+            return rows
+        if self.nonfinite is None:
+            raise SegpipeError(
+                f"{self.path}: {self._count()} pixel(s) hold non-finite values (NaN, +-Inf or beyond float32's "
+                f"range), the first in row {start + int(np.argmax(bad.any(axis=1)))}; fix the image, or replace "
+                "them with a value (`segpipe infer --nonfinite VALUE`)"
+            )
+        lo = max(self._counted - start, 0)
+        self.replaced += int(bad[lo:].sum())
+        self._counted = max(self._counted, stop)
+        rows = rows.copy()
+        with np.errstate(invalid="ignore"):
+            rows[~np.isfinite(rows) | (np.abs(rows) > _F32_MAX)] = self.nonfinite
+        return rows
+
+    def _count(self) -> str:
+        """The number of non-finite pixels of the whole image (a streamed pass), as text."""
+        h, total = self.shape[1], 0
+        for start in range(0, h, self.band_rows):
+            try:
+                bad = _nonfinite_mask(self._read(start, min(start + self.band_rows, h)))
+            except SegpipeError:
+                return f"at least {total}"
+            total += 0 if bad is None else int(bad.sum())
+        return str(total)
 
 
 def describe_preprocessing(augment: Mapping[str, Any]) -> str:
@@ -217,4 +299,4 @@ class PreprocessedReader(ImageReader):
         self._whole = None
 
 
-__all__ = ["PERCENTILES", "PreprocessedReader", "describe_preprocessing", "histogram_percentile"]
+__all__ = ["PERCENTILES", "CheckedReader", "PreprocessedReader", "describe_preprocessing", "histogram_percentile"]

@@ -86,8 +86,9 @@ class ImageReader:
             raise SegpipeError(f"{self.path}: zero-size image (C, H, W) = {self.shape}")
         self.dtype = np.dtype(self.dtype).newbyteorder("=")
         if not (np.issubdtype(self.dtype, np.integer) or np.issubdtype(self.dtype, np.floating)
-                or self.dtype == np.bool_):
-            raise SegpipeError(f"{self.path}: pixel type {self.dtype} is not supported (integer or float)")
+                or self.dtype == np.bool_) or self.dtype == np.uint64:
+            raise SegpipeError(f"{self.path}: pixel type {self.dtype} is not supported (bool, int8..int64, "
+                               "uint8..uint32, float); convert the image, e.g. to float32")
 
 
 class ArrayReader(ImageReader):
@@ -129,6 +130,7 @@ class TiffReader(ImageReader):
                     f"{path}: expected a 2-D image with channels (axes YX, YXS, SYX or CYX), "
                     f"got axes {series.axes} with shape {series.shape}"
                 )
+            self._check_series(series)
             first = self._pages[0]
             h, w = int(first.imagelength), int(first.imagewidth)
             c = sum(int(p.samplesperpixel) for p in self._pages)
@@ -141,9 +143,38 @@ class TiffReader(ImageReader):
                     raise SegpipeError(f"{path}: the channel pages differ in size or type")
             self.meta = self._read_meta(first)
             self._check()
+            for p in self._pages:
+                self._check_segments(p)
         except Exception:
             self._tif.close()
             raise
+
+    def _check_series(self, series: Any) -> None:
+        """Refuse a file holding several images of different sizes (reduced-resolution copies aside)."""
+        shapes = [tuple(s.shape) for s in self._tif.series
+                  if s is series or not (s.keyframe is not None and s.keyframe.is_reduced)]
+        if len(set(shapes)) > 1:
+            raise SegpipeError(
+                f"{self.path}: the TIFF holds {len(shapes)} images of different sizes {shapes}; segpipe reads "
+                "one 2-D image per file and does not guess which one is meant: save that image on its own"
+            )
+
+    def _check_segments(self, page: Any) -> None:
+        """Every tile/strip the image needs is listed and lies inside the file (truncated files)."""
+        h, w, spp = int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel)
+        size = int(self._tif.filehandle.size)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        end = max((int(o) + int(c) for o, c in zip(offsets, counts) if o and c), default=0)
+        if page.is_final:
+            end = max(end, int(offsets[0]) + h * w * spp * page.dtype.itemsize)
+        else:
+            th, tw = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else (int(page.rowsperstrip), w)
+            need = math.ceil(h / max(th, 1)) * math.ceil(w / max(tw, 1)) * (spp if page.planarconfig == 2 else 1)
+            listed = min(len(offsets), len(counts))
+            if listed < need:
+                raise SegpipeError(f"{self.path}: corrupt TIFF: {h} x {w} needs {need} tiles/strips, {listed} listed")
+        if end > size:
+            raise SegpipeError(f"{self.path}: truncated TIFF: the image data runs to byte {end}, the file has {size}")
 
     def _read_meta(self, page: Any) -> ImageMeta:
         import tifffile
@@ -153,6 +184,8 @@ class TiffReader(ImageReader):
         if "XResolution" in tags and "YResolution" in tags:
             meta.resolution = (tags["XResolution"].value, tags["YResolution"].value)
             meta.resolution_unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+            if meta.resolution_unit not in (1, 2, 3):  # a damaged tag: keep no spacing rather than fail
+                meta.resolution, meta.resolution_unit = None, None
         if self._tif.is_ome and self._tif.ome_metadata:
             image = tifffile.xml2dict(self._tif.ome_metadata).get("OME", {}).get("Image", {})
             image = image[0] if isinstance(image, list) else image
@@ -250,6 +283,9 @@ class NiftiReader(ImageReader):
                     f"got shape {shape}"
                 )
             self._img = img
+            need = int(getattr(img.dataobj, "offset", 0)) + math.prod(shape) * img.get_data_dtype().itemsize
+            if os.path.getsize(source) < need:  # header and data: the (decompressed) file is shorter
+                raise SegpipeError(f"{path}: truncated NIfTI: {need} bytes expected, {os.path.getsize(source)} found")
             self.meta = ImageMeta(nifti_header=img.header.copy())
             self.dtype = np.asarray(img.dataobj[(slice(0, 1),) * len(shape)]).dtype if min(shape) else np.uint8
             self._check()

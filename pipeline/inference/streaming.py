@@ -7,10 +7,16 @@ peak memory is the band (a few tiles high, the image wide) plus the network's ac
 A checkpoint's recorded training preprocessing wraps the reader (`preprocessing.py`): zscore and
 percentile of <= 16-bit images stream (one extra statistics pass); CLAHE and other percentiles
 hold the whole image, up to `preprocess_max_megapixels`.
+
+Failures: every error of one file (unreadable or truncated data, non-finite pixels, a network
+output that is not finite, an unwritable output, sizes beyond the memory) is a SegpipeError naming
+the file, raised before anything appears under an output name; `infer_files` reports it and goes on
+with the next input.
 """
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 import time
@@ -21,19 +27,27 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from pipeline.config import check_number
 from pipeline.errors import SegpipeError
 from pipeline.inference.optimize import InferenceNetwork, ModelLike
-from pipeline.inference.preprocessing import PreprocessedReader
+from pipeline.inference.preprocessing import CheckedReader, PreprocessedReader
 from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix, open_image
 from pipeline.inference.settings import InferenceSettings, load_settings
 from pipeline.inference.sliding import inference_network, stream_probabilities
+from pipeline.inference.tiling import plan_tiles
 from pipeline.inference.writers import (
     NiftiRowWriter,
     RowWriter,
     TiffRowWriter,
+    check_output_path,
     encode_probabilities,
     to_labels,
 )
+
+DEVICES = "cpu, cuda or cuda:N"
+"""The devices inference runs on, as said in errors."""
+_ACTIVATION_FLOATS = 64
+"""A rough count of the network's activations per window pixel, for the memory estimate."""
 
 
 def peak_rss_mb() -> float:
@@ -101,6 +115,50 @@ class InferenceReport:
         )
 
 
+def check_device(device: str) -> None:
+    """SegpipeError unless `device` is cpu, cuda or cuda:N."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise SegpipeError(f"device {device!r} is not supported: use {DEVICES}")
+
+
+def check_nonfinite(value: float | None) -> float | None:
+    """The replacement value of non-finite input pixels: None (refuse them) or a finite number."""
+    return check_number(value, "nonfinite", "inference arguments", optional=True)
+
+
+def _available_bytes() -> int | None:
+    """Memory available to this process (MemAvailable, else physical memory), None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(net: InferenceNetwork, reader: ImageReader, settings: InferenceSettings) -> None:
+    """SegpipeError, before anything is allocated, if the windows and bands of `settings.tile` for this
+    image would need more memory than is available (a rough estimate: inputs, logits, activations)."""
+    c, h, w = reader.shape
+    plan = plan_tiles(net, h, w, settings.tile, settings.overlap)
+    k, t_in, t_out = net.out_channels, plan.in_tile, plan.out_tile
+    width = w + plan.cols.pad_before + plan.cols.pad_after
+    windows = settings.batch_size * t_in * t_in * 4 * (c + 2 * k + _ACTIVATION_FLOATS)
+    bands = 4 * (2 * c * t_in * width + 3 * k * t_out * w + t_in * t_in)
+    need, available = windows + bands, _available_bytes()
+    if available is not None and need > available:
+        raise SegpipeError(
+            f"{reader.path}: tile {settings.tile} (windows of {t_in} x {t_in}, batch {settings.batch_size}) on this "
+            f"{w} x {h} image needs about {need / 2**30:.1f} GB, more than the {available / 2**30:.1f} GB "
+            "available; use a smaller --tile (or batch size)"
+        )
+
+
 def _stem(path: Path) -> tuple[str, str]:
     """(name without its image suffix, output suffix): NIfTI keeps its suffix, OME stays OME."""
     name = path.name
@@ -150,6 +208,7 @@ def predict_file(
     probabilities_dtype: str | None = None,
     threshold: float | None = None,
     compression: str | None = None,
+    nonfinite: float | None = None,
     settings: InferenceSettings | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> InferenceReport:
@@ -165,34 +224,66 @@ def predict_file(
     With `preprocess="checkpoint"` and a checkpoint that records its training preprocessing
     (`augment`), the image gets exactly that preprocessing (`PreprocessedReader`, as `segpipe
     evaluate` applies it) and `intensity` does not apply; otherwise `intensity` does.
+    Non-finite input values (NaN, +-Inf, floats beyond float32) are an error, or with `nonfinite`
+    replaced by that value; a non-finite network output is always an error.
     """
     settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale, tta=tta,
                              batch_size=batch_size, device=device, intensity=intensity, preprocess=preprocess,
                              probabilities_dtype=probabilities_dtype, threshold=threshold,
                              compression=compression)
+    check_device(settings.device)
+    nonfinite = check_nonfinite(nonfinite)
     input_path, output_path = Path(input_path), Path(output_path)
     targets = [output_path] + ([Path(probabilities_path)] if probabilities_path is not None else [])
     for target in targets:
         if target.resolve() == input_path.resolve():
             raise SegpipeError(f"{target}: output would overwrite the input")
+        check_output_path(target)
     net = inference_network(model, settings)
+    try:
+        return _predict(net, input_path, targets, nonfinite, settings, progress)
+    except SegpipeError as exc:
+        if str(input_path) in str(exc):
+            raise
+        raise SegpipeError(f"{input_path}: {exc}") from exc  # e.g. an output's error: name the input too
+    except Exception as exc:  # whatever a library raised while reading, computing or writing
+        raise SegpipeError(f"{input_path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _predict(
+    net: InferenceNetwork,
+    input_path: Path,
+    targets: list[Path],
+    nonfinite: float | None,
+    settings: InferenceSettings,
+    progress: Callable[[int, int], None] | None,
+) -> InferenceReport:
+    """The work of `predict_file` (targets: label map, then probabilities if wanted)."""
     if net.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(net.device)
     start = time.perf_counter()
     recorded = net.augment if settings.preprocess == "checkpoint" else None
     with open_image(input_path) as raw:
-        reader: ImageReader = raw
+        checked = CheckedReader(raw, nonfinite)
+        reader: ImageReader = checked
         if recorded is not None:
-            reader = PreprocessedReader(raw, recorded, max_megapixels=settings.preprocess_max_megapixels,
+            reader = PreprocessedReader(checked, recorded, max_megapixels=settings.preprocess_max_megapixels,
                                         where=str(net.source or "the checkpoint"))
+        check_memory(net, reader, settings)
         stream = stream_probabilities(net, reader, settings, progress)
         writers: list[RowWriter] = []
         try:
-            writers.append(_writer(output_path, reader, 1, np.uint8, settings.tiff_tile, settings.compression))
-            if probabilities_path is not None:
-                writers.append(_writer(Path(probabilities_path), reader, net.out_channels,
+            writers.append(_writer(targets[0], reader, 1, np.uint8, settings.tiff_tile, settings.compression))
+            if len(targets) > 1:
+                writers.append(_writer(targets[1], reader, net.out_channels,
                                        settings.probabilities_dtype, settings.tiff_tile, settings.compression))
             for y0, probs in stream.rows:
+                if not np.isfinite(probs).all():
+                    raise SegpipeError(
+                        f"{input_path}: the network's output is not finite at {int((~np.isfinite(probs)).sum())} "
+                        f"value(s) from row {y0} on (non-finite weights, or an input scaled beyond float32); "
+                        "nothing was written"
+                    )
                 writers[0].write(y0, to_labels(probs, settings.threshold))
                 if len(writers) > 1:
                     writers[1].write(y0, encode_probabilities(probs, settings.probabilities_dtype))
@@ -209,6 +300,8 @@ def predict_file(
         shape, dtype = raw.shape, str(raw.dtype)
     seconds = time.perf_counter() - start
     notes = list(net.notes) + [f"tta {'+'.join(settings.tta)}"] * bool(settings.tta)
+    if checked.replaced:
+        notes.append(f"{checked.replaced} pixel(s) with non-finite values set to {nonfinite:g}")
     if isinstance(reader, PreprocessedReader):
         notes.append(f"preprocessing from checkpoint: {reader.describe()}")
     elif net.augment is not None:
@@ -220,12 +313,14 @@ def predict_file(
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Files named by paths or glob patterns, in order, without duplicates; SegpipeError if none match."""
+    """Files named by paths or glob patterns, in order, without duplicates; SegpipeError if none match.
+
+    A pattern naming an existing file is that file, even with glob characters ("a[1].tif")."""
     import glob
 
     found: list[Path] = []
     for pattern in patterns:
-        magic = any(ch in pattern for ch in "*?[")
+        magic = not os.path.lexists(pattern) and any(ch in pattern for ch in "*?[")
         matches = sorted(glob.glob(pattern, recursive=True)) if magic else [pattern]
         files = [Path(m) for m in matches if Path(m).is_file()]
         if not files:
@@ -242,6 +337,7 @@ def infer_files(
     settings: InferenceSettings | None = None,
     save_probabilities: bool | None = None,
     show_progress: bool = True,
+    nonfinite: float | None = None,
     **overrides: Any,
 ) -> list[InferenceReport]:
     """Every input through `predict_file` with the model loaded once (the work of `segpipe infer`,
@@ -253,11 +349,14 @@ def infer_files(
     `predict_file`).
     Outputs go to `output_dir` as NAME_seg.* (and NAME_prob.*). A progress bar per image shows
     Mpx/s and the ETA; a summary line per image is printed. An input that fails is reported and
-    the others still run; SegpipeError at the end names every failed input.
+    the others still run; SegpipeError at the end names every failed input. `nonfinite`: see
+    `predict_file`.
     """
     from tqdm import tqdm
 
     settings = load_settings(settings, **overrides)
+    check_device(settings.device)
+    nonfinite = check_nonfinite(nonfinite)
     paths = expand_inputs(inputs)
     targets: dict[Path, Path] = {}
     for path in paths:
@@ -281,9 +380,10 @@ def infer_files(
 
         try:
             report = predict_file(net, path, seg, probabilities_path=prob if probs else None,
-                                  settings=settings, progress=advance)
-        except SegpipeError as exc:
-            print(f"segpipe infer: error: {exc}", file=sys.stderr)
+                                  nonfinite=nonfinite, settings=settings, progress=advance)
+        except Exception as exc:  # SegpipeError by design; anything else is still this file's failure
+            text = str(exc) if isinstance(exc, SegpipeError) else f"{path}: {type(exc).__name__}: {exc}"
+            print(f"segpipe infer: error: {text}", file=sys.stderr)
             failed.append(str(path))
             continue
         finally:

@@ -9,13 +9,15 @@
   written column by column with `os.pwrite` into a sparse temp `.nii`; `.nii.gz` is compressed from
   it at the end (streaming).
 
-Every writer writes a temp file beside the final path; `finish()` completes it and `publish()`
-renames it onto the final name (`os.replace`, atomic); `abort()` removes it. An interrupted run
+Every writer writes a temp file beside the final path (a short name, whatever the length of the
+final one); `finish()` completes it and `publish()` gives it the permissions of a new file (0666
+minus the umask) and renames it onto the final name (`os.replace`, atomic); `abort()` removes it. An interrupted run
 never leaves a file under the final name; several outputs of one run are published only once all
 of them are finished.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -59,15 +61,40 @@ def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
     return probs.astype(np.dtype(dtype))
 
 
+NAME_MAX = 255
+"""Bytes in a file name on the usual file systems (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)."""
+
+
+def check_output_path(final: Path) -> None:
+    """SegpipeError if `final` cannot become a file: a directory there, or a name too long."""
+    length = len(os.fsencode(final.name))
+    if length > NAME_MAX:
+        raise SegpipeError(f"{final}: the output file name is {length} bytes long, longer than file systems allow "
+                           f"({NAME_MAX}); shorten the input's name")
+    if final.is_dir():
+        raise SegpipeError(f"{final}: the output path exists and is a directory; remove it or choose another output")
+
+
 def temp_beside(final: Path, suffix: str) -> Path:
-    """A new empty temp file in `final`'s directory (created if needed); SegpipeError if not writable."""
+    """A new empty temp file in `final`'s directory (created if needed), with a short name;
+    SegpipeError if the directory cannot hold it."""
+    check_output_path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".segpipe-", suffix=suffix, dir=final.parent)
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise SegpipeError(f"{final}: path too long for the file system ({exc.strerror})") from exc
         raise SegpipeError(f"{final.parent}: output directory is not writable ({exc.strerror or exc})") from exc
     os.close(fd)
     return Path(tmp)
+
+
+def file_mode() -> int:
+    """The mode of a new ordinary file: 0666 minus the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class RowWriter:
@@ -90,7 +117,13 @@ class RowWriter:
     def publish(self) -> Path:
         if self._done is None:
             raise SegpipeError(f"{self.path}: publish() before finish()")
-        os.replace(self._done, self.path)
+        check_output_path(self.path)
+        try:
+            os.chmod(self._done, file_mode())  # mkstemp creates 0600; an output is an ordinary file
+            os.replace(self._done, self.path)
+        except OSError as exc:
+            self._done.unlink(missing_ok=True)
+            raise SegpipeError(f"{self.path}: cannot write the output ({exc.strerror or exc})") from exc
         self._done = None
         return self.path
 

@@ -34,9 +34,34 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from pipeline.config import check_number
 from pipeline.errors import SegpipeError
 
 DEFAULT_TOL = 1e-6
+
+
+def compact_ids(inst: np.ndarray) -> np.ndarray:
+    """Instance ids renumbered 1..n in order of value, 0 kept as background (int32 or int64).
+
+    Work and memory then depend on the number of cells, not on the largest id (`find_objects`
+    allocates one entry per id up to the largest)."""
+    ids, inverse = np.unique(inst, return_inverse=True)
+    inverse = inverse.reshape(inst.shape)
+    if ids.size and ids[0] != 0:
+        inverse += 1
+    return inverse.astype(np.int32 if ids.size < 2**31 - 1 else np.int64)
+
+
+def check_parameters(w0: float, sigma: float, where: str = "weight map", **names: str) -> tuple[float, float]:
+    """(w0, sigma) as finite numbers >= 0 (ConfigError naming the option otherwise); `names` maps
+    "w0"/"sigma" to how the caller calls them (e.g. "--w0")."""
+    return (check_number(_plain(w0), names.get("w0", "w0"), where, low=0),
+            check_number(_plain(sigma), names.get("sigma", "sigma"), where, low=0))
+
+
+def _plain(value: object) -> object:
+    """A numpy scalar as a Python number (what the config checks take); anything else unchanged."""
+    return value.item() if isinstance(value, (np.integer, np.floating)) else value
 
 
 def _check_instances(instances: np.ndarray) -> np.ndarray:
@@ -47,7 +72,9 @@ def _check_instances(instances: np.ndarray) -> np.ndarray:
         raise SegpipeError(f"instances: expected integer instance ids, got dtype {inst.dtype}")
     if inst.size and inst.min() < 0:
         raise SegpipeError("instances: expected non-negative instance ids (0 = background)")
-    return inst.astype(np.int32) if inst.dtype == bool else inst
+    if inst.dtype == bool:
+        return inst.astype(np.int32)
+    return compact_ids(inst) if inst.size and int(inst.max()) > inst.size else inst
 
 
 def _class_term(
@@ -68,6 +95,8 @@ def _class_term(
     if class_weights is None:
         return np.ones(inst.shape, dtype=np.float64)
     cw = np.asarray(class_weights, dtype=np.float64).ravel()
+    for k, value in enumerate(cw):
+        check_number(float(value), "class_weights", "weight map", low=0)
     if lab.size and (lab.min() < 0 or lab.max() >= cw.size):
         raise SegpipeError(
             f"class_weights: {cw.size} weights given but labels hold classes "
@@ -111,8 +140,8 @@ def unet_weight_map(
     default `instances > 0`. class_weights: w_c per class (1.0 everywhere if None). The border
     term is added where `instances == 0`. Returns float32 (H, W).
     """
-    if sigma < 0 or w0 < 0 or tol <= 0:
-        raise SegpipeError(f"weight map: expected w0 >= 0, sigma >= 0, tol > 0; got {w0}, {sigma}, {tol}")
+    w0, sigma = check_parameters(w0, sigma)
+    check_number(_plain(tol), "tol", "weight map", low=0, low_open=True)
     inst = _check_instances(instances)
     weight = _class_term(inst, class_weights, labels)
     if w0 == 0 or sigma == 0:
@@ -249,6 +278,7 @@ def write_weight_map_file(
     """
     from pipeline.data.io import atomic_path, write_volume
 
+    w0, sigma = check_parameters(w0, sigma, "weightmap")
     label_path = Path(label_path)
     out = Path(output) if output is not None else _default_output(label_path)
     name = out.name.lower()
