@@ -121,16 +121,30 @@ def _cmd_weightmap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _class_weights_arg(text: str) -> str | tuple[float, float]:
+def _finite(text: str, low: float | None = None) -> float:
+    """An option's value as a finite number (>= `low`), else argparse's error (NaN and inf refused)."""
     from pipeline.config import ConfigError, check_number
 
+    try:
+        return float(check_number(float(text), "value", "option", low=low))
+    except (ValueError, ConfigError):
+        bound = "" if low is None else f" >= {low:g}"
+        raise argparse.ArgumentTypeError(f"expected a finite number{bound}, got {text!r}") from None
+
+
+def _nonnegative(text: str) -> float:
+    return _finite(text, low=0.0)
+
+
+def _class_weights_arg(text: str) -> str | tuple[float, float]:
     if text in ("auto", "none"):
         return text
+    parts = text.split(",")
     try:
-        bg, fg = (float(v) for v in text.split(","))
-        return (float(check_number(bg, "W_BG", "--class-weights", low=0)),
-                float(check_number(fg, "W_FG", "--class-weights", low=0)))
-    except (ValueError, ConfigError):
+        if len(parts) != 2:
+            raise ValueError(text)
+        return _nonnegative(parts[0]), _nonnegative(parts[1])
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(
             f"expected auto, none or W_BG,W_FG (finite numbers >= 0), got {text!r}") from None
 
@@ -150,20 +164,8 @@ def _add_transforms_commands(sub: argparse._SubParsersAction) -> None:
         help="weight map .nii.gz/.nii or .tif/.tiff (default: LABEL_weight.nii.gz for NIfTI labels, "
         "else LABEL_weight.tif, beside the label); the preview is the same path with .png",
     )
-    from typing import Callable
-
-    def nonnegative(option: str) -> Callable[[str], float]:
-        def parse(text: str) -> float:
-            from pipeline.config import ConfigError, check_number
-
-            try:
-                return float(check_number(float(text), option, "segpipe weightmap", low=0))
-            except (ValueError, ConfigError):
-                raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-        return parse
-
-    p.add_argument("--w0", type=nonnegative("--w0"), default=10.0, help="border weight w0 (paper: 10)")
-    p.add_argument("--sigma", type=nonnegative("--sigma"), default=5.0,
+    p.add_argument("--w0", type=_nonnegative, default=10.0, help="border weight w0 (paper: 10)")
+    p.add_argument("--sigma", type=_nonnegative, default=5.0,
                    help="border width sigma in pixels (paper: 5)")
     p.add_argument(
         "--class-weights",
@@ -237,16 +239,7 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
     p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    def finite(text: str) -> float:
-        from pipeline.config import ConfigError, check_number
-
-        try:
-            return float(check_number(float(text), "VALUE", "--nonfinite"))
-        except (ValueError, ConfigError) as exc:
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from exc
-
-    p.add_argument("--nonfinite", type=finite, default=None, metavar="VALUE",
+    p.add_argument("--nonfinite", type=_finite, default=None, metavar="VALUE",
                    help="replace NaN, +-Inf and floats beyond float32 in the input by VALUE (default: such an "
                    "input is an error naming the file and the count of bad pixels)")
     p.set_defaults(handler=_cmd_infer)
