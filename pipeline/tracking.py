@@ -1,24 +1,94 @@
 """MLflow tracking: one experiment per dataset, one run per DVC stage execution.
 
-The tracking URI defaults to `sqlite:///mlflow.db` in the working directory (the repo root under
-DVC): embedded, nothing to start; `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows it.
-`MLFLOW_TRACKING_URI` points to a team server instead. Under torchrun only rank 0 logs.
+The tracking URI defaults to `sqlite:///mlflow.db` in the working directory (the repo root under DVC;
+in the temporary copies of `dvc exp run --temp/--queue`, the repo root DVC names in `DVC_ROOT`):
+embedded, nothing to start; `mlflow ui --backend-store-uri sqlite:///mlflow.db` shows
+it. `MLFLOW_TRACKING_URI` points to a team server instead. Under torchrun only rank 0 logs.
+
+What a user sees in the UI:
+- experiments are model-training experiments (tag `mlflow.experimentKind` =
+  `custom_model_development`, the UI's "Machine learning"), so the UI opens on the runs table;
+  an existing experiment without the tag gets it on the next stage run;
+- the data a stage read (or wrote) as MLflow dataset inputs: the prepared manifest.csv rows of a
+  split, with its source path, a digest and the context (training, validation, testing, output);
+- system metrics (CPU, memory, disk, network; GPU with `nvidia-ml-py`) when
+  configs/tracking.yaml enables them;
+- the stage runs of one pipeline execution nested under one parent run per (experiment, run
+  group), and tagged `segpipe.run_group` (see `run_group`).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
+
+from pipeline.config import check_bool, check_keys, check_number, config_dir
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's experiment kind of "Machine learning" (model training): the UI opens on the runs table
+instead of the GenAI overview."""
+RUN_GROUP_TAG = "segpipe.run_group"
+PARENT_STAGE = "pipeline-run"
+"""The `stage` tag of the parent runs (stage runs carry prepare, train, evaluate)."""
+SAMPLING_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+TRACKING_KEYS = ("system_metrics", "run_groups")
+SYSTEM_METRICS_KEYS = ("enabled", "sampling_interval_seconds")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """configs/tracking.yaml as stage_run uses it. `group`: the run group of this pipeline execution
+    (None: no parent run)."""
+
+    system_metrics: bool = False
+    sampling_interval: float = 10.0
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """The rows of a prepared dataset's manifest.csv a stage reads (or writes): one `split`, or all
+    rows (None). `context` is MLflow's dataset context: training, validation, testing, output."""
+
+    manifest: Path
+    dataset: str
+    split: str | None
+    context: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.split}" if self.split else self.dataset
+
+
+def tracking_settings(cfg: Mapping[str, Any], where: str) -> TrackingSettings:
+    """configs/tracking.yaml (`cfg`) checked; the run group is resolved here (`run_group`)."""
+    cfg = check_keys(cfg, TRACKING_KEYS, where)
+    system = check_keys(cfg["system_metrics"], SYSTEM_METRICS_KEYS, f"{where}: system_metrics")
+    enabled = check_bool(system["enabled"], "system_metrics.enabled", where)
+    interval = check_number(system["sampling_interval_seconds"], "system_metrics.sampling_interval_seconds", where,
+                            low=0, low_open=True)
+    groups = check_bool(cfg["run_groups"], "run_groups", where)
+    return TrackingSettings(enabled, float(interval), run_group(config_dir()) if groups else None)
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else the embedded SQLite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """`MLFLOW_TRACKING_URI` if set, else the embedded SQLite store `mlflow.db` of the working directory,
+    or, when a stage runs in a temporary copy (`DVC_ROOT` elsewhere), of the repo root `DVC_ROOT`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = os.environ.get("DVC_ROOT")
+    if root and Path(root).resolve() != Path.cwd().resolve():
+        return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return DEFAULT_URI
 
 
 def is_logging_rank() -> bool:
@@ -41,6 +111,27 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
+def params_digest(params_dir: Path) -> str:
+    """sha256 over every params file (`*.yaml`, names and contents) of `params_dir`."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(params_dir).glob("*.yaml")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def run_group(params_dir: Path) -> str:
+    """The id shared by the stage runs of one pipeline execution: `SEGPIPE_RUN_GROUP` if set; under
+    `dvc exp run`, `exp:<name>` (DVC sets `DVC_EXP_NAME` for every stage); otherwise the git commit
+    and the hash of the params files, `<commit[:8]>+<params[:8]>`, the same for every stage of one
+    `dvc repro` (and for a re-run of the same commit and params)."""
+    explicit = os.environ.get("SEGPIPE_RUN_GROUP") or (
+        f"exp:{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
+    if not explicit:
+        commit = git_commit()
+        explicit = f"{commit[:8] if commit != 'unknown' else 'nogit'}+{params_digest(params_dir)[:8]}"
+    return re.sub(r"[^A-Za-z0-9_.:+@-]", "-", explicit)[:200]
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {'a.b.c': 'value'} as MLflow params want them."""
     flat: dict[str, str] = {}
@@ -53,6 +144,112 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _split_rows(manifest: Path, split: str | None) -> Any:
+    """The manifest rows of `split` (all rows: None) as a DataFrame of strings."""
+    import pandas as pd
+
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    return table if split is None else table[table["split"] == split].reset_index(drop=True)
+
+
+def data_digest(manifest: Path, split: str | None, rows: Any = None) -> str:
+    """16 hex digits of sha256 over the manifest rows of `split` (all rows: None) and the sibling
+    stats.json (seed, class weights, intensity statistics, archive hashes)."""
+    rows = _split_rows(manifest, split) if rows is None else rows
+    stats = Path(manifest).with_name("stats.json")
+    payload = rows.to_csv(index=False).encode() + (stats.read_bytes() if stats.is_file() else b"")
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def log_datasets(tracker: Any, inputs: Iterable[DataInput]) -> None:
+    """Log each input as an MLflow dataset (the split's manifest rows; source: the manifest path as
+    configured, relative to the repo root under DVC, so the same on every clone; input tags
+    `mlflow.data.context`, `split` and `dataset`). Splits without rows are left out. MLflow keeps one
+    dataset per (experiment, name, digest): the source is the one of its first logging."""
+    from mlflow.data.pandas_dataset import from_pandas
+
+    for item in inputs:
+        rows = _split_rows(item.manifest, item.split)
+        if rows.empty:
+            continue
+        with warnings.catch_warnings():  # MLflow registers its local source for "" and "file:" alike
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            dataset = from_pandas(rows, source=Path(item.manifest).as_posix(), name=item.name,
+                                  digest=data_digest(item.manifest, item.split, rows))
+        tracker.log_input(dataset, context=item.context, tags={"split": item.split or "all", "dataset": item.dataset})
+
+
+def run_record(tracker: Any) -> dict[str, str | None]:
+    """{"run_id", "experiment_id", "tracking_uri"} of the active run (ids None without a tracker)."""
+    run = tracker.active_run() if tracker is not None else None
+    return {"run_id": run.info.run_id if run else None, "experiment_id": run.info.experiment_id if run else None,
+            "tracking_uri": tracking_uri()}
+
+
+def use_experiment(tracker: Any, client: Any, name: str) -> str:
+    """Set the experiment `name` (created if missing) as the active one and make sure it is a
+    model-training experiment (an inferred or missing kind is replaced); returns its id."""
+    from mlflow.exceptions import MlflowException
+
+    if client.get_experiment_by_name(name) is None:
+        try:
+            client.create_experiment(name, artifact_location=_artifact_location(name),
+                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by a concurrent stage: set_experiment finds it
+            pass
+    experiment = tracker.set_experiment(name)  # a deleted experiment of that name is an error, as before
+    kind = experiment.tags.get(EXPERIMENT_KIND_TAG)
+    if kind is None or kind.endswith("_inferred"):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def _artifact_location(name: str) -> str | None:
+    """Artifacts of a new experiment in the repo root's mlruns/ when the stage runs in a temporary
+    copy (`dvc exp run --temp/--queue`) and logs to the default store; else MLflow's default."""
+    root = os.environ.get("DVC_ROOT")
+    if not root or os.environ.get("MLFLOW_TRACKING_URI") or Path(root).resolve() == Path.cwd().resolve():
+        return None
+    return (Path(root).resolve() / "mlruns" / name).as_uri()
+
+
+def parent_run(client: Any, experiment_id: str, group: str, tags: Mapping[str, str]) -> str:
+    """The id of the parent run of `group` in the experiment, created (already FINISHED) when there
+    is none. Two stages racing to create it keep the oldest one; the other is deleted."""
+
+    def parents() -> list[Any]:
+        found = client.search_runs([experiment_id], filter_string=(
+            f"tags.`{RUN_GROUP_TAG}` = '{group}' and tags.stage = '{PARENT_STAGE}'"), max_results=100)
+        return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    existing = parents()
+    if existing:
+        return existing[0].info.run_id
+    note = (f"One pipeline execution (run group {group}): the stage runs are nested below. "
+            "Created by segpipe; FINISHED from the start, its end time follows the last stage run.")
+    run = client.create_run(experiment_id, run_name=f"pipeline {group}", tags={
+        **tags, "stage": PARENT_STAGE, RUN_GROUP_TAG: group, "mlflow.note.content": note})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    oldest = parents()[0].info.run_id
+    if oldest != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return oldest
+
+
+@contextlib.contextmanager
+def _sampling_interval(seconds: float) -> Iterator[None]:
+    """`seconds` as MLflow's system-metrics sampling interval while a run starts (the monitor reads
+    it then); a value the user set in the environment wins and is left alone."""
+    if os.environ.get(SAMPLING_ENV):
+        yield
+        return
+    os.environ[SAMPLING_ENV] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(SAMPLING_ENV, None)
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -61,32 +258,56 @@ def stage_run(
     params: Mapping[str, Any],
     manifest: Path,
     network: str | None = None,
+    datasets: Iterable[DataInput] = (),
+    tracking: TrackingSettings | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one stage execution, tagged with stage, network, git commit, params and
-    the data manifest hash. It ends FINISHED, FAILED on an exception, KILLED on Ctrl-C; never
-    RUNNING. Yields the `mlflow` module (or None on a non-zero rank, which logs nothing)."""
+    the data manifest hash; `datasets` are logged as dataset inputs; `tracking` (configs/tracking.yaml,
+    default: no system metrics, no group) adds system metrics and nests the run under its group's
+    parent run. It ends FINISHED, FAILED on an exception, KILLED on Ctrl-C; never RUNNING. Yields
+    the `mlflow` module (or None on a non-zero rank, which logs nothing)."""
     if not is_logging_rank():
         yield None
         return
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(dataset)
+    settings = tracking or TrackingSettings()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment_id = use_experiment(mlflow, client, dataset)
+    commit = git_commit()
     tags = {
         "stage": stage,
         "dataset": dataset,
         "network": network or "",
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "data_manifest_sha256": file_digest(manifest),
     }
+    tags.update({key: os.environ[env] for key, env in (("segpipe.dvc_stage", "DVC_STAGE"),
+                                                      ("segpipe.dvc_exp", "DVC_EXP_NAME")) if os.environ.get(env)})
+    parent = None
+    if settings.group:
+        tags[RUN_GROUP_TAG] = settings.group
+        parent = parent_run(client, experiment_id, settings.group, {"dataset": dataset, "git_commit": commit})
     run_name = f"{stage}-{network}" if network else stage
-    with mlflow.start_run(run_name=run_name, tags=tags):
+    with _sampling_interval(settings.sampling_interval):
+        mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent,
+                         log_system_metrics=settings.system_metrics)
+    try:
         mlflow.log_params(flatten(params))
-        try:
-            yield mlflow
-        except KeyboardInterrupt:
-            mlflow.end_run(status="KILLED")
-            raise
-        except BaseException:
-            mlflow.end_run(status="FAILED")
-            raise
+        log_datasets(mlflow, datasets)
+        yield mlflow
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+    finally:
+        if parent is not None:
+            with contextlib.suppress(Exception):  # cosmetic: the parent's end time follows its last stage
+                client.set_terminated(parent, "FINISHED")

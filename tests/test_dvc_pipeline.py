@@ -74,6 +74,7 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
             assert run.data.tags["git_commit"] and run.data.tags["data_manifest_sha256"] != "missing"
         for run in by_stage["evaluate"]:
             assert {"test_dice", "test_iou"} <= set(run.data.metrics)
+        _check_grouping_and_datasets(experiment, by_stage, dataset, repo)
 
     shown = _dvc(["metrics", "show", "--json"], repo, env)
     assert shown.returncode == 0, shown.stderr
@@ -111,6 +112,58 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
     assert after[1] == before[1]  # metrics.json holds no timing: every value is equal
     assert before[0].keys() == after[0].keys()
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]), "weights differ"
+
+    # A branch of the matrix without metrics: `dvc metrics show` warns, the report names it and how
+    # to produce it, and still lists the MLflow run of every evaluated pair.
+    (repo / "results" / "hela" / "unetpp" / "metrics.json").unlink()
+    shown = _dvc(["metrics", "show"], repo, env)
+    assert shown.returncode == 0 and "failed to load some metrics" in shown.stdout + shown.stderr
+    rep = subprocess.run([sys.executable, "-m", "pipeline", "report"], cwd=repo, env=env, text=True,
+                         capture_output=True, timeout=300)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    text = (repo / "results" / "report.md").read_text()
+    assert "## Not evaluated yet" in text and "hela × unetpp: `dvc repro evaluate@hela-unetpp`" in text
+    summary = pd.read_csv(repo / "results" / "summary.csv")
+    assert summary["mlflow_run_id"].notna().all() and len(summary) == len(DATASETS) * len(NETWORKS) - 1
+    assert all(f"| {run_id} |" in text for run_id in summary["mlflow_run_id"])
+
+
+def _check_grouping_and_datasets(experiment, by_stage: dict[str, list], dataset: str, repo: Path) -> None:
+    """One `dvc repro`: a model-training experiment, one parent run that every stage run is nested
+    under (same run group), the prepared splits as dataset inputs (prepare: outputs, same digests),
+    and the evaluate run ids in results/<dataset>/<network>/mlflow.json."""
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    parents = by_stage["pipeline-run"]
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    parent = parents[0]
+    group = parent.data.tags["segpipe.run_group"]
+    stage_runs = [run for stage, runs in by_stage.items() if stage != "pipeline-run" for run in runs]
+    for run in stage_runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["segpipe.run_group"] == group
+        assert run.data.tags["segpipe.dvc_stage"].startswith(run.data.tags["stage"] + "@")
+    assert parent.info.end_time >= max(run.info.end_time for run in stage_runs)
+
+    def inputs(run) -> dict[str, tuple[str, str]]:
+        return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                for i in run.inputs.dataset_inputs}
+
+    written = inputs(by_stage["prepare"][0])
+    assert {name: context for name, (_, context) in written.items()} == {
+        f"{dataset}-{split}": "output" for split in ("train", "val", "test")}
+    for stage, contexts in (("train", {"train": "training", "val": "validation"}),
+                            ("evaluate", {"test": "testing", "val": "validation"})):
+        for run in by_stage[stage]:
+            assert inputs(run) == {f"{dataset}-{split}": (written[f"{dataset}-{split}"][0], context)
+                                   for split, context in contexts.items()}
+    evaluate_ids = {run.data.tags["network"]: run.info.run_id for run in by_stage["evaluate"]}
+    for network, run_id in evaluate_ids.items():
+        record = json.loads((repo / "results" / dataset / network / "mlflow.json").read_text())
+        assert record["run_id"] == run_id and record["experiment_id"] == experiment.experiment_id
+        assert record["tracking_uri"] == "sqlite:///mlflow.db"  # the repo root's store, no machine path
+        assert run_id not in (repo / "results" / dataset / network / "metrics.json").read_text()
+    report = (repo / "results" / "report.md").read_text()
+    assert all(f"| {run_id} |" in report for run_id in evaluate_ids.values())
 
 
 BURNER = "import time\nend = time.monotonic() + 600\nwhile time.monotonic() < end:\n    pass\n"

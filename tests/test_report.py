@@ -97,3 +97,26 @@ def test_report_defaults_come_from_configs(results: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("SEGPIPE_CONFIG_DIR", str(root / "configs"))
     assert report() == Path("results") / "report.md"
     assert pd.read_csv(root / "results" / "summary.csv").loc[0, "train_minutes"] == pytest.approx(185.0 / 60)
+
+
+def test_report_lists_mlflow_runs_and_pairs_not_evaluated(results: Path) -> None:
+    record = {"run_id": "0a1b2c", "experiment_id": "1", "tracking_uri": "sqlite:///mlflow.db"}
+    (results / "drive" / "unet" / "mlflow.json").write_text(json.dumps(record))
+    matrix = [(d, n) for d in ("drive", "u373") for n in ("unet", "u2net")]
+    path = report(results, models_dir=results.parent / "models", matrix=matrix)
+    summary = pd.read_csv(results / "summary.csv")
+    assert summary.loc[0, "mlflow_run_id"] == "0a1b2c" and summary["mlflow_run_id"].isna().tolist() == [False, True, True]
+    assert summary.loc[0, "mlflow_tracking_uri"] == "sqlite:///mlflow.db"
+    text = path.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0].endswith("| train min | epochs | MLflow run |")
+    assert table[2].endswith("| 3.1 | 3 | 0a1b2c |") and table[3].endswith("| – | – | – |")
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
+    assert "## Not evaluated yet" in text and "failed to load some metrics" in text
+    assert [line for line in text.splitlines() if line.startswith("- ")] == [
+        "- u373 × u2net: `dvc repro evaluate@u373-u2net` (or `segpipe train u373 u2net && segpipe evaluate u373 u2net`)"]
+    report(results, datasets=["drive"], models_dir=results.parent / "models", matrix=matrix)
+    assert "Not evaluated yet" not in (results / "report.md").read_text()  # filtered to drive: nothing missing
+    (results / "drive" / "unet" / "mlflow.json").write_text("{oops")
+    with pytest.raises(SegpipeError, match=r"drive/unet/mlflow\.json: not valid JSON"):
+        report(results, models_dir=results.parent / "models", matrix=matrix)

@@ -12,6 +12,8 @@ results/<dataset>/<network>/ (configs/evaluate.yaml: results_dir):
     heads.csv             deep-supervised networks: Dice/IoU per head (see "Heads"); others: header only
     timings.json          wall times (seconds, inference_seconds, per-head seconds): kept out of
                           metrics.json so that `dvc metrics diff` compares results, not the machine
+    mlflow.json           the MLflow run of this evaluation (run_id, experiment_id, tracking_uri), read
+                          by `segpipe report`; also kept out of metrics.json
     overlays/<case>.png   the image with true positives green, false positives red, false negatives blue
 
 Metrics (`pipeline.metrics`), inside the field of view when the dataset has one (DRIVE), else on
@@ -70,7 +72,7 @@ from pipeline.inference import (
 )
 from pipeline.metrics import Confusion, Tally, best_f1_threshold, confusion, foreground
 from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
-from pipeline.tracking import stage_run
+from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run, tracking_settings
 from pipeline.transforms.presets import preprocess
 
 CONFIG_KEYS = ("results_dir", "threshold", "val_threshold", "overlays", "curve_points", "per_head", "inference")
@@ -204,8 +206,8 @@ def evaluate(
     """The `evaluate` stage: models/<dataset>/<network>/best.pt on the test split.
 
     Reads configs/evaluate.yaml, configs/inference.yaml (with evaluate.yaml's `inference`
-    overrides), configs/train.yaml (models_dir) and configs/data.yaml (prepared_dir). Returns
-    metrics.json's dict with the timings of timings.json added.
+    overrides), configs/train.yaml (models_dir), configs/data.yaml (prepared_dir) and
+    configs/tracking.yaml (MLflow). Returns metrics.json's dict with the timings of timings.json added.
     """
     cfg = evaluate_config(load_config("evaluate"), str(config_path("evaluate")))
     base = settings_from_config(load_config("inference"), str(config_path("inference")))
@@ -213,15 +215,20 @@ def evaluate(
     models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
     data = open_prepared(dataset, prepared_root(load_data_config(), dataset))
     out_dir = Path(results_dir if results_dir is not None else cfg["results_dir"]) / dataset / network
-    return evaluate_checkpoint(models / dataset / network / "best.pt", data, network, cfg, settings, out_dir)
+    tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
+    return evaluate_checkpoint(models / dataset / network / "best.pt", data, network, cfg, settings, out_dir,
+                               tracking=tracking)
 
 
 def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Mapping[str, Any],
-                        settings: InferenceSettings, out_dir: Path) -> dict[str, Any]:
+                        settings: InferenceSettings, out_dir: Path, *,
+                        tracking: TrackingSettings | None = None) -> dict[str, Any]:
     """Score the checkpoint `path` on the test split of `data` and write `out_dir` (module docstring).
 
     `network` is the DVC matrix name (unet, unetpp, u2net); the checkpoint may hold another
-    registry network (u2netp), reported as `network_used`. Logs one MLflow "evaluate" run.
+    registry network (u2netp), reported as `network_used`. Logs one MLflow "evaluate" run (test split,
+    and the validation split when it picks the threshold, as dataset inputs; `tracking`:
+    configs/tracking.yaml) and writes its ids to mlflow.json, outside metrics.json.
     """
     start, dataset = time.perf_counter(), data.name
     model, ckpt = load_trained(path, dataset, network)
@@ -234,7 +241,10 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     }
     params = {"evaluate": dict(cfg), "checkpoint": facts, "inference": asdict(settings)}
     tag = f"{dataset}/{network}"
-    with stage_run("evaluate", dataset, params=params, manifest=data.manifest_path, network=network) as tracker:
+    inputs = [DataInput(data.manifest_path, dataset, "test", "testing")] + (
+        [DataInput(data.manifest_path, dataset, "val", "validation")] if cfg["val_threshold"] else [])
+    with stage_run("evaluate", dataset, params=params, manifest=data.manifest_path, network=network,
+                   datasets=inputs, tracking=tracking) as tracker:
         predictor = _Predictor(dataset, inference_network(model, settings), ckpt["augment"], settings)
         thresholds = {"": float(cfg["threshold"])}
         val_f1 = math.nan
@@ -266,6 +276,8 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
             shutil.rmtree(overlay_tmp, ignore_errors=True)
         if tracker is not None:
             log_run(tracker, summary, {**metrics_logged(metrics), **per_head, **timings}, out_dir, not heads.empty)
+        # which MLflow run this is, for `segpipe report`: not in metrics.json, which must not change between runs
+        write_text(out_dir / "mlflow.json", json.dumps(run_record(tracker), indent=2) + "\n")
     print(summary_text(summary, timings, heads))
     return {**summary, **timings}
 

@@ -5,18 +5,23 @@ network, plus the training facts) and results/report.md (a markdown table of the
 Training facts come from models/<dataset>/<network>/log.csv when it exists: `train_minutes` is the
 training's wall time (its last `elapsed_seconds`: set-up, validation and checkpoints included),
 `epochs` its last epoch. DRIVE's second observer (`observer2_*` of metrics.json) gets a reference row.
+The MLflow run of each evaluation comes from results/<dataset>/<network>/mlflow.json (columns
+mlflow_run_id, mlflow_experiment_id, mlflow_tracking_uri; "MLflow run" in report.md). The pairs of
+the pipeline's matrix (configs/data.yaml datasets x configs/train.yaml networks) without a
+metrics.json are listed under "Not evaluated yet" with the command that produces them.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from pipeline.config import load_config
+from pipeline.config import check_list, check_str, config_path, load_config
 from pipeline.data.io import atomic_path, write_text
+from pipeline.data.settings import load_data_config
 from pipeline.errors import SegpipeError
 
 NETWORK_ORDER = ("unet", "unetpp", "u2net")
@@ -36,6 +41,7 @@ REPORT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("mae", "MAE"),
     ("train_minutes", "train min"),
     ("epochs", "epochs"),
+    ("mlflow_run_id", "MLflow run"),
 )
 """(summary.csv column, report.md header) of the markdown table."""
 
@@ -72,6 +78,7 @@ def collect(
         if not isinstance(metrics, dict):
             raise SegpipeError(f"{path}: expected a JSON object of metrics")
         row: dict[str, Any] = {**metrics, "dataset": dataset, "network": network}
+        row.update(mlflow_record(path.parent / "mlflow.json"))
         log_csv = models_dir / dataset / network / "log.csv"
         if log_csv.is_file():
             row.update(training_facts(log_csv))
@@ -113,8 +120,32 @@ def observer_rows(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """report.md: the key metrics of every dataset x network, and the second observers."""
+def mlflow_record(path: Path) -> dict[str, Any]:
+    """mlflow.json of an evaluation (written by `segpipe evaluate`) as summary.csv columns
+    mlflow_run_id, mlflow_experiment_id, mlflow_tracking_uri; {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SegpipeError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(record, dict):
+        raise SegpipeError(f"{path}: expected a JSON object with run_id, experiment_id, tracking_uri")
+    return {f"mlflow_{key}": record.get(key) for key in ("run_id", "experiment_id", "tracking_uri")}
+
+
+def configured_matrix() -> list[tuple[str, str]]:
+    """The (dataset, network) pairs of the DVC train/evaluate matrix: configs/data.yaml `datasets` x
+    configs/train.yaml `networks`."""
+    where = str(config_path("train"))
+    networks = check_list(load_config("train").get("networks"), "networks", where, nonempty=True)
+    return [(dataset, check_str(network, "networks[]", where))
+            for dataset in load_data_config()["datasets"] for network in networks]
+
+
+def markdown(table: pd.DataFrame, missing: Sequence[tuple[str, str]] = ()) -> str:
+    """report.md: the key metrics of every dataset x network, the second observers, where the MLflow
+    runs are, and the pairs of the matrix (`missing`) that have no metrics yet."""
 
     def cell(key: str, value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -141,7 +172,34 @@ def markdown(table: pd.DataFrame) -> str:
         "time (elapsed_seconds of models/<dataset>/<network>/log.csv). Every value: results/summary.csv.",
         "",
     ]
-    return "\n".join(notes + lines) + "\n"
+    return "\n".join(notes + lines + _mlflow_notes(table) + _missing_notes(missing)) + "\n"
+
+
+def _mlflow_notes(table: pd.DataFrame) -> list[str]:
+    """How to open the MLflow run of a row (when the evaluations recorded one)."""
+    if "mlflow_run_id" not in table.columns or table["mlflow_run_id"].isna().all():
+        return []
+    uris = sorted({str(u) for u in table.get("mlflow_tracking_uri", pd.Series(dtype=object)).dropna()})
+    uri = uris[0] if len(uris) == 1 else "<tracking URI of summary.csv>"
+    return ["", "MLflow run: the `evaluate` run of the row (results/<dataset>/<network>/mlflow.json; "
+            "experiment = dataset, its parent run groups the stages of one pipeline execution). Open it with "
+            f"`mlflow ui --backend-store-uri {uri}` (runs table, search `attributes.run_id = 'ID'`) or "
+            f"`MLFLOW_TRACKING_URI={uri} mlflow runs describe --run-id ID`."]
+
+
+def _missing_notes(missing: Sequence[tuple[str, str]]) -> list[str]:
+    """The pairs of the matrix without metrics.json, each with the command that produces it."""
+    if not missing:
+        return []
+    lines = ["", "## Not evaluated yet", "",
+             f"{len(missing)} dataset x network pair(s) of the pipeline (configs/data.yaml `datasets` x "
+             "configs/train.yaml `networks`) have no results/<dataset>/<network>/metrics.json yet: they are "
+             "missing from the table above, and `dvc metrics show` warns \"DVC failed to load some metrics\" "
+             "because of them. `dvc repro` produces all of them (and this report); one pair:", ""]
+    lines += [f"- {dataset} × {network}: `dvc repro evaluate@{dataset}-{network}` "
+              f"(or `segpipe train {dataset} {network} && segpipe evaluate {dataset} {network}`)"
+              for dataset, network in missing]
+    return lines
 
 
 def report(
@@ -150,19 +208,26 @@ def report(
     networks: Iterable[str] | None = None,
     *,
     models_dir: Path | None = None,
+    matrix: Iterable[tuple[str, str]] | None = None,
 ) -> Path:
     """Collect results/*/*/metrics.json into results/summary.csv and results/report.md.
 
-    results_dir: configs/evaluate.yaml; models_dir (training logs): configs/train.yaml. Returns the
-    path of report.md; SegpipeError when no metrics.json matches.
+    results_dir: configs/evaluate.yaml; models_dir (training logs): configs/train.yaml; matrix (the
+    (dataset, network) pairs report.md lists as not evaluated yet when they have no metrics.json):
+    `configured_matrix()`. Returns the path of report.md; SegpipeError when no metrics.json matches.
     """
     results_dir = Path(results_dir if results_dir is not None else load_config("evaluate")["results_dir"])
     models_dir = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
-    table = collect(results_dir, models_dir, datasets, networks)
+    keep_ds = None if datasets is None else set(datasets)
+    keep_net = None if networks is None else set(networks)
+    table = collect(results_dir, models_dir, keep_ds, keep_net)
+    missing = [(d, n) for d, n in (configured_matrix() if matrix is None else matrix)
+               if (keep_ds is None or d in keep_ds) and (keep_net is None or n in keep_net)
+               and not (results_dir / d / n / "metrics.json").is_file()]
     with atomic_path(results_dir / "summary.csv") as tmp:
         table.to_csv(tmp, index=False)
     out = results_dir / "report.md"
-    text = markdown(table)
+    text = markdown(table, missing)
     write_text(out, text)
     print(text)
     return out

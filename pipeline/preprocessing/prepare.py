@@ -26,13 +26,14 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
+from pipeline.config import config_path, load_config
 from pipeline.data.download import read_record
 from pipeline.data.settings import load_data_config
 from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, unpack, validate
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
-from pipeline.tracking import stage_run
+from pipeline.tracking import DataInput, log_datasets, stage_run, tracking_settings
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,13 @@ def prepare_dataset(dataset: str) -> Path:
             raise SegpipeError(f"{archive}: listed in {raw_dir / 'download.json'} but missing; run segpipe download {dataset}")
 
     manifest = source.files_manifest or Path(cfg["manifests_dir"]) / "sources.yaml"
-    with stage_run("prepare", dataset, params={"prepare": prep_cfg}, manifest=manifest) as tracker:
+    tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
+    with stage_run("prepare", dataset, params={"prepare": prep_cfg}, manifest=manifest, tracking=tracking) as tracker:
         stats = _prepare_into(final, archives, source, prep_cfg, raw_dir, dataset)
         if tracker is not None:
+            # what it wrote, split by split: the same datasets (name and digest) train and evaluate read
+            log_datasets(tracker, [DataInput(final / "manifest.csv", dataset, split, "output")
+                                   for split in ("train", "val", "test")])
             tracker.log_metrics({f"cases_{split}": n for split, n in stats["splits"].items()})
             tracker.log_metrics({"foreground_fraction_train": stats["foreground_fraction_train"]})
             tracker.log_dict(stats, "stats.json")

@@ -41,7 +41,7 @@ from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.inference import InferenceSettings
 from pipeline.networks import SegmentationNetwork, build_network, read_checkpoint, save_checkpoint
-from pipeline.tracking import stage_run
+from pipeline.tracking import DataInput, TrackingSettings, stage_run
 from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
 from pipeline.training.optim import build_optimizer, learning_rate
@@ -143,10 +143,11 @@ def _restore(trainer: _Trainer, path: Path) -> _Progress:
                      float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0)
 
 
-def _train_epoch(t: _Trainer, epoch: int, deadline: float | None, clock: float) -> tuple[dict[str, Any], torch.Tensor, bool]:
+def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
+                 clock: float) -> tuple[dict[str, Any], torch.Tensor, bool]:
     """One epoch of optimizer steps: (log row without validation, mean losses [total, heads...],
-    stopped by the time limit). `deadline` is in the units of `clock`'s offset: seconds of the
-    training's wall budget, `clock` the perf_counter value its time counts from."""
+    stopped by the time limit). `deadline`: the wall budget in seconds (None: no limit), counted
+    from the `time.perf_counter()` value `clock`."""
     s, ctx = t.settings, t.ctx
     epochs, steps = int(s["epochs"]), int(s["steps_per_epoch"])
     t.model.train()
@@ -235,10 +236,12 @@ def run_training(
     inference: InferenceSettings,
     *,
     resume: bool = False,
+    tracking: TrackingSettings | None = None,
 ) -> TrainResult:
     """Train as `settings` say (`pipeline.training.settings.resolve_settings`) on `prepared`; writes
     `out_dir`: best.pt, last.pt, log.csv, config.json. `inference`: configs/inference.yaml's
-    settings, which validation uses (without TTA)."""
+    settings, which validation uses (without TTA). `tracking`: configs/tracking.yaml's settings;
+    the MLflow run gets the train and val splits as dataset inputs."""
     start = time.perf_counter()
     ctx = init_distributed()
     set_track_meta(False)
@@ -254,7 +257,10 @@ def run_training(
     epochs, stopped_early, epoch = int(settings["epochs"]), False, progress.first_epoch
 
     params = {k: v for k, v in settings.items() if k != "augment"}
-    with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network) as tracker:
+    data = [DataInput(prepared.manifest_path, dataset, "train", "training"),
+            DataInput(prepared.manifest_path, dataset, "val", "validation")]
+    with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network,
+                   datasets=data, tracking=tracking) as tracker:
         if tracker is not None and resume:
             tracker.set_tag("resumed_from_epoch", str(progress.first_epoch))
         for epoch in range(progress.first_epoch, epochs):

@@ -2,7 +2,8 @@
 
 It reads configs/train.yaml (the profile), configs/networks.yaml (the network preset),
 configs/augment.yaml (the dataset's preset), configs/inference.yaml (the sliding-window settings
-of validation) and configs/data.yaml (where the prepared data are), and passes values down.
+of validation), configs/data.yaml (where the prepared data are) and configs/tracking.yaml (MLflow:
+system metrics, run groups), and passes values down.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pipeline.config import config_path, load_config
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
 from pipeline.data.settings import load_data_config
 from pipeline.inference import settings_from_config
+from pipeline.tracking import tracking_settings
 from pipeline.training.loop import TrainResult, run_training
 from pipeline.training.settings import TrainConfigs, resolve_settings
 
@@ -41,4 +43,5 @@ def train(
     inference = settings_from_config(load_config("inference"), str(config_path("inference")))
     out_dir = Path(models_dir or settings["models_dir"]) / dataset / network
     prepared = prepared or open_prepared(dataset, prepared_root(load_data_config(), dataset))
-    return run_training(settings, prepared, out_dir, inference, resume=resume)
+    tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
+    return run_training(settings, prepared, out_dir, inference, resume=resume, tracking=tracking)
