@@ -114,6 +114,7 @@ def test_report_lists_mlflow_runs_and_pairs_not_evaluated(results: Path) -> None
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in text
     assert "## Not evaluated yet" in text and "failed to load some metrics" in text
     assert [line for line in text.splitlines() if line.startswith("- ")] == [
+        "- drive: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning",
         "- u373 × u2net: `dvc repro evaluate@u373-u2net` (or `segpipe train u373 u2net && segpipe evaluate u373 u2net`)"]
     report(results, datasets=["drive"], models_dir=results.parent / "models", matrix=matrix)
     assert "Not evaluated yet" not in (results / "report.md").read_text()  # filtered to drive: nothing missing

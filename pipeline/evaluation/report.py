@@ -181,10 +181,14 @@ def _mlflow_notes(table: pd.DataFrame) -> list[str]:
         return []
     uris = sorted({str(u) for u in table.get("mlflow_tracking_uri", pd.Series(dtype=object)).dropna()})
     uri = uris[0] if len(uris) == 1 else "<tracking URI of summary.csv>"
+    links = [f"- {dataset}: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
+             for dataset, experiment in sorted({(str(d), str(e)) for d, e in
+                                                zip(table["dataset"], table["mlflow_experiment_id"]) if pd.notna(e)})]
     return ["", "MLflow run: the `evaluate` run of the row (results/<dataset>/<network>/mlflow.json; "
             "experiment = dataset, its parent run groups the stages of one pipeline execution). Open it with "
             f"`mlflow ui --backend-store-uri {uri}` (runs table, search `attributes.run_id = 'ID'`) or "
-            f"`MLFLOW_TRACKING_URI={uri} mlflow runs describe --run-id ID`."]
+            f"`MLFLOW_TRACKING_URI={uri} mlflow runs describe --run-id ID`. The experiments' runs tables "
+            "(`workflowType=machine_learning`: MLflow 3's UI otherwise opens on its GenAI overview):", "", *links]
 
 
 def _missing_notes(missing: Sequence[tuple[str, str]]) -> list[str]:
