@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SegpipeError
+from pipeline.inference.tiff_checks import check_segments, check_series
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -130,7 +131,7 @@ class TiffReader(ImageReader):
                     f"{path}: expected a 2-D image with channels (axes YX, YXS, SYX or CYX), "
                     f"got axes {series.axes} with shape {series.shape}"
                 )
-            self._check_series(series)
+            check_series(self._tif, series, self.path)
             first = self._pages[0]
             h, w = int(first.imagelength), int(first.imagewidth)
             c = sum(int(p.samplesperpixel) for p in self._pages)
@@ -144,37 +145,10 @@ class TiffReader(ImageReader):
             self.meta = self._read_meta(first)
             self._check()
             for p in self._pages:
-                self._check_segments(p)
+                check_segments(p, int(self._tif.filehandle.size), self.path)
         except Exception:
             self._tif.close()
             raise
-
-    def _check_series(self, series: Any) -> None:
-        """Refuse a file holding several images of different sizes (reduced-resolution copies aside)."""
-        shapes = [tuple(s.shape) for s in self._tif.series
-                  if s is series or not (s.keyframe is not None and s.keyframe.is_reduced)]
-        if len(set(shapes)) > 1:
-            raise SegpipeError(
-                f"{self.path}: the TIFF holds {len(shapes)} images of different sizes {shapes}; segpipe reads "
-                "one 2-D image per file and does not guess which one is meant: save that image on its own"
-            )
-
-    def _check_segments(self, page: Any) -> None:
-        """Every tile/strip the image needs is listed and lies inside the file (truncated files)."""
-        h, w, spp = int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel)
-        size = int(self._tif.filehandle.size)
-        offsets, counts = page.dataoffsets, page.databytecounts
-        end = max((int(o) + int(c) for o, c in zip(offsets, counts) if o and c), default=0)
-        if page.is_final:
-            end = max(end, int(offsets[0]) + h * w * spp * page.dtype.itemsize)
-        else:
-            th, tw = (int(page.tilelength), int(page.tilewidth)) if page.is_tiled else (int(page.rowsperstrip), w)
-            need = math.ceil(h / max(th, 1)) * math.ceil(w / max(tw, 1)) * (spp if page.planarconfig == 2 else 1)
-            listed = min(len(offsets), len(counts))
-            if listed < need:
-                raise SegpipeError(f"{self.path}: corrupt TIFF: {h} x {w} needs {need} tiles/strips, {listed} listed")
-        if end > size:
-            raise SegpipeError(f"{self.path}: truncated TIFF: the image data runs to byte {end}, the file has {size}")
 
     def _read_meta(self, page: Any) -> ImageMeta:
         import tifffile
