@@ -7,14 +7,18 @@ it. `MLFLOW_TRACKING_URI` points to a team server instead. Under torchrun only r
 
 What a user sees in the UI:
 - experiments are model-training experiments (tag `mlflow.experimentKind` =
-  `custom_model_development`, the UI's "Machine learning"), so the UI opens on the runs table;
-  an existing experiment without the tag gets it on the next stage run;
+  `custom_model_development`, the UI's "Machine learning"); an existing experiment without the
+  tag gets it on the next stage run. MLflow 3.17's UI takes its GenAI / Model training switch from
+  the browser (or `?workflowType=machine_learning`), not from this tag: `segpipe report` prints
+  each experiment's runs-table link;
 - the data a stage read (or wrote) as MLflow dataset inputs: the prepared manifest.csv rows of a
   split, with its source path, a digest and the context (training, validation, testing, output);
 - system metrics (CPU, memory, disk, network; GPU with `nvidia-ml-py`) when
   configs/tracking.yaml enables them;
 - the stage runs of one pipeline execution nested under one parent run per (experiment, run
-  group), and tagged `segpipe.run_group` (see `run_group`).
+  group), and tagged `segpipe.run_group` (see `run_group`);
+- no run left RUNNING by a killed stage: `pipeline.tracking_store` creates the store under a file
+  lock and marks stale RUNNING runs KILLED; a resumed training reopens its run (`run_id`).
 """
 from __future__ import annotations
 
@@ -29,12 +33,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.config import check_bool, check_keys, check_number, config_dir
+from pipeline.tracking_store import MARKED_KILLED_TAG, init_store, mark_stale_runs, process_tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-"""MLflow 3's experiment kind of "Machine learning" (model training): the UI opens on the runs table
-instead of the GenAI overview."""
+"""MLflow 3's experiment kind of "Machine learning" (model training)."""
 RUN_GROUP_TAG = "segpipe.run_group"
 PARENT_STAGE = "pipeline-run"
 """The `stage` tag of the parent runs (stage runs carry prepare, train, evaluate)."""
@@ -236,6 +240,21 @@ def parent_run(client: Any, experiment_id: str, group: str, tags: Mapping[str, s
     return oldest
 
 
+def _reopenable(client: Any, run_id: str | None, experiment_id: str) -> Any:
+    """The run `run_id` if the store has it, not deleted, in the experiment; else None."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.experiment_id != experiment_id or run.info.lifecycle_stage != "active":
+        return None
+    return run
+
+
 @contextlib.contextmanager
 def _sampling_interval(seconds: float) -> Iterator[None]:
     """`seconds` as MLflow's system-metrics sampling interval while a run starts (the monitor reads
@@ -260,22 +279,25 @@ def stage_run(
     network: str | None = None,
     datasets: Iterable[DataInput] = (),
     tracking: TrackingSettings | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Any]:
-    """An MLflow run for one stage execution, tagged with stage, network, git commit, params and
-    the data manifest hash; `datasets` are logged as dataset inputs; `tracking` (configs/tracking.yaml,
-    default: no system metrics, no group) adds system metrics and nests the run under its group's
-    parent run. It ends FINISHED, FAILED on an exception, KILLED on Ctrl-C; never RUNNING. Yields
-    the `mlflow` module (or None on a non-zero rank, which logs nothing)."""
+    """An MLflow run for one stage execution, tagged with stage, network, git commit, params, the
+    data manifest hash and the pid and host of the process; `datasets` are logged as dataset inputs;
+    `tracking` (configs/tracking.yaml, default: no system metrics, no group) adds system metrics and
+    nests the run under its group's parent run. `run_id`: a run of this stage to continue (a resumed
+    training's), reopened when it is in the store's experiment, else a new run starts. Stale RUNNING
+    runs of the same stage are marked KILLED first (`pipeline.tracking_store`). It ends FINISHED,
+    FAILED on an exception, KILLED on Ctrl-C; never RUNNING. Yields the `mlflow` module (or None on
+    a non-zero rank, which logs nothing)."""
     if not is_logging_rank():
         yield None
         return
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     settings = tracking or TrackingSettings()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = init_store(uri)
     experiment_id = use_experiment(mlflow, client, dataset)
     commit = git_commit()
     tags = {
@@ -290,14 +312,35 @@ def stage_run(
     parent = None
     if settings.group:
         tags[RUN_GROUP_TAG] = settings.group
+    reopen = _reopenable(client, run_id, experiment_id)
+    mark_stale_runs(client, experiment_id, tags, ("network", RUN_GROUP_TAG),
+                    keep=reopen.info.run_id if reopen is not None else None)
+    if reopen is not None:  # keeps its parent and run group; the data and params are the checkpoint's
+        parent = reopen.data.tags.get("mlflow.parentRunId")
+        tags.pop(RUN_GROUP_TAG, None)
+        if MARKED_KILLED_TAG in reopen.data.tags:  # it runs again
+            client.delete_tag(reopen.info.run_id, MARKED_KILLED_TAG)
+    elif settings.group:
         parent = parent_run(client, experiment_id, settings.group, {"dataset": dataset, "git_commit": commit})
+    tags.update(process_tags())
     run_name = f"{stage}-{network}" if network else stage
     with _sampling_interval(settings.sampling_interval):
-        mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent,
-                         log_system_metrics=settings.system_metrics)
+        if reopen is not None:
+            mlflow.start_run(run_id=reopen.info.run_id, tags=tags, log_system_metrics=settings.system_metrics)
+        else:
+            mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent,
+                             log_system_metrics=settings.system_metrics)
     try:
-        mlflow.log_params(flatten(params))
-        log_datasets(mlflow, datasets)
+        if reopen is None:
+            mlflow.log_params(flatten(params))
+            log_datasets(mlflow, datasets)
+        else:  # MLflow params cannot change: log the new keys only, name the changed ones
+            logged = reopen.data.params
+            flat = flatten(params)
+            mlflow.log_params({k: v for k, v in flat.items() if k not in logged})
+            changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != v)
+            if changed:
+                mlflow.set_tag("segpipe.resume_changed_params", ", ".join(changed)[:5000])
         yield mlflow
     except KeyboardInterrupt:
         mlflow.end_run(status="KILLED")

@@ -239,3 +239,82 @@ def test_default_store_is_in_the_dvc_root(tmp_path: Path, monkeypatch: pytest.Mo
     assert tracking_uri() == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.org")
     assert tracking_uri() == "http://mlflow.example.org"
+
+
+RACE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from pipeline.tracking import stage_run
+
+me, other = Path(sys.argv[1]), Path(sys.argv[2])
+me.touch()
+deadline = time.monotonic() + 120
+while not other.exists() and time.monotonic() < deadline:  # both imported: start at the same moment
+    time.sleep(0.001)
+with stage_run("prepare", "race", params={"who": me.name}, manifest=Path("manifest.csv")) as tracker:
+    print(tracker.active_run().info.run_id)
+"""
+
+
+def test_two_stages_starting_at_once_on_a_fresh_store_both_finish(tmp_path: Path) -> None:
+    """The first stage on a fresh SQLite store creates it (schema migrations) under a file lock:
+    a second stage starting at the same moment waits instead of failing in alembic."""
+    import os
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    (tmp_path / "fresh").mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    ready = [tmp_path / "ready-a", tmp_path / "ready-b"]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(me), str(other)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for me, other in (ready, ready[::-1])]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    run_ids = [o.strip().splitlines()[-1] for o in outputs]
+    client = MlflowClient(uri)
+    assert [client.get_run(r).info.status for r in run_ids] == ["FINISHED", "FINISHED"]
+    assert (tmp_path / "fresh" / "mlflow.db.lock").exists()
+
+
+def test_stale_running_runs_of_the_stage_are_marked_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RUNNING run whose process is gone on this host (a SIGKILLed stage) is marked KILLED when the
+    same stage starts again; runs of a live process, of another stage, network or host, or without
+    the pid tags are left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.tracking_store import HOST_TAG, MARKED_KILLED_TAG, PID_TAG
+
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    client = MlflowClient()
+    experiment = client.create_experiment("stale")
+    base = {"stage": "train", "network": "unet", HOST_TAG: host}
+
+    def running(**tags: str) -> str:
+        return client.create_run(experiment, tags={**base, **tags}).info.run_id
+
+    stale = running(**{PID_TAG: str(dead.pid)})
+    alive = running(**{PID_TAG: str(os.getpid())})
+    others = [running(**{PID_TAG: str(dead.pid), "network": "unetpp"}),
+              running(**{PID_TAG: str(dead.pid), "stage": "evaluate"}),
+              running(**{PID_TAG: str(dead.pid), HOST_TAG: "another-host"}),
+              running(**{PID_TAG: str(dead.pid), RUN_GROUP_TAG: "other-group"}),
+              client.create_run(experiment, tags={"stage": "train", "network": "unet"}).info.run_id]
+    with stage_run("train", "stale", params={}, manifest=tmp_path / "manifest.csv", network="unet") as tracker:
+        new = tracker.active_run()
+        assert new.data.tags[PID_TAG] == str(os.getpid()) and new.data.tags[HOST_TAG] == host
+    killed = client.get_run(stale)
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None
+    assert killed.data.tags[MARKED_KILLED_TAG].startswith("stale RUNNING run found when the stage started again at ")
+    for run_id in (alive, *others):
+        run = client.get_run(run_id)
+        assert run.info.status == "RUNNING" and MARKED_KILLED_TAG not in run.data.tags
+    assert client.get_run(new.info.run_id).info.status == "FINISHED"

@@ -179,6 +179,56 @@ def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixturePro
     assert log["elapsed_seconds"].iloc[-1] > 7200.0
 
 
+def test_a_resumed_training_continues_its_mlflow_run(drive_project: FixtureProject,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training interrupted after epoch 1 and resumed is ONE MLflow run holding every epoch's
+    metrics at its epoch step; resuming a finished training adds no run."""
+    from mlflow.tracking import MlflowClient
+
+    import pipeline.training.loop as train_module
+
+    client = MlflowClient()
+    started = int(time.time() * 1000) - 1
+
+    def train_runs() -> list:
+        experiment = client.get_experiment_by_name("drive").experiment_id
+        found = client.search_runs([experiment], "tags.stage = 'train' and tags.network = 'unet'", max_results=100)
+        return [r for r in found if r.info.start_time >= started]
+
+    calls = []
+    real_validate = train_module.validate
+
+    def dies_at_the_second_validation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_validate(*args, **kwargs)
+
+    settings = {"epochs": 3, "val_every": 1}
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "validate", dies_at_the_second_validation)
+        with pytest.raises(RuntimeError, match="killed"):
+            train("drive", "unet", profile="smoke", overrides=settings)
+    last = drive_project.root / "models/drive/unet/last.pt"
+    state = read_checkpoint(last)
+    assert state["epoch"] == 1
+    [interrupted] = train_runs()
+    assert state["mlflow_run_id"] == interrupted.info.run_id and interrupted.info.status == "FAILED"
+
+    train("drive", "unet", profile="smoke", resume=True, overrides=settings)
+    [run] = train_runs()
+    assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_epoch"] == "1"
+    for metric in ("train_loss", "val_dice", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2, 3]
+    assert read_checkpoint(last)["mlflow_run_id"] == run.info.run_id
+
+    train("drive", "unet", profile="smoke", resume=True, overrides=settings)  # all epochs done already
+    [again] = train_runs()
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+
+
 def test_bad_settings_are_named(drive_project: FixtureProject) -> None:
     with pytest.raises(SegpipeError, match="optimizer.name must be one of"):
         resolve_settings(load_train_configs(), "drive", "unet", "smoke", {"optimizer": {"name": "lion"}})
@@ -192,6 +242,8 @@ def test_bad_settings_are_named(drive_project: FixtureProject) -> None:
 
 @pytest.mark.slow
 def test_resume_after_kill_ends_like_an_uninterrupted_run(drive_project: FixtureProject, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     root = drive_project.root
     args = ["train", "drive", "unet", "--profile", "smoke", "--set", "epochs=4", "--set", "steps_per_epoch=3"]
     full = _cli(args, root)
@@ -200,6 +252,7 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(drive_project: Fixture
     reference_state = read_checkpoint(root / "models/drive/unet/best.pt")["state_dict"]
     os.rename(root / "models", tmp_path / "reference-models")
 
+    killed_at = int(time.time() * 1000) - 1
     killed = _cli(args, root)
     last = root / "models/drive/unet/last.pt"
     deadline = time.monotonic() + 600
@@ -212,6 +265,16 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(drive_project: Fixture
 
     resumed = _cli([*args, "--resume"], root)
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    # one MLflow run for the killed and resumed training: reopened (not marked KILLED), every epoch
+    client = MlflowClient()
+    run = client.get_run(read_checkpoint(last)["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "segpipe.marked_killed" not in run.data.tags
+    assert run.info.start_time >= killed_at
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
+    experiment = client.get_experiment_by_name("drive").experiment_id
+    later = [r for r in client.search_runs([experiment], "tags.stage = 'train'", max_results=100)
+             if r.info.start_time >= killed_at]
+    assert [r.info.run_id for r in later] == [run.info.run_id]
     log = pd.read_csv(root / "models/drive/unet/log.csv")
     pd.testing.assert_frame_equal(log[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],
                                   reference[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],

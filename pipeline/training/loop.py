@@ -15,7 +15,8 @@ and batches; optional `torch.compile`. The loss is the network's deep supervisio
 Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
 whole validation images; the checkpoint with the best validation Dice is `best.pt`. `last.pt` is
 written atomically after every epoch with the optimizer state, the torch RNG state and the log,
-so `--resume` continues a killed run to the same result as an uninterrupted one.
+so `--resume` continues a killed run to the same result as an uninterrupted one. last.pt also
+holds the MLflow run id: a resumed training continues its own run (one run per training).
 
 Under `torchrun` every rank trains on its share of each step's patches (DistributedDataParallel,
 gloo on CPU, nccl on CUDA); only rank 0 validates, writes files and logs to MLflow.
@@ -93,12 +94,16 @@ class _Trainer:
 
 @dataclass
 class _Progress:
-    """Where the training stands: the next epoch, the best validation so far, the log rows."""
+    """Where the training stands: the next epoch, the best validation so far, the log rows, the
+    MLflow run id of the training (None: none yet, or a checkpoint written before it was kept) and
+    each epoch's MLflow metrics (`epoch` and the metrics; a resumed run logs those it missed)."""
 
     first_epoch: int = 0
     best: dict[str, Any] = field(default_factory=lambda: {"val_dice": -1.0, "epoch": -1})
     log_rows: list[dict[str, Any]] = field(default_factory=list)
     previous_elapsed: float = 0.0
+    run_id: str | None = None
+    epoch_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
 def _build(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) -> _Trainer:
@@ -140,7 +145,8 @@ def _restore(trainer: _Trainer, path: Path) -> _Progress:
     torch.set_rng_state(state["torch_rng"])
     log_rows = list(state["log"])
     return _Progress(int(state["epoch"]), dict(state["best"]), log_rows,
-                     float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0)
+                     float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0, state.get("mlflow_run_id"),
+                     list(state.get("mlflow_epoch_metrics", [])))
 
 
 def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
@@ -200,10 +206,11 @@ def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
     return row, means, stopped
 
 
-def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any],
+def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], means: torch.Tensor,
                        validation: tuple[list[dict[str, Any]], InferenceSettings], out_dir: Path, last: bool,
                        clock: float) -> None:
-    """Rank 0 after an epoch: validation when due (best.pt when it improved), last.pt and log.csv."""
+    """Rank 0 after an epoch: validation when due (best.pt when it improved), the epoch's MLflow
+    metrics (`progress.epoch_metrics`), last.pt and log.csv."""
     s, epoch = t.settings, int(row["epoch"])
     if epoch % int(s["val_every"]) == 0 or last:
         row["val_dice"], row["val_iou"] = validate(t.model, *validation)
@@ -213,20 +220,37 @@ def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any],
                             profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"])
     row["elapsed_seconds"] = time.perf_counter() - clock
     progress.log_rows.append(row)
+    progress.epoch_metrics.append({"epoch": epoch, **_epoch_metrics(row, means)})
     save_checkpoint(t.model, out_dir / "last.pt", settings=_resume_settings(s), optimizer=t.optimizer.state_dict(),
                     scaler=t.scaler.state_dict(), torch_rng=torch.get_rng_state(), epoch=epoch,
-                    best=dict(progress.best), log=progress.log_rows)
+                    best=dict(progress.best), log=progress.log_rows, mlflow_run_id=progress.run_id,
+                    mlflow_epoch_metrics=progress.epoch_metrics)
     write_text(out_dir / "log.csv", _log_text(progress.log_rows))
 
 
-def _log_epoch(tracker: Any, row: Mapping[str, Any], means: torch.Tensor) -> None:
-    """MLflow metrics of one epoch (step = epoch number)."""
+def _epoch_metrics(row: Mapping[str, Any], means: torch.Tensor) -> dict[str, float]:
+    """The MLflow metrics of one epoch."""
     metrics = {k: float(row[k]) for k in ("train_loss", "lr", "patches_per_s", "data_wait_share")}
     if len(means) > 2:
         metrics.update({f"train_loss_head{i}": float(v) for i, v in enumerate(means[1:])})
     if row["val_dice"] != "":
-        metrics.update(val_dice=row["val_dice"], val_iou=row["val_iou"])
-    tracker.log_metrics(metrics, step=int(row["epoch"]))
+        metrics.update(val_dice=float(row["val_dice"]), val_iou=float(row["val_iou"]))
+    return metrics
+
+
+def _log_epochs(tracker: Any, epoch_metrics: list[dict[str, float]], after: int) -> None:
+    """Log the metrics of the epochs after epoch `after` (step = epoch number)."""
+    for item in epoch_metrics:
+        if int(item["epoch"]) > after:
+            tracker.log_metrics({k: v for k, v in item.items() if k != "epoch"}, step=int(item["epoch"]))
+
+
+def _logged_epochs(tracker: Any) -> int:
+    """The last epoch whose train_loss the active run holds (0: none)."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(tracker.active_run().info.run_id, "train_loss")
+    return max((m.step for m in history), default=0)
 
 
 def run_training(
@@ -260,16 +284,20 @@ def run_training(
     data = [DataInput(prepared.manifest_path, dataset, "train", "training"),
             DataInput(prepared.manifest_path, dataset, "val", "validation")]
     with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network,
-                   datasets=data, tracking=tracking) as tracker:
+                   datasets=data, tracking=tracking, run_id=progress.run_id) as tracker:
+        if tracker is not None:  # kept in last.pt: --resume continues this run
+            progress.run_id = tracker.active_run().info.run_id
         if tracker is not None and resume:
             tracker.set_tag("resumed_from_epoch", str(progress.first_epoch))
+            # epochs checkpointed but not logged (killed in between), or a new run: the whole history
+            _log_epochs(tracker, progress.epoch_metrics, _logged_epochs(tracker))
         for epoch in range(progress.first_epoch, epochs):
             row, means, stopped_early = _train_epoch(trainer, epoch, limit, clock)
             if ctx.main:
-                _validate_and_save(trainer, progress, row, validation, out_dir, stopped_early or epoch + 1 == epochs,
-                                   clock)
+                _validate_and_save(trainer, progress, row, means, validation, out_dir,
+                                   stopped_early or epoch + 1 == epochs, clock)
                 if tracker is not None:
-                    _log_epoch(tracker, row, means)
+                    _log_epochs(tracker, progress.epoch_metrics[-1:], epoch)
                 tqdm.write(_summary(row, epochs))
             if ctx.world > 1:
                 dist.barrier()
