@@ -146,11 +146,9 @@ def test_channels_last_trains_like_the_default_layout(drive_project: FixtureProj
         resolve_settings(load_train_configs(), "drive", "unet", "smoke", {"channels_last": "yes"})
 
 
-def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixtureProject,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The killed run's checkpointed wall time counts against `max_minutes`: a run that had
-    already used more than its budget stops after one step when resumed (a fresh budget of an hour
-    would train the remaining epochs)."""
+def _killed_after_epoch_one(project: FixtureProject, monkeypatch: pytest.MonkeyPatch,
+                            settings: dict) -> tuple[Path, dict]:
+    """A smoke training that dies in its second validation: (last.pt, its state after epoch 1)."""
     import pipeline.training.loop as train_module
 
     calls = []
@@ -162,14 +160,23 @@ def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixturePro
             raise RuntimeError("killed")
         return real_validate(*args, **kwargs)
 
-    settings = {"epochs": 3, "val_every": 1}
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "validate", dies_at_the_second_validation)
         with pytest.raises(RuntimeError, match="killed"):
             train("drive", "unet", profile="smoke", overrides=settings)
-    last = drive_project.root / "models/drive/unet/last.pt"
+    last = project.root / "models/drive/unet/last.pt"
     state = read_checkpoint(last)
     assert state["epoch"] == 1
+    return last, state
+
+
+def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixtureProject,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The killed run's checkpointed wall time counts against `max_minutes`: a run that had
+    already used more than its budget stops after one step when resumed (a fresh budget of an hour
+    would train the remaining epochs)."""
+    settings = {"epochs": 3, "val_every": 1}
+    last, state = _killed_after_epoch_one(drive_project, monkeypatch, settings)
     state["log"][-1]["elapsed_seconds"] = 7200.0  # the killed run had used two hours
     torch.save(state, last)
     result = train("drive", "unet", profile="smoke", resume=True, overrides={**settings, "max_minutes": 60})
@@ -185,8 +192,6 @@ def test_a_resumed_training_continues_its_mlflow_run(drive_project: FixtureProje
     metrics at its epoch step; resuming a finished training adds no run."""
     from mlflow.tracking import MlflowClient
 
-    import pipeline.training.loop as train_module
-
     client = MlflowClient()
     started = int(time.time() * 1000) - 1
 
@@ -195,23 +200,8 @@ def test_a_resumed_training_continues_its_mlflow_run(drive_project: FixtureProje
         found = client.search_runs([experiment], "tags.stage = 'train' and tags.network = 'unet'", max_results=100)
         return [r for r in found if r.info.start_time >= started]
 
-    calls = []
-    real_validate = train_module.validate
-
-    def dies_at_the_second_validation(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real_validate(*args, **kwargs)
-
     settings = {"epochs": 3, "val_every": 1}
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module, "validate", dies_at_the_second_validation)
-        with pytest.raises(RuntimeError, match="killed"):
-            train("drive", "unet", profile="smoke", overrides=settings)
-    last = drive_project.root / "models/drive/unet/last.pt"
-    state = read_checkpoint(last)
-    assert state["epoch"] == 1
+    last, state = _killed_after_epoch_one(drive_project, monkeypatch, settings)
     [interrupted] = train_runs()
     assert state["mlflow_run_id"] == interrupted.info.run_id and interrupted.info.status == "FAILED"
 

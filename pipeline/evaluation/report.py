@@ -71,12 +71,7 @@ def collect(
         dataset, network = path.parent.parent.name, path.parent.name
         if (keep_ds is not None and dataset not in keep_ds) or (keep_net is not None and network not in keep_net):
             continue
-        try:
-            metrics = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SegpipeError(f"{path}: not valid JSON: {exc}") from exc
-        if not isinstance(metrics, dict):
-            raise SegpipeError(f"{path}: expected a JSON object of metrics")
+        metrics = _json_object(path, "a JSON object of metrics")
         row: dict[str, Any] = {**metrics, "dataset": dataset, "network": network}
         row.update(mlflow_record(path.parent / "mlflow.json"))
         log_csv = models_dir / dataset / network / "log.csv"
@@ -120,17 +115,23 @@ def observer_rows(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _json_object(path: Path, expected: str) -> dict[str, Any]:
+    """The JSON object in `path`; SegpipeError naming the file and `expected` otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SegpipeError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SegpipeError(f"{path}: expected {expected}")
+    return data
+
+
 def mlflow_record(path: Path) -> dict[str, Any]:
     """mlflow.json of an evaluation (written by `segpipe evaluate`) as summary.csv columns
     mlflow_run_id, mlflow_experiment_id, mlflow_tracking_uri; {} when there is none."""
     if not path.is_file():
         return {}
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SegpipeError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(record, dict):
-        raise SegpipeError(f"{path}: expected a JSON object with run_id, experiment_id, tracking_uri")
+    record = _json_object(path, "a JSON object with run_id, experiment_id, tracking_uri")
     return {f"mlflow_{key}": record.get(key) for key in ("run_id", "experiment_id", "tracking_uri")}
 
 
