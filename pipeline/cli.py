@@ -207,8 +207,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         preprocess=args.preprocess,
         probabilities_dtype=args.probabilities_dtype,
         nonfinite=args.nonfinite,
+        precision=args.precision,
     )
     return 0
+
+
+def _precision_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help=f"fp32, bf16 (autocast; CPUs with AVX512-BF16/AMX, CUDA) or fp16 (CUDA); default: {default}")
 
 
 def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
@@ -233,6 +239,7 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
                         "(transposes, 90-degree rotations); '' = off")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    _precision_arg(p, "configs/inference.yaml")
     p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,
                    help="checkpoint: the training preprocessing the checkpoint records (channels, CLAHE, "
                    "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
@@ -273,6 +280,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides: dict = {}
     for item in args.set or []:
         overrides = deep_merge(overrides, item)
+    if args.precision:
+        overrides["precision"] = args.precision
     result = train(args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides)
     if result.stopped_early:
         print(f"segpipe train: stopped by max_minutes after {result.steps} steps: this model depends on the "
@@ -284,7 +293,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.evaluate import evaluate
 
-    evaluate(args.dataset, args.network)
+    evaluate(args.dataset, args.network, precision=args.precision)
     return 0
 
 
@@ -309,6 +318,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from models/DATASET/NETWORK/last.pt")
     p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                    help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)")
+    _precision_arg(p, "the profile of configs/train.yaml")
     p.set_defaults(handler=_cmd_train)
     p = sub.add_parser(
         "evaluate",
@@ -319,6 +329,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset")
     p.add_argument("network")
+    _precision_arg(p, "configs/inference.yaml")
     p.set_defaults(handler=_cmd_evaluate)
     p = sub.add_parser("report", help="one table of every evaluated dataset x network (results/report.md)")
     p.set_defaults(handler=_cmd_report)

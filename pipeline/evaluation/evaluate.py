@@ -202,16 +202,17 @@ def evaluate(
     *,
     models_dir: Path | None = None,
     results_dir: Path | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """The `evaluate` stage: models/<dataset>/<network>/best.pt on the test split.
 
     Reads configs/evaluate.yaml, configs/inference.yaml (with evaluate.yaml's `inference`
-    overrides), configs/train.yaml (models_dir), configs/data.yaml (prepared_dir) and
+    overrides, then `precision` when given), configs/train.yaml (models_dir), configs/data.yaml (prepared_dir) and
     configs/tracking.yaml (MLflow). Returns metrics.json's dict with the timings of timings.json added.
     """
     cfg = evaluate_config(load_config("evaluate"), str(config_path("evaluate")))
     base = settings_from_config(load_config("inference"), str(config_path("inference")))
-    settings = load_settings(base, **cfg["inference"], intensity="none")
+    settings = load_settings(load_settings(base, **cfg["inference"], intensity="none"), precision=precision)
     models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
     data = open_prepared(dataset, prepared_root(load_data_config(), dataset))
     out_dir = Path(results_dir if results_dir is not None else cfg["results_dir"]) / dataset / network

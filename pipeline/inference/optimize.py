@@ -5,7 +5,8 @@ convolution (eval-mode BN is an affine map per channel, so it merges into the co
 W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta), channels-last
 tensors (oneDNN's native NHWC layout: no reorders around every conv), in-place ReLU after a conv
 (one activation tensor less to allocate and fill per layer), explicit thread settings,
-optionally `torch.compile` (inductor, fixed shapes). On CUDA the forward runs under fp16 autocast.
+optionally `torch.compile` (inductor, fixed shapes). The forward runs in the `precision` asked for
+(`pipeline.networks.precision`: fp32, or bf16/fp16 autocast) and returns fp32 logits.
 The contract facts the tiler needs (padding, halo, sizes, channels) are kept beside the graph.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.errors import SegpipeError
+from pipeline.networks.precision import autocast, check_precision
 
 ModelLike = nn.Module | str | os.PathLike[str]
 
@@ -152,6 +154,8 @@ class InferenceNetwork:
     valid_output_size: Callable[[int], int]
     device: torch.device
     channels_last: bool
+    precision: str
+    """fp32, bf16 or fp16: the forward runs under that autocast (`pipeline.networks.precision`)."""
     fixed_batch: bool
     """True when compiled: every batch is padded to the same size so the graph never recompiles."""
     notes: list[str] = field(default_factory=list)
@@ -165,12 +169,8 @@ class InferenceNetwork:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.float16):
-                    out = self.module(x)
-            else:
-                out = self.module(x)
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            out = self.module(x)
         if not isinstance(out, torch.Tensor):
             raise SegpipeError(
                 f"the network returned {type(out).__name__} in eval() mode; the contract is a logits tensor"
@@ -187,6 +187,7 @@ def optimize_network(
     channels_last: bool = True,
     compile: bool = False,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> InferenceNetwork:
     """Build the inference graph of `model` (a module, a checkpoint path, or already built).
 
@@ -211,6 +212,7 @@ def optimize_network(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SegpipeError("device 'cuda' requested but torch sees no CUDA device")
+    check_precision(precision, dev, "inference settings")
     module = copy.deepcopy(net).eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -231,8 +233,8 @@ def optimize_network(
     if compile:
         module = torch.compile(module, dynamic=False)  # type: ignore[assignment]
         notes.append("torch.compile")
-    if dev.type == "cuda":
-        notes.append("fp16 autocast")
+    if precision != "fp32":
+        notes.append(f"{precision} autocast")
     notes.append(f"{torch.get_num_threads()} threads")
     return InferenceNetwork(
         module=module,
@@ -245,6 +247,7 @@ def optimize_network(
         valid_output_size=net.valid_output_size,
         device=dev,
         channels_last=channels_last,
+        precision=precision,
         fixed_batch=compile,
         notes=notes,
         augment=augment,

@@ -21,6 +21,7 @@ from pipeline.config import (
     check_number,
 )
 from pipeline.inference.tta import TTA_TRANSFORMS
+from pipeline.networks.precision import PRECISIONS
 
 BLENDS = ("gaussian", "constant")
 INTENSITIES = ("scale", "none")
@@ -53,6 +54,7 @@ class InferenceSettings:
     preprocess: str = "checkpoint"
     preprocess_max_megapixels: float = 128
     device: str = "cpu"
+    precision: str = "fp32"
     threads: int | None = None
     fold_batch_norm: bool = True
     inplace_activations: bool = True
@@ -76,7 +78,8 @@ class InferenceSettings:
         check_number(self.threshold, "threshold", where, low=0, high=1, low_open=True, high_open=True)
         check_number(self.preprocess_max_megapixels, "preprocess_max_megapixels", where, low=0, low_open=True)
         for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
-                             ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS)):
+                             ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS),
+                             ("precision", PRECISIONS)):
             check_choice(getattr(self, key), key, choices, where)
         if not isinstance(self.tta, tuple):
             raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")

@@ -34,7 +34,8 @@ def inference_network(model: ModelLike | InferenceNetwork, settings: InferenceSe
     """`optimize_network` with the graph settings of `settings` (an InferenceNetwork passes through)."""
     return optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
                             inplace_act=settings.inplace_activations, channels_last=settings.channels_last,
-                            compile=settings.compile, threads=settings.threads)
+                            compile=settings.compile, threads=settings.threads,
+                            precision=settings.precision)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ non-zero (such a model depends on the machine's speed). A resumed run continues 
 wall time of the killed run's checkpointed epochs counts.
 
 Optimisation: Adam/AdamW or the U-Net paper's SGD with momentum 0.99; gradient-norm clipping;
-autocast (bf16 or fp16 with a grad scaler) on CUDA, fp32 on the CPU; channels-last (NHWC) weights
-and batches; optional `torch.compile`. The loss is the network's deep supervision over its heads
+the `precision` parameter (`pipeline.networks.precision`): fp32, or bf16 autocast on the CPU and on
+CUDA (fp16 with a grad scaler on CUDA), with fp32 master weights and an fp32 loss; channels-last
+(NHWC) weights and batches; optional `torch.compile`. The loss is the network's deep supervision over its heads
 (`pipeline.training.supervision`).
 
 Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
@@ -42,6 +43,7 @@ from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.inference import InferenceSettings
 from pipeline.networks import SegmentationNetwork, build_network, read_checkpoint, save_checkpoint
+from pipeline.networks.precision import autocast, check_precision
 from pipeline.tracking import DataInput, TrackingSettings, stage_run
 from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
@@ -55,7 +57,7 @@ LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_dice", "val_iou", "patc
 far (set-up, validation and checkpoints included; a resumed run adds to the killed run's time)."""
 RESUME_KEYS = ("dataset", "network_key", "network", "network_config", "augment", "seed", "epochs",
                "steps_per_epoch", "batch_size", "patch_size", "optimizer", "schedule", "grad_clip",
-               "loss", "weight_map")
+               "loss", "weight_map", "precision")
 """Settings a resumed run must share with the checkpoint (others, e.g. workers, may change)."""
 
 
@@ -86,8 +88,6 @@ class _Trainer:
     loss_fn: DeepSupervisionLoss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    amp: bool
-    amp_dtype: torch.dtype
     layout: torch.memory_format
     keys: list[str] = field(default_factory=list)
 
@@ -118,15 +118,14 @@ def _build(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) ->
     loss_fn = build_loss(settings["loss"], network=model,
                          source=f"configs/train.yaml: profiles.{settings['profile']}.loss")
     optimizer = build_optimizer(model, settings["optimizer"])
-    amp = ctx.device.type == "cuda" and settings["amp"] != "fp32"
-    amp_dtype = torch.bfloat16 if settings["amp"] == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    check_precision(settings["precision"], ctx.device, f"configs/train.yaml: profiles.{settings['profile']}")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings["precision"] == "fp16")
     net: torch.nn.Module = model
     if ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     forward = torch.compile(net) if settings["compile"] else net
     return _Trainer(settings, ctx, model, forward, loader, sampler, patches_per_rank, loss_fn, optimizer, scaler,
-                    amp, amp_dtype, layout, patch_keys(settings))
+                    layout, patch_keys(settings))
 
 
 def _restore(trainer: _Trainer, path: Path) -> _Progress:
@@ -171,7 +170,7 @@ def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         data = {k: torch.as_tensor(batch[k]).to(ctx.device, non_blocking=True) for k in t.keys}
-        with torch.autocast(ctx.device.type, dtype=t.amp_dtype, enabled=t.amp):
+        with autocast(s["precision"], ctx.device):
             output = t.forward(data["image"].contiguous(memory_format=t.layout))
         heads = t.loss_fn.head_losses(_float(output), data["label"], data["weight"] if s["weight_map"] else None,
                                       data[fov_key] if fov_key else None)
@@ -217,7 +216,8 @@ def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], me
         if row["val_dice"] > progress.best["val_dice"] or progress.best["epoch"] < 0:
             progress.best = {"val_dice": row["val_dice"], "epoch": epoch}
             save_checkpoint(t.model, out_dir / "best.pt", dataset=s["dataset"], network_key=s["network_key"],
-                            profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"])
+                            profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"],
+                            precision=s["precision"])
     row["elapsed_seconds"] = time.perf_counter() - clock
     progress.log_rows.append(row)
     progress.epoch_metrics.append({"epoch": epoch, **_epoch_metrics(row, means)})

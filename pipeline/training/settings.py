@@ -17,17 +17,17 @@ from typing import Any, Mapping
 from pipeline.config import check_bool, check_choice, check_int, check_keys, check_number, check_str
 from pipeline.errors import SegpipeError
 from pipeline.networks import network_config, network_names
+from pipeline.networks.precision import PRECISIONS
 from pipeline.training.losses import LOSS_DEFAULTS
 from pipeline.transforms.presets import preset_section
 
 PROFILE_KEYS = {
     "network_preset", "substitute", "seed", "epochs", "steps_per_epoch", "batch_size", "patch_size",
-    "optimizer", "schedule", "grad_clip", "amp", "channels_last", "compile", "workers", "val_every", "max_minutes",
+    "optimizer", "schedule", "grad_clip", "precision", "channels_last", "compile", "workers", "val_every", "max_minutes",
     "weight_map", "loss", "overrides",
 }
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "step", "constant")
-AMP_DTYPES = ("bf16", "fp16", "fp32")
 OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "momentum", "nesterov"}
 SCHEDULE_KEYS = {"name", "warmup_steps", "min_lr", "poly_power", "step_epochs", "gamma"}
 
@@ -73,7 +73,7 @@ def _validate(cfg: Mapping[str, Any], where: str) -> None:
     check_number(sched["poly_power"], "schedule.poly_power", where, low=0, low_open=True)
     check_int(sched["step_epochs"], "schedule.step_epochs", where, minimum=1)
     check_number(sched["gamma"], "schedule.gamma", where, low=0, low_open=True)
-    check_choice(cfg["amp"], "amp", AMP_DTYPES, where)
+    check_choice(cfg["precision"], "precision", PRECISIONS, where)
     for key in ("channels_last", "compile", "weight_map"):
         check_bool(cfg[key], key, where)
     for key in ("grad_clip", "max_minutes"):
