@@ -1,6 +1,16 @@
 """The one exception type the CLI turns into a one-line message (exit code 2)."""
 from __future__ import annotations
 
+MAX_LISTED = 20
+
 
 class SegpipeError(Exception):
     """Bad input or setup: the message names the file or URL and what was expected."""
+
+
+def raise_problems(problems: list[str], header: str) -> None:
+    """Raise one SegpipeError listing `problems` (the first MAX_LISTED) under `header`; none: return."""
+    if problems:
+        listed = "\n  - ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise SegpipeError(f"{header} ({len(problems)} problem(s)):\n  - {listed}{more}")

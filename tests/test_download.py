@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,46 @@ def test_import_missing_file(project: FixtureProject, tmp_path: Path) -> None:
 def test_unknown_dataset_lists_known_ones(project: FixtureProject) -> None:
     with pytest.raises(SegpipeError, match="drive, hela, u373"):
         download_dataset("kitti")
+
+
+def _corrupt_part(project: FixtureProject, size: int) -> Path:
+    """A NAME.part left by an earlier run, holding bytes that are not the archive's."""
+    part = raw(project, "hela") / "DIC-C2DH-HeLa.zip.part"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"\xee" * size)
+    return part
+
+
+@pytest.mark.parametrize("longer", [False, True])
+def test_corrupt_part_is_discarded_and_downloaded_again(
+    project: FixtureProject, mirror: Mirror, caplog: pytest.LogCaptureFixture, longer: bool
+) -> None:
+    served = project.archives["hela"][0]
+    size = served.stat().st_size + 10 if longer else 1000  # longer: the server answers 416
+    _corrupt_part(project, size)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
+        download_dataset("hela", mirror=mirror.url)
+    assert mirror.control.requests == [(HELA, f"bytes={size}-"), (HELA, None)]
+    assert sha256(raw(project, "hela") / "DIC-C2DH-HeLa.zip") == sha256(served)
+    assert leftovers(raw(project, "hela")) == ["DIC-C2DH-HeLa.zip", "download.json"]
+    assert "resumed from an existing DIC-C2DH-HeLa.zip.part" in caplog.text
+    assert "Discarded it; downloading again from zero" in caplog.text
+
+
+def test_repacked_archive_is_only_reported_after_a_download_from_zero(
+    project: FixtureProject, mirror: Mirror, caplog: pytest.LogCaptureFixture
+) -> None:
+    got = _serve_repacked(project)
+    with pytest.raises(SegpipeError) as fresh:  # from zero: reported at once, one request
+        download_dataset("hela", mirror=mirror.url)
+    assert mirror.control.requests == [(HELA, None)]
+    part = _corrupt_part(project, 1000)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"), pytest.raises(SegpipeError) as resumed:
+        download_dataset("hela", mirror=mirror.url)
+    assert mirror.control.requests[1:] == [(HELA, "bytes=1000-"), (HELA, None)]
+    assert "Discarded it; downloading again from zero" in caplog.text
+    for err in (fresh, resumed):  # the hash to accept is the archive's, never the corrupt part's
+        message = str(err.value)
+        assert f"got {got} from a download from zero" in message and "re-packed" in message
+        assert f"--accept-sha256 {got}" in message
+    assert not part.exists() and leftovers(raw(project, "hela")) == []

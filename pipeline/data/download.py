@@ -2,6 +2,8 @@
 
 HTTP(S) with resume (Range), retries with exponential backoff and a progress bar. The sha256 is
 verified before an archive gets its final name; a partial download lives under `NAME.part` only.
+A resumed download with the wrong sha256 (a corrupt or stale `.part`) is discarded and fetched once
+more from zero; only a download from zero with the wrong sha256 is reported as a re-packed archive.
 An archive already present and verified is not fetched again. The result is recorded in
 `data/raw/DATASET/download.json`, which `segpipe prepare` reads.
 """
@@ -71,8 +73,8 @@ def _fetch_once(url: str, part: Path, settings: DownloadSettings, expected_size:
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     try:
         with requests.get(url, headers=headers, stream=True, timeout=settings.timeout_seconds) as resp:
-            if resp.status_code == 416 and have and (expected_size is None or have == expected_size):
-                return  # the part file is already complete
+            if resp.status_code == 416 and have:
+                return  # nothing after `have`: complete, or longer than the archive (the sha256 decides)
             if resp.status_code >= 500 or resp.status_code == 429:
                 raise _Retryable(f"HTTP {resp.status_code}")
             if resp.status_code not in (200, 206):
@@ -100,12 +102,38 @@ def _fetch_once(url: str, part: Path, settings: DownloadSettings, expected_size:
 def fetch_archive(
     url: str, dest: Path, archive: Archive, accepted: set[str], settings: DownloadSettings, dataset: str
 ) -> str:
-    """Download `url` to `dest` (resuming `dest.part`), verify its sha256, rename. Returns the hash."""
+    """Download `url` to `dest` (resuming `dest.part`), verify its sha256, rename. Returns the hash.
+
+    A download resumed from an existing `dest.part` that ends with the wrong sha256 is discarded and
+    fetched once more from zero; a download from zero with the wrong sha256 is an error naming both
+    hashes and the override (the host re-packed the archive)."""
     part = dest.with_name(dest.name + ".part")
+    wanted = accepted | {archive.sha256}
+    resumed = part.is_file() and part.stat().st_size > 0
+    _download(url, part, settings, archive.size, dataset)
+    digest = sha256_file(part)
+    if resumed and digest not in wanted:
+        part.unlink()
+        log.warning(
+            "%s: the download resumed from an existing %s has sha256 %s, expected %s: that partial file was "
+            "corrupt or from another version of the archive. Discarded it; downloading again from zero.",
+            url, part.name, digest, archive.sha256,
+        )
+        _download(url, part, settings, archive.size, dataset)
+        digest = sha256_file(part)
+    if digest not in wanted:
+        part.unlink()
+        raise SegpipeError(_mismatch_message(url, archive, digest, dataset))
+    os.replace(part, dest)
+    return digest
+
+
+def _download(url: str, part: Path, settings: DownloadSettings, expected_size: int | None, dataset: str) -> None:
+    """Fetch `url` into `part` (continuing it), retrying transfer errors with exponential backoff."""
     for attempt in range(1, settings.retries + 1):
         try:
-            _fetch_once(url, part, settings, archive.size)
-            break
+            _fetch_once(url, part, settings, expected_size)
+            return
         except _Retryable as exc:
             if attempt == settings.retries:
                 raise SegpipeError(
@@ -115,20 +143,15 @@ def fetch_archive(
             wait = settings.backoff_seconds * 2 ** (attempt - 1)
             log.warning("%s: attempt %d/%d failed (%s); retrying in %.1f s", url, attempt, settings.retries, exc, wait)
             time.sleep(wait)
-    digest = sha256_file(part)
-    if digest != archive.sha256 and digest not in accepted:
-        part.unlink()
-        raise SegpipeError(_mismatch_message(url, archive, digest, dataset))
-    os.replace(part, dest)
-    return digest
 
 
 def _mismatch_message(origin: str, archive: Archive, digest: str, dataset: str) -> str:
     return (
         f"{origin}: sha256 mismatch for {archive.name}: expected {archive.sha256} (data_manifests/sources.yaml), "
-        f"got {digest}. Nothing was kept under {archive.name}. If the host re-packed the archive and you "
-        f"trust it, accept this hash explicitly: segpipe download {dataset} --accept-sha256 {digest} "
-        f"(or add it to download.accept_sha256 in configs/data.yaml); prepare still checks every file."
+        f"got {digest} from a download from zero. Nothing was kept under {archive.name}. The host probably "
+        f"re-packed the archive; if you trust it, accept this hash explicitly: segpipe download {dataset} "
+        f"--accept-sha256 {digest} (or add it to download.accept_sha256 in configs/data.yaml); prepare still "
+        f"checks every file."
     )
 
 

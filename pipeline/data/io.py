@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -30,11 +31,49 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_raster(path: Path) -> np.ndarray:
-    """Read a 2-D raster as stored: (H, W) or (H, W, C). GIFs give their first frame."""
+def header_shape(path: Path) -> tuple[int, ...]:
+    """An image's shape as its header declares it, without decoding pixels: (H, W) or (H, W, C)
+    (a TIFF: its first series, all pages; a palette image counts one channel)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return tuple(tif.series[0].shape)
+    if suffix in IMAGEIO_SUFFIXES:
+        from PIL import Image  # Pillow reads the size from the header; its own bomb check applies
+
+        with Image.open(path) as image:
+            width, height = image.size
+            bands = len(image.getbands())
+        return (height, width) if bands == 1 else (height, width, bands)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        return tuple(nib.load(str(path)).shape)
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    components = reader.GetNumberOfComponents()
+    return tuple(reversed(reader.GetSize())) + ((components,) if components > 1 else ())
+
+
+def read_raster(path: Path, max_values: int | None = None) -> np.ndarray:
+    """Read a 2-D raster as stored: (H, W) or (H, W, C). GIFs give their first frame.
+
+    With `max_values`, an image whose header declares more values (H x W x C) is refused before
+    any pixel is decoded."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
+        if max_values is not None and math.prod(shape := header_shape(path)) > max_values:
+            raise SegpipeError(
+                f"{path}: the header declares a {'x'.join(map(str, shape))} image ({math.prod(shape)} values), more "
+                f"than the limit of {max_values} (prepare.limits.max_image_values); refused before decoding"
+            )
         if suffix in TIFF_SUFFIXES:
             import tifffile
 

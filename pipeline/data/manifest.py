@@ -1,4 +1,4 @@
-"""Unpacking archives and checking their files against a dataset's layout or per-file manifest.
+"""Checking the unpacked files against a dataset's layout or per-file manifest (`segpipe manifest`).
 
 The per-file manifest (`data_manifests/<dataset>_files.csv`) is the contract: one row per file with
 its path relative to the dataset root, dataset, split (the dataset's own part: DRIVE `training`/`test`,
@@ -6,7 +6,6 @@ CTC sequence `01`/`02`), role (image / label / label2 / fov / instances), case, 
 """
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,29 +13,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.data.archives import UnpackLimits, unpack
 from pipeline.data.io import read_raster, sha256_file, write_text
 from pipeline.data.settings import load_data_config
 from pipeline.data.sources import DatasetSource, Layout, get_source
-from pipeline.errors import SegpipeError
+from pipeline.errors import SegpipeError, raise_problems
 
 MANIFEST_COLUMNS = ["path", "dataset", "split", "role", "case", "sha256", "shape", "dtype"]
-MAX_LISTED = 20
-
-
-def unpack(archives: list[Path], dest: Path) -> Path:
-    """Extract each zip into `dest/<archive name>/`, checking CRCs; a corrupt zip names itself."""
-    for archive in archives:
-        target = dest / archive.name
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                bad = zf.testzip()
-                if bad is not None:
-                    raise SegpipeError(f"{archive}: corrupt zip, CRC check failed for member {bad}")
-                for member in tqdm(zf.infolist(), desc=f"unpack {archive.name}", unit="file", leave=False):
-                    zf.extract(member, target)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
-            raise SegpipeError(f"{archive}: not a readable zip archive ({type(exc).__name__}: {exc})") from exc
-    return dest
 
 
 @dataclass(frozen=True)
@@ -56,9 +39,9 @@ def find_files(root: Path, layout: Layout, dataset: str) -> list[FoundFile]:
     problems: list[str] = []
     for location in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = location.relative_to(root).as_posix()
-        if any(rx.search(rel) for rx in layout.ignore):
+        if layout.ignores(rel):
             continue
-        match = next(((m, p) for p in layout.patterns if (m := p.regex.search(rel))), None)
+        match = layout.match(rel)
         if match is None:
             problems.append(f"{rel}: unexpected file (matches no {dataset} layout pattern)")
             continue
@@ -69,13 +52,13 @@ def find_files(root: Path, layout: Layout, dataset: str) -> list[FoundFile]:
             problems.append(f"{rel}: duplicate of {found[key].location.relative_to(root)} ({item.role} of case {item.case})")
             continue
         found[key] = item
-    _raise_if(problems, f"{dataset}: the archives do not have the expected layout")
+    raise_problems(problems, f"{dataset}: the archives do not have the expected layout")
     return sorted(found.values(), key=lambda f: (f.split, f.case, f.role))
 
 
-def describe(item: FoundFile) -> dict[str, str]:
-    """The manifest row of a found file: hashes and reads it."""
-    array = read_raster(item.location)
+def describe(item: FoundFile, max_values: int) -> dict[str, str]:
+    """The manifest row of a found file: hashes and reads it (header first: at most `max_values`)."""
+    array = read_raster(item.location, max_values)
     return {
         "path": item.path,
         "split": item.split,
@@ -87,30 +70,31 @@ def describe(item: FoundFile) -> dict[str, str]:
     }
 
 
-def validate(files: list[FoundFile], source: DatasetSource) -> None:
-    """Check the found files against the per-file manifest if the dataset has one, else the layout."""
+def validate(files: list[FoundFile], source: DatasetSource, max_values: int) -> None:
+    """Check the found files against the per-file manifest if the dataset has one, else the layout.
+    An image whose header declares more than `max_values` (H x W x C) is refused before decoding."""
     if source.files_manifest is not None:
-        _validate_manifest(files, source.files_manifest, source.name)
+        _validate_manifest(files, source.files_manifest, source.name, max_values)
     else:
-        _validate_layout(files, source.layout, source.name)
+        _validate_layout(files, source.layout, source.name, max_values)
 
 
-def _validate_manifest(files: list[FoundFile], manifest_path: Path, dataset: str) -> None:
+def _validate_manifest(files: list[FoundFile], manifest_path: Path, dataset: str, max_values: int) -> None:
     expected = read_file_manifest(manifest_path)
     rows = {row.path: row for row in expected.itertuples(index=False)}
     problems = [f"{f.path}: extra file, not listed in {manifest_path.name}" for f in files if f.path not in rows]
     present = {f.path for f in files}
     problems += [f"{p}: missing (listed in {manifest_path.name} as {rows[p].role})" for p in rows if p not in present]
     for item in tqdm([f for f in files if f.path in rows], desc=f"validate {dataset}", unit="file", leave=False):
-        want, got = rows[item.path], describe(item)
+        want, got = rows[item.path], describe(item, max_values)
         for key in ("shape", "dtype", "sha256"):
             if got[key] != str(getattr(want, key)):
                 problems.append(f"{item.location}: {key} {got[key]}, expected {getattr(want, key)} ({manifest_path.name})")
                 break
-    _raise_if(problems, f"{dataset}: files do not match {manifest_path}")
+    raise_problems(problems, f"{dataset}: files do not match {manifest_path}")
 
 
-def _validate_layout(files: list[FoundFile], layout: Layout, dataset: str) -> None:
+def _validate_layout(files: list[FoundFile], layout: Layout, dataset: str, max_values: int) -> None:
     counts: dict[str, int] = {}
     for f in files:
         counts[f"{f.split}/{f.role}"] = counts.get(f"{f.split}/{f.role}", 0) + 1
@@ -126,20 +110,13 @@ def _validate_layout(files: list[FoundFile], layout: Layout, dataset: str) -> No
         expect = layout.expect.get(item.role)
         if not expect:
             continue
-        array = read_raster(item.location)
+        array = read_raster(item.location, max_values)
         shape, dtypes = tuple(expect.get("shape") or ()), list(expect.get("dtype") or [])
         if shape and array.shape != shape:
             problems.append(f"{item.location}: shape {array.shape}, expected {shape} for a {dataset} {item.role}")
         elif dtypes and str(array.dtype) not in dtypes:
             problems.append(f"{item.location}: dtype {array.dtype}, expected one of {dtypes} for a {dataset} {item.role}")
-    _raise_if(problems, f"{dataset}: files do not match the layout in sources.yaml")
-
-
-def _raise_if(problems: list[str], header: str) -> None:
-    if problems:
-        listed = "\n  - ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise SegpipeError(f"{header} ({len(problems)} problem(s)):\n  - {listed}{more}")
+    raise_problems(problems, f"{dataset}: files do not match the layout in sources.yaml")
 
 
 def read_file_manifest(path: Path) -> pd.DataFrame:
@@ -154,22 +131,26 @@ def read_file_manifest(path: Path) -> pd.DataFrame:
 
 
 def write_file_manifest(dataset: str, source_path: str, output: str | None = None) -> Path:
-    """`segpipe manifest`: hash and describe every file of a verified copy (folder or zip) into a CSV."""
+    """`segpipe manifest`: hash and describe every file of a verified copy (folder or archive) into a CSV."""
     import tempfile
 
-    
     cfg = load_data_config()
+    limits = cfg["prepare"]["limits"]
     manifests_dir = Path(cfg["manifests_dir"])
     source = get_source(manifests_dir, dataset)
     src = Path(source_path)
     out = Path(output) if output else manifests_dir / f"{dataset}_files.csv"
     with tempfile.TemporaryDirectory() as tmp:
-        root = unpack([src], Path(tmp)) if src.is_file() else src
-        if not root.is_dir():
-            raise SegpipeError(f"{src}: expected a folder or a .zip holding the {dataset} dataset")
+        if src.is_file():
+            root = unpack([src], Path(tmp), source.layout, dataset, UnpackLimits.from_config(limits))
+        elif src.is_dir():
+            root = src
+        else:
+            raise SegpipeError(f"{src}: expected a folder or an archive (.zip, .tar...) holding the {dataset} dataset")
         files = find_files(root, source.layout, dataset)
-        _validate_layout(files, source.layout, dataset)
-        rows = [{"dataset": dataset, **describe(f)} for f in tqdm(files, desc="hash", unit="file")]
+        max_values = int(limits["max_image_values"])
+        _validate_layout(files, source.layout, dataset, max_values)
+        rows = [{"dataset": dataset, **describe(f, max_values)} for f in tqdm(files, desc="hash", unit="file")]
     table = pd.DataFrame(rows, columns=MANIFEST_COLUMNS).sort_values("path")
     write_text(out, table.to_csv(index=False))
     print(f"{dataset}: wrote {len(table)} rows to {out}")

@@ -13,7 +13,8 @@ from pipeline.config import (
 
 TOP_KEYS = ("datasets", "cell_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download", "prepare")
 DOWNLOAD_KEYS = ("mirror", "from", "accept_sha256", "retries", "backoff_seconds", "timeout_seconds", "chunk_bytes")
-PREPARE_KEYS = ("seed", "val_fraction", "weight_map")
+PREPARE_KEYS = ("seed", "val_fraction", "weight_map", "limits")
+LIMIT_KEYS = ("max_members", "max_unpacked_bytes", "max_compression_ratio", "max_image_values")
 
 
 def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -41,6 +42,10 @@ def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     wm = check_keys(prep["weight_map"], ("w0", "sigma"), f"{where}: prepare.weight_map")
     check_number(wm["w0"], "prepare.weight_map.w0", where, low=0)
     check_number(wm["sigma"], "prepare.weight_map.sigma", where, low=0, low_open=True)
+    limits = check_keys(prep["limits"], LIMIT_KEYS, f"{where}: prepare.limits")
+    for key in ("max_members", "max_unpacked_bytes", "max_image_values"):
+        check_int(limits[key], f"prepare.limits.{key}", where, minimum=1)
+    check_number(limits["max_compression_ratio"], "prepare.limits.max_compression_ratio", where, low=1)
     return cfg
 
 

@@ -42,6 +42,14 @@ class Layout:
     test_parts: tuple[str, ...]
     require_roles: tuple[str, ...]
 
+    def ignores(self, path: str) -> bool:
+        """Whether `path` (a file path inside the unpacked archives) is one the layout leaves aside."""
+        return any(rx.search(path) for rx in self.ignore)
+
+    def match(self, path: str) -> tuple[re.Match[str], FilePattern] | None:
+        """The first pattern matching `path`, with its match; None for a file of no known role."""
+        return next(((m, p) for p in self.patterns if (m := p.regex.search(path))), None)
+
 
 @dataclass(frozen=True)
 class DatasetSource:

@@ -1,6 +1,8 @@
 """`segpipe prepare DATASET`: unpack, validate, convert to NIfTI, split, compute weight maps.
 
-Output, `data/prepared/<dataset>/` (built in a temporary folder and renamed into place):
+Output, `data/prepared/<dataset>/` (built in a temporary folder `.DATASET.tmp-HOST-PID-*` beside it
+and renamed into place; temporary folders of killed prepares of the dataset are removed at the next
+start):
   images/CASE.nii.gz     (C, H, W), original dtype (DRIVE: 3 x uint8 RGB; cells: 1 x uint8/uint16)
   labels/CASE.nii.gz     (1, H, W) uint8 {0, 1}; cells: instances > 0 with the pixels where two
                          cells touch set to background, as in the U-Net paper's training masks
@@ -16,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,13 +31,15 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from pipeline.config import config_path, load_config
+from pipeline.data.archives import UnpackLimits, unpack
 from pipeline.data.download import read_record
 from pipeline.data.settings import load_data_config
 from pipeline.data.io import read_raster, write_text, write_volume
-from pipeline.data.manifest import FoundFile, find_files, unpack, validate
+from pipeline.data.manifest import FoundFile, find_files, validate
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
 from pipeline.tracking import DataInput, log_datasets, stage_run, tracking_settings
+from pipeline.tracking_store import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +108,7 @@ def prepare_dataset(dataset: str) -> Path:
     raw_dir = Path(cfg["raw_dir"]) / dataset
     final = Path(cfg["prepared_dir"]) / dataset
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_work_dirs(final)
     archives = [raw_dir / r["name"] for r in read_record(raw_dir)]
     for archive in archives:
         if not archive.is_file():
@@ -125,55 +132,68 @@ def prepare_dataset(dataset: str) -> Path:
 def _prepare_into(final: Path, archives: list[Path], source: DatasetSource, prep_cfg: dict[str, Any],
                   raw_dir: Path, dataset: str) -> dict[str, Any]:
     """Unpack, validate, convert and swap into `final`; returns the statistics written."""
-    work = Path(tempfile.mkdtemp(prefix=f".{dataset}.tmp-", dir=final.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=final.parent))
+    limits = prep_cfg["limits"]
+    max_values = int(limits["max_image_values"])
     try:
-        root = unpack(archives, work / "unpacked")
+        root = unpack(archives, work / "unpacked", source.layout, dataset, UnpackLimits.from_config(limits))
         files = find_files(root, source.layout, dataset)
-        validate(files, source)
+        validate(files, source, max_values)
         cases = _cases(files, source.layout)
         seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
         cases["split"] = assign_splits(cases, source.layout, seed, val_fraction)
         out = work / "out"
-        stats = _convert(cases, out, prep_cfg["weight_map"], dataset)
+        stats = _convert(cases, out, prep_cfg["weight_map"], dataset, max_values)
         stats.update(dataset=dataset, seed=seed, val_fraction=val_fraction,
                      archives=[r["sha256"] for r in read_record(raw_dir)])
         write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
-        _swap_into_place(out, final)
+        _swap_into_place(out, final, work / "previous")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return stats
 
 
-def _swap_into_place(new: Path, final: Path) -> None:
-    """Replace `final` by `new` with renames only: the old version is removed after the swap."""
-    old = None
+def _remove_stale_work_dirs(final: Path) -> None:
+    """Remove the temporary folders `.NAME.tmp-HOST-PID-*` beside `final` that a prepare of the same
+    dataset on this host left behind when it was killed (its process is gone). Folders
+    of live processes (another prepare of this dataset) and of other hosts are left alone."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+    host = socket.gethostname()
+    for path in sorted(final.parent.glob(f".{final.name}.tmp-*")):
+        found = pattern.fullmatch(path.name)
+        if found and found["host"] == host and not pid_alive(int(found["pid"])):
+            log.warning("removing %s: left behind by a killed prepare (process %s is gone)", path, found["pid"])
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_into_place(new: Path, final: Path, trash: Path) -> None:
+    """Replace `final` by `new` with renames only: the old version goes to `trash` (in the temporary
+    folder, removed with it)."""
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
+        os.replace(final, trash)
     os.replace(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
-def _convert(cases: pd.DataFrame, out: Path, wm_cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """Write every case's volumes and the manifest; return statistics for stats.json."""
+def _convert(cases: pd.DataFrame, out: Path, wm_cfg: dict[str, Any], dataset: str, max_values: int) -> dict[str, Any]:
+    """Write every case's volumes and the manifest; return statistics for stats.json. Images whose
+    header declares more than `max_values` (H x W x C) are refused before decoding."""
     from pipeline.transforms.weightmap import compute_class_weights, instances_from_binary, unet_weight_map
 
     for sub in ROLE_DIRS.values():
         (out / sub).mkdir(parents=True, exist_ok=True)
     loaded: dict[str, dict[str, np.ndarray]] = {}
     for row in tqdm(cases.itertuples(index=False), total=len(cases), desc=f"convert {dataset}", unit="case"):
-        vols: dict[str, np.ndarray] = {"image": to_channel_first(read_raster(row.image))}
+        vols: dict[str, np.ndarray] = {"image": to_channel_first(read_raster(row.image, max_values))}
         if "instances" in cases.columns and isinstance(row.instances, Path):
-            inst = read_raster(row.instances).astype(np.uint16)
+            inst = read_raster(row.instances, max_values).astype(np.uint16)
             vols["instances"] = inst[None]
             vols["label"] = separate_touching(inst)[None]
         else:
-            vols["label"] = to_binary(read_raster(row.label))[None]
+            vols["label"] = to_binary(read_raster(row.label, max_values))[None]
         for role in ("fov", "label2"):
             value = getattr(row, role, None)
             if isinstance(value, Path):
-                vols[role] = to_binary(read_raster(value))[None]
+                vols[role] = to_binary(read_raster(value, max_values))[None]
         _check_same_size(vols, row.case)
         loaded[row.case] = vols
 
