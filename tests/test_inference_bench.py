@@ -5,14 +5,22 @@ from pipeline.bench.inference import run_benchmark, synthetic_image
 
 
 def test_bench_infer_smoke(tmp_path, capsys):
-    rows = run_benchmark([64], tile=32, overlap=0.25, blend="gaussian", batch_size=2, threads=1, workdir=tmp_path)
+    rows = run_benchmark([64], tile=32, overlap=0.25, blend="gaussian", batch_size=2, threads=1, workdir=tmp_path,
+                         precisions=("fp32", "bf16"))
     assert [r["method"] for r in rows] == [
-        "segpipe predict_file, same", "MONAI SlidingWindowInferer", "segpipe predict_file, valid (overlap-tile)"]
+        "segpipe predict_file, same, fp32", "segpipe predict_file, same, bf16", "MONAI SlidingWindowInferer",
+        "segpipe predict_file, valid (overlap-tile), fp32", "segpipe predict_file, valid (overlap-tile), bf16"]
     for row in rows:
         assert "error" not in row, row
         assert row["mpx_s"] > 0 and row["peak_rss_mb"] >= row["baseline_mb"] > 0
+    for row in (r for r in rows if r["method"].startswith("segpipe")):
+        assert row["gflop"] > 0 and 0 < row["net_seconds"] <= row["seconds"] and row["of_peak"] > 0
+        assert row["gflop_s"] == row["gflop"] / row["seconds"] and row["net_gflop_s"] >= row["gflop_s"]
+    same = rows[0]
+    assert same["redundancy"] == 9 * 32**2 / 64**2  # windows at 0, 24, 32 (scan interval 24) per axis
     out = capsys.readouterr().out
-    assert "ratio segpipe / MONAI: throughput" in out and "peak RSS" in out
+    assert "conv peak" in out and "% of the bf16 peak" in out
+    assert "ratio segpipe, fp32 / MONAI: throughput" in out and "ratio segpipe, bf16 / MONAI" in out
 
 
 def test_synthetic_image_is_a_tiled_bigtiff(tmp_path):

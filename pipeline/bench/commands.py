@@ -79,6 +79,7 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
         valid=not args.skip_valid,
         compile=args.compile,
         timeout=args.timeout,
+        precisions=args.precision,
     )
     return 0
 
@@ -88,7 +89,8 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
         "Same network, tile, overlap and blending through (a) segpipe predict_file on a synthetic "
         "RGB image on disk and (b) MONAI SlidingWindowInferer on the image in memory, each in its "
         "own subprocess: Mpx/s, peak RSS and their ratios; then the valid-padding U-Net's "
-        "overlap-tile throughput."
+        "overlap-tile throughput. Ours in fp32 and bf16, each also as GFLOP/s and as a fraction of the "
+        "machine's conv peak (probe in the same run), with the network's share of the wall time."
     )
     p.add_argument("--size", type=int, nargs="+", default=[8192], help="image sides (default 8192)")
     p.add_argument("--tile", type=int, default=None, help="default: configs/inference.yaml")
@@ -102,6 +104,8 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-valid", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile our graph too")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default none)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="precisions of ours, side by side (default: fp32 bf16; MONAI runs fp32)")
     p.set_defaults(handler=_cmd_bench_infer)
 
 
@@ -109,7 +113,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     from pipeline.bench.training import run_benchmark
 
     run_benchmark(args.network, steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size,
-                  workers=args.workers, threads=args.threads, dataset=args.dataset)
+                  workers=args.workers, threads=args.threads, dataset=args.dataset, precisions=tuple(args.precision))
     return 0
 
 
@@ -117,7 +121,9 @@ def _bench_train_args(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Training throughput (patches/s) and data-wait share per network: our loader (overlap-tile "
         "patches + U-Net elastic deformation) vs a MONAI-standard loader (RandCropByPosNegLabeld + "
-        "Rand2DElasticd), same network, loss and optimizer, side by side. Defaults: configs/train.yaml."
+        "Rand2DElasticd), same network, loss and optimizer, side by side; ours in fp32 and bf16; every "
+        "rate also as GFLOP/s and as a fraction of the machine's conv peak (probe in the same run). "
+        "Defaults: configs/train.yaml."
     )
     p.add_argument("--network", nargs="+", default=["unet", "unetpp", "u2net"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per loader (after one warm-up step)")
@@ -126,6 +132,8 @@ def _bench_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (both loaders)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--dataset", default="drive", help="prepared dataset to read (synthetic images if absent)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="precisions of our training, side by side (default: fp32 bf16)")
     p.set_defaults(handler=_cmd_bench_train)
 
 

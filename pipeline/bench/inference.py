@@ -11,8 +11,14 @@ never whole in memory), then each measurement runs in its own subprocess so that
     the memory available now (it holds the image, its float copy, the float output and count map);
 (c) segpipe `predict_file` with the valid-padding U-Net of the same preset: overlap-tile throughput.
 
-Prints Mpx/s, peak RSS (and RSS above the process's baseline after imports and model load) and the
-ratios ours / MONAI. The CPU may be shared: numbers vary between runs.
+(a) and (c) run in each precision asked for (default fp32 and bf16), MONAI in fp32. Prints Mpx/s,
+peak RSS (and RSS above the process's baseline after imports and model load) and the ratios
+ours / MONAI; and against the machine's limit (`pipeline.bench.peak`, the probe measured in the same
+run): the FLOPs of every window (torch's flop counter on one window x the windows of the plan) per
+wall second as GFLOP/s and as a fraction of the conv peak of that precision, the share of the wall
+time spent in the network's forward (the rest: reading, preprocessing, blending, writing), the
+network's own GFLOP/s, and the windows' redundancy (window pixels / image pixels: the overlap's
+cost). The CPU may be shared: numbers vary between runs.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 
 _MONAI_BYTES_PER_PIXEL = 3 + 4 * 3 + 4 * 2 + 4 + 8 + 1
 """MONAI's peak per pixel: uint8 image, float32 input (3 ch), float32 output (2 ch), count map,
@@ -56,8 +63,6 @@ def synthetic_image(path: Path, size: int, tile: int = 256, seed: int = 0) -> Pa
 
 def _checkpoints(workdir: Path, config: dict[str, Any]) -> dict[str, Path]:
     """Seeded random U-Nets of `config` (RGB in, 2 classes), same and valid padding, as checkpoints."""
-    import torch
-
     from pipeline.networks import build_network, save_checkpoint
 
     out = {}
@@ -94,6 +99,7 @@ def run_benchmark(
     valid: bool = True,
     compile: bool = False,
     timeout: float | None = None,
+    precisions: Sequence[str] = ("fp32", "bf16"),
 ) -> list[dict[str, Any]]:
     """Run the measurements and print the table; returns one dict per measurement.
 
@@ -121,6 +127,9 @@ def run_benchmark(
               f"{os.cpu_count()} CPUs (shared: timings vary); workdir {root}", flush=True)
         common = ["--tile", str(tile), "--overlap", str(overlap), "--blend", blend,
                   "--batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
+        peaks = _run_worker(["peak", *dict.fromkeys(("fp32", *precisions)),
+                             *(["--threads", str(threads)] if threads else [])], timeout)
+        print(f"  {peaks.pop('line', peaks.get('error'))}", flush=True)
         for size in sizes:
             image = root / f"synthetic_{size}.tif"
             if not image.exists():
@@ -128,9 +137,10 @@ def run_benchmark(
                 synthetic_image(image, size)
                 print(f"  wrote {image.name} ({image.stat().st_size / 2**20:.0f} MB) in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
+            ours = ["--compile"] if compile else []
             runs: list[tuple[str, list[str] | None, str]] = [
-                ("segpipe predict_file, same", ["ours", "--checkpoint", str(ckpts["same"])]
-                 + (["--compile"] if compile else []), "")
+                (f"segpipe predict_file, same{_tag(p, precisions)}",
+                 ["ours", "--checkpoint", str(ckpts["same"]), "--precision", p, *ours], "") for p in precisions
             ]
             if monai:
                 need = size * size * _MONAI_BYTES_PER_PIXEL / 2**30 + 1.0
@@ -141,21 +151,39 @@ def run_benchmark(
                 else:
                     runs.append(("MONAI SlidingWindowInferer", ["monai", "--checkpoint", str(ckpts["same"])], ""))
             if valid:
-                runs.append(("segpipe predict_file, valid (overlap-tile)",
-                             ["ours", "--checkpoint", str(ckpts["valid"])] + (["--compile"] if compile else []), ""))
+                runs += [(f"segpipe predict_file, valid (overlap-tile){_tag(p, precisions)}",
+                          ["ours", "--checkpoint", str(ckpts["valid"]), "--precision", p, *ours], "")
+                         for p in precisions]
             for name, worker, reason in runs:
                 row: dict[str, Any] = {"size": size, "method": name}
                 if worker is None:
                     row["error"] = reason
                 else:
                     row.update(_run_worker(worker + ["--image", str(image), "--out", str(root)] + common, timeout))
+                    _add_peak_fractions(row, peaks)
                 results.append(row)
                 _print_row(row)
-            _print_ratio(size, results)
+            _print_ratio(size, results, precisions)
     finally:
         if tmp is not None:
             tmp.cleanup()
     return results
+
+
+def _tag(precision: str, precisions: Sequence[str]) -> str:
+    """The method's precision suffix (none when only fp32 runs, as before precision was a knob)."""
+    return "" if list(precisions) == ["fp32"] else f", {precision}"
+
+
+def _add_peak_fractions(row: dict[str, Any], peaks: dict[str, Any]) -> None:
+    """Achieved GFLOP/s of the whole run and of the network alone, as fractions of the peak."""
+    if "error" in row or "gflop" not in row:
+        return
+    peak = peaks.get(row["precision"])
+    row["gflop_s"] = row["gflop"] / row["seconds"]
+    row["net_gflop_s"] = row["gflop"] / row["net_seconds"]
+    if isinstance(peak, float):
+        row["of_peak"], row["net_of_peak"] = row["gflop_s"] / peak, row["net_gflop_s"] / peak
 
 
 def _print_row(row: dict[str, Any]) -> None:
@@ -166,13 +194,22 @@ def _print_row(row: dict[str, Any]) -> None:
           f"(CPU {row['cpu_s']:.0f} s)  "
           f"peak RSS {row['peak_rss_mb']:7.0f} MB  (+{row['peak_rss_mb'] - row['baseline_mb']:.0f} MB over "
           f"baseline {row['baseline_mb']:.0f})  {row.get('notes', '')}", flush=True)
+    if "gflop_s" in row:
+        print(f"  {'':>6}  {'':<44} {row['gflop_s']:7.1f} GFLOP/s = {100 * row.get('of_peak', float('nan')):.0f}% "
+              f"of the {row['precision']} peak; network {100 * row['net_seconds'] / row['seconds']:.0f}% of the wall "
+              f"time at {row['net_gflop_s']:.1f} GFLOP/s ({100 * row.get('net_of_peak', float('nan')):.0f}% of peak); "
+              f"windows cover the image {row['redundancy']:.2f}x", flush=True)
 
 
-def _print_ratio(size: int, results: list[dict[str, Any]]) -> None:
+def _print_ratio(size: int, results: list[dict[str, Any]], precisions: Sequence[str]) -> None:
     rows = {r["method"]: r for r in results if r["size"] == size and "error" not in r}
-    ours, peer = rows.get("segpipe predict_file, same"), rows.get("MONAI SlidingWindowInferer")
-    if ours and peer:
-        print(f"  {size:>6}  ratio segpipe / MONAI: throughput {ours['mpx_s'] / peer['mpx_s']:.2f}x, "
+    peer = rows.get("MONAI SlidingWindowInferer")
+    for precision in precisions:
+        ours = rows.get(f"segpipe predict_file, same{_tag(precision, precisions)}")
+        if not (ours and peer):
+            continue
+        print(f"  {size:>6}  ratio segpipe{_tag(precision, precisions)} / MONAI: throughput "
+              f"{ours['mpx_s'] / peer['mpx_s']:.2f}x, "
               f"peak RSS {ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x "
               f"(above baseline {(ours['peak_rss_mb'] - ours['baseline_mb']) / max(peer['peak_rss_mb'] - peer['baseline_mb'], 1):.2f}x)",
               flush=True)
@@ -181,6 +218,9 @@ def _print_ratio(size: int, results: list[dict[str, Any]]) -> None:
 def _worker(argv: Sequence[str]) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
     p = argparse.ArgumentParser(prog="pipeline.bench.inference")
+    if argv[0] == "peak":
+        _peak_worker(argv[1:])
+        return
     p.add_argument("kind", choices=("ours", "monai"))
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True)
@@ -191,10 +231,10 @@ def _worker(argv: Sequence[str]) -> None:
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--precision", default="fp32")
     a = p.parse_args(argv)
 
     import psutil
-    import torch
 
     from pipeline.inference import peak_rss_mb, reset_peak_rss
     from pipeline.networks import load_model
@@ -206,10 +246,13 @@ def _worker(argv: Sequence[str]) -> None:
         from pipeline.inference import inference_network, load_settings, predict_file
 
         settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
-                                 tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads)
+                                 tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads,
+                                 precision=a.precision)
         net = inference_network(a.checkpoint, settings)
         tile_in = net.input_size(net.valid_output_size(a.tile)) if net.padding == "valid" else a.tile
         net(torch.zeros(a.batch_size, 3, tile_in, tile_in))  # warm-up (and compilation, if any)
+        flops = _window_flops(net, tile_in, a)
+        net.module = _Timed(net.module)
         baseline = proc.memory_info().rss / 2**20
         reset_peak_rss()
         cpu0 = sum(proc.cpu_times()[:2])
@@ -218,6 +261,7 @@ def _worker(argv: Sequence[str]) -> None:
         out.unlink()
         seconds, pixels = report.seconds, report.megapixels
         notes = f"{report.plan}; {', '.join(report.notes)}"
+        extra = {"precision": a.precision, "net_seconds": net.module.seconds, **flops}
     else:
         import tifffile
         from monai.inferers import SlidingWindowInferer
@@ -239,9 +283,53 @@ def _worker(argv: Sequence[str]) -> None:
         seconds = time.perf_counter() - start
         pixels = labels.numel() / 1e6
         notes = "inferer + argmax timed (image load not)"
+        extra = {}
     cpu = sum(proc.cpu_times()[:2]) - cpu0
     print(json.dumps({"seconds": seconds, "mpx_s": pixels / seconds, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(),
-                      "baseline_mb": baseline, "notes": notes}))
+                      "baseline_mb": baseline, "notes": notes, **extra}))
+
+
+
+class _Timed(torch.nn.Module):
+    """The network's module, adding up the wall time of its forward calls."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module, self.seconds = module, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.module(x)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def _window_flops(net: Any, tile_in: int, a: argparse.Namespace) -> dict[str, float]:
+    """GFLOP of all the windows of the image (one window counted x the plan's windows) and the
+    windows' redundancy (window output pixels / image pixels)."""
+    import tifffile
+
+    from pipeline.bench.peak import count_flops
+    from pipeline.inference.tiling import plan_tiles
+
+    with tifffile.TiffFile(a.image) as tif:
+        h, w = tif.pages[0].shape[:2]
+    plan = plan_tiles(net, h, w, a.tile, a.overlap)
+    per_window = count_flops(lambda: net(torch.zeros(1, 3, tile_in, tile_in)))
+    return {"gflop": per_window * plan.n_windows / 1e9, "redundancy": plan.n_windows * plan.out_tile**2 / (h * w)}
+
+
+def _peak_worker(argv: Sequence[str]) -> None:
+    """The conv peak of each precision in `argv` (optionally `--threads N`); prints a JSON line."""
+    from pipeline.bench.peak import conv_peak, peak_line
+
+    args = list(argv)
+    if "--threads" in args:
+        i = args.index("--threads")
+        torch.set_num_threads(int(args[i + 1]))
+        del args[i : i + 2]
+    peaks = {p: conv_peak(p) for p in args}
+    print(json.dumps({**peaks, "line": peak_line(peaks)}))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ batch and patch size through
       MONAI's usual training recipe.
 Data-wait share = time blocked on the next batch / step time. Input: a prepared dataset
 (`--dataset`, default drive) or, when it is not prepared, synthetic vessel-like images.
-Ours runs the model in the profile's memory layout (`channels_last`), as `segpipe train` does; the
-MONAI-standard loop in PyTorch's default (NCHW).
+Ours runs the model in the profile's memory layout (`channels_last`), as `segpipe train` does, in
+each precision asked for (default fp32 and bf16, side by side); the MONAI-standard loop in
+PyTorch's default (NCHW) and fp32. Every rate is also given as achieved GFLOP/s (the FLOPs of one
+step, forward and backward, counted by torch's flop counter) and as a fraction of the machine's
+conv peak in that precision, measured by a probe in the same run (`pipeline.bench.peak`).
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from pipeline.config import config_path, load_config
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
 from pipeline.data.settings import load_data_config
 from pipeline.errors import SegpipeError
+from pipeline.bench.peak import conv_peak, count_flops, peak_line
 from pipeline.networks import build_network
+from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.training.distributed import Dist
 from pipeline.training.loader import build_loader, patch_keys
 from pipeline.training.optim import build_optimizer
@@ -107,10 +112,14 @@ def _monai_loader(prepared: PreparedDataset, settings: dict[str, Any], in_size: 
 
 def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | None = None,
                   patch_size: int | None = None, workers: int | None = None, threads: int | None = None,
-                  dataset: str = "drive") -> pd.DataFrame:
-    """Print and return the table: per network, ours vs MONAI-standard patches/s and data wait."""
+                  dataset: str = "drive", precisions: tuple[str, ...] = ("fp32", "bf16")) -> pd.DataFrame:
+    """Print and return the table: per network, ours (per precision) vs MONAI-standard patches/s,
+    data wait, GFLOP/s and the fraction of the conv peak."""
     if threads:
         torch.set_num_threads(threads)
+    for precision in precisions:
+        check_precision(precision, "cpu", "segpipe bench train --precision")
+    peaks = {p: conv_peak(p) for p in dict.fromkeys(("fp32", *precisions))}
     set_track_meta(False)
     overrides = {k: v for k, v in {"batch_size": batch_size, "patch_size": patch_size, "workers": workers}.items()
                  if v is not None}
@@ -133,14 +142,16 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
             keys = patch_keys(settings)
             model.train()
 
-            def stepper(layout: torch.memory_format) -> Callable[[dict[str, torch.Tensor]], int]:
+            def stepper(layout: torch.memory_format, precision: str) -> Callable[[dict[str, torch.Tensor]], int]:
                 """One optimizer step on a batch, with the model and the batch in `layout`."""
                 model.to(memory_format=layout)
 
                 def step(batch: dict[str, torch.Tensor]) -> int:
                     image = torch.as_tensor(batch["image"]).contiguous(memory_format=layout)
                     mask = torch.as_tensor(batch[keys[3]]) if len(keys) > 3 else None
-                    loss = loss_fn(model(image), torch.as_tensor(batch["label"]).long(),
+                    with autocast(precision, image.device):
+                        output = model(image)
+                    loss = loss_fn(fp32_output(output), torch.as_tensor(batch["label"]).long(),
                                    torch.as_tensor(batch["weight"]), mask)
                     optimizer.zero_grad()
                     loss.backward()
@@ -148,21 +159,34 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
                     return int(image.shape[0])
                 return step
 
-            ours_loader, _, _ = build_loader(prepared, {**settings, "steps_per_epoch": steps + 1}, model,
-                                             Dist(0, 1, torch.device("cpu")))
             layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-            ours = _timed(ours_loader, steps, stepper(layout))  # as `segpipe train` runs
             in_size = model.input_size(int(settings["patch_size"]))
             if model.padding == "valid":
                 raise SegpipeError("bench train compares same-padding networks (MONAI crops input = output)")
-            monai = _timed(_monai_loader(prepared, settings, in_size, steps + 1), steps, stepper(torch.contiguous_format))
-            rows.append({"network": settings["network"], "patch": in_size, "batch": settings["batch_size"],
-                         "workers": settings["workers"], "channels_last": settings["channels_last"],
-                         "ours_patches_s": ours[0], "ours_data_wait": ours[1],
-                         "monai_patches_s": monai[0], "monai_data_wait": monai[1], "ratio": ours[0] / monai[0]})
+            batch = int(settings["batch_size"])
+            probe = {k: torch.zeros(batch, 1, in_size, in_size) for k in keys}
+            probe["image"] = torch.zeros(batch, model.in_channels, in_size, in_size)
+            flops = count_flops(lambda: stepper(layout, "fp32")(probe)) / batch  # per patch
+            row: dict[str, Any] = {"network": settings["network"], "patch": in_size, "batch": batch,
+                                   "GFLOP_per_patch": flops / 1e9}
+            for precision in precisions:  # as `segpipe train` runs
+                loader, _, _ = build_loader(prepared, {**settings, "steps_per_epoch": steps + 1}, model,
+                                            Dist(0, 1, torch.device("cpu")))
+                rate, wait = _timed(loader, steps, stepper(layout, precision))
+                row.update({f"{precision}_patches_s": rate, f"{precision}_wait": wait,
+                            f"{precision}_GFLOP_s": rate * flops / 1e9,
+                            f"{precision}_of_peak": rate * flops / 1e9 / peaks[precision]})
+            monai = _timed(_monai_loader(prepared, settings, in_size, steps + 1), steps,
+                           stepper(torch.contiguous_format, "fp32"))
+            row.update({"monai_fp32_patches_s": monai[0], "monai_wait": monai[1],
+                        "monai_of_peak": monai[0] * flops / 1e9 / peaks["fp32"]})
+            row.update({f"{p}/monai": row[f"{p}_patches_s"] / monai[0] for p in precisions})
+            rows.append(row)
     table = pd.DataFrame(rows)
-    print(f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}, "
+          f"workers {settings['workers']}, channels-last {settings['channels_last']}")
+    print(peak_line(peaks))
+    print(table.T.to_string(header=False, float_format=lambda v: f"{v:.3f}"))
     return table
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 
@@ -59,4 +59,12 @@ def autocast(precision: str, device: torch.device) -> ContextManager[object]:
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
-__all__ = ["PRECISIONS", "PrecisionWarning", "autocast", "check_precision", "native_cpu_bf16"]
+def fp32_output(output: Any) -> Any:
+    """A training-mode network output (logits, or (main, [auxiliary heads])) in fp32, for the loss."""
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    main, aux = output
+    return main.float(), [a.float() for a in aux]
+
+
+__all__ = ["PRECISIONS", "PrecisionWarning", "autocast", "check_precision", "fp32_output", "native_cpu_bf16"]

@@ -43,7 +43,7 @@ from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.inference import InferenceSettings
 from pipeline.networks import SegmentationNetwork, build_network, read_checkpoint, save_checkpoint
-from pipeline.networks.precision import autocast, check_precision
+from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.tracking import DataInput, TrackingSettings, stage_run
 from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
@@ -172,7 +172,7 @@ def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
         data = {k: torch.as_tensor(batch[k]).to(ctx.device, non_blocking=True) for k in t.keys}
         with autocast(s["precision"], ctx.device):
             output = t.forward(data["image"].contiguous(memory_format=t.layout))
-        heads = t.loss_fn.head_losses(_float(output), data["label"], data["weight"] if s["weight_map"] else None,
+        heads = t.loss_fn.head_losses(fp32_output(output), data["label"], data["weight"] if s["weight_map"] else None,
                                       data[fov_key] if fov_key else None)
         loss = t.loss_fn.combine(heads)
         if not torch.isfinite(loss):
@@ -326,14 +326,6 @@ def _log_text(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _float(output: Any) -> Any:
-    """Network output in fp32 for the loss (autocast may give bf16/fp16 logits)."""
-    if isinstance(output, torch.Tensor):
-        return output.float()
-    main, aux = output
-    return main.float(), [a.float() for a in aux]
 
 
 def _resume_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
