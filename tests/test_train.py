@@ -1,6 +1,7 @@
 """`segpipe train`: schedules, deterministic patches, a smoke run, resume after a kill, crash -> FAILED, DDP."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -292,3 +293,35 @@ def test_two_gloo_processes_follow_one_process(drive_project: FixtureProject, tm
     assert list(two["step"]) == list(one["step"])
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=0.05)
     assert two["train_loss"].iloc[-1] < two["train_loss"].iloc[0]
+
+
+def test_a_failed_run_never_mixes_its_files_with_the_previous_run(drive_project: FixtureProject,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that fails before its first checkpoint gives the previous run's files back; one that
+    fails later keeps its own consistent, resumable set and the previous run aside until a run
+    succeeds."""
+    import pipeline.training.loop as train_module
+    from pipeline.training.outputs import PREVIOUS, RUN_FILES
+
+    out = drive_project.root / "models/drive/unet"
+    train("drive", "unet", profile="smoke")
+    good = {name: (out / name).read_bytes() for name in RUN_FILES}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    with monkeypatch.context() as patch:  # fails in the first validation, before last.pt
+        patch.setattr(train_module, "validate", broken)
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            train("drive", "unet", profile="smoke", overrides={"seed": 7})
+    assert {name: (out / name).read_bytes() for name in RUN_FILES} == good and not (out / PREVIOUS).exists()
+
+    _killed_after_epoch_one(drive_project, monkeypatch, {"seed": 7})  # fails after epoch 1's last.pt
+    assert json.loads((out / "config.json").read_text())["seed"] == 7
+    assert read_checkpoint(out / "best.pt")["epoch"] == 1  # this run's (its first validation)
+    assert {name: (out / PREVIOUS / name).read_bytes() for name in RUN_FILES} == good
+    with monkeypatch.context() as patch:  # the next fresh start drops the failed run, keeps the good one aside
+        patch.setattr(train_module, "validate", broken)
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            train("drive", "unet", profile="smoke", overrides={"seed": 8})
+    assert {name: (out / name).read_bytes() for name in RUN_FILES} == good and not (out / PREVIOUS).exists()

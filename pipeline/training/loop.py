@@ -48,6 +48,7 @@ from pipeline.tracking import DataInput, TrackingSettings, stage_run
 from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
 from pipeline.training.optim import build_optimizer, learning_rate
+from pipeline.training.outputs import run_outputs
 from pipeline.training.supervision import DeepSupervisionLoss, build_loss
 from pipeline.training.validation import validate, validation_cases, validation_settings
 
@@ -263,15 +264,24 @@ def run_training(
     tracking: TrackingSettings | None = None,
 ) -> TrainResult:
     """Train as `settings` say (`pipeline.training.settings.resolve_settings`) on `prepared`; writes
-    `out_dir`: best.pt, last.pt, log.csv, config.json. `inference`: configs/inference.yaml's
+    `out_dir`: best.pt, last.pt, log.csv, config.json, as one set (`pipeline.training.outputs`: a failed
+    fresh run leaves the previous run's files). `inference`: configs/inference.yaml's
     settings, which validation uses (without TTA). `tracking`: configs/tracking.yaml's settings;
     the MLflow run gets the train and val splits as dataset inputs."""
     start = time.perf_counter()
     ctx = init_distributed()
     set_track_meta(False)
-    dataset, network = settings["dataset"], settings["network_key"]
     trainer = _build(settings, prepared, ctx)
     progress = _restore(trainer, out_dir / "last.pt") if resume else _Progress()
+    with run_outputs(out_dir, resume, enabled=ctx.main):
+        return _train(trainer, progress, prepared, out_dir, inference, tracking, resume, start)
+
+
+def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, out_dir: Path,
+           inference: InferenceSettings, tracking: TrackingSettings | None, resume: bool, start: float) -> TrainResult:
+    """The epochs of `run_training`, from `progress` on, with validation, checkpoints and MLflow."""
+    settings, ctx = trainer.settings, trainer.ctx
+    dataset, network = settings["dataset"], settings["network_key"]
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.json", json.dumps(settings, indent=2, default=str) + "\n")
