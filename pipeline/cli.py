@@ -208,6 +208,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         probabilities_dtype=args.probabilities_dtype,
         nonfinite=args.nonfinite,
         precision=args.precision,
+        output_format=args.format,
+        class_names=None if args.class_names is None else args.class_names.split(","),
     )
     return 0
 
@@ -223,8 +225,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
         help="segment images of any size, streamed from disk to disk (sliding window)",
         description="Run a trained checkpoint on TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any "
         "SimpleITK image, band by band: memory is bounded by the tile band, not the image. Writes "
-        "DIR/NAME_seg.tif (uint8 label map, tiled BigTIFF; NIfTI for NIfTI input) and with "
-        "--save-probabilities DIR/NAME_prob.*. Defaults: configs/inference.yaml.",
+        "DIR/NAME_seg.* (uint8 label map; by default a tiled BigTIFF, NIfTI for NIfTI input, OME-TIFF for "
+        "OME-TIFF input; see --format) and with --save-probabilities DIR/NAME_prob.*. "
+        "Defaults: configs/inference.yaml.",
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
     p.add_argument("--input", required=True, action="append", metavar="PATH_OR_GLOB",
@@ -245,6 +248,12 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
                    "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
     p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
     p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
+    p.add_argument("--format", choices=("auto", "tiff", "ome-tiff", "ome-zarr", "nifti"), default=None,
+                   help="default: configs/inference.yaml (auto: like the input); tiff: flat tiled BigTIFF; ome-tiff: pyramidal tiled "
+                   "OME-TIFF (.ome.tif); ome-zarr: OME-NGFF multiscale image (.ome.zarr); nifti: .nii.gz")
+    p.add_argument("--class-names", default=None, metavar="NAMES",
+                   help="comma-separated names of the label values 0, 1, ... for the OME formats' metadata "
+                   "(default: class 0, class 1, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nonfinite", type=_finite, default=None, metavar="VALUE",
                    help="replace NaN, +-Inf and floats beyond float32 in the input by VALUE (default: such an "

@@ -2,7 +2,8 @@
 
 `predict(model, image, ...)` -> probabilities (K, H, W) float32 for an image in memory;
 `predict_file(model, input_path, output_path, ...)` -> the same result streamed band by band from
-a TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any SimpleITK format into a tiled BigTIFF or NIfTI.
+a TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any SimpleITK format into a tiled BigTIFF, NIfTI,
+pyramidal OME-TIFF or OME-Zarr (`OUTPUT_FORMATS`).
 The network's padding picks the strategy: "same" -> MONAI-identical blended windows, "valid" -> the
 U-Net paper's overlap-tile. `model` is a `pipeline.networks` module or a checkpoint path.
 Settings are values (`InferenceSettings`, defaults equal to `configs/inference.yaml`); only the
@@ -10,13 +11,14 @@ Settings are values (`InferenceSettings`, defaults equal to `configs/inference.y
 here, not from the submodules.
 """
 from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network, recorded_preprocessing
+from pipeline.inference.outputs import FORMATS as OUTPUT_FORMATS
+from pipeline.inference.outputs import output_paths
 from pipeline.inference.settings import InferenceSettings, load_settings, settings_from_config
 from pipeline.inference.sliding import RowStream, inference_network, predict, probabilities, stream_probabilities
 from pipeline.inference.streaming import (
     InferenceReport,
     expand_inputs,
     infer_files,
-    output_paths,
     peak_rss_mb,
     predict_file,
     reset_peak_rss,
@@ -25,6 +27,7 @@ from pipeline.inference.tiling import TilePlan, output_period, plan_tiles, sourc
 from pipeline.inference.tta import TTA_TRANSFORMS, tta_logits
 
 __all__ = [
+    "OUTPUT_FORMATS",
     "TTA_TRANSFORMS",
     "InferenceNetwork",
     "InferenceReport",

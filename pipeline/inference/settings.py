@@ -29,9 +29,12 @@ PREPROCESSING = ("checkpoint", "intensity")
 """`preprocess`: the checkpoint's recorded training preprocessing (when it has one), or `intensity`."""
 PROBABILITY_DTYPES = ("uint8", "float16", "float32")
 COMPRESSIONS = ("zlib", "zstd", "lzw", "lzma", "none")
+OUTPUT_FORMATS = ("auto", "tiff", "ome-tiff", "ome-zarr", "nifti")
+"""`output_format`: `auto` = like the input (see `pipeline.inference.outputs`)."""
 SECTIONS: dict[str, tuple[str, ...]] = {
     "graph": ("fold_batch_norm", "inplace_activations", "channels_last", "compile"),
-    "output": ("tiff_tile", "compression", "threshold", "save_probabilities", "probabilities_dtype"),
+    "output": ("output_format", "tiff_tile", "compression", "threshold", "save_probabilities",
+               "probabilities_dtype"),
 }
 """The sections of `configs/inference.yaml` and their keys; every other field is a top-level key."""
 
@@ -60,6 +63,7 @@ class InferenceSettings:
     inplace_activations: bool = True
     channels_last: bool = True
     compile: bool = False
+    output_format: str = "auto"
     tiff_tile: int = 256
     compression: str = "zlib"
     threshold: float = 0.5
@@ -79,7 +83,7 @@ class InferenceSettings:
         check_number(self.preprocess_max_megapixels, "preprocess_max_megapixels", where, low=0, low_open=True)
         for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
                              ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS),
-                             ("precision", PRECISIONS)):
+                             ("precision", PRECISIONS), ("output_format", OUTPUT_FORMATS)):
             check_choice(getattr(self, key), key, choices, where)
         if not isinstance(self.tta, tuple):
             raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")
@@ -130,6 +134,7 @@ __all__ = [
     "COMPRESSIONS",
     "FIELDS",
     "INTENSITIES",
+    "OUTPUT_FORMATS",
     "PREPROCESSING",
     "PROBABILITY_DTYPES",
     "SECTIONS",

@@ -30,18 +30,20 @@ def run_infer(
     save_probabilities: bool | None = None,
     show_progress: bool = True,
     nonfinite: float | None = None,
+    class_names: Sequence[str] | None = None,
     **overrides: Any,
 ) -> list[InferenceReport]:
     """`segpipe infer`: `infer_files` with the settings of `configs/inference.yaml`, the non-None
     `overrides` (`InferenceSettings` fields: tile, overlap, tta, ...) applied on top.
 
     `save_probabilities` None keeps the file's `save_probabilities`. `nonfinite` replaces non-finite
-    input values (None: they are an error). A failed input is reported and the others still run;
-    SegpipeError at the end lists the failures.
+    input values (None: they are an error). `class_names`: see `infer_files`.
+    A failed input is reported and the others still run; SegpipeError at the end lists the failures.
     """
     settings = load_settings(config_settings(), **overrides)
     return infer_files(model, inputs, output_dir, settings=settings, save_probabilities=save_probabilities,
-                       show_progress=show_progress, nonfinite=nonfinite)
+                       show_progress=show_progress, nonfinite=nonfinite,
+                       class_names=class_names)
 
 
 __all__ = ["config_settings", "run_infer"]

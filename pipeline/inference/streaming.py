@@ -1,9 +1,11 @@
 """`predict_file`: sliding-window inference from disk to disk, memory bounded by the tile band.
 
 The reader (`readers.py`) delivers row bands of the input; the engine (`sliding.py`) runs the
-windows of each band in batches and yields rows as soon as they are final; the writers
-(`writers.py`) encode them (labels, probabilities) and drop them. Nothing image-sized is held:
-peak memory is the band (a few tiles high, the image wide) plus the network's activations.
+windows of each band in batches and yields rows as soon as they are final; the writer of the
+output format (`outputs.py`: flat TIFF, NIfTI, pyramidal OME-TIFF, OME-Zarr) encodes them (labels,
+probabilities) and drops them. Nothing image-sized is held: peak memory is the band (a few tiles
+high, the image wide) plus the network's activations; the pyramids' reduced levels are built from
+the bands as they pass.
 A checkpoint's recorded training preprocessing wraps the reader (`preprocessing.py`): zscore and
 percentile of <= 16-bit images stream (one extra statistics pass); CLAHE and other percentiles
 hold the whole image, up to `preprocess_max_megapixels`.
@@ -29,20 +31,15 @@ import torch
 
 from pipeline.config import check_number
 from pipeline.errors import SegpipeError
+from pipeline.inference.ome_meta import name_classes
 from pipeline.inference.optimize import InferenceNetwork, ModelLike
+from pipeline.inference.outputs import label_writer, output_paths, probability_writer, resolve_format
 from pipeline.inference.preprocessing import CheckedReader, PreprocessedReader
-from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix, open_image
+from pipeline.inference.readers import ImageReader, open_image
 from pipeline.inference.settings import InferenceSettings, load_settings
 from pipeline.inference.sliding import inference_network, stream_probabilities
 from pipeline.inference.tiling import plan_tiles
-from pipeline.inference.writers import (
-    NiftiRowWriter,
-    RowWriter,
-    TiffRowWriter,
-    check_output_path,
-    encode_probabilities,
-    to_labels,
-)
+from pipeline.inference.writers import RowWriter, check_output_path, encode_probabilities, to_labels
 
 DEVICES = "cpu, cuda or cuda:N"
 """The devices inference runs on, as said in errors."""
@@ -159,37 +156,6 @@ def check_memory(net: InferenceNetwork, reader: ImageReader, settings: Inference
         )
 
 
-def _stem(path: Path) -> tuple[str, str]:
-    """(name without its image suffix, output suffix): NIfTI keeps its suffix, OME stays OME."""
-    name = path.name
-    lower = name.lower()
-    for suffix in NIFTI_SUFFIXES[::-1]:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)], suffix
-    for suffix in (".ome.tif", ".ome.tiff"):
-        if lower.endswith(suffix):
-            return name[: -len(suffix)], ".ome.tif"
-    return path.stem, ".tif"
-
-
-def output_paths(input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """(label map, probabilities) paths for `input_path` in `output_dir`: NAME_seg.*, NAME_prob.*."""
-    stem, suffix = _stem(Path(input_path))
-    out = Path(output_dir)
-    return out / f"{stem}_seg{suffix}", out / f"{stem}_prob{suffix}"
-
-
-def _writer(
-    path: Path, reader: ImageReader, channels: int, dtype: np.dtype | str, tiff_tile: int, compression: str
-) -> RowWriter:
-    _, h, w = reader.shape
-    if has_suffix(path, NIFTI_SUFFIXES):
-        return NiftiRowWriter(path, h, w, channels, dtype, meta=reader.meta, two_d=reader.two_d and channels == 1)
-    if has_suffix(path, TIFF_SUFFIXES):
-        return TiffRowWriter(path, h, w, channels, dtype, tile=tiff_tile, compression=compression, meta=reader.meta)
-    raise SegpipeError(f"{path}: output must be a TIFF (.tif, .tiff, .ome.tif) or NIfTI (.nii, .nii.gz) path")
-
-
 def predict_file(
     model: ModelLike | InferenceNetwork,
     input_path: str | os.PathLike[str],
@@ -211,13 +177,17 @@ def predict_file(
     nonfinite: float | None = None,
     settings: InferenceSettings | None = None,
     progress: Callable[[int, int], None] | None = None,
+    output_format: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> InferenceReport:
     """Segment the image at `input_path` into a label map at `output_path`, streaming.
 
     The label map is uint8 (argmax, or probability >= threshold for one output channel) as a tiled
-    BigTIFF (`.tif`) or NIfTI (`.nii`, `.nii.gz`, header taken from a NIfTI input). With
-    `probabilities_path` the class probabilities are written too (K channels; uint8 scaled by 255,
-    float16 or float32). Arguments left at None come from `settings` (default:
+    BigTIFF (`.tif`), NIfTI (`.nii`, `.nii.gz`, header taken from a NIfTI input) or OME-Zarr
+    (`.ome.zarr`); `output_format="ome-tiff"` makes a `.ome.tif` a pyramidal OME-TIFF (see
+    `pipeline.inference.outputs`). With `probabilities_path` the class probabilities are written too
+    (K channels; uint8 scaled by 255, float16 or float32). `class_names` name the label values 0, 1,
+    ... in the OME outputs (default "class 0", ...). Arguments left at None come from `settings` (default:
     `InferenceSettings()`). `progress` is called after each band with (pixels finished, total
     pixels). Outputs appear under their final names only when complete; any failure leaves
     nothing behind. Bad input raises SegpipeError naming the file.
@@ -230,18 +200,20 @@ def predict_file(
     settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale, tta=tta,
                              batch_size=batch_size, device=device, intensity=intensity, preprocess=preprocess,
                              probabilities_dtype=probabilities_dtype, threshold=threshold,
-                             compression=compression)
+                             compression=compression, output_format=output_format)
     check_device(settings.device)
     nonfinite = check_nonfinite(nonfinite)
     input_path, output_path = Path(input_path), Path(output_path)
     targets = [output_path] + ([Path(probabilities_path)] if probabilities_path is not None else [])
+    formats = [resolve_format(target, settings.output_format) for target in targets]
     for target in targets:
         if target.resolve() == input_path.resolve():
             raise SegpipeError(f"{target}: output would overwrite the input")
         check_output_path(target)
     net = inference_network(model, settings)
+    names = name_classes(net.out_channels, class_names)
     try:
-        return _predict(net, input_path, targets, nonfinite, settings, progress)
+        return _predict(net, input_path, list(zip(targets, formats)), names, nonfinite, settings, progress)
     except SegpipeError as exc:
         if str(input_path) in str(exc):
             raise
@@ -253,12 +225,14 @@ def predict_file(
 def _predict(
     net: InferenceNetwork,
     input_path: Path,
-    targets: list[Path],
+    targets: list[tuple[Path, str]],
+    names: list[str],
     nonfinite: float | None,
     settings: InferenceSettings,
     progress: Callable[[int, int], None] | None,
 ) -> InferenceReport:
-    """The work of `predict_file` (targets: label map, then probabilities if wanted)."""
+    """The work of `predict_file` (targets: (path, format) of the label map, then of the probabilities
+    if wanted; `names`: the classes)."""
     if net.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(net.device)
     start = time.perf_counter()
@@ -273,10 +247,9 @@ def _predict(
         stream = stream_probabilities(net, reader, settings, progress)
         writers: list[RowWriter] = []
         try:
-            writers.append(_writer(targets[0], reader, 1, np.uint8, settings.tiff_tile, settings.compression))
+            writers.append(label_writer(*targets[0], reader, settings, names))
             if len(targets) > 1:
-                writers.append(_writer(targets[1], reader, net.out_channels,
-                                       settings.probabilities_dtype, settings.tiff_tile, settings.compression))
+                writers.append(probability_writer(*targets[1], reader, settings, names, net.out_channels))
             for y0, probs in stream.rows:
                 if not np.isfinite(probs).all():
                     raise SegpipeError(
@@ -338,6 +311,7 @@ def infer_files(
     save_probabilities: bool | None = None,
     show_progress: bool = True,
     nonfinite: float | None = None,
+    class_names: Sequence[str] | None = None,
     **overrides: Any,
 ) -> list[InferenceReport]:
     """Every input through `predict_file` with the model loaded once (the work of `segpipe infer`,
@@ -347,7 +321,9 @@ def infer_files(
     preprocess, ...) replacing the values of `settings` (default: `InferenceSettings()`). With
     `preprocess: checkpoint` every image gets the checkpoint's recorded training preprocessing (see
     `predict_file`).
-    Outputs go to `output_dir` as NAME_seg.* (and NAME_prob.*). A progress bar per image shows
+    Outputs go to `output_dir` as NAME_seg.* (and NAME_prob.*) in the `output_format` setting
+    (`auto`: like the input; see `pipeline.inference.outputs`), `class_names` naming the classes in the
+    OME formats. A progress bar per image shows
     Mpx/s and the ETA; a summary line per image is printed. An input that fails is reported and
     the others still run; SegpipeError at the end names every failed input. `nonfinite`: see
     `predict_file`.
@@ -357,19 +333,21 @@ def infer_files(
     settings = load_settings(settings, **overrides)
     check_device(settings.device)
     nonfinite = check_nonfinite(nonfinite)
+    output_format = settings.output_format
     paths = expand_inputs(inputs)
     targets: dict[Path, Path] = {}
     for path in paths:
-        seg, _ = output_paths(path, output_dir)
+        seg, _ = output_paths(path, output_dir, output_format)
         if seg in targets:
             raise SegpipeError(f"{path} and {targets[seg]} would both write {seg}; rename one of them")
         targets[seg] = path
     net = inference_network(model, settings)
+    name_classes(net.out_channels, class_names)  # a wrong count fails once, not for every input
     probs = settings.save_probabilities if save_probabilities is None else save_probabilities
     reports: list[InferenceReport] = []
     failed: list[str] = []
     for path in paths:
-        seg, prob = output_paths(path, output_dir)
+        seg, prob = output_paths(path, output_dir, output_format)
         bar = tqdm(desc=path.name, unit="px", unit_scale=True, disable=not show_progress, leave=False)
         reset_peak_rss()  # the summary's peak is this image's
 
@@ -380,7 +358,8 @@ def infer_files(
 
         try:
             report = predict_file(net, path, seg, probabilities_path=prob if probs else None,
-                                  nonfinite=nonfinite, settings=settings, progress=advance)
+                                  nonfinite=nonfinite, settings=settings, progress=advance,
+                                  class_names=class_names)
         except Exception as exc:  # SegpipeError by design; anything else is still this file's failure
             text = str(exc) if isinstance(exc, SegpipeError) else f"{path}: {type(exc).__name__}: {exc}"
             print(f"segpipe infer: error: {text}", file=sys.stderr)

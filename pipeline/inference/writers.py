@@ -9,6 +9,9 @@
   written column by column with `os.pwrite` into a sparse temp `.nii`; `.nii.gz` is compressed from
   it at the end (streaming).
 
+The pyramidal OME writers build on these: `OmeTiffWriter` (ome_tiff.py) and `OmeZarrWriter`
+(ngff.py); `outputs.py` picks the writer of an output format.
+
 Every writer writes a temp file beside the final path (a short name, whatever the length of the
 final one); `finish()` completes it and `publish()` gives it the permissions of a new file (0666
 minus the umask) and renames it onto the final name (`os.replace`, atomic); `abort()` removes it. An interrupted run
@@ -37,7 +40,7 @@ _END = object()
 _ABORT = object()
 
 
-class _Aborted(Exception):
+class WriteAborted(Exception):
     """Raised inside the writer thread to stop tifffile when the run is abandoned."""
 
 
@@ -61,26 +64,49 @@ def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:
     return probs.astype(np.dtype(dtype))
 
 
+def strip_tiles(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """The tiles (tile, tile[, K]) of a strip (n <= tile, W[, K]), left to right, zero-padded at the edges."""
+    for x in range(0, strip.shape[1], tile):
+        block = strip[:, x : x + tile]
+        if block.shape[:2] != (tile, tile):
+            padded = np.zeros((tile, tile, *strip.shape[2:]), strip.dtype)
+            padded[: block.shape[0], : block.shape[1]] = block
+            block = padded
+        yield block
+
+
 NAME_MAX = 255
 """Bytes in a file name on the usual file systems (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)."""
 
 
+def is_zarr_store(path: Path) -> bool:
+    """True if `path` is a directory holding a zarr group or array (v2 or v3 metadata)."""
+    return any((path / name).is_file() for name in (".zgroup", ".zarray", "zarr.json"))
+
+
 def check_output_path(final: Path) -> None:
-    """SegpipeError if `final` cannot become a file: a directory there, or a name too long."""
+    """SegpipeError if `final` cannot become the output: a name too long; for a file a directory
+    there; for a zarr store (a name ending in .zarr, replaced whole) a file or a non-zarr directory there."""
     length = len(os.fsencode(final.name))
     if length > NAME_MAX:
         raise SegpipeError(f"{final}: the output file name is {length} bytes long, longer than file systems allow "
                            f"({NAME_MAX}); shorten the input's name")
-    if final.is_dir():
+    if has_suffix(final, (".zarr",)):
+        if os.path.lexists(final) and not is_zarr_store(final):
+            raise SegpipeError(f"{final}: the output path exists and is not a zarr store; remove it or choose "
+                               "another output")
+    elif final.is_dir():
         raise SegpipeError(f"{final}: the output path exists and is a directory; remove it or choose another output")
 
 
-def temp_beside(final: Path, suffix: str) -> Path:
-    """A new empty temp file in `final`'s directory (created if needed), with a short name;
-    SegpipeError if the directory cannot hold it."""
+def temp_beside(final: Path, suffix: str, *, directory: bool = False) -> Path:
+    """A new empty temp file (or `directory`) in `final`'s directory (created if needed), with a short
+    name; SegpipeError if `final` cannot be the output or the directory cannot hold it."""
     check_output_path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=".segpipe-", suffix=suffix, dir=final.parent))
         fd, tmp = tempfile.mkstemp(prefix=".segpipe-", suffix=suffix, dir=final.parent)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
@@ -90,11 +116,11 @@ def temp_beside(final: Path, suffix: str) -> Path:
     return Path(tmp)
 
 
-def file_mode() -> int:
-    """The mode of a new ordinary file: 0666 minus the process's umask."""
+def file_mode(directory: bool = False) -> int:
+    """The mode of a new ordinary file (0666), or `directory` (0777), minus the process's umask."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if directory else 0o666) & ~umask
 
 
 class RowWriter:
@@ -181,21 +207,19 @@ class TiffRowWriter(RowWriter):
             kwargs["metadata"] = {"axes": "YX" if self.channels == 1 else "YXS", **meta.ome_pixels}
         return kwargs
 
-    def _tiles(self) -> Iterator[np.ndarray]:
-        t = self.tile
+    def _strips(self) -> Iterator[np.ndarray]:
+        """The queued strips (tile, W, K), in order, until the end (or the abort) of the run."""
         while True:
             strip = self._queue.get()
             if strip is _END:
                 return
             if strip is _ABORT:
-                raise _Aborted()
-            for x in range(0, self.width, t):
-                tile = strip[:, x : x + t]
-                if tile.shape[1] < t:
-                    padded = np.zeros((t, t, self.channels), self.dtype)
-                    padded[:, : tile.shape[1]] = tile
-                    tile = padded
-                yield tile if self.channels > 1 else tile[..., 0]
+                raise WriteAborted()
+            yield strip
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        for strip in self._strips():
+            yield from strip_tiles(strip if self.channels > 1 else strip[..., 0], self.tile)
 
     def _run(self, kwargs: dict[str, Any]) -> None:
         import tifffile
