@@ -136,3 +136,17 @@ def test_bf16_training_is_deterministic_and_recorded(drive_project: FixtureProje
     assert any(not torch.equal(v, fp32["state_dict"][k]) for k, v in weights[0]["state_dict"].items()
                if v.is_floating_point()), "bf16 trained like fp32"
     assert read_checkpoint(out / "last.pt")["settings"]["precision"] == "fp32"
+
+
+def test_compiled_inference_freezes_only_its_own_graph() -> None:
+    """`compile: true` runs inductor with `freezing` per call: same probabilities as eager, and the
+    process-wide inductor setting is left alone (a training graph compiled later must not freeze)."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    net = build_network("unet", 1, 2, widths=[4, 4, 8, 8, 8], padding="same", batch_norm=True).eval()
+    image = np.random.default_rng(1).random((1, 64, 64), dtype=np.float32)
+    eager = predict(net, image, settings=load_settings(tile=32))
+    compiled = predict(net, image, settings=load_settings(tile=32, compile=True))
+    np.testing.assert_allclose(compiled, eager, atol=1e-5)
+    assert inductor_config.freezing is False
