@@ -18,7 +18,9 @@ What a user sees in the UI:
 - the stage runs of one pipeline execution nested under one parent run per (experiment, run
   group), and tagged `segpipe.run_group` (see `run_group`);
 - no run left RUNNING by a killed stage: `pipeline.tracking_store` creates the store under a file
-  lock and marks stale RUNNING runs KILLED; a resumed training reopens its run (`run_id`).
+  lock and marks stale RUNNING runs KILLED; a resumed training reopens its run (`run_id`);
+- the best model of a training as an MLflow model, registered as `segpipe-DATASET-NETWORK`, when
+  configs/tracking.yaml says so (`log_model`, `register_model`; `pipeline.training.mlflow_model`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from pipeline.config import check_bool, check_keys, check_number, config_dir
+from pipeline.config import ConfigError, check_bool, check_keys, check_number, config_dir
 from pipeline.tracking_store import MARKED_KILLED_TAG, init_store, mark_stale_runs, process_tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -43,18 +45,21 @@ RUN_GROUP_TAG = "segpipe.run_group"
 PARENT_STAGE = "pipeline-run"
 """The `stage` tag of the parent runs (stage runs carry prepare, train, evaluate)."""
 SAMPLING_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
-TRACKING_KEYS = ("system_metrics", "run_groups")
+TRACKING_KEYS = ("system_metrics", "run_groups", "log_model", "register_model")
 SYSTEM_METRICS_KEYS = ("enabled", "sampling_interval_seconds")
 
 
 @dataclass(frozen=True)
 class TrackingSettings:
-    """configs/tracking.yaml as stage_run uses it. `group`: the run group of this pipeline execution
-    (None: no parent run)."""
+    """configs/tracking.yaml as the stages use it. `group`: the run group of this pipeline execution
+    (None: no parent run). `log_model`: a training logs best.pt as an MLflow model;
+    `register_model`: and registers it (`pipeline.training.mlflow_model`)."""
 
     system_metrics: bool = False
     sampling_interval: float = 10.0
     group: str | None = None
+    log_model: bool = False
+    register_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,11 @@ def tracking_settings(cfg: Mapping[str, Any], where: str) -> TrackingSettings:
     interval = check_number(system["sampling_interval_seconds"], "system_metrics.sampling_interval_seconds", where,
                             low=0, low_open=True)
     groups = check_bool(cfg["run_groups"], "run_groups", where)
-    return TrackingSettings(enabled, float(interval), run_group(config_dir()) if groups else None)
+    log_model = check_bool(cfg["log_model"], "log_model", where)
+    register = check_bool(cfg["register_model"], "register_model", where)
+    if register and not log_model:
+        raise ConfigError(f"{where}: register_model: true needs log_model: true (only a logged model is registered)")
+    return TrackingSettings(enabled, float(interval), run_group(config_dir()) if groups else None, log_model, register)
 
 
 def tracking_uri() -> str:

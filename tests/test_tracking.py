@@ -31,8 +31,9 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 def set_tracking(root: Path, *, interval: float = 0.1, enabled: bool = True, run_groups: bool = True) -> None:
-    """configs/tracking.yaml of the test project."""
-    cfg = {"system_metrics": {"enabled": enabled, "sampling_interval_seconds": interval}, "run_groups": run_groups}
+    """configs/tracking.yaml of the test project (no MLflow model: tests/test_mlflow_model.py)."""
+    cfg = {"system_metrics": {"enabled": enabled, "sampling_interval_seconds": interval}, "run_groups": run_groups,
+           "log_model": False, "register_model": False}
     (root / "configs" / "tracking.yaml").write_text(yaml.safe_dump(cfg))
 
 
@@ -214,7 +215,9 @@ def test_run_group_comes_from_dvc_or_commit_and_params(tmp_path: Path, monkeypat
 def test_tracking_config_is_checked(work: Path) -> None:  # noqa: F811 (fixture)
     settings = tracking_settings(load_config("tracking"), "configs/tracking.yaml")  # the repo's file
     assert settings.system_metrics and settings.sampling_interval == 10.0 and settings.group
-    good = {"system_metrics": {"enabled": True, "sampling_interval_seconds": 2}, "run_groups": False}
+    assert settings.log_model and settings.register_model
+    good = {"system_metrics": {"enabled": True, "sampling_interval_seconds": 2}, "run_groups": False,
+            "log_model": False, "register_model": False}
     assert tracking_settings(good, "t.yaml") == TrackingSettings(True, 2.0, None)
     bad = {**good, "system_metrics": {"enabled": True, "sampling_interval_seconds": 0}}
     with pytest.raises(ConfigError, match=r"t\.yaml: system_metrics\.sampling_interval_seconds must be a finite "

@@ -47,6 +47,7 @@ from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.tracking import DataInput, TrackingSettings, stage_run
 from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
+from pipeline.training.mlflow_model import log_best_model
 from pipeline.training.optim import build_optimizer, learning_rate
 from pipeline.training.outputs import run_outputs
 from pipeline.training.supervision import DeepSupervisionLoss, build_loss
@@ -320,6 +321,8 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
             tracker.set_tag("stopped_by_time_limit", str(stopped_early))
             for name in ("config.json", "log.csv", "best.pt"):
                 tracker.log_artifact(str(out_dir / name))
+            if tracking is not None and tracking.log_model:
+                log_best_model(out_dir / "best.pt", settings, inference, best, register=tracking.register_model)
     if ctx.world > 1:
         dist.destroy_process_group()
     steps = int(progress.log_rows[-1]["step"]) if progress.log_rows else 0

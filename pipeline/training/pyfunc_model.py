@@ -1,0 +1,67 @@
+"""segpipe's MLflow pyfunc model, logged as code by `pipeline.training.mlflow_model` (MLflow's
+models from code): MLflow runs this file when it loads the model, so nothing is unpickled; the
+network is rebuilt from the `checkpoint` artifact (best.pt) by `pipeline.networks`' safe loader.
+The package never imports this file (running it sets MLflow's current model).
+
+`predict(image)` takes one image (C, H, W) float32 as stored, applies the preprocessing the
+checkpoint recorded from training (`pipeline.transforms.presets.preprocess`: channels, CLAHE,
+z-score or percentiles, as `segpipe evaluate` does) and runs the project's sliding-window
+`pipeline.inference.predict` with the `settings` artifact; it returns the label map uint8 (H, W),
+or with `params={"output": "probabilities"}` the probabilities float32 (K, H, W).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from pipeline.errors import SegpipeError
+from pipeline.inference import inference_network, predict
+from pipeline.networks import read_checkpoint
+from pipeline.training.mlflow_model import (
+    CHECKPOINT_ARTIFACT,
+    OUTPUT_PARAM,
+    OUTPUTS,
+    SETTINGS_ARTIFACT,
+    label_map,
+    read_settings,
+)
+from pipeline.transforms.presets import preprocess
+
+
+class SegmentationModel(PythonModel):
+    """best.pt behind MLflow's pyfunc interface (module docstring)."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """The network and its recorded preprocessing from the checkpoint, the inference settings."""
+        checkpoint = Path(context.artifacts[CHECKPOINT_ARTIFACT])
+        state = read_checkpoint(checkpoint)
+        if not isinstance(state.get("augment"), dict):
+            raise SegpipeError(f"{checkpoint}: the checkpoint records no training preprocessing (augment)")
+        self.dataset = str(state.get("dataset", "the checkpoint"))
+        self.augment = dict(state["augment"])
+        self.settings = read_settings(context.artifacts[SETTINGS_ARTIFACT])
+        self.net = inference_network(checkpoint, self.settings)
+
+    def predict(self, context: PythonModelContext, model_input: np.ndarray,
+                params: dict[str, Any] | None = None) -> np.ndarray:
+        """Label map (H, W) uint8, or probabilities (K, H, W) float32, of one image (C, H, W)."""
+        output = (params or {}).get(OUTPUT_PARAM, OUTPUTS[0])
+        if output not in OUTPUTS:
+            raise MlflowException.invalid_parameter_value(f"{OUTPUT_PARAM} must be one of {', '.join(OUTPUTS)}, "
+                                                          f"got {output!r}")
+        image = np.asarray(model_input)
+        if image.ndim != 3:
+            raise MlflowException.invalid_parameter_value(f"expected one image (C, H, W), got shape {image.shape}")
+        try:
+            probs = predict(self.net, preprocess(self.dataset, image, self.augment), settings=self.settings)
+        except SegpipeError as exc:  # a bad input (e.g. fewer channels than the preprocessing selects)
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
+        return probs if output == "probabilities" else label_map(probs, self.settings.threshold)
+
+
+set_model(SegmentationModel())
