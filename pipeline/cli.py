@@ -18,7 +18,7 @@ stages and tools, in data-flow order:
   data           download, manifest
   preprocessing  prepare
   transforms     weightmap
-  inference      infer
+  inference      infer, export
   training       train
   evaluation     evaluate, report
   bench          bench transforms | networks | infer | train | quality
@@ -208,9 +208,18 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         probabilities_dtype=args.probabilities_dtype,
         nonfinite=args.nonfinite,
         precision=args.precision,
+        backend=args.backend,
         output_format=args.format,
         class_names=None if args.class_names is None else args.class_names.split(","),
     )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.inference import export_onnx
+
+    path = export_onnx(args.model, args.output, opset=args.opset)
+    print(f"segpipe export: {args.model} -> {path} ({path.stat().st_size / 2**20:.1f} MB)")
     return 0
 
 
@@ -229,7 +238,8 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
         "OME-TIFF input; see --format) and with --save-probabilities DIR/NAME_prob.*. "
         "Defaults: configs/inference.yaml.",
     )
-    p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
+    p.add_argument("--model", required=True, metavar="CKPT",
+                   help="segpipe checkpoint (.pt) or its `segpipe export` (.onnx, runs on ONNX Runtime)")
     p.add_argument("--input", required=True, action="append", metavar="PATH_OR_GLOB",
                    help="image file or glob pattern (quote it); repeatable")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
@@ -243,6 +253,9 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     _precision_arg(p, "configs/inference.yaml")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                   help="torch, or onnxruntime (a .pt model is exported in memory; fp32); default: "
+                   "configs/inference.yaml")
     p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,
                    help="checkpoint: the training preprocessing the checkpoint records (channels, CLAHE, "
                    "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
@@ -259,6 +272,21 @@ def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
                    help="replace NaN, +-Inf and floats beyond float32 in the input by VALUE (default: such an "
                    "input is an error naming the file and the count of bad pixels)")
     p.set_defaults(handler=_cmd_infer)
+
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint's inference graph as an ONNX model carrying its preprocessing and size contract",
+        description="Export the inference graph of a checkpoint (eval mode, batch norm folded, fp32) with "
+        "dynamic batch, height and width, its training preprocessing, network, size contract, class names "
+        "and training precision in the model's metadata, checked with onnx.checker and against torch on "
+        "ONNX Runtime. `segpipe infer --model MODEL.onnx` runs it.",
+    )
+    p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default onnx)")
+    p.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ONNX opset (default: torch's exporter default)")
+    p.add_argument("--output", default=None, metavar="PATH", help="output file (default: CKPT with .onnx)")
+    p.set_defaults(handler=_cmd_export)
 
 
 # --- end inference ----------------------------------------------------------------------------

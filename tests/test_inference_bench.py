@@ -8,8 +8,9 @@ def test_bench_infer_smoke(tmp_path, capsys):
     rows = run_benchmark([64], tile=32, overlap=0.25, blend="gaussian", batch_size=2, threads=1, workdir=tmp_path,
                          precisions=("fp32", "bf16"))
     assert [r["method"] for r in rows] == [
-        "segpipe predict_file, same, fp32", "segpipe predict_file, same, bf16", "MONAI SlidingWindowInferer",
-        "segpipe predict_file, valid (overlap-tile), fp32", "segpipe predict_file, valid (overlap-tile), bf16"]
+        "segpipe predict_file, same, fp32", "segpipe predict_file, same, bf16", "segpipe predict_file, same, onnxruntime",
+        "MONAI SlidingWindowInferer", "segpipe predict_file, valid (overlap-tile), fp32",
+        "segpipe predict_file, valid (overlap-tile), bf16", "segpipe predict_file, valid (overlap-tile), onnxruntime"]
     for row in rows:
         assert "error" not in row, row
         assert row["mpx_s"] > 0 and row["peak_rss_mb"] >= row["baseline_mb"] > 0
@@ -21,6 +22,9 @@ def test_bench_infer_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "conv peak" in out and "% of the bf16 peak" in out
     assert "ratio segpipe, fp32 / MONAI: throughput" in out and "ratio segpipe, bf16 / MONAI" in out
+    assert "ratio onnxruntime / torch fp32, same: throughput" in out
+    assert "ratio onnxruntime / torch fp32, valid (overlap-tile): throughput" in out
+    assert rows[2]["gflop"] == rows[0]["gflop"] and "onnxruntime" in rows[2]["notes"]
 
 
 def test_synthetic_image_is_a_tiled_bigtiff(tmp_path):

@@ -80,6 +80,7 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
         compile=args.compile,
         timeout=args.timeout,
         precisions=args.precision,
+        onnxruntime=not args.skip_onnxruntime,
     )
     return 0
 
@@ -89,8 +90,9 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
         "Same network, tile, overlap and blending through (a) segpipe predict_file on a synthetic "
         "RGB image on disk and (b) MONAI SlidingWindowInferer on the image in memory, each in its "
         "own subprocess: Mpx/s, peak RSS and their ratios; then the valid-padding U-Net's "
-        "overlap-tile throughput. Ours in fp32 and bf16, each also as GFLOP/s and as a fraction of the "
-        "machine's conv peak (probe in the same run), with the network's share of the wall time."
+        "overlap-tile throughput. Ours in fp32 and bf16, and on ONNX Runtime (fp32, with its ratio to torch), "
+        "each also as GFLOP/s and as a fraction of the machine's conv peak (probe in the same run), with "
+        "the network's share of the wall time."
     )
     p.add_argument("--size", type=int, nargs="+", default=[8192], help="image sides (default 8192)")
     p.add_argument("--tile", type=int, default=None, help="default: configs/inference.yaml")
@@ -102,6 +104,7 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=None, help="where the synthetic images go (default: a temp dir)")
     p.add_argument("--skip-monai", action="store_true")
     p.add_argument("--skip-valid", action="store_true")
+    p.add_argument("--skip-onnxruntime", action="store_true", help="no ONNX Runtime rows")
     p.add_argument("--compile", action="store_true", help="torch.compile our graph too")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default none)")
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],

@@ -11,14 +11,15 @@ never whole in memory), then each measurement runs in its own subprocess so that
     the memory available now (it holds the image, its float copy, the float output and count map);
 (c) segpipe `predict_file` with the valid-padding U-Net of the same preset: overlap-tile throughput.
 
-(a) and (c) run in each precision asked for (default fp32 and bf16), MONAI in fp32. Prints Mpx/s,
-peak RSS (and RSS above the process's baseline after imports and model load) and the ratios
-ours / MONAI; and against the machine's limit (`pipeline.bench.peak`, the probe measured in the same
-run): the FLOPs of every window (torch's flop counter on one window x the windows of the plan) per
-wall second as GFLOP/s and as a fraction of the conv peak of that precision, the share of the wall
-time spent in the network's forward (the rest: reading, preprocessing, blending, writing), the
-network's own GFLOP/s, and the windows' redundancy (window pixels / image pixels: the overlap's
-cost). The CPU may be shared: numbers vary between runs.
+(a) and (c) run in each precision asked for (default fp32 and bf16), MONAI in fp32, and (unless
+skipped) once more on ONNX Runtime (the network's `segpipe export`, fp32). Prints Mpx/s, peak RSS
+(and RSS above the process's baseline after imports and model load) and the ratios ours / MONAI
+and onnxruntime / torch fp32; and against the machine's limit (`pipeline.bench.peak`, the probe
+measured in the same run): the FLOPs of every window (torch's flop counter on one window x the
+windows of the plan) per wall second as GFLOP/s and as a fraction of the conv peak of that
+precision, the share of the wall time spent in the network's forward (the rest: reading,
+preprocessing, blending, writing), the network's own GFLOP/s, and the windows' redundancy (window
+pixels / image pixels: the overlap's cost). The CPU may be shared: numbers vary between runs.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+ORT = "onnxruntime"
+"""The ONNX Runtime rows' method suffix."""
 _MONAI_BYTES_PER_PIXEL = 3 + 4 * 3 + 4 * 2 + 4 + 8 + 1
 """MONAI's peak per pixel: uint8 image, float32 input (3 ch), float32 output (2 ch), count map,
 int64 argmax, uint8 labels."""
@@ -61,8 +64,10 @@ def synthetic_image(path: Path, size: int, tile: int = 256, seed: int = 0) -> Pa
     return path
 
 
-def _checkpoints(workdir: Path, config: dict[str, Any]) -> dict[str, Path]:
-    """Seeded random U-Nets of `config` (RGB in, 2 classes), same and valid padding, as checkpoints."""
+def _checkpoints(workdir: Path, config: dict[str, Any], onnx: bool) -> dict[str, Path]:
+    """Seeded random U-Nets of `config` (RGB in, 2 classes), same and valid padding, as checkpoints;
+    with `onnx` each also exported beside it (unet_PADDING.onnx)."""
+    from pipeline.inference import export_onnx
     from pipeline.networks import build_network, save_checkpoint
 
     out = {}
@@ -70,6 +75,8 @@ def _checkpoints(workdir: Path, config: dict[str, Any]) -> dict[str, Path]:
         torch.manual_seed(0)
         net = build_network("unet", 3, 2, **{**config, "padding": padding})
         out[padding] = save_checkpoint(net, workdir / f"unet_{padding}.pt")
+        if onnx:
+            export_onnx(out[padding])
     return out
 
 
@@ -100,6 +107,7 @@ def run_benchmark(
     compile: bool = False,
     timeout: float | None = None,
     precisions: Sequence[str] = ("fp32", "bf16"),
+    onnxruntime: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the measurements and print the table; returns one dict per measurement.
 
@@ -121,7 +129,7 @@ def run_benchmark(
     root.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     try:
-        ckpts = _checkpoints(root, config)
+        ckpts = _checkpoints(root, config, onnxruntime)
         print(f"segpipe bench infer: U-Net preset {preset!r} {config}, RGB -> 2 classes; tile {tile}, "
               f"overlap {overlap}, {blend}, batch {batch_size}, torch threads {threads or 'default'}, "
               f"{os.cpu_count()} CPUs (shared: timings vary); workdir {root}", flush=True)
@@ -141,7 +149,8 @@ def run_benchmark(
             runs: list[tuple[str, list[str] | None, str]] = [
                 (f"segpipe predict_file, same{_tag(p, precisions)}",
                  ["ours", "--checkpoint", str(ckpts["same"]), "--precision", p, *ours], "") for p in precisions
-            ]
+            ] + [(f"segpipe predict_file, same, {ORT}", ["ours", "--checkpoint", str(ckpts["same"]), "--onnxruntime"],
+                  "")] * onnxruntime
             if monai:
                 need = size * size * _MONAI_BYTES_PER_PIXEL / 2**30 + 1.0
                 avail = psutil.virtual_memory().available / 2**30
@@ -154,6 +163,8 @@ def run_benchmark(
                 runs += [(f"segpipe predict_file, valid (overlap-tile){_tag(p, precisions)}",
                           ["ours", "--checkpoint", str(ckpts["valid"]), "--precision", p, *ours], "")
                          for p in precisions]
+                runs += [(f"segpipe predict_file, valid (overlap-tile), {ORT}",
+                          ["ours", "--checkpoint", str(ckpts["valid"]), "--onnxruntime"], "")] * onnxruntime
             for name, worker, reason in runs:
                 row: dict[str, Any] = {"size": size, "method": name}
                 if worker is None:
@@ -203,6 +214,13 @@ def _print_row(row: dict[str, Any]) -> None:
 
 def _print_ratio(size: int, results: list[dict[str, Any]], precisions: Sequence[str]) -> None:
     rows = {r["method"]: r for r in results if r["size"] == size and "error" not in r}
+    for kind in ("same", "valid (overlap-tile)"):
+        torch_row, ort_row = rows.get(f"segpipe predict_file, {kind}{_tag('fp32', precisions)}"), rows.get(
+            f"segpipe predict_file, {kind}, {ORT}")
+        if torch_row and ort_row:
+            print(f"  {size:>6}  ratio {ORT} / torch fp32, {kind}: throughput "
+                  f"{ort_row['mpx_s'] / torch_row['mpx_s']:.2f}x, peak RSS "
+                  f"{ort_row['peak_rss_mb'] / torch_row['peak_rss_mb']:.2f}x", flush=True)
     peer = rows.get("MONAI SlidingWindowInferer")
     for precision in precisions:
         ours = rows.get(f"segpipe predict_file, same{_tag(precision, precisions)}")
@@ -232,6 +250,7 @@ def _worker(argv: Sequence[str]) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--onnxruntime", action="store_true", help="run CHECKPOINT's .onnx beside it on ONNX Runtime")
     a = p.parse_args(argv)
 
     import psutil
@@ -248,17 +267,21 @@ def _worker(argv: Sequence[str]) -> None:
         settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
                                  tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads,
                                  precision=a.precision)
-        net = inference_network(a.checkpoint, settings)
+        model = Path(a.checkpoint).with_suffix(".onnx") if a.onnxruntime else a.checkpoint
+        net = inference_network(model, settings)
         tile_in = net.input_size(net.valid_output_size(a.tile)) if net.padding == "valid" else a.tile
         net(torch.zeros(a.batch_size, 3, tile_in, tile_in))  # warm-up (and compilation, if any)
-        flops = _window_flops(net, tile_in, a)
+        flops = {} if a.onnxruntime else _window_flops(net, tile_in, a)
         net.module = _Timed(net.module)
         baseline = proc.memory_info().rss / 2**20
         reset_peak_rss()
         cpu0 = sum(proc.cpu_times()[:2])
         out = Path(a.out) / f"bench_{Path(a.checkpoint).stem}_{Path(a.image).stem}_seg.tif"
         report = predict_file(net, a.image, out, settings=settings)
+        cpu, peak = sum(proc.cpu_times()[:2]) - cpu0, peak_rss_mb()
         out.unlink()
+        if a.onnxruntime:  # torch's net counts the FLOPs, after the measurement: it adds nothing to the run
+            flops = _window_flops(inference_network(a.checkpoint, settings), tile_in, a)
         seconds, pixels = report.seconds, report.megapixels
         notes = f"{report.plan}; {', '.join(report.notes)}"
         extra = {"precision": a.precision, "net_seconds": net.module.seconds, **flops}
@@ -281,11 +304,11 @@ def _worker(argv: Sequence[str]) -> None:
             logits = inferer(x, model)
             labels = logits.argmax(1).to(torch.uint8)
         seconds = time.perf_counter() - start
+        cpu, peak = sum(proc.cpu_times()[:2]) - cpu0, peak_rss_mb()
         pixels = labels.numel() / 1e6
         notes = "inferer + argmax timed (image load not)"
         extra = {}
-    cpu = sum(proc.cpu_times()[:2]) - cpu0
-    print(json.dumps({"seconds": seconds, "mpx_s": pixels / seconds, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(),
+    print(json.dumps({"seconds": seconds, "mpx_s": pixels / seconds, "cpu_s": cpu, "peak_rss_mb": peak,
                       "baseline_mb": baseline, "notes": notes, **extra}))
 
 

@@ -5,11 +5,14 @@
 a TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any SimpleITK format into a tiled BigTIFF, NIfTI,
 pyramidal OME-TIFF or OME-Zarr (`OUTPUT_FORMATS`).
 The network's padding picks the strategy: "same" -> MONAI-identical blended windows, "valid" -> the
-U-Net paper's overlap-tile. `model` is a `pipeline.networks` module or a checkpoint path.
+U-Net paper's overlap-tile. `model` is a `pipeline.networks` module, a checkpoint path or its
+`export_onnx` (.onnx, run by ONNX Runtime: `onnx_network`).
 Settings are values (`InferenceSettings`, defaults equal to `configs/inference.yaml`); only the
 `segpipe infer` entry (`pipeline.inference.stage`) reads that file. Other packages import from
 here, not from the submodules.
 """
+from pipeline.inference.export import export_onnx, onnx_model
+from pipeline.inference.onnx_backend import onnx_network
 from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network, recorded_preprocessing
 from pipeline.inference.outputs import FORMATS as OUTPUT_FORMATS
 from pipeline.inference.outputs import output_paths
@@ -36,9 +39,12 @@ __all__ = [
     "RowStream",
     "TilePlan",
     "expand_inputs",
+    "export_onnx",
     "infer_files",
     "inference_network",
     "load_settings",
+    "onnx_model",
+    "onnx_network",
     "optimize_network",
     "output_paths",
     "output_period",

@@ -29,6 +29,8 @@ PREPROCESSING = ("checkpoint", "intensity")
 """`preprocess`: the checkpoint's recorded training preprocessing (when it has one), or `intensity`."""
 PROBABILITY_DTYPES = ("uint8", "float16", "float32")
 COMPRESSIONS = ("zlib", "zstd", "lzw", "lzma", "none")
+BACKENDS = ("torch", "onnxruntime")
+"""`backend`: the torch graph of `optimize_network`, or ONNX Runtime (`pipeline.inference.onnx_backend`)."""
 OUTPUT_FORMATS = ("auto", "tiff", "ome-tiff", "ome-zarr", "nifti")
 """`output_format`: `auto` = like the input (see `pipeline.inference.outputs`)."""
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -59,6 +61,7 @@ class InferenceSettings:
     device: str = "cpu"
     precision: str = "fp32"
     threads: int | None = None
+    backend: str = "torch"
     fold_batch_norm: bool = True
     inplace_activations: bool = True
     channels_last: bool = True
@@ -83,7 +86,8 @@ class InferenceSettings:
         check_number(self.preprocess_max_megapixels, "preprocess_max_megapixels", where, low=0, low_open=True)
         for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
                              ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS),
-                             ("precision", PRECISIONS), ("output_format", OUTPUT_FORMATS)):
+                             ("precision", PRECISIONS), ("output_format", OUTPUT_FORMATS),
+                             ("backend", BACKENDS)):
             check_choice(getattr(self, key), key, choices, where)
         if not isinstance(self.tta, tuple):
             raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")
@@ -130,6 +134,7 @@ def load_settings(base: InferenceSettings | None = None, **overrides: Any) -> In
 
 
 __all__ = [
+    "BACKENDS",
     "BLENDS",
     "COMPRESSIONS",
     "FIELDS",

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SegpipeError
+from pipeline.inference.onnx_backend import is_onnx_file, onnx_network
 from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network
 from pipeline.inference.readers import ArrayReader, ImageReader
 from pipeline.inference.settings import InferenceSettings, load_settings
@@ -31,7 +32,10 @@ _EMIT_ROWS = 64
 
 
 def inference_network(model: ModelLike | InferenceNetwork, settings: InferenceSettings) -> InferenceNetwork:
-    """`optimize_network` with the graph settings of `settings` (an InferenceNetwork passes through)."""
+    """`optimize_network` with the graph settings of `settings` (an InferenceNetwork passes through);
+    ONNX Runtime's (`onnx_network`) for `backend: onnxruntime` or a .onnx file."""
+    if not isinstance(model, InferenceNetwork) and (settings.backend == "onnxruntime" or is_onnx_file(model)):
+        return onnx_network(model, settings)
     return optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
                             inplace_act=settings.inplace_activations, channels_last=settings.channels_last,
                             compile=settings.compile, threads=settings.threads,
