@@ -28,6 +28,7 @@ from pipeline.inference.streaming import (
 )
 from pipeline.inference.tiling import TilePlan, output_period, plan_tiles, source_index
 from pipeline.inference.tta import TTA_TRANSFORMS, tta_logits
+from pipeline.inference.writers import to_labels
 
 __all__ = [
     "OUTPUT_FORMATS",
@@ -58,5 +59,6 @@ __all__ = [
     "settings_from_config",
     "source_index",
     "stream_probabilities",
+    "to_labels",
     "tta_logits",
 ]

@@ -64,14 +64,6 @@ def read_settings(path: str | Path) -> InferenceSettings:
     return load_settings(None, **json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Class indices (H, W) uint8 of probabilities (K, H, W), as `segpipe infer` writes them:
-    probability >= threshold for one channel, else the first maximum over the classes."""
-    if probs.shape[0] == 1:
-        return (probs[0] >= threshold).astype(np.uint8)
-    return probs.argmax(axis=0).astype(np.uint8)
-
-
 def model_signature() -> ModelSignature:
     """The `ModelSignature`: float32 (C, H, W) in, uint8 (H, W) out, the string param `output`."""
     from mlflow.models import ModelSignature

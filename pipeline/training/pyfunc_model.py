@@ -20,14 +20,13 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import inference_network, predict
+from pipeline.inference import inference_network, predict, to_labels
 from pipeline.networks import read_checkpoint
 from pipeline.training.mlflow_model import (
     CHECKPOINT_ARTIFACT,
     OUTPUT_PARAM,
     OUTPUTS,
     SETTINGS_ARTIFACT,
-    label_map,
     read_settings,
 )
 from pipeline.transforms.presets import preprocess
@@ -61,7 +60,7 @@ class SegmentationModel(PythonModel):
             probs = predict(self.net, preprocess(self.dataset, image, self.augment), settings=self.settings)
         except SegpipeError as exc:  # a bad input (e.g. fewer channels than the preprocessing selects)
             raise MlflowException.invalid_parameter_value(str(exc)) from exc
-        return probs if output == "probabilities" else label_map(probs, self.settings.threshold)
+        return probs if output == "probabilities" else to_labels(probs, self.settings.threshold)[0]
 
 
 set_model(SegmentationModel())
