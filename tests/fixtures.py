@@ -21,6 +21,7 @@ import pandas as pd
 import tifffile
 import torch
 import yaml
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -286,3 +287,19 @@ class FlipAveraged(torch.nn.Module):
         for dims in self.flips:
             out = out + self.net(x.flip(dims)).flip(dims)
         return out / (1 + len(self.flips))
+
+
+class Exploding(nn.Module):
+    """Wraps a network; raises on the n-th forward call (an interrupted run)."""
+
+    def __init__(self, net: nn.Module, after: int) -> None:
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
+            setattr(self, attr, getattr(net, attr))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt("simulated interruption")
+        return self.net(x)

@@ -16,6 +16,8 @@ import tifffile
 import torch
 from torch import nn
 
+from fixtures import Exploding
+
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, output_paths, predict, predict_file
 from pipeline.inference.ngff import OmeZarrWriter
@@ -299,29 +301,13 @@ def test_predict_file_writes_ome_formats(tmp_path):
                                                     "slide_seg.ome.zarr"]
 
 
-class _Exploding(nn.Module):
-    """Wraps a network; raises on the n-th forward call (an interrupted run)."""
-
-    def __init__(self, net: nn.Module, after: int) -> None:
-        super().__init__()
-        self.net, self.after, self.calls = net, after, 0
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
-            setattr(self, attr, getattr(net, attr))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls > self.after:
-            raise KeyboardInterrupt("simulated interruption")
-        return self.net(x)
-
-
 @pytest.mark.parametrize("output_format", ["ome-tiff", "ome-zarr"])
 def test_interrupted_run_leaves_nothing(tmp_path, output_format):
     src, _ = _ome_input(tmp_path)
     out = tmp_path / "out"
     seg, prob = output_paths(src, out, output_format)
     with pytest.raises(KeyboardInterrupt):
-        predict_file(_Exploding(_unet(), after=3), src, seg, probabilities_path=prob, tile=16,
+        predict_file(Exploding(_unet(), after=3), src, seg, probabilities_path=prob, tile=16,
                      settings=load_settings(None, tiff_tile=16), output_format=output_format)
     assert list(out.iterdir()) == []
 

@@ -18,6 +18,8 @@ import tifffile
 import torch
 from torch import nn
 
+from fixtures import Exploding
+
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, output_paths, predict, predict_file
 from pipeline.inference.readers import open_image
@@ -208,29 +210,13 @@ def test_spacing_and_metadata_are_kept(tmp_path):
         assert tags["XResolution"].value == (20, 1) and tags["YResolution"].value == (40, 1)  # pixels per cm
 
 
-class _Exploding(nn.Module):
-    """Wraps a network; raises on the n-th forward call (an interrupted run)."""
-
-    def __init__(self, net: nn.Module, after: int) -> None:
-        super().__init__()
-        self.net, self.after, self.calls = net, after, 0
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
-            setattr(self, attr, getattr(net, attr))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.calls > self.after:
-            raise KeyboardInterrupt("simulated interruption")
-        return self.net(x)
-
-
 @pytest.mark.parametrize("out_name", ["seg.tif", "seg.nii.gz"])
 def test_interrupted_run_leaves_nothing(tmp_path, out_name):
     image = _image(3, seed=7, h=150, w=40)
     tifffile.imwrite(tmp_path / "in.tif", _hwc(image), photometric="rgb")
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        predict_file(_Exploding(_unet(), after=3), tmp_path / "in.tif", out / out_name,
+        predict_file(Exploding(_unet(), after=3), tmp_path / "in.tif", out / out_name,
                      probabilities_path=out / ("prob" + out_name[3:]), tile=32, batch_size=1,
                      settings=load_settings(None, tiff_tile=16))  # some tile rows reach the temp file
     assert list(out.iterdir()) == []
