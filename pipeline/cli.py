@@ -12,6 +12,9 @@ import sys
 from typing import Sequence
 
 from pipeline.bench.commands import add_bench_commands
+from pipeline.commands.arguments import precision_arg
+from pipeline.commands.inference import add_inference_commands
+from pipeline.commands.transforms import add_transforms_commands
 
 GROUPS = """\
 stages and tools, in data-flow order:
@@ -102,195 +105,6 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 # --- end data ---------------------------------------------------------------------------------
 
-# --- transforms -------------------------------------------------------------------------------
-
-
-def _cmd_weightmap(args: argparse.Namespace) -> int:
-    from pipeline.transforms.weightmap import write_weight_map_file
-
-    output, preview = write_weight_map_file(
-        args.label_image,
-        output=args.output,
-        w0=args.w0,
-        sigma=args.sigma,
-        class_weights=args.class_weights,
-        mode=args.mode,
-        image_path=args.image,
-    )
-    print(f"weight map: {output}\npreview:    {preview}")
-    return 0
-
-
-def _finite(text: str, low: float | None = None) -> float:
-    """An option's value as a finite number (>= `low`), else argparse's error (NaN and inf refused)."""
-    from pipeline.config import ConfigError, check_number
-
-    try:
-        return float(check_number(float(text), "value", "option", low=low))
-    except (ValueError, ConfigError):
-        bound = "" if low is None else f" >= {low:g}"
-        raise argparse.ArgumentTypeError(f"expected a finite number{bound}, got {text!r}") from None
-
-
-def _nonnegative(text: str) -> float:
-    return _finite(text, low=0.0)
-
-
-def _class_weights_arg(text: str) -> str | tuple[float, float]:
-    if text in ("auto", "none"):
-        return text
-    parts = text.split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError(text)
-        return _nonnegative(parts[0]), _nonnegative(parts[1])
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(
-            f"expected auto, none or W_BG,W_FG (finite numbers >= 0), got {text!r}") from None
-
-
-def _add_transforms_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "weightmap",
-        help="U-Net eq. 2 weight map of a label image (NIfTI or TIFF) with a PNG preview",
-        description="Write the U-Net loss weight map w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2)) of "
-        "one label image (instance ids, or a binary mask split into connected components), and a "
-        "PNG heat map over the image beside it.",
-    )
-    p.add_argument("label_image", help="label image: NIfTI, TIFF, PNG, GIF ...")
-    p.add_argument(
-        "--output",
-        default=None,
-        help="weight map .nii.gz/.nii or .tif/.tiff (default: LABEL_weight.nii.gz for NIfTI labels, "
-        "else LABEL_weight.tif, beside the label); the preview is the same path with .png",
-    )
-    p.add_argument("--w0", type=_nonnegative, default=10.0, help="border weight w0 (paper: 10)")
-    p.add_argument("--sigma", type=_nonnegative, default=5.0,
-                   help="border width sigma in pixels (paper: 5)")
-    p.add_argument(
-        "--class-weights",
-        type=_class_weights_arg,
-        default="auto",
-        metavar="auto|none|W_BG,W_FG",
-        help="w_c: auto = frequency balancing over this image (default), none = 1.0, or two numbers",
-    )
-    p.add_argument(
-        "--mode",
-        choices=("auto", "binary", "instances"),
-        default="auto",
-        help="instances: ids as stored; binary: connected components; auto: binary if <= 2 values",
-    )
-    p.add_argument("--image", default=None, help="image to draw the preview over (default: the label)")
-    p.set_defaults(handler=_cmd_weightmap)
-
-
-# --- end transforms ---------------------------------------------------------------------------
-
-# --- inference --------------------------------------------------------------------------------
-
-
-def _cmd_infer(args: argparse.Namespace) -> int:
-    from pipeline.inference.stage import run_infer
-
-    run_infer(
-        args.model,
-        args.input,
-        args.output,
-        save_probabilities=args.save_probabilities or None,
-        show_progress=not args.no_progress,
-        tile=args.tile,
-        overlap=args.overlap,
-        blend=args.blend,
-        tta=None if args.tta is None else [t for t in args.tta.split(",") if t],
-        batch_size=args.batch_size,
-        device=args.device,
-        preprocess=args.preprocess,
-        probabilities_dtype=args.probabilities_dtype,
-        nonfinite=args.nonfinite,
-        precision=args.precision,
-        backend=args.backend,
-        output_format=args.format,
-        class_names=None if args.class_names is None else args.class_names.split(","),
-    )
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.inference import export_onnx
-
-    path = export_onnx(args.model, args.output, opset=args.opset)
-    print(f"segpipe export: {args.model} -> {path} ({path.stat().st_size / 2**20:.1f} MB)")
-    return 0
-
-
-def _precision_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help=f"fp32, bf16 (autocast; CPUs with AVX512-BF16/AMX, CUDA) or fp16 (CUDA); default: {default}")
-
-
-def _add_inference_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "infer",
-        help="segment images of any size, streamed from disk to disk (sliding window)",
-        description="Run a trained checkpoint on TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any "
-        "SimpleITK image, band by band: memory is bounded by the tile band, not the image. Writes "
-        "DIR/NAME_seg.* (uint8 label map; by default a tiled BigTIFF, NIfTI for NIfTI input, OME-TIFF for "
-        "OME-TIFF input; see --format) and with --save-probabilities DIR/NAME_prob.*. "
-        "Defaults: configs/inference.yaml.",
-    )
-    p.add_argument("--model", required=True, metavar="CKPT",
-                   help="segpipe checkpoint (.pt) or its `segpipe export` (.onnx, runs on ONNX Runtime)")
-    p.add_argument("--input", required=True, action="append", metavar="PATH_OR_GLOB",
-                   help="image file or glob pattern (quote it); repeatable")
-    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--tile", type=int, default=None,
-                   help="same padding: window side; valid padding: output tile side")
-    p.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (same padding)")
-    p.add_argument("--blend", choices=("gaussian", "constant"), default=None)
-    p.add_argument("--tta", default=None, metavar="TRANSFORMS",
-                   help="test-time augmentation, comma separated from h, v, hv (flips), t, th, tv, thv "
-                        "(transposes, 90-degree rotations); '' = off")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
-    _precision_arg(p, "configs/inference.yaml")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
-                   help="torch, or onnxruntime (a .pt model is exported in memory; fp32); default: "
-                   "configs/inference.yaml")
-    p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,
-                   help="checkpoint: the training preprocessing the checkpoint records (channels, CLAHE, "
-                   "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
-    p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
-    p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
-    p.add_argument("--format", choices=("auto", "tiff", "ome-tiff", "ome-zarr", "nifti"), default=None,
-                   help="default: configs/inference.yaml (auto: like the input); tiff: flat tiled BigTIFF; ome-tiff: pyramidal tiled "
-                   "OME-TIFF (.ome.tif); ome-zarr: OME-NGFF multiscale image (.ome.zarr); nifti: .nii.gz")
-    p.add_argument("--class-names", default=None, metavar="NAMES",
-                   help="comma-separated names of the label values 0, 1, ... for the OME formats' metadata "
-                   "(default: class 0, class 1, ...)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--nonfinite", type=_finite, default=None, metavar="VALUE",
-                   help="replace NaN, +-Inf and floats beyond float32 in the input by VALUE (default: such an "
-                   "input is an error naming the file and the count of bad pixels)")
-    p.set_defaults(handler=_cmd_infer)
-
-    p = sub.add_parser(
-        "export",
-        help="a checkpoint's inference graph as an ONNX model carrying its preprocessing and size contract",
-        description="Export the inference graph of a checkpoint (eval mode, batch norm folded, fp32) with "
-        "dynamic batch, height and width, its training preprocessing, network, size contract, class names "
-        "and training precision in the model's metadata, checked with onnx.checker and against torch on "
-        "ONNX Runtime. `segpipe infer --model MODEL.onnx` runs it.",
-    )
-    p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default onnx)")
-    p.add_argument("--opset", type=int, default=None, metavar="N",
-                   help="ONNX opset (default: torch's exporter default)")
-    p.add_argument("--output", default=None, metavar="PATH", help="output file (default: CKPT with .onnx)")
-    p.set_defaults(handler=_cmd_export)
-
-
-# --- end inference ----------------------------------------------------------------------------
-
 # --- train / evaluate -------------------------------------------------------------------------
 
 
@@ -355,7 +169,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from models/DATASET/NETWORK/last.pt")
     p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                    help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)")
-    _precision_arg(p, "the profile of configs/train.yaml")
+    precision_arg(p, "the profile of configs/train.yaml")
     p.set_defaults(handler=_cmd_train)
     p = sub.add_parser(
         "evaluate",
@@ -366,7 +180,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dataset")
     p.add_argument("network")
-    _precision_arg(p, "configs/inference.yaml")
+    precision_arg(p, "configs/inference.yaml")
     p.set_defaults(handler=_cmd_evaluate)
     p = sub.add_parser("report", help="one table of every evaluated dataset x network (results/report.md)")
     p.set_defaults(handler=_cmd_report)
@@ -384,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_data_commands(sub)
-    _add_transforms_commands(sub)
-    _add_inference_commands(sub)
+    add_transforms_commands(sub)
+    add_inference_commands(sub)
     _add_training_commands(sub)
     add_bench_commands(sub)
     return parser

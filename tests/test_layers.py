@@ -13,7 +13,8 @@ with a LOWER rank (`RANKS` below); rank 0 is the base every layer may use:
     rank 6  pipeline/training/        the train stage
     rank 7  pipeline/evaluation/      the evaluate and report stages
     rank 8  pipeline/bench/           benchmarks (not stages)
-    rank 9  pipeline/cli.py, pipeline/__main__.py, pipeline/__init__.py
+    rank 9  pipeline/cli.py, pipeline/__main__.py, pipeline/__init__.py, pipeline/commands/ (the
+            parsers and handlers of the commands that are tools, not DVC stages)
 
 Every module under pipeline/ is parsed with `ast` (nothing is imported): every `import` and
 `from ... import` anywhere in the file (module level, inside functions, relative ones), plus string
@@ -48,6 +49,7 @@ RANKS: dict[str, int] = {
     "pipeline.evaluation": 7,
     "pipeline.bench": 8,
     "pipeline.cli": 9,
+    "pipeline.commands": 9,
     "pipeline.__main__": 9,
     "pipeline": 9,  # pipeline/__init__.py
 }

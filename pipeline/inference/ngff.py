@@ -27,7 +27,7 @@ from pipeline.errors import SegpipeError
 from pipeline.inference.ome_meta import PixelSize, image_name, pixel_size
 from pipeline.inference.pyramid import Pyramid, Sink, level_shapes
 from pipeline.inference.readers import ImageMeta
-from pipeline.inference.writers import RowWriter, check_output_path, file_mode, temp_beside
+from pipeline.inference.writers import RowWriter, check_output_path, file_mode, temp_beside, temp_prefix
 
 _COLOURS = ("FFFFFF", "FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF")
 
@@ -163,7 +163,7 @@ class OmeZarrWriter(RowWriter):
         try:
             os.chmod(self._done, file_mode(directory=True))  # mkdtemp creates 0700
             if os.path.lexists(self.path):
-                aside = Path(tempfile.mkdtemp(prefix=".segpipe-", suffix=".old", dir=self.path.parent))
+                aside = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".old", dir=self.path.parent))
                 os.replace(self.path, aside / "store")
             os.replace(self._done, self.path)
         except OSError as exc:

@@ -54,6 +54,7 @@ class OmeTiffWriter(TiffRowWriter):
         meta: ImageMeta | None = None,
         downsampling: str = "nearest",
         label_names: Sequence[str] | None = None,
+        uuid: str | None = None,
     ) -> None:
         path = Path(path)
         if np.dtype(dtype).name not in OME_DTYPES:
@@ -62,7 +63,7 @@ class OmeTiffWriter(TiffRowWriter):
             raise SegpipeError(f"{path}: {len(channel_names)} channel names for {channels} channels")
         self.shapes = level_shapes(height, width, tile)
         self.size = pixel_size(meta or ImageMeta())
-        self.channel_names, self.label_names = list(channel_names), label_names
+        self.channel_names, self.label_names, self.uuid = list(channel_names), label_names, uuid
         self._codec = None if compression == "none" else compression
         self._cancel = threading.Event()
         self._spool_dir = temp_beside(path, ".spool.zarr", directory=True)
@@ -122,6 +123,7 @@ class OmeTiffWriter(TiffRowWriter):
             "Name": image_name(self.path),
             "Channel": {"Name": self.channel_names},
             **(self.size.ome() if self.size is not None else {}),
+            **({"UUID": self.uuid} if self.uuid else {}),
         }
         if self.label_names is not None:
             metadata["MapAnnotation"] = {"Namespace": LABEL_VALUES_NAMESPACE,

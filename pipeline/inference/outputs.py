@@ -86,9 +86,9 @@ def resolve_format(path: Path, output_format: str) -> str:
 
 
 def _open(path: Path, output_format: str, reader: ImageReader, channels: int, dtype: np.dtype | str,
-          settings: InferenceSettings, **ome: Any) -> RowWriter:
+          settings: InferenceSettings, uuid: str | None, **ome: Any) -> RowWriter:
     """The writer of `output_format` for a (channels, H, W) result of `reader`'s image; `ome` are the
-    OME writers' channel_names, label_names and downsampling."""
+    OME writers' channel_names, label_names and downsampling; `uuid` the OME-TIFF's (None: a new one)."""
     _, h, w = reader.shape
     tile, compression = settings.tiff_tile, settings.compression
     if output_format == "nifti":
@@ -96,19 +96,20 @@ def _open(path: Path, output_format: str, reader: ImageReader, channels: int, dt
     if output_format == "tiff":
         return TiffRowWriter(path, h, w, channels, dtype, tile=tile, compression=compression, meta=reader.meta)
     if output_format == "ome-tiff":
-        return OmeTiffWriter(path, h, w, channels, dtype, tile=tile, compression=compression, meta=reader.meta, **ome)
+        return OmeTiffWriter(path, h, w, channels, dtype, tile=tile, compression=compression, meta=reader.meta,
+                             uuid=uuid, **ome)
     return OmeZarrWriter(path, h, w, channels, dtype, chunk=tile, compression=compression, meta=reader.meta, **ome)
 
 
 def label_writer(path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings,
-                 names: Sequence[str]) -> RowWriter:
+                 names: Sequence[str], uuid: str | None = None) -> RowWriter:
     """The writer of the uint8 label map, whose values 0, 1, ... are the classes `names`."""
-    return _open(path, output_format, reader, 1, np.uint8, settings, channel_names=[LABEL_CHANNEL],
+    return _open(path, output_format, reader, 1, np.uint8, settings, uuid, channel_names=[LABEL_CHANNEL],
                  label_names=names, downsampling="nearest")
 
 
 def probability_writer(path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings,
-                       names: Sequence[str], channels: int) -> RowWriter:
+                       names: Sequence[str], channels: int, uuid: str | None = None) -> RowWriter:
     """The writer of the `channels` probabilities (`settings.probabilities_dtype`) of the classes `names`."""
-    return _open(path, output_format, reader, channels, settings.probabilities_dtype, settings,
+    return _open(path, output_format, reader, channels, settings.probabilities_dtype, settings, uuid,
                  channel_names=probability_names(names, channels), downsampling="mean")

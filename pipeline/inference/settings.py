@@ -62,6 +62,7 @@ class InferenceSettings:
     precision: str = "fp32"
     threads: int | None = None
     backend: str = "torch"
+    resume: bool = True
     fold_batch_norm: bool = True
     inplace_activations: bool = True
     channels_last: bool = True
@@ -93,7 +94,7 @@ class InferenceSettings:
             raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")
         for name in self.tta:
             check_choice(name, "tta", tuple(TTA_TRANSFORMS), where)
-        for key in ("fold_batch_norm", "inplace_activations", "channels_last", "compile", "save_probabilities"):
+        for key in ("resume", "fold_batch_norm", "inplace_activations", "channels_last", "compile", "save_probabilities"):
             check_bool(getattr(self, key), key, where)
         return self
 

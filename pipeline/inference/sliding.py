@@ -69,16 +69,20 @@ def stream_probabilities(
     reader: ImageReader,
     settings: InferenceSettings,
     progress: Callable[[int, int], None] | None = None,
+    start_row: int = 0,
 ) -> RowStream:
     """Plan the windows of `reader`'s image and return the lazy stream of its probability rows.
 
-    `progress(pixels, total_pixels)` is called after each band with the pixels it finished.
+    `progress(pixels, total_pixels)` is called after each band with the pixels it finished. With
+    `start_row` the stream begins at the first batch holding a window that touches that row and
+    yields rows from `start_row` on: every such row gets the same windows, batches and blending order
+    as in a stream from row 0, so its values are equal bit for bit (`pipeline.inference.resume`).
     """
     c, h, w = reader.shape
     if c != net.in_channels:
         raise SegpipeError(f"{reader.path}: the image has {c} channel(s), the model expects {net.in_channels}")
     plan = plan_tiles(net, h, w, settings.tile, settings.overlap)
-    return RowStream(plan, _rows(net, reader, plan, settings, progress))
+    return RowStream(plan, _rows(net, reader, plan, settings, progress, start_row))
 
 
 def _rows(
@@ -87,10 +91,16 @@ def _rows(
     plan: TilePlan,
     settings: InferenceSettings,
     progress: Callable[[int, int], None] | None,
+    start_row: int,
 ) -> Iterator[tuple[int, np.ndarray]]:
     from monai.data.utils import compute_importance_map
 
     _, h, w = reader.shape
+    batches = window_batches(len(plan.rows.starts), len(plan.cols.starts), settings.batch_size)
+    first = next((b for b, batch in enumerate(batches) if any(plan.rows.keep[iy][1] > start_row for iy, _ in batch)),
+                 len(batches))
+    if first == len(batches):
+        return
     blend = plan.strategy == "blend"
     weight = (
         compute_importance_map((plan.in_tile, plan.in_tile), mode=settings.blend,
@@ -100,10 +110,10 @@ def _rows(
     scale = (float(np.iinfo(reader.dtype).max)
              if settings.intensity == "scale" and np.issubdtype(reader.dtype, np.integer) else None)
     source = PaddedRows(reader, plan)
-    band = LogitBand(net.out_channels, w, plan.out_tile, blend)
-    batches = window_batches(len(plan.rows.starts), len(plan.cols.starts), settings.batch_size)
+    band = LogitBand(net.out_channels, w, plan.out_tile, blend, top=plan.rows.keep[batches[first][0][0]][0])
     t_in, t_out = plan.in_tile, plan.out_tile
-    for b, batch in enumerate(batches):
+    for b in range(first, len(batches)):
+        batch = batches[b]
         top = plan.rows.starts[batch[0][0]]
         rows = source.rows(top, plan.rows.starts[batch[-1][0]] + t_in)
         tiles = np.stack([
@@ -128,6 +138,10 @@ def _rows(
         final = plan.rows.keep[batches[b + 1][0][0]][0] if b + 1 < len(batches) else h
         if final > band.top:
             for y0, part in band.pop(final, _EMIT_ROWS):
+                if y0 + part.shape[1] <= start_row:
+                    continue  # rows a resumed run already has (their earlier windows were not run)
+                if y0 < start_row:
+                    part, y0 = part[:, start_row - y0 :], start_row
                 probs = probabilities(part).numpy()
                 if progress is not None:
                     progress(probs.shape[1] * w, h * w)

@@ -13,10 +13,13 @@ hold the whole image, up to `preprocess_max_megapixels`.
 Failures: every error of one file (unreadable or truncated data, non-finite pixels, a network
 output that is not finite, an unwritable output, sizes beyond the memory) is a SegpipeError naming
 the file, raised before anything appears under an output name; `infer_files` reports it and goes on
-with the next input.
+with the next input. A killed (or interrupted) run resumes when run again (`resume` setting,
+`pipeline.inference.resume`): the rows it finished are replayed into the writers and the engine goes
+on from the next row, giving the outputs of an uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import resource
@@ -36,15 +39,26 @@ from pipeline.inference.optimize import InferenceNetwork, ModelLike
 from pipeline.inference.outputs import label_writer, output_paths, probability_writer, resolve_format
 from pipeline.inference.preprocessing import CheckedReader, PreprocessedReader
 from pipeline.inference.readers import ImageReader, open_image
+from pipeline.inference.resume import RowLog, open_log, output_uuid, run_key
 from pipeline.inference.settings import InferenceSettings, load_settings
 from pipeline.inference.sliding import inference_network, stream_probabilities
 from pipeline.inference.tiling import plan_tiles
-from pipeline.inference.writers import RowWriter, check_output_path, encode_probabilities, to_labels
+from pipeline.inference.writers import (
+    RowWriter,
+    check_output_path,
+    encode_probabilities,
+    remove_stale_temps,
+    to_labels,
+)
+
+log = logging.getLogger(__name__)
 
 DEVICES = "cpu, cuda or cuda:N"
 """The devices inference runs on, as said in errors."""
 _ACTIVATION_FLOATS = 64
 """A rough count of the network's activations per window pixel, for the memory estimate."""
+_REPLAY_ROWS = 256
+"""Rows of a resumed run's stored output handed to the writers at a time."""
 
 
 def peak_rss_mb() -> float:
@@ -212,6 +226,9 @@ def predict_file(
         check_output_path(target)
     net = inference_network(model, settings)
     names = name_classes(net.out_channels, class_names)
+    for directory in {target.parent for target in targets}:
+        for path in remove_stale_temps(directory):
+            log.warning("removed %s: left behind by a killed segpipe process", path)
     try:
         return _predict(net, input_path, list(zip(targets, formats)), names, nonfinite, settings, progress)
     except SegpipeError as exc:
@@ -244,12 +261,19 @@ def _predict(
             reader = PreprocessedReader(checked, recorded, max_megapixels=settings.preprocess_max_megapixels,
                                         where=str(net.source or "the checkpoint"))
         check_memory(net, reader, settings)
-        stream = stream_probabilities(net, reader, settings, progress)
         writers: list[RowWriter] = []
+        rowlog: RowLog | None = None
         try:
-            writers.append(label_writer(*targets[0], reader, settings, names))
+            key = run_key(input_path, reader.shape, str(reader.dtype), net, settings, targets, names, nonfinite)
+            rowlog, resumed = _open_row_log(key, reader, targets, net.out_channels, settings)
+            start_row = rowlog.rows_done if rowlog is not None else 0
+            stream = stream_probabilities(net, reader, settings, progress, start_row=start_row)
+            writers.append(label_writer(*targets[0], reader, settings, names, uuid=output_uuid(key, targets[0][0])))
             if len(targets) > 1:
-                writers.append(probability_writer(*targets[1], reader, settings, names, net.out_channels))
+                writers.append(probability_writer(*targets[1], reader, settings, names, net.out_channels,
+                                                  uuid=output_uuid(key, targets[1][0])))
+            if rowlog is not None:
+                _replay(rowlog, writers, reader.shape, progress)
             for y0, probs in stream.rows:
                 if not np.isfinite(probs).all():
                     raise SegpipeError(
@@ -257,22 +281,30 @@ def _predict(
                         f"value(s) from row {y0} on (non-finite weights, or an input scaled beyond float32); "
                         "nothing was written"
                     )
-                writers[0].write(y0, to_labels(probs, settings.threshold))
+                parts = [to_labels(probs, settings.threshold)]
                 if len(writers) > 1:
-                    writers[1].write(y0, encode_probabilities(probs, settings.probabilities_dtype))
+                    parts.append(encode_probabilities(probs, settings.probabilities_dtype))
+                for writer, part in zip(writers, parts):
+                    writer.write(y0, part)
+                if rowlog is not None:
+                    rowlog.append(y0, parts)
             for w in writers:  # all complete before any appears under its final name
                 w.finish()
             outputs = [w.publish() for w in writers]
-        except BaseException:
+        except BaseException as exc:
             for w in writers:
                 w.abort()
+            if rowlog is not None and not isinstance(exc, KeyboardInterrupt):
+                rowlog.remove()  # a failure leaves nothing behind; an interrupted run can resume
             raise
         finally:
             if reader is not raw:  # a PreprocessedReader drops its statistics or whole-image result
                 reader.close()
+        if rowlog is not None:
+            rowlog.remove()
         shape, dtype = raw.shape, str(raw.dtype)
     seconds = time.perf_counter() - start
-    notes = list(net.notes) + [f"tta {'+'.join(settings.tta)}"] * bool(settings.tta)
+    notes = list(net.notes) + [f"tta {'+'.join(settings.tta)}"] * bool(settings.tta) + [resumed] * bool(resumed)
     if checked.replaced:
         notes.append(f"{checked.replaced} pixel(s) with non-finite values set to {nonfinite:g}")
     if isinstance(reader, PreprocessedReader):
@@ -283,6 +315,29 @@ def _predict(
         notes.append(f"peak CUDA {torch.cuda.max_memory_allocated(net.device) / 2**20:.0f} MB")
     return InferenceReport(input_path, outputs, shape, dtype, stream.plan.describe(), stream.plan.n_windows,
                            seconds, peak_rss_mb(), notes)
+
+
+def _open_row_log(key: dict[str, Any], reader: ImageReader, targets: list[tuple[Path, str]], channels: int,
+                  settings: InferenceSettings) -> tuple[RowLog | None, str | None]:
+    """The resume log of this run (`pipeline.inference.resume`), None with `resume: false`; and its note."""
+    if not settings.resume:
+        return None, None
+    _, h, w = reader.shape
+    layouts = [(1, w, np.dtype(np.uint8))]
+    if len(targets) > 1:
+        layouts.append((channels, w, np.dtype(settings.probabilities_dtype)))
+    return open_log(targets[0][0], key, layouts, h)
+
+
+def _replay(rowlog: RowLog, writers: list[RowWriter], shape: tuple[int, int, int],
+            progress: Callable[[int, int], None] | None) -> None:
+    """Hand the rows a killed run finished to the writers, as they were stored."""
+    _, h, w = shape
+    for y0, parts in rowlog.replay(_REPLAY_ROWS):
+        for writer, part in zip(writers, parts):
+            writer.write(y0, part)
+        if progress is not None:
+            progress(parts[0].shape[1] * w, h * w)
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:

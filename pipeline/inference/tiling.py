@@ -189,10 +189,10 @@ class PaddedRows:
 class LogitBand:
     """Blended (or copied) logits of image rows [top, top + used), (K, rows, W), grown on demand."""
 
-    def __init__(self, channels: int, width: int, rows: int, weighted: bool) -> None:
+    def __init__(self, channels: int, width: int, rows: int, weighted: bool, top: int = 0) -> None:
         self.acc = torch.zeros((channels, rows, width))
         self.wsum = torch.zeros((1, rows, width)) if weighted else None
-        self.top = 0
+        self.top = top
         self.used = 0
 
     def _ensure(self, stop: int) -> None:

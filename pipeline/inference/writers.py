@@ -13,7 +13,7 @@ The pyramidal OME writers build on these: `OmeTiffWriter` (ome_tiff.py) and `Ome
 (ngff.py); `outputs.py` picks the writer of an output format.
 
 Every writer writes a temp file beside the final path (a short name, whatever the length of the
-final one); `finish()` completes it and `publish()` gives it the permissions of a new file (0666
+final one, its process's id in it: `remove_stale_temps` clears those of killed runs); `finish()` completes it and `publish()` gives it the permissions of a new file (0666
 minus the umask) and renames it onto the final name (`os.replace`, atomic); `abort()` removes it. An interrupted run
 never leaves a file under the final name; several outputs of one run are published only once all
 of them are finished.
@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import io
 import os
 import queue
+import re
 import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -35,7 +38,9 @@ import numpy as np
 
 from pipeline.errors import SegpipeError
 from pipeline.inference.readers import ImageMeta, has_suffix
+from pipeline.tracking_store import pid_alive
 
+_TEMP_NAME = re.compile(r"\.segpipe-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-")
 _END = object()
 _ABORT = object()
 
@@ -99,6 +104,29 @@ def check_output_path(final: Path) -> None:
         raise SegpipeError(f"{final}: the output path exists and is a directory; remove it or choose another output")
 
 
+def temp_prefix() -> str:
+    """The name prefix of this process's temp files: `.segpipe-PID-HOST8-` (HOST8: 8 hex digits of the
+    host name's sha1), so that those of a killed process can be told apart (`remove_stale_temps`)."""
+    return f".segpipe-{os.getpid()}-{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]}-"
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Remove the temp files and folders in `directory` that a killed segpipe process of this host
+    left (its process is gone); those of live processes and other hosts stay. Returns the removed."""
+    ours = temp_prefix().split("-")[2]
+    removed = []
+    try:
+        entries = [p for p in directory.iterdir() if p.name.startswith(".segpipe-")]
+    except OSError:
+        return removed
+    for path in entries:
+        found = _TEMP_NAME.match(path.name)
+        if found and found["host"] == ours and not pid_alive(int(found["pid"])):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def temp_beside(final: Path, suffix: str, *, directory: bool = False) -> Path:
     """A new empty temp file (or `directory`) in `final`'s directory (created if needed), with a short
     name; SegpipeError if `final` cannot be the output or the directory cannot hold it."""
@@ -106,8 +134,8 @@ def temp_beside(final: Path, suffix: str, *, directory: bool = False) -> Path:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if directory:
-            return Path(tempfile.mkdtemp(prefix=".segpipe-", suffix=suffix, dir=final.parent))
-        fd, tmp = tempfile.mkstemp(prefix=".segpipe-", suffix=suffix, dir=final.parent)
+            return Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=suffix, dir=final.parent))
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=suffix, dir=final.parent)
     except OSError as exc:
         if exc.errno == errno.ENAMETOOLONG:
             raise SegpipeError(f"{final}: path too long for the file system ({exc.strerror})") from exc
@@ -349,7 +377,9 @@ class NiftiRowWriter(RowWriter):
             return
         packed = temp_beside(self.path, ".tmp.nii.gz")
         try:
-            with open(self._tmp, "rb") as src, gzip.open(packed, "wb", compresslevel=6) as dst:
+            # the gzip header names the final file and no time: the same result, the same bytes
+            with (open(self._tmp, "rb") as src, open(packed, "wb") as raw,
+                  gzip.GzipFile(self.path.name[:-3], "wb", 6, raw, mtime=0) as dst):
                 shutil.copyfileobj(src, dst, 1 << 22)
         except BaseException:
             packed.unlink(missing_ok=True)

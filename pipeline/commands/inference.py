@@ -1,0 +1,108 @@
+"""`segpipe infer` and `segpipe export`: streamed inference and the ONNX export (tools, not DVC stages).
+
+Heavy modules are imported inside the handlers so that `segpipe --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands.arguments import finite, precision_arg
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.inference.stage import run_infer
+
+    run_infer(
+        args.model,
+        args.input,
+        args.output,
+        save_probabilities=args.save_probabilities or None,
+        show_progress=not args.no_progress,
+        tile=args.tile,
+        overlap=args.overlap,
+        blend=args.blend,
+        tta=None if args.tta is None else [t for t in args.tta.split(",") if t],
+        batch_size=args.batch_size,
+        device=args.device,
+        preprocess=args.preprocess,
+        probabilities_dtype=args.probabilities_dtype,
+        nonfinite=args.nonfinite,
+        precision=args.precision,
+        backend=args.backend,
+        output_format=args.format,
+        resume=False if args.no_resume else None,
+        class_names=None if args.class_names is None else args.class_names.split(","),
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.inference import export_onnx
+
+    path = export_onnx(args.model, args.output, opset=args.opset)
+    print(f"segpipe export: {args.model} -> {path} ({path.stat().st_size / 2**20:.1f} MB)")
+    return 0
+
+
+def add_inference_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer",
+        help="segment images of any size, streamed from disk to disk (sliding window)",
+        description="Run a trained checkpoint on TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any "
+        "SimpleITK image, band by band: memory is bounded by the tile band, not the image. Writes "
+        "DIR/NAME_seg.* (uint8 label map; by default a tiled BigTIFF, NIfTI for NIfTI input, OME-TIFF for "
+        "OME-TIFF input; see --format) and with --save-probabilities DIR/NAME_prob.*. "
+        "Defaults: configs/inference.yaml.",
+    )
+    p.add_argument("--model", required=True, metavar="CKPT",
+                   help="segpipe checkpoint (.pt) or its `segpipe export` (.onnx, runs on ONNX Runtime)")
+    p.add_argument("--input", required=True, action="append", metavar="PATH_OR_GLOB",
+                   help="image file or glob pattern (quote it); repeatable")
+    p.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--tile", type=int, default=None,
+                   help="same padding: window side; valid padding: output tile side")
+    p.add_argument("--overlap", type=float, default=None, help="window overlap in [0, 1) (same padding)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default=None)
+    p.add_argument("--tta", default=None, metavar="TRANSFORMS",
+                   help="test-time augmentation, comma separated from h, v, hv (flips), t, th, tv, thv "
+                        "(transposes, 90-degree rotations); '' = off")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    precision_arg(p, "configs/inference.yaml")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                   help="torch, or onnxruntime (a .pt model is exported in memory; fp32); default: "
+                   "configs/inference.yaml")
+    p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,
+                   help="checkpoint: the training preprocessing the checkpoint records (channels, CLAHE, "
+                   "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
+    p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
+    p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
+    p.add_argument("--format", choices=("auto", "tiff", "ome-tiff", "ome-zarr", "nifti"), default=None,
+                   help="default: configs/inference.yaml (auto: like the input); tiff: flat tiled BigTIFF; ome-tiff: pyramidal tiled "
+                   "OME-TIFF (.ome.tif); ome-zarr: OME-NGFF multiscale image (.ome.zarr); nifti: .nii.gz")
+    p.add_argument("--class-names", default=None, metavar="NAMES",
+                   help="comma-separated names of the label values 0, 1, ... for the OME formats' metadata "
+                   "(default: class 0, class 1, ...)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if a killed run of the same image, model and settings left its progress "
+                   "(default: configs/inference.yaml's resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nonfinite", type=finite, default=None, metavar="VALUE",
+                   help="replace NaN, +-Inf and floats beyond float32 in the input by VALUE (default: such an "
+                   "input is an error naming the file and the count of bad pixels)")
+    p.set_defaults(handler=_cmd_infer)
+
+    p = sub.add_parser(
+        "export",
+        help="a checkpoint's inference graph as an ONNX model carrying its preprocessing and size contract",
+        description="Export the inference graph of a checkpoint (eval mode, batch norm folded, fp32) with "
+        "dynamic batch, height and width, its training preprocessing, network, size contract, class names "
+        "and training precision in the model's metadata, checked with onnx.checker and against torch on "
+        "ONNX Runtime. `segpipe infer --model MODEL.onnx` runs it.",
+    )
+    p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default onnx)")
+    p.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ONNX opset (default: torch's exporter default)")
+    p.add_argument("--output", default=None, metavar="PATH", help="output file (default: CKPT with .onnx)")
+    p.set_defaults(handler=_cmd_export)
