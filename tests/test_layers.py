@@ -4,7 +4,7 @@ The folders follow the data flow. A module may import only modules of its own fo
 with a LOWER rank (`RANKS` below); rank 0 is the base every layer may use:
 
     rank 0  pipeline/errors.py, pipeline/config.py, pipeline/tracking.py, pipeline/tracking_store.py,
-            pipeline/metrics/
+            pipeline/torchrun.py, pipeline/metrics/
     rank 1  pipeline/data/            raw and prepared data on disk
     rank 2  pipeline/transforms/      weight maps, patches, augmentation presets
     rank 3  pipeline/preprocessing/   the prepare stage
@@ -39,6 +39,7 @@ RANKS: dict[str, int] = {
     "pipeline.config": 0,
     "pipeline.tracking": 0,
     "pipeline.tracking_store": 0,
+    "pipeline.torchrun": 0,
     "pipeline.metrics": 0,
     "pipeline.data": 1,
     "pipeline.transforms": 2,

@@ -81,15 +81,23 @@ def _cmd_bench_infer(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         precisions=args.precision,
         onnxruntime=not args.skip_onnxruntime,
+        monai_streaming=not args.skip_monai_streaming,
+        formats=args.formats,
     )
     return 0
+
+
+def _formats(text: str) -> list[str]:
+    """`--formats tiff,ome-zarr` -> ["tiff", "ome-zarr"] (`run_benchmark` checks the names)."""
+    return list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
 
 
 def _bench_infer_args(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Same network, tile, overlap and blending through (a) segpipe predict_file on a synthetic "
-        "RGB image on disk and (b) MONAI SlidingWindowInferer on the image in memory, each in its "
-        "own subprocess: Mpx/s, peak RSS and their ratios; then the valid-padding U-Net's "
+        "RGB image on disk, (b) MONAI SlidingWindowInferer on the image in memory and (c) MONAI's "
+        "streaming path (PatchInferer + WSISlidingWindowSplitter on OpenSlide + ZarrAvgMerger, disk to "
+        "disk), each in its own subprocess: Mpx/s, peak RSS and their ratios; then the valid-padding U-Net's "
         "overlap-tile throughput. Ours in fp32 and bf16, and on ONNX Runtime (fp32, with its ratio to torch), "
         "each also as GFLOP/s and as a fraction of the machine's conv peak (probe in the same run), with "
         "the network's share of the wall time."
@@ -105,11 +113,39 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-monai", action="store_true")
     p.add_argument("--skip-valid", action="store_true")
     p.add_argument("--skip-onnxruntime", action="store_true", help="no ONNX Runtime rows")
+    p.add_argument("--skip-monai-streaming", action="store_true",
+                   help="no row for MONAI's PatchInferer + ZarrAvgMerger streaming path")
+    p.add_argument("--formats", type=_formats, default=["tiff"], metavar="FMT[,FMT...]",
+                   help="output formats of our same-padding rows, each its own row: tiff, ome-tiff, "
+                        "ome-zarr (default: tiff)")
     p.add_argument("--compile", action="store_true", help="torch.compile our graph too")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default none)")
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
                    help="precisions of ours, side by side (default: fp32 bf16; MONAI runs fp32)")
     p.set_defaults(handler=_cmd_bench_infer)
+
+
+def _cmd_bench_shards(args: argparse.Namespace) -> int:
+    from pipeline.bench.shards import run_benchmark
+
+    run_benchmark(images=args.images, size=args.size, preset=args.preset, workdir=args.workdir,
+                  single_thread=not args.skip_single_thread, timeout=args.timeout)
+    return 0
+
+
+def _bench_shards_args(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "`segpipe infer` on N synthetic RGB images as 2 processes x 1 thread (torchrun, the inputs shared "
+        "between the processes) against 1 process x 2 threads (and 1 x 1), each timed end to end: Mpx/s "
+        "and the scaling efficiency. Defaults: configs/inference.yaml, except threads."
+    )
+    p.add_argument("--images", type=int, default=8, help="number of images (default 8)")
+    p.add_argument("--size", type=int, default=4096, help="image side (default 4096)")
+    p.add_argument("--preset", default="default", help="U-Net config preset of configs/networks.yaml")
+    p.add_argument("--workdir", default=None, help="where the images go, kept for the next run (default: a temp dir)")
+    p.add_argument("--skip-single-thread", action="store_true", help="no 1 process x 1 thread reference")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per layout (default none)")
+    p.set_defaults(handler=_cmd_bench_shards)
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
@@ -171,6 +207,7 @@ BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "transforms": _bench_transforms_args,
     "networks": _bench_networks_args,
     "infer": _bench_infer_args,
+    "shards": _bench_shards_args,
     "train": _bench_train_args,
     "quality": _bench_quality_args,
 }

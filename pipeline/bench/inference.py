@@ -9,12 +9,15 @@ never whole in memory), then each measurement runs in its own subprocess so that
     argmax to labels; loading the image is not timed), the same network (not optimised), tile,
     overlap, blending and batch size; skipped with the reason when its buffers would not fit in
     the memory available now (it holds the image, its float copy, the float output and count map);
-(c) segpipe `predict_file` with the valid-padding U-Net of the same preset: overlap-tile throughput.
+(c) segpipe `predict_file` with the valid-padding U-Net of the same preset: overlap-tile throughput;
+(d) MONAI's streaming path, disk to disk: `PatchInferer` + `WSISlidingWindowSplitter` (OpenSlide)
+    + `ZarrAvgMerger`, labels written to a tiled TIFF (`pipeline.bench.monai_streaming`).
 
 (a) and (c) run in each precision asked for (default fp32 and bf16), MONAI in fp32, and (unless
-skipped) once more on ONNX Runtime (the network's `segpipe export`, fp32). Prints Mpx/s, peak RSS
-(and RSS above the process's baseline after imports and model load) and the ratios ours / MONAI
-and onnxruntime / torch fp32; and against the machine's limit (`pipeline.bench.peak`, the probe
+skipped) once more on ONNX Runtime (the network's `segpipe export`, fp32); (a) writes each output
+format asked for (default `tiff`). Prints Mpx/s, peak RSS (and RSS above the process's baseline
+after imports and model load) and the ratios ours / MONAI, ours / MONAI streaming (every backend
+and format of (a)) and onnxruntime / torch fp32; and against the machine's limit (`pipeline.bench.peak`, the probe
 measured in the same run): the FLOPs of every window (torch's flop counter on one window x the
 windows of the plan) per wall second as GFLOP/s and as a fraction of the conv peak of that
 precision, the share of the wall time spent in the network's forward (the rest: reading,
@@ -38,13 +41,22 @@ import torch
 
 ORT = "onnxruntime"
 """The ONNX Runtime rows' method suffix."""
+STREAMING = "MONAI PatchInferer + ZarrAvgMerger (streaming)"
+"""MONAI's streaming row (`pipeline.bench.monai_streaming`)."""
 _MONAI_BYTES_PER_PIXEL = 3 + 4 * 3 + 4 * 2 + 4 + 8 + 1
 """MONAI's peak per pixel: uint8 image, float32 input (3 ch), float32 output (2 ch), count map,
 int64 argmax, uint8 labels."""
+_MONAI_STREAMING_DISK_PER_PIXEL = 2 * 4 + 2 + 2 * 4 + 1
+"""Disk of MONAI's streaming path per pixel, uncompressed: zarr sums (2 ch float32), counts (2 ch
+uint8), averages (2 ch float32), then the labels."""
+FORMATS = ("tiff", "ome-tiff", "ome-zarr")
+"""Our output formats `--formats` can measure."""
 
 
 def synthetic_image(path: Path, size: int, tile: int = 256, seed: int = 0) -> Path:
-    """A size x size RGB uint8 tiled BigTIFF (zlib) with smooth structure plus noise, streamed."""
+    """A size x size RGB uint8 tiled BigTIFF (zlib) with smooth structure plus noise, streamed.
+
+    OpenSlide reads it too (as "generic-tiff"), so MONAI's streaming row reads the same file."""
     import tifffile
 
     rng = np.random.default_rng(seed)
@@ -108,11 +120,22 @@ def run_benchmark(
     timeout: float | None = None,
     precisions: Sequence[str] = ("fp32", "bf16"),
     onnxruntime: bool = True,
+    monai_streaming: bool = True,
+    formats: Sequence[str] = ("tiff",),
 ) -> list[dict[str, Any]]:
     """Run the measurements and print the table; returns one dict per measurement.
 
+    `formats` (of `FORMATS`): the output formats our same-padding rows write, each its own row.
+
     tile, overlap, blend and batch_size left at None come from `configs/inference.yaml`.
     """
+    import shutil
+
+    from pipeline.errors import SegpipeError
+
+    if not formats or any(fmt not in FORMATS for fmt in formats):
+        raise SegpipeError(f"--formats {','.join(formats)}: give a comma-separated list of {', '.join(FORMATS)}")
+
     import psutil
 
     from pipeline.config import config_path, load_config
@@ -146,11 +169,14 @@ def run_benchmark(
                 print(f"  wrote {image.name} ({image.stat().st_size / 2**20:.0f} MB) in "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
             ours = ["--compile"] if compile else []
-            runs: list[tuple[str, list[str] | None, str]] = [
-                (f"segpipe predict_file, same{_tag(p, precisions)}",
-                 ["ours", "--checkpoint", str(ckpts["same"]), "--precision", p, *ours], "") for p in precisions
-            ] + [(f"segpipe predict_file, same, {ORT}", ["ours", "--checkpoint", str(ckpts["same"]), "--onnxruntime"],
-                  "")] * onnxruntime
+            runs: list[tuple[str, list[str] | None, str]] = []
+            for fmt in formats:
+                to = ["--format", fmt]
+                runs += [(f"segpipe predict_file, same{_tag(p, precisions)}{_fmt(fmt)}",
+                          ["ours", "--checkpoint", str(ckpts["same"]), "--precision", p, *ours, *to], "")
+                         for p in precisions]
+                runs += [(f"segpipe predict_file, same, {ORT}{_fmt(fmt)}",
+                          ["ours", "--checkpoint", str(ckpts["same"]), "--onnxruntime", *to], "")] * onnxruntime
             if monai:
                 need = size * size * _MONAI_BYTES_PER_PIXEL / 2**30 + 1.0
                 avail = psutil.virtual_memory().available / 2**30
@@ -159,6 +185,11 @@ def run_benchmark(
                                  f"skipped: needs about {need:.1f} GB in memory, {avail:.1f} GB available"))
                 else:
                     runs.append(("MONAI SlidingWindowInferer", ["monai", "--checkpoint", str(ckpts["same"])], ""))
+            if monai_streaming:
+                need = size * size * _MONAI_STREAMING_DISK_PER_PIXEL / 2**30
+                free = shutil.disk_usage(root).free / 2**30
+                runs.append((STREAMING, ["monai-streaming", "--checkpoint", str(ckpts["same"])], "") if need < 0.8 * free
+                            else (STREAMING, None, f"skipped: needs up to {need:.1f} GB of disk, {free:.1f} GB free"))
             if valid:
                 runs += [(f"segpipe predict_file, valid (overlap-tile){_tag(p, precisions)}",
                           ["ours", "--checkpoint", str(ckpts["valid"]), "--precision", p, *ours], "")
@@ -179,6 +210,11 @@ def run_benchmark(
         if tmp is not None:
             tmp.cleanup()
     return results
+
+
+def _fmt(output_format: str) -> str:
+    """The method's output-format suffix (none for tiff, the default, as before formats were a knob)."""
+    return "" if output_format == "tiff" else f", {output_format}"
 
 
 def _tag(precision: str, precisions: Sequence[str]) -> str:
@@ -231,6 +267,13 @@ def _print_ratio(size: int, results: list[dict[str, Any]], precisions: Sequence[
               f"peak RSS {ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x "
               f"(above baseline {(ours['peak_rss_mb'] - ours['baseline_mb']) / max(peer['peak_rss_mb'] - peer['baseline_mb'], 1):.2f}x)",
               flush=True)
+    peer, same = rows.get(STREAMING), "segpipe predict_file, same"
+    for name, ours in rows.items() if peer else ():
+        if name.startswith(same):  # every backend and output format of the same-padding network
+            speed, rss = ours["mpx_s"] / peer["mpx_s"], ours["peak_rss_mb"] / peer["peak_rss_mb"]
+            bar = "met" if speed >= 3 and rss <= 1 else "MISSED"
+            print(f"  {size:>6}  ratio segpipe{name[len(same):]} / MONAI streaming: throughput {speed:.2f}x, "
+                  f"peak RSS {rss:.2f}x (issue 17's bar, >= 3x at <= 1x: {bar})", flush=True)
 
 
 def _worker(argv: Sequence[str]) -> None:
@@ -238,6 +281,11 @@ def _worker(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(prog="pipeline.bench.inference")
     if argv[0] == "peak":
         _peak_worker(argv[1:])
+        return
+    if argv[0] == "monai-streaming":
+        from pipeline.bench.monai_streaming import worker as streaming_worker
+
+        streaming_worker(argv[1:])
         return
     p.add_argument("kind", choices=("ours", "monai"))
     p.add_argument("--checkpoint", required=True)
@@ -251,6 +299,7 @@ def _worker(argv: Sequence[str]) -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--onnxruntime", action="store_true", help="run CHECKPOINT's .onnx beside it on ONNX Runtime")
+    p.add_argument("--format", default="tiff", choices=FORMATS, help="our output format")
     a = p.parse_args(argv)
 
     import psutil
@@ -262,7 +311,10 @@ def _worker(argv: Sequence[str]) -> None:
         torch.set_num_threads(a.threads)
     proc = psutil.Process()
     if a.kind == "ours":
+        import shutil
+
         from pipeline.inference import inference_network, load_settings, predict_file
+        from pipeline.inference.outputs import output_paths
 
         settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
                                  tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads,
@@ -276,10 +328,13 @@ def _worker(argv: Sequence[str]) -> None:
         baseline = proc.memory_info().rss / 2**20
         reset_peak_rss()
         cpu0 = sum(proc.cpu_times()[:2])
-        out = Path(a.out) / f"bench_{Path(a.checkpoint).stem}_{Path(a.image).stem}_seg.tif"
-        report = predict_file(net, a.image, out, settings=settings)
+        out = output_paths(f"bench_{Path(a.checkpoint).stem}_{Path(a.image).stem}.tif", a.out, a.format)[0]
+        report = predict_file(net, a.image, out, settings=settings, output_format=a.format)
         cpu, peak = sum(proc.cpu_times()[:2]) - cpu0, peak_rss_mb()
-        out.unlink()
+        if out.is_dir():  # ome-zarr
+            shutil.rmtree(out)
+        else:
+            out.unlink()
         if a.onnxruntime:  # torch's net counts the FLOPs, after the measurement: it adds nothing to the run
             flops = _window_flops(inference_network(a.checkpoint, settings), tile_in, a)
         seconds, pixels = report.seconds, report.megapixels

@@ -357,6 +357,16 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return found
 
 
+def check_output_clashes(paths: Sequence[Path], output_dir: str | os.PathLike[str], output_format: str) -> None:
+    """SegpipeError if two inputs would write the same label map."""
+    targets: dict[Path, Path] = {}
+    for path in paths:
+        seg, _ = output_paths(path, output_dir, output_format)
+        if seg in targets:
+            raise SegpipeError(f"{path} and {targets[seg]} would both write {seg}; rename one of them")
+        targets[seg] = path
+
+
 def infer_files(
     model: ModelLike | InferenceNetwork,
     inputs: Sequence[str],
@@ -390,12 +400,7 @@ def infer_files(
     nonfinite = check_nonfinite(nonfinite)
     output_format = settings.output_format
     paths = expand_inputs(inputs)
-    targets: dict[Path, Path] = {}
-    for path in paths:
-        seg, _ = output_paths(path, output_dir, output_format)
-        if seg in targets:
-            raise SegpipeError(f"{path} and {targets[seg]} would both write {seg}; rename one of them")
-        targets[seg] = path
+    check_output_clashes(paths, output_dir, output_format)
     net = inference_network(model, settings)
     name_classes(net.out_channels, class_names)  # a wrong count fails once, not for every input
     probs = settings.save_probabilities if save_probabilities is None else save_probabilities
