@@ -354,3 +354,27 @@ def test_cli_infer_formats(tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--format", "ome-zarr", "--class-names", "a,b"]) == 2
     assert "3 values (0..2), so give 3 distinct" in capsys.readouterr().err
+
+
+def test_recorded_class_names_are_the_default(tmp_path):
+    """The class names a checkpoint (and so its ONNX export) records name the OME outputs' classes unless
+    --class-names says otherwise."""
+    from pipeline.inference import export_onnx
+    from pipeline.networks import save_checkpoint
+
+    ckpt = save_checkpoint(_unet(cout=3), tmp_path / "model.pt", class_names=NAMES)
+    model_onnx = export_onnx(ckpt)
+    src, _ = _ome_input(tmp_path)
+    for model in (ckpt, model_onnx):
+        seg = tmp_path / "out" / f"{Path(model).suffix[1:]}_seg.ome.tif"
+        predict_file(model, src, seg, tile=32, output_format="ome-tiff")
+        assert _label_names(seg) == NAMES, model
+    predict_file(ckpt, src, seg, tile=32, output_format="ome-tiff", class_names=["a", "b", "c"])
+    assert _label_names(seg) == ["a", "b", "c"]
+
+
+def _label_names(path: Path) -> list[str]:
+    """The class names of an OME-TIFF label map's MapAnnotation, by value."""
+    with tifffile.TiffFile(path) as tif:
+        annotation = tifffile.xml2dict(tif.ome_metadata)["OME"]["StructuredAnnotations"]["MapAnnotation"]
+    return [entry["value"] for entry in sorted(annotation["Value"]["M"], key=lambda e: e["K"])]

@@ -82,7 +82,7 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
                    "OME-TIFF (.ome.tif); ome-zarr: OME-NGFF multiscale image (.ome.zarr); nifti: .nii.gz")
     p.add_argument("--class-names", default=None, metavar="NAMES",
                    help="comma-separated names of the label values 0, 1, ... for the OME formats' metadata "
-                   "(default: class 0, class 1, ...)")
+                   "(default: the names the checkpoint or .onnx records, else class 0, class 1, ...)")
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if a killed run of the same image, model and settings left its progress "
                    "(default: configs/inference.yaml's resume)")

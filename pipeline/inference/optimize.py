@@ -130,12 +130,19 @@ def resolve_model(model: ModelLike) -> nn.Module:
 def recorded_preprocessing(model: ModelLike) -> dict[str, Any] | None:
     """The training preprocessing a checkpoint path records (its `augment` dict, see
     `pipeline.inference.preprocessing`); None for a module or a checkpoint without one."""
+    return _checkpoint_facts(model)[0]
+
+
+def _checkpoint_facts(model: ModelLike) -> tuple[dict[str, Any] | None, list[str] | None]:
+    """A checkpoint path's recorded preprocessing (`augment`) and class names (None: a module, or not recorded)."""
     if not isinstance(model, (str, os.PathLike)):
-        return None
+        return None, None
     from pipeline.networks import read_checkpoint
 
-    augment = read_checkpoint(Path(model)).get("augment")
-    return dict(augment) if isinstance(augment, dict) else None
+    record = read_checkpoint(Path(model))
+    augment, names = record.get("augment"), record.get("class_names")
+    return (dict(augment) if isinstance(augment, dict) else None,
+            [str(n) for n in names] if isinstance(names, (list, tuple)) else None)
 
 
 @dataclass
@@ -169,6 +176,8 @@ class InferenceNetwork:
     """The checkpoint's recorded training preprocessing (None: a module, or no record)."""
     source: Path | None = None
     """The checkpoint file the network came from (None: a module)."""
+    class_names: list[str] | None = None
+    """The names of the label values the checkpoint (or ONNX metadata) records (None: not recorded)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -212,7 +221,7 @@ def optimize_network(
     if isinstance(model, InferenceNetwork):
         return model
     net = resolve_model(model)
-    augment = recorded_preprocessing(model)
+    augment, class_names = _checkpoint_facts(model)
     for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
         if not hasattr(net, attr):
             raise SegpipeError(
@@ -266,4 +275,5 @@ def optimize_network(
         notes=notes,
         augment=augment,
         source=Path(model) if isinstance(model, (str, os.PathLike)) else None,
+        class_names=class_names,
     )

@@ -201,7 +201,7 @@ def predict_file(
     (`.ome.zarr`); `output_format="ome-tiff"` makes a `.ome.tif` a pyramidal OME-TIFF (see
     `pipeline.inference.outputs`). With `probabilities_path` the class probabilities are written too
     (K channels; uint8 scaled by 255, float16 or float32). `class_names` name the label values 0, 1,
-    ... in the OME outputs (default "class 0", ...). Arguments left at None come from `settings` (default:
+    ... in the OME outputs (default: the names the checkpoint or ONNX model records, else "class 0", ...). Arguments left at None come from `settings` (default:
     `InferenceSettings()`). `progress` is called after each band with (pixels finished, total
     pixels). Outputs appear under their final names only when complete; any failure leaves
     nothing behind. Bad input raises SegpipeError naming the file.
@@ -225,7 +225,7 @@ def predict_file(
             raise SegpipeError(f"{target}: output would overwrite the input")
         check_output_path(target)
     net = inference_network(model, settings)
-    names = name_classes(net.out_channels, class_names)
+    names = name_classes(net.out_channels, class_names if class_names is not None else net.class_names)
     for directory in {target.parent for target in targets}:
         for path in remove_stale_temps(directory):
             log.warning("removed %s: left behind by a killed segpipe process", path)
@@ -402,7 +402,7 @@ def infer_files(
     paths = expand_inputs(inputs)
     check_output_clashes(paths, output_dir, output_format)
     net = inference_network(model, settings)
-    name_classes(net.out_channels, class_names)  # a wrong count fails once, not for every input
+    name_classes(net.out_channels, class_names if class_names is not None else net.class_names)  # fails once, not per input
     probs = settings.save_probabilities if save_probabilities is None else save_probabilities
     reports: list[InferenceReport] = []
     failed: list[str] = []

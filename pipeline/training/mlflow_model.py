@@ -45,8 +45,9 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 """The model's code file (MLflow's models from code)."""
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The `pipeline` package, logged with the model (`code_paths`)."""
-NOT_SERVED = frozenset({"dvc"})
-"""segpipe dependencies the model never imports (dvc runs the pipeline), left out of its requirements."""
+NOT_SERVED = frozenset({"dvc", "openslide-python", "openslide-bin"})
+"""segpipe dependencies the model never imports (dvc runs the pipeline, OpenSlide serves a benchmark's
+MONAI row), left out of its requirements."""
 
 
 def registered_name(dataset: str, network: str) -> str:
