@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.config import ConfigError, check_bool, check_keys, check_number, config_dir
+from pipeline.torchrun import rank_env
 from pipeline.tracking_store import MARKED_KILLED_TAG, init_store, mark_stale_runs, process_tags
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -106,7 +107,7 @@ def tracking_uri() -> str:
 
 def is_logging_rank() -> bool:
     """True on rank 0 of a torchrun job, and always outside one."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank_env().main
 
 
 def git_commit() -> str:

@@ -5,11 +5,12 @@ logs. Rank, world size and local rank come from torchrun's environment variables
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from pipeline.torchrun import rank_env
 
 
 @dataclass(frozen=True)
@@ -27,16 +28,14 @@ class Dist:
 
 def init_distributed() -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on the CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    env = rank_env()
     cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    device = torch.device(f"cuda:{env.local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if env.distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, device)
+    return Dist(env.rank, env.world, device)
 
 
 def all_mean(values: torch.Tensor, ctx: Dist) -> torch.Tensor:
