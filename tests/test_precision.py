@@ -29,10 +29,12 @@ ARCHITECTURES = {
     "u2netp": {},
     "u2net": {},
 }
-PROBABILITY_TOLERANCE = {"unet": 0.01, "unet-valid": 0.01, "unetpp": 0.01, "u2netp": 0.05, "u2net": 0.05}
+PROBABILITY_TOLERANCE = {"unet": 0.01, "unet-valid": 0.01, "unetpp": 0.01, "u2netp": 0.08, "u2net": 0.08}
 """Stated tolerance: the 99th percentile of |p_bf16 - p_fp32| over the pixels. U2-Net's ~100
 convolutions in a row accumulate more bf16 rounding than the U-Nets' ~20 (measured on these random
-networks: 0.004-0.007 for the U-Nets, 0.024-0.039 for U2-Net and the lite version).
+networks: 0.004-0.007 for the U-Nets, 0.032-0.051 for U2-Net and the lite version, on a CPU with
+AVX512-BF16 and with oneDNN held to AVX-512 without it, `ONEDNN_MAX_CPU_ISA=AVX512_CORE`, as on
+CPUs that emulate bf16).
 
 Labels must agree on 99.5 % of the pixels that fp32 decides by more than twice the tolerance
 (|2p - 1| for one channel, the gap between the two largest class probabilities otherwise): a
@@ -91,7 +93,7 @@ def test_bf16_inference_matches_fp32(name: str, out_channels: int) -> None:
         agree = _labels(bf16) == _labels(fp32)
         decided = _margin(fp32) > 2 * PROBABILITY_TOLERANCE[name]
         if calibrated:
-            assert decided.mean() > 0.3  # the outputs vary: the agreement below means something
+            assert decided.mean() > 0.2  # the outputs vary: the agreement below means something
         assert agree[decided].sum() >= 0.995 * decided.sum()
 
 
