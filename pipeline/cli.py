@@ -13,12 +13,13 @@ from typing import Sequence
 
 from pipeline.bench.commands import add_bench_commands
 from pipeline.commands.arguments import precision_arg
+from pipeline.commands.dataset import add_dataset_commands
 from pipeline.commands.inference import add_inference_commands
 from pipeline.commands.transforms import add_transforms_commands
 
 GROUPS = """\
 stages and tools, in data-flow order:
-  data           download, manifest
+  data           download, manifest, dataset add
   preprocessing  prepare
   transforms     weightmap
   inference      infer, export
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_data_commands(sub)
+    add_dataset_commands(sub)
     add_transforms_commands(sub)
     add_inference_commands(sub)
     _add_training_commands(sub)

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.config import (
-    check_int, check_keys, check_list, check_number, check_str, config_path, load_config,
+    ConfigError, check_int, check_keys, check_list, check_number, check_str, config_path, load_config,
 )
 
-TOP_KEYS = ("datasets", "cell_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download", "prepare")
+TOP_KEYS = ("datasets", "cell_datasets", "folder_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download", "prepare")
 DOWNLOAD_KEYS = ("mirror", "from", "accept_sha256", "retries", "backoff_seconds", "timeout_seconds", "chunk_bytes")
 PREPARE_KEYS = ("seed", "val_fraction", "weight_map", "limits")
 LIMIT_KEYS = ("max_members", "max_unpacked_bytes", "max_compression_ratio", "max_image_values")
@@ -20,9 +20,12 @@ LIMIT_KEYS = ("max_members", "max_unpacked_bytes", "max_compression_ratio", "max
 def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     """`cfg` (configs/data.yaml) validated; returned as a dict."""
     cfg = check_keys(cfg, TOP_KEYS, where)
-    for key in ("datasets", "cell_datasets"):
+    for key in ("datasets", "cell_datasets", "folder_datasets"):
         for name in check_list(cfg[key], key, where):
             check_str(name, f"{key}[]", where)
+    strays = sorted(set(cfg["folder_datasets"]) - set(cfg["datasets"]))
+    if strays:
+        raise ConfigError(f"{where}: folder_datasets {strays} are not in datasets; a folder dataset is listed in both")
     for key in ("manifests_dir", "raw_dir", "prepared_dir"):
         check_str(cfg[key], key, where)
     dl = check_keys(cfg["download"], DOWNLOAD_KEYS, f"{where}: download")

@@ -1,17 +1,25 @@
-"""`segpipe prepare DATASET`: unpack, validate, convert to NIfTI, split, compute weight maps.
+"""`segpipe prepare DATASET`: read the dataset's card (configs/datasets/DATASET.yaml), unpack and
+validate its archives or pair its folders, convert to NIfTI, split, compute weight maps.
+
+Labels become the card's class indices 0..K-1 (its `classes`: name -> label value); pixels at its
+`ignore_value` are left out of the field of view. Folder sources without test folders hold out a
+seeded `test_fraction` of the cases for testing.
 
 Output, `data/prepared/<dataset>/` (built in a temporary folder `.DATASET.tmp-HOST-PID-*` beside it
 and renamed into place; temporary folders of killed prepares of the dataset are removed at the next
 start):
   images/CASE.nii.gz     (C, H, W), original dtype (DRIVE: 3 x uint8 RGB; cells: 1 x uint8/uint16)
-  labels/CASE.nii.gz     (1, H, W) uint8 {0, 1}; cells: instances > 0 with the pixels where two
-                         cells touch set to background, as in the U-Net paper's training masks
+  labels/CASE.nii.gz     (1, H, W) uint8 class indices ({0, 1} for 2 classes); cells: instances > 0
+                         with the pixels where two cells touch set to background, as in the U-Net
+                         paper's training masks
   weights/CASE.nii.gz    (1, H, W) float32, U-Net eq. 2 (class balance from the train split)
-  fov/CASE.nii.gz        (1, H, W) uint8 (DRIVE field-of-view mask)
+  fov/CASE.nii.gz        (1, H, W) uint8 (DRIVE field-of-view mask; a folder's masks, minus ignore_value)
   instances/CASE.nii.gz  (1, H, W) uint16 (cells: CTC SEG instance ids)
   label2/CASE.nii.gz     (1, H, W) uint8 (DRIVE test: second observer)
   manifest.csv           case, split, image, label, weight, fov, instances, label2 (relative paths)
-  stats.json             split sizes, seed, class frequencies and weights, intensity statistics
+  files.csv              folder sources: path, case, role and sha256 of every file read
+  stats.json             split sizes, seed, the card's classes and channels, class weights, intensity
+                         statistics
 """
 from __future__ import annotations
 
@@ -22,8 +30,9 @@ import re
 import shutil
 import socket
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -32,7 +41,9 @@ from tqdm import tqdm
 
 from pipeline.config import config_path, load_config
 from pipeline.data.archives import UnpackLimits, unpack
+from pipeline.data.cards import DatasetCard, cards_dir, load_card
 from pipeline.data.download import read_record
+from pipeline.data.folders import file_rows, load_cases, map_labels, pair_cases
 from pipeline.data.settings import load_data_config
 from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, validate
@@ -43,6 +54,7 @@ from pipeline.tracking_store import pid_alive
 
 log = logging.getLogger(__name__)
 
+FILES_NAME = "files.csv"
 MANIFEST_COLUMNS = ["case", "split", "image", "label", "weight", "fov", "instances", "label2"]
 ROLE_DIRS = {"image": "images", "label": "labels", "weight": "weights", "fov": "fov",
              "instances": "instances", "label2": "label2"}
@@ -72,20 +84,34 @@ def separate_touching(instances: np.ndarray) -> np.ndarray:
     return ((inst > 0) & ~touching).astype(np.uint8)
 
 
-def assign_splits(cases: pd.DataFrame, layout: Layout, seed: int, val_fraction: float) -> pd.Series:
-    """Official test parts -> test; the training parts shuffled with `seed`, `val_fraction` -> val."""
+def assign_splits(cases: pd.DataFrame, train_parts: tuple[str, ...], test_parts: tuple[str, ...], seed: int,
+                  val_fraction: float) -> pd.Series:
+    """Test parts -> test; the training parts shuffled with `seed`, `val_fraction` -> val."""
     split = pd.Series("test", index=cases.index)
-    train_idx = cases.index[cases["part"].isin(layout.train_parts)].to_numpy()
+    train_idx = cases.index[cases["part"].isin(train_parts)].to_numpy()
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(np.sort(train_idx))
     n_val = int(round(val_fraction * len(shuffled)))
     n_val = min(max(n_val, 1 if len(shuffled) >= 2 and val_fraction > 0 else 0), max(len(shuffled) - 1, 0))
     split[shuffled] = "train"
     split[shuffled[:n_val]] = "val"
-    unknown = ~cases["part"].isin(layout.train_parts + layout.test_parts)
+    unknown = ~cases["part"].isin(train_parts + test_parts)
     if unknown.any():
         raise SegpipeError(f"parts {sorted(cases.loc[unknown, 'part'].unique())} are neither train nor test parts in sources.yaml")
     return split
+
+
+def hold_out_test(parts: pd.Series, seed: int, test_fraction: float, where: Path) -> pd.Series:
+    """`parts` with a seeded `test_fraction` of the cases (at least one, never all) moved to "test"."""
+    n = len(parts)
+    n_test = max(1, int(round(test_fraction * n)))
+    if n_test >= n:
+        raise SegpipeError(f"{where}: test_fraction {test_fraction} of {n} case(s) leaves no training case; "
+                           "add cases or test folders")
+    chosen = np.random.default_rng(seed).permutation(n)[:n_test]
+    out = parts.copy()
+    out.iloc[chosen] = "test"
+    return out
 
 
 def _cases(files: list[FoundFile], layout: Layout) -> pd.DataFrame:
@@ -101,23 +127,18 @@ def _cases(files: list[FoundFile], layout: Layout) -> pd.DataFrame:
 
 
 def prepare_dataset(dataset: str) -> Path:
-    """Run the prepare stage for one dataset; returns `data/prepared/<dataset>`."""
+    """Run the prepare stage for one dataset (its card: configs/datasets/DATASET.yaml); returns
+    `data/prepared/<dataset>`."""
     cfg = load_data_config()
     prep_cfg = cfg["prepare"]
-    source = get_source(Path(cfg["manifests_dir"]), dataset)
-    raw_dir = Path(cfg["raw_dir"]) / dataset
+    card = load_card(cards_dir(), dataset)
     final = Path(cfg["prepared_dir"]) / dataset
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work_dirs(final)
-    archives = [raw_dir / r["name"] for r in read_record(raw_dir)]
-    for archive in archives:
-        if not archive.is_file():
-            raise SegpipeError(f"{archive}: listed in {raw_dir / 'download.json'} but missing; run segpipe download {dataset}")
-
-    manifest = source.files_manifest or Path(cfg["manifests_dir"]) / "sources.yaml"
+    manifest, read = _reader(cfg, card, dataset)
     tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
     with stage_run("prepare", dataset, params={"prepare": prep_cfg}, manifest=manifest, tracking=tracking) as tracker:
-        stats = _prepare_into(final, archives, source, prep_cfg, raw_dir, dataset)
+        stats = _prepare_into(final, read, card, prep_cfg)
         if tracker is not None:
             # what it wrote, split by split: the same datasets (name and digest) train and evaluate read
             log_datasets(tracker, [DataInput(final / "manifest.csv", dataset, split, "output")
@@ -129,28 +150,81 @@ def prepare_dataset(dataset: str) -> Path:
     return final
 
 
-def _prepare_into(final: Path, archives: list[Path], source: DatasetSource, prep_cfg: dict[str, Any],
-                  raw_dir: Path, dataset: str) -> dict[str, Any]:
-    """Unpack, validate, convert and swap into `final`; returns the statistics written."""
+def _reader(cfg: dict[str, Any], card: DatasetCard, dataset: str) -> tuple[Path, Callable[[Path], "_Cases"]]:
+    """The file MLflow tags as the data manifest, and the function reading the cases (given a
+    temporary folder to unpack into)."""
+    prep_cfg = cfg["prepare"]
+    if card.folders is not None:
+        max_values, seed = int(prep_cfg["limits"]["max_image_values"]), int(prep_cfg["seed"])
+        return card.path, lambda work: _folder_cases(card, max_values, seed)
+    source = get_source(Path(cfg["manifests_dir"]), card.archives or dataset)
+    raw_dir = Path(cfg["raw_dir"]) / dataset
+    records = read_record(raw_dir)
+    archives = [raw_dir / r["name"] for r in records]
+    for archive in archives:
+        if not archive.is_file():
+            raise SegpipeError(f"{archive}: listed in {raw_dir / 'download.json'} but missing; "
+                               f"run segpipe download {dataset}")
+    manifest = source.files_manifest or Path(cfg["manifests_dir"]) / "sources.yaml"
+    return manifest, lambda work: _archive_cases(work, archives, source, card, prep_cfg["limits"], records)
+
+
+@dataclass
+class _Cases:
+    """What a source gives prepare: the cases (case, part), their volumes, which parts train and
+    which test, facts for stats.json and, for folder sources, the per-file manifest rows."""
+
+    table: pd.DataFrame
+    loaded: dict[str, dict[str, np.ndarray]]
+    train_parts: tuple[str, ...]
+    test_parts: tuple[str, ...]
+    facts: dict[str, Any]
+    files: list[dict[str, str]] | None = None
+
+
+def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard,
+                  prep_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Read the cases (`read`, given a temporary folder), split them, write the prepared folder and
+    swap it into `final`; returns the statistics written."""
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=final.parent))
-    limits = prep_cfg["limits"]
-    max_values = int(limits["max_image_values"])
     try:
-        root = unpack(archives, work / "unpacked", source.layout, dataset, UnpackLimits.from_config(limits))
-        files = find_files(root, source.layout, dataset)
-        validate(files, source, max_values)
-        cases = _cases(files, source.layout)
+        got = read(work)
+        cases = got.table
         seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
-        cases["split"] = assign_splits(cases, source.layout, seed, val_fraction)
+        cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction)
         out = work / "out"
-        stats = _convert(cases, out, prep_cfg["weight_map"], dataset, max_values)
-        stats.update(dataset=dataset, seed=seed, val_fraction=val_fraction,
-                     archives=[r["sha256"] for r in read_record(raw_dir)])
+        stats = _write(cases, got.loaded, out, prep_cfg["weight_map"], card)
+        stats.update(dataset=card.name, seed=seed, val_fraction=val_fraction, **card.facts, **got.facts)
+        if got.files is not None:
+            write_text(out / FILES_NAME, pd.DataFrame(got.files).to_csv(index=False))
         write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
         _swap_into_place(out, final, work / "previous")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def _archive_cases(work: Path, archives: list[Path], source: DatasetSource, card: DatasetCard,
+                   limits: dict[str, Any], records: list[dict[str, Any]]) -> _Cases:
+    """Unpack and validate the archives (layout or per-file manifest), then read every case."""
+    max_values = int(limits["max_image_values"])
+    root = unpack(archives, work / "unpacked", source.layout, card.name, UnpackLimits.from_config(limits))
+    files = find_files(root, source.layout, card.name)
+    validate(files, source, max_values)
+    cases = _cases(files, source.layout)
+    return _Cases(cases, _read_archive_cases(cases, card, max_values), source.layout.train_parts,
+                  source.layout.test_parts, {"archives": [r["sha256"] for r in records]})
+
+
+def _folder_cases(card: DatasetCard, max_values: int, seed: int) -> _Cases:
+    """Pair the card's folders by stem, read and check every case, hold out test cases if needed."""
+    assert card.folders is not None
+    found = pair_cases(card.folders)
+    loaded = load_cases(found, card, max_values)
+    cases = pd.DataFrame({"case": [c.case for c in found], "part": [c.part for c in found]})
+    if not card.folders.has_test:
+        cases["part"] = hold_out_test(cases["part"], seed, float(card.test_fraction or 0), card.path)
+    return _Cases(cases, loaded, ("train",), ("test",), {"test_fraction": card.test_fraction}, file_rows(found))
 
 
 def _remove_stale_work_dirs(final: Path) -> None:
@@ -174,38 +248,51 @@ def _swap_into_place(new: Path, final: Path, trash: Path) -> None:
     os.replace(new, final)
 
 
-def _convert(cases: pd.DataFrame, out: Path, wm_cfg: dict[str, Any], dataset: str, max_values: int) -> dict[str, Any]:
-    """Write every case's volumes and the manifest; return statistics for stats.json. Images whose
-    header declares more than `max_values` (H x W x C) are refused before decoding."""
-    from pipeline.transforms.weightmap import compute_class_weights, instances_from_binary, unet_weight_map
-
-    for sub in ROLE_DIRS.values():
-        (out / sub).mkdir(parents=True, exist_ok=True)
+def _read_archive_cases(cases: pd.DataFrame, card: DatasetCard, max_values: int) -> dict[str, dict[str, np.ndarray]]:
+    """Every case's volumes, labels as class indices of the card. Images whose header declares more
+    than `max_values` (H x W x C) are refused before decoding."""
     loaded: dict[str, dict[str, np.ndarray]] = {}
-    for row in tqdm(cases.itertuples(index=False), total=len(cases), desc=f"convert {dataset}", unit="case"):
+    for row in tqdm(cases.itertuples(index=False), total=len(cases), desc=f"convert {card.name}", unit="case"):
         vols: dict[str, np.ndarray] = {"image": to_channel_first(read_raster(row.image, max_values))}
+        if vols["image"].shape[0] != len(card.channels):
+            raise SegpipeError(f"{row.image}: {vols['image'].shape[0]} channel(s); {card.path} declares "
+                               f"{len(card.channels)} ({', '.join(card.channels)})")
         if "instances" in cases.columns and isinstance(row.instances, Path):
             inst = read_raster(row.instances, max_values).astype(np.uint16)
             vols["instances"] = inst[None]
-            vols["label"] = separate_touching(inst)[None]
+            label, label_path = separate_touching(inst), row.instances
         else:
-            vols["label"] = to_binary(read_raster(row.label, max_values))[None]
+            label, label_path = to_binary(read_raster(row.label, max_values)), row.label
         for role in ("fov", "label2"):
             value = getattr(row, role, None)
             if isinstance(value, Path):
                 vols[role] = to_binary(read_raster(value, max_values))[None]
+        index, valid = map_labels(label, card, label_path)
+        vols["label"] = index[None]
+        if valid is not None:
+            vols["fov"] = (valid & (vols["fov"][0] > 0) if "fov" in vols else valid).astype(np.uint8)[None]
         _check_same_size(vols, row.case)
         loaded[row.case] = vols
+    return loaded
 
+
+def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: Path, wm_cfg: dict[str, Any],
+           card: DatasetCard) -> dict[str, Any]:
+    """Compute the weight maps, write every case's volumes and the manifest; return statistics for
+    stats.json."""
+    from pipeline.transforms.weightmap import compute_class_weights, instances_from_binary, unet_weight_map
+
+    for sub in ROLE_DIRS.values():
+        (out / sub).mkdir(parents=True, exist_ok=True)
     train_cases = cases.loc[cases["split"] == "train", "case"]
-    class_weights = compute_class_weights([loaded[c]["label"][0] for c in train_cases], num_classes=2)
+    class_weights = compute_class_weights([loaded[c]["label"][0] for c in train_cases], num_classes=len(card.classes))
     w0, sigma = float(wm_cfg["w0"]), float(wm_cfg["sigma"])
     rows = []
     for case, split in tqdm(zip(cases["case"], cases["split"]), total=len(cases), desc="weight maps", unit="case"):
         vols = loaded[case]
         label = vols["label"][0]
         # cells as the label shows them (touching pixels removed), so the gaps get the border term
-        inst = vols["instances"][0] * label if "instances" in vols else instances_from_binary(label)
+        inst = vols["instances"][0] * (label > 0) if "instances" in vols else instances_from_binary(label)
         vols["weight"] = unet_weight_map(inst, w0=w0, sigma=sigma, class_weights=class_weights, labels=label)[None]
         entry = {"case": case, "split": split}
         for role, sub in ROLE_DIRS.items():
@@ -228,7 +315,7 @@ def _statistics(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], c
                 w0: float, sigma: float) -> dict[str, Any]:
     train = [loaded[c] for c in cases.loc[cases["split"] == "train", "case"]]
     pixels = np.concatenate([v["image"].reshape(v["image"].shape[0], -1) for v in train], axis=1).astype(np.float64)
-    foreground = float(np.mean([v["label"].mean() for v in train]))
+    foreground = float(np.mean([(v["label"] > 0).mean() for v in train]))
     return {
         "splits": {k: int(v) for k, v in cases["split"].value_counts().items()},
         "cases": {s: sorted(cases.loc[cases["split"] == s, "case"]) for s in ("train", "val", "test")},

@@ -1,0 +1,58 @@
+"""`segpipe dataset add`: a folder of images and labels becomes a dataset (a tool, not a DVC stage).
+
+Heavy modules are imported inside the handler so that `segpipe --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+
+def _cmd_dataset_add(args: argparse.Namespace) -> int:
+    from pipeline.data.cards import FolderSource
+    from pipeline.data.registry import add_dataset
+
+    source = FolderSource(args.images, args.labels, args.masks, args.test_images, args.test_labels, args.test_masks)
+    add_dataset(args.name, source, class_names=None if args.classes is None else args.classes.split(","),
+                ignore_value=args.ignore_value, test_fraction=args.test_fraction)
+    return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
+def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dataset", help="add a dataset from folders of images and labels (writes its card)")
+    what = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = what.add_parser(
+        "add",
+        help="write configs/datasets/NAME.yaml and add NAME to the DVC matrix",
+        description="Pair images and labels by file stem, read the label values and channels, and write the "
+        "dataset card configs/datasets/NAME.yaml; add NAME to configs/data.yaml (datasets, folder_datasets) and "
+        "its augmentation preset to configs/augment.yaml. Then `dvc repro evaluate@NAME-unet` (or `segpipe "
+        "prepare NAME`, `segpipe train NAME unet`, `segpipe evaluate NAME unet`).",
+    )
+    p.add_argument("name", help="the dataset's name: lower-case letters, digits and _")
+    p.add_argument("--images", required=True, type=Path, metavar="DIR",
+                   help="2-D images (PNG, TIFF, JPEG, NIfTI, MHA, NRRD)")
+    p.add_argument("--labels", required=True, type=Path, metavar="DIR", help="label images, one per image (same stem)")
+    p.add_argument("--masks", type=Path, metavar="DIR",
+                   help="masks of the pixels that count (a field of view), one per image")
+    p.add_argument("--test-images", type=Path, metavar="DIR", help="a separate test set (else --test-fraction)")
+    p.add_argument("--test-labels", type=Path, metavar="DIR")
+    p.add_argument("--test-masks", type=Path, metavar="DIR")
+    p.add_argument("--classes", metavar="NAMES", help="class names in label-value order, e.g. background,vessel "
+                   "(default: from the label values)")
+    p.add_argument("--ignore-value", type=int, metavar="V", help="a label value left out of the loss and the metrics")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F",
+                   help="share of the cases held out for testing without test folders "
+                   "(default 0.2; seed: prepare.seed)")
+    p.set_defaults(handler=_cmd_dataset_add)

@@ -1,0 +1,190 @@
+"""Dataset cards: `configs/datasets/NAME.yaml`, everything `segpipe` knows about one dataset.
+
+A card names the dataset's source, either its entry in `data_manifests/sources.yaml` (archives,
+sha256, layout: DRIVE, HeLa, U373) or folders of 2-D images and labels on disk, and its classes
+(name -> label value; a class's index is its position), the image channels and optional facts:
+
+    source:
+      images: data/mine/images
+      labels: data/mine/labels
+    classes: {background: 0, vessel: 255}
+    ignore_value: null
+    channels: [gray]
+    test_fraction: 0.2
+
+`segpipe dataset add` writes one (`card_text`); a card written or edited by hand is read the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, check_keys, check_list, check_number, check_str, config_dir
+from pipeline.errors import SegpipeError
+
+CARDS_FOLDER = "datasets"
+CARD_KEYS = ("source", "classes", "ignore_value", "channels", "test_fraction", "modality", "spacing")
+OPTIONAL_KEYS = ("ignore_value", "test_fraction", "modality", "spacing")
+FOLDER_KEYS = ("images", "labels", "masks", "test_images", "test_labels", "test_masks")
+MAX_CLASSES = 255  # prepared labels are uint8 class indices
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """Folders of 2-D images; every image pairs with the label (and mask) of the same file stem."""
+
+    images: Path
+    labels: Path
+    masks: Path | None = None
+    test_images: Path | None = None
+    test_labels: Path | None = None
+    test_masks: Path | None = None
+
+    def folders(self) -> dict[str, Path]:
+        """The folders the card sets, by key (images, labels, masks, test_images, ...)."""
+        return {key: getattr(self, key) for key in FOLDER_KEYS if getattr(self, key) is not None}
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_images is not None
+
+
+@dataclass(frozen=True)
+class DatasetCard:
+    """One dataset card, validated."""
+
+    name: str
+    path: Path
+    classes: dict[str, int]  # name -> label value, in class-index order
+    channels: tuple[str, ...]
+    archives: str | None = None  # the dataset's entry in data_manifests/sources.yaml
+    folders: FolderSource | None = None
+    ignore_value: int | None = None
+    test_fraction: float | None = None
+    modality: str | None = None
+    spacing: tuple[float, ...] | None = None
+    facts: dict[str, Any] = field(default_factory=dict)  # as stats.json records them
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    @property
+    def label_values(self) -> list[int]:
+        return list(self.classes.values())
+
+
+def cards_dir() -> Path:
+    """`configs/datasets/` beside the params files (for the stages' entries)."""
+    return config_dir() / CARDS_FOLDER
+
+
+def card_path(folder: Path, name: str) -> Path:
+    return Path(folder) / f"{name}.yaml"
+
+
+def load_card(folder: Path, name: str) -> DatasetCard:
+    """The card `folder/NAME.yaml`, validated; errors name the file and the key."""
+    path = card_path(folder, name)
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(folder).glob("*.yaml"))
+        raise SegpipeError(f"{path}: no dataset card for {name!r} (cards: {', '.join(known) or 'none'}); "
+                           f"add one with `segpipe dataset add {name} --images DIR --labels DIR`")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_card(raw, name, path)
+
+
+def parse_card(raw: Any, name: str, path: Path) -> DatasetCard:
+    """A card's YAML mapping checked key by key."""
+    where = str(path)
+    card = check_keys(raw, CARD_KEYS, where, optional=OPTIONAL_KEYS)
+    archives, folders = _source(card["source"], where)
+    classes = _classes(card["classes"], where)
+    ignore = card.get("ignore_value")
+    if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int) or ignore in classes.values()):
+        raise ConfigError(f"{where}: ignore_value must be null or an integer label value that is no class's, "
+                          f"got {ignore!r}")
+    names = check_list(card["channels"], "channels", where, nonempty=True)
+    channels = tuple(check_str(c, "channels[]", where) for c in names)
+    test_fraction = check_number(card.get("test_fraction"), "test_fraction", where, low=0, high=1, low_open=True,
+                                 high_open=True, optional=True)
+    if test_fraction is not None and (folders is None or folders.has_test):
+        raise ConfigError(f"{where}: test_fraction is for folder sources without test_images; the test set "
+                          "comes from the source here: remove test_fraction")
+    if folders is not None and not folders.has_test and test_fraction is None:
+        raise ConfigError(f"{where}: no test_images folder: set test_fraction (e.g. 0.2), the seeded share of "
+                          "the cases held out for testing")
+    spacing = check_list(card.get("spacing"), "spacing", where, optional=True, nonempty=True)
+    spacing_t = None if spacing is None else tuple(
+        float(check_number(s, "spacing[]", where, low=0, low_open=True)) for s in spacing)
+    modality = card.get("modality")
+    if modality is not None:
+        check_str(modality, "modality", where)
+    facts = {"classes": list(classes), "label_values": list(classes.values()), "ignore_value": ignore,
+             "channels": list(channels), "modality": modality, "spacing": spacing_t and list(spacing_t)}
+    return DatasetCard(name, path, classes, channels, archives, folders, ignore, test_fraction, modality, spacing_t,
+                       facts)
+
+
+def _source(raw: Any, where: str) -> tuple[str | None, FolderSource | None]:
+    if isinstance(raw, dict) and set(raw) == {"archives"}:
+        return check_str(raw["archives"], "source.archives", where), None
+    section = check_keys(raw, FOLDER_KEYS, f"{where}: source (folders; or `archives: NAME` of sources.yaml)",
+                         optional=("masks", "test_images", "test_labels", "test_masks"))
+    paths = {k: None if v is None else Path(check_str(v, f"source.{k}", where)).expanduser()
+             for k, v in section.items()}
+    return None, check_folders(FolderSource(**paths), where)
+
+
+def check_folders(source: FolderSource, where: str) -> FolderSource:
+    """`source` if its folders go together: test images with test labels, and with masks test masks."""
+    if (source.test_images is None) != (source.test_labels is None):
+        raise ConfigError(f"{where}: test_images and test_labels go together; set both or neither")
+    if source.has_test and (source.masks is None) != (source.test_masks is None):
+        raise ConfigError(f"{where}: masks and test_masks go together when there are test folders")
+    if source.test_masks is not None and not source.has_test:
+        raise ConfigError(f"{where}: test_masks without test_images")
+    return source
+
+
+def _classes(raw: Any, where: str) -> dict[str, int]:
+    expected = "a mapping class name -> label value with 2 to 255 classes, e.g. {background: 0, vessel: 255}"
+    if not isinstance(raw, dict) or not 2 <= len(raw) <= MAX_CLASSES:
+        raise ConfigError(f"{where}: classes must be {expected}, got {raw!r}")
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key or isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: classes must be {expected}; {key!r}: {value!r} is not name: integer")
+    if len(set(raw.values())) != len(raw):
+        raise ConfigError(f"{where}: classes {raw}: two classes share a label value")
+    return dict(raw)
+
+
+def _flow(value: Any) -> str:
+    """`value` as one line of YAML (flow style)."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 16)
+    return text.removesuffix("\n...\n").strip()
+
+
+def card_text(name: str, source: FolderSource, classes: dict[str, int], channels: list[str],
+              test_fraction: float | None, ignore_value: int | None = None) -> str:
+    """The card `segpipe dataset add` writes for a folder dataset (comments included)."""
+    rows: list[tuple[str, str]] = [("source:", "folders of 2-D images; image, label and mask pair by file stem")]
+    rows += [(f"  {key}: {_flow(str(path))}", "") for key, path in source.folders().items()]
+    rows += [(f"classes: {_flow(classes)}", "name: value in the label files; class index = position"),
+             (f"ignore_value: {_flow(ignore_value)}", "a label value left out of the loss and the metrics"),
+             (f"channels: {_flow(channels)}", "one name per image channel")]
+    if test_fraction is not None:
+        rows.append((f"test_fraction: {_flow(test_fraction)}",
+                     "share of the cases held out for testing (prepare.seed)"))
+    rows += [("modality: null", ""), ("spacing: null", "pixel size [y, x], if known")]
+    width = max(len(text) for text, _ in rows) + 2
+    lines = [f"# Dataset card of `{name}` (segpipe dataset add). Edit it freely: `segpipe prepare {name}`",
+             "# and `dvc repro` read it again. Keys: README, \"Your own data\"."]
+    lines += [f"{text.ljust(width)}# {comment}" if comment else text for text, comment in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,216 @@
+"""Folder sources of a dataset card: 2-D images and labels on disk, paired by file stem.
+
+Images: PNG, TIFF, JPEG, BMP, NIfTI, MHA, NRRD; grey, RGB or multi-channel (TIFF planes `CYX` or
+samples `YXS`), 8/16-bit or float. Labels and masks: the same formats but JPEG (lossy), one value
+per pixel (grey RGB is read as grey). Every problem names the file: an image without a label (or
+the reverse), an unsupported or unreadable file, shapes that differ, label values outside the
+card's classes, a channel count other than the card's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.cards import DatasetCard, FolderSource
+from pipeline.data.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, read_raster, sha256_file
+from pipeline.errors import SegpipeError, raise_problems
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".mha", ".nrrd") + NIFTI_SUFFIXES
+LABEL_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".jpg", ".jpeg"))
+SITK_SUFFIXES = (".mha", ".nrrd")
+CHANNEL_AXES = "CSQ"  # a TIFF axis before YX read as channels (tifffile: planes, samples, unknown)
+ROLE_NAMES = {"image": "image", "label": "label", "fov": "mask"}
+PARTS = (("train", "images", "labels", "masks"), ("test", "test_images", "test_labels", "test_masks"))
+
+
+@dataclass(frozen=True)
+class FolderCase:
+    """One case of a folder source: its files by role (image, label, fov)."""
+
+    case: str
+    part: str  # "train" (the images folder) or "test" (test_images)
+    files: dict[str, Path]
+
+
+def stem(path: Path) -> str:
+    """The file name without its format suffix (`.nii.gz` counts as one)."""
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+def _suffix(path: Path) -> str:
+    return ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file of `folder` but hidden ones (`.DS_Store`), sorted; a missing folder is an error."""
+    if not folder.is_dir():
+        raise SegpipeError(f"{folder}: folder not found (expected a folder of 2-D images)")
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str, problems: list[str]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in folder_files(folder):
+        if not path.is_file() or _suffix(path) not in suffixes:
+            problems.append(f"{path}: not usable as {what}; expected {', '.join(suffixes)} files (no subfolders)")
+        elif stem(path) in found:
+            problems.append(f"{path}: the same stem as {found[stem(path)].name}; one file per stem")
+        else:
+            found[stem(path)] = path
+    return found
+
+
+def pair_cases(source: FolderSource) -> list[FolderCase]:
+    """The cases of a folder source: images paired with labels (and masks) by file stem."""
+    problems: list[str] = []
+    cases: dict[str, FolderCase] = {}
+    for part, image_key, label_key, mask_key in PARTS:
+        folders = source.folders()
+        if image_key not in folders:
+            continue
+        keys = {"image": image_key, "label": label_key, "fov": mask_key}
+        roles = {"image": _by_stem(folders[image_key], IMAGE_SUFFIXES, "an image", problems),
+                 "label": _by_stem(folders[label_key], LABEL_SUFFIXES, "a label", problems)}
+        if mask_key in folders:
+            roles["fov"] = _by_stem(folders[mask_key], LABEL_SUFFIXES, "a mask", problems)
+        for role, files in roles.items():
+            for key, path in files.items():
+                if key not in roles["image"]:
+                    problems.append(f"{path}: a {ROLE_NAMES[role]} without an image "
+                                    f"(no {key}.* in {folders[image_key]})")
+        for key, image in roles["image"].items():
+            missing = [role for role in roles if key not in roles[role]]
+            if missing:
+                problems.append(f"{image}: an image without a {' and a '.join(ROLE_NAMES[r] for r in missing)} "
+                                f"(no {key}.* in {', '.join(str(folders[keys[r]]) for r in missing)})")
+                continue
+            case = key if part == "train" else f"test_{key}"
+            if case in cases:
+                problems.append(f"{image}: case {case!r} twice (also {cases[case].files['image']}); rename one")
+                continue
+            cases[case] = FolderCase(case, part, {role: roles[role][key] for role in roles})
+    raise_problems(problems, "the dataset's folders do not pair up")
+    if not cases:
+        raise SegpipeError(f"{source.images}: no images found")
+    return [cases[c] for c in sorted(cases)]
+
+
+def read_slice(path: Path, max_values: int | None = None) -> np.ndarray:
+    """A 2-D image as (H, W) or (H, W, C); a 3-D volume or a stack is an error naming the file."""
+    suffix = _suffix(path)
+    array = read_raster(path, max_values)
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            axes = tif.series[0].axes
+        keep = [i for i, a in enumerate(axes) if a in "YX" or array.shape[i] > 1]
+        array, axes = array.reshape([array.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+        if len(axes) == 3 and axes[0] in CHANNEL_AXES and axes[1:] == "YX":
+            return np.moveaxis(array, 0, -1)
+        if axes not in ("YX", "YXS"):
+            raise SegpipeError(f"{path}: a TIFF with axes {axes} {array.shape}; expected a 2-D image (YX), "
+                               "RGB (YXS) or channel planes (CYX)")
+        return array
+    volume = SegpipeError(f"{path}: a volume of shape {array.shape}; expected a 2-D slice")
+    if suffix in NIFTI_SUFFIXES:  # (X, Y) or (X, Y, 1, ...)
+        plane = array.reshape(array.shape[:2] + tuple(n for n in array.shape[2:] if n > 1))
+        if plane.ndim != 2:
+            raise volume
+        return plane
+    if suffix in SITK_SUFFIXES:  # (Y, X), (Y, X, C) or a 3-D (Z, Y, X[, C]) with Z = 1
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        if len(size) == 3 and size[2] == 1:
+            return array[0]
+        if len(size) != 2:
+            raise volume
+    return array
+
+
+def read_plane(path: Path, max_values: int | None = None) -> np.ndarray:
+    """A label or mask image as (H, W): one value per pixel (grey stored as RGB(A) is read as grey)."""
+    array = read_slice(path, max_values)
+    if array.ndim == 3:
+        colour = array[..., :3]
+        if array.shape[-1] not in (3, 4) or not (colour == colour[..., :1]).all():
+            raise SegpipeError(f"{path}: a colour image {array.shape}; expected one value per pixel "
+                               "(a single-channel label or mask)")
+        array = array[..., 0]
+    return array
+
+
+def map_labels(label: np.ndarray, card: DatasetCard, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Label values -> class indices 0..K-1 (uint8) as the card's classes say, and the pixels that
+    count (False at the card's ignore_value; None without one). Other values: an error naming `path`."""
+    values = np.asarray(card.label_values)
+    allowed = np.append(values, card.ignore_value) if card.ignore_value is not None else values
+    outside = np.unique(label[~np.isin(label, allowed)])
+    if outside.size:
+        shown = ", ".join(f"{v:g}" for v in outside[:10].tolist()) + (", ..." if outside.size > 10 else "")
+        raise SegpipeError(f"{path}: label values {shown} are not in the classes of {card.path} "
+                           f"({card.classes}, ignore_value {card.ignore_value})")
+    index = np.zeros(label.shape, np.uint8)
+    for k, value in enumerate(card.label_values):
+        index[label == value] = k
+    return index, (None if card.ignore_value is None else label != card.ignore_value)
+
+
+def load_case(case: FolderCase, card: DatasetCard, max_values: int) -> dict[str, np.ndarray]:
+    """The prepared volumes of one case (channel-first): image, label (class indices) and fov (the
+    mask and/or the pixels not at ignore_value) when the card has either."""
+    image = read_slice(case.files["image"], max_values)
+    if image.dtype == bool:  # 1-bit images; NIfTI has no bool
+        image = image.astype(np.uint8)
+    channels = 1 if image.ndim == 2 else image.shape[-1]
+    if channels != len(card.channels):
+        raise SegpipeError(f"{case.files['image']}: {channels} channel(s); {card.path} declares "
+                           f"{len(card.channels)} ({', '.join(card.channels)})")
+    vols = {"image": image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)}
+    planes = {role: read_plane(case.files[role], max_values) for role in ("label", "fov") if role in case.files}
+    for role, plane in planes.items():
+        if plane.shape != image.shape[:2]:
+            raise SegpipeError(f"{case.files[role]}: {role} of shape {plane.shape}, its image "
+                               f"{case.files['image'].name} is {image.shape[:2]}; expected the same H x W")
+    label, valid = map_labels(planes["label"], card, case.files["label"])
+    vols["label"] = label[None]
+    fov = planes["fov"] != 0 if "fov" in planes else None
+    if valid is not None:
+        fov = valid if fov is None else fov & valid
+    if fov is not None:
+        vols["fov"] = fov.astype(np.uint8)[None]
+    return vols
+
+
+def load_cases(cases: list[FolderCase], card: DatasetCard, max_values: int) -> dict[str, dict[str, np.ndarray]]:
+    """Every case's volumes; all problems are reported together, each naming its file."""
+    loaded, problems = {}, []
+    for case in cases:
+        try:
+            loaded[case.case] = load_case(case, card, max_values)
+        except SegpipeError as exc:
+            problems.append(str(exc))
+    raise_problems(problems, f"{card.name}: the files do not match {card.path}")
+    return loaded
+
+
+def file_rows(cases: list[FolderCase]) -> list[dict[str, str]]:
+    """The per-file manifest of the cases: path, case, role (image, label, fov) and sha256 of every file."""
+    rows = []
+    for case in cases:
+        for role, path in case.files.items():
+            rows.append({"path": str(path), "case": case.case, "role": role, "sha256": sha256_file(path)})
+    return rows
+
+
+def fingerprint(source: FolderSource) -> list[dict[str, str]]:
+    """Every file of the source's folders with its sha256: what `segpipe download` records for DVC."""
+    return [{"folder": key, "name": path.name, "sha256": sha256_file(path)}
+            for key, folder in source.folders().items() for path in folder_files(folder) if path.is_file()]
