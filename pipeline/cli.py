@@ -19,7 +19,7 @@ from pipeline.commands.transforms import add_transforms_commands
 
 GROUPS = """\
 stages and tools, in data-flow order:
-  data           download, manifest, dataset add
+  data           download, manifest, dataset add, dataset import
   preprocessing  prepare
   transforms     weightmap
   inference      infer, export

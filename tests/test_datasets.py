@@ -158,12 +158,10 @@ def test_a_hand_written_card_prepares_the_same(project: FixtureProject) -> None:
     assert {**stats[0], "dataset": None} == {**stats[1], "dataset": None}
 
 
-# --- classes: 3 classes kept as indices, training refuses; the ignore value ------------------------
+# --- classes: 3 classes kept as indices (trained in test_multiclass_train.py); the ignore value ------
 
 
-def test_three_classes_keep_their_indices_and_train_refuses(project: FixtureProject) -> None:
-    from pipeline.training.stage import train
-
+def test_three_classes_keep_their_indices(project: FixtureProject) -> None:
     folders = write_folders(project.root / "mine", values=(0, 100, 200))
     assert add("three", folders, "--classes", "background,disk,bar") == 0
     assert load_card(cards_dir(), "three").classes == {"background": 0, "disk": 100, "bar": 200}
@@ -172,8 +170,6 @@ def test_three_classes_keep_their_indices_and_train_refuses(project: FixtureProj
     label = read_volume(out / table.iloc[0].label)[0]
     assert set(np.unique(label)) == {0, 1, 2}
     np.testing.assert_array_equal(label, disk_label(int(table.iloc[0].case[-2:]), (0, 1, 2)))
-    with pytest.raises(SegpipeError, match=r"3 classes \(background, disk, bar\).*multi-class training is not supported yet"):
-        train("three", "unet", profile="smoke")
 
 
 def test_the_ignore_value_is_left_out_of_the_field_of_view(project: FixtureProject) -> None:

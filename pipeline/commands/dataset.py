@@ -1,4 +1,5 @@
-"""`segpipe dataset add`: a folder of images and labels becomes a dataset (a tool, not a DVC stage).
+"""`segpipe dataset add` / `segpipe dataset import`: folders of images and labels, an nnU-Net v2 raw
+folder or a MONAI datalist becomes a dataset (tools, not DVC stages).
 
 Heavy modules are imported inside the handler so that `segpipe --help` stays fast.
 """
@@ -19,6 +20,15 @@ def _cmd_dataset_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dataset_import(args: argparse.Namespace) -> int:
+    from pipeline.data.registry import import_dataset
+
+    import_dataset(args.name, args.path, base_dir=args.base_dir,
+                   class_names=None if args.classes is None else args.classes.split(","),
+                   ignore_value=args.ignore_value, test_fraction=args.test_fraction)
+    return 0
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -30,7 +40,8 @@ def _fraction(text: str) -> float:
 
 
 def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dataset", help="add a dataset from folders of images and labels (writes its card)")
+    p = sub.add_parser("dataset", help="add a dataset from folders, an nnU-Net raw folder or a MONAI datalist "
+                       "(writes its card)")
     what = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = what.add_parser(
         "add",
@@ -56,3 +67,27 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
                    help="share of the cases held out for testing without test folders "
                    "(default 0.2; seed: prepare.seed)")
     p.set_defaults(handler=_cmd_dataset_add)
+    _add_import_command(what)
+
+
+def _add_import_command(what: argparse._SubParsersAction) -> None:
+    p = what.add_parser(
+        "import",
+        help="write the card of an nnU-Net v2 raw folder or a MONAI datalist (files read in place)",
+        description="PATH is an nnU-Net v2 raw dataset folder (dataset.json, imagesTr/labelsTr, optional "
+        "imagesTs/labelsTs; classes, ignore label and channels from dataset.json) or a MONAI datalist JSON "
+        "(training / validation / test lists of {image, label}). Writes configs/datasets/NAME.yaml whose source "
+        "points at the files (nothing is copied) and registers NAME as `dataset add` does.",
+    )
+    p.add_argument("path", type=Path, metavar="PATH", help="an nnU-Net raw dataset folder or a datalist .json")
+    p.add_argument("--name", required=True, help="the dataset's name: lower-case letters, digits and _")
+    p.add_argument("--base-dir", type=Path, metavar="DIR",
+                   help="datalists: the folder its paths are relative to (default: the JSON's folder)")
+    p.add_argument("--classes", metavar="NAMES", help="datalists: class names in label-value order "
+                   "(default: from the label values)")
+    p.add_argument("--ignore-value", type=int, metavar="V",
+                   help="datalists: a label value left out of the loss and the metrics")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F",
+                   help="share of the training cases held out for testing when the source has no labelled test "
+                   "cases (default 0.2; seed: prepare.seed)")
+    p.set_defaults(handler=_cmd_dataset_import)

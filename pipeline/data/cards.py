@@ -1,8 +1,7 @@
 """Dataset cards: `configs/datasets/NAME.yaml`, everything `segpipe` knows about one dataset.
 
-A card names the dataset's source, either its entry in `data_manifests/sources.yaml` (archives,
-sha256, layout: DRIVE, HeLa, U373) or folders of 2-D images and labels on disk, and its classes
-(name -> label value; a class's index is its position), the image channels and optional facts:
+A card names the dataset's source, its classes (name -> label value; a class's index is its
+position), the image channels and optional facts:
 
     source:
       images: data/mine/images
@@ -12,13 +11,27 @@ sha256, layout: DRIVE, HeLa, U373) or folders of 2-D images and labels on disk, 
     channels: [gray]
     test_fraction: 0.2
 
-`segpipe dataset add` writes one (`card_text`); a card written or edited by hand is read the same.
+The source is one of (paths relative to the repository root; the user's files are read in place):
+  archives: NAME          the dataset's entry in `data_manifests/sources.yaml` (archives, sha256, layout)
+  images, labels          folders of 2-D images and labels paired by file stem; optional masks and
+                          test_images + test_labels (+ test_masks)
+  nnunet: FOLDER          an nnU-Net v2 raw dataset folder: dataset.json (file_ending), imagesTr
+                          (CASE_0000.png, CASE_0001.png: channels), labelsTr (CASE.png), and
+                          imagesTs + labelsTs as the test set when labelsTs exists
+  datalist: FILE          a MONAI datalist JSON (`training`, optional `validation` and `test`: lists of
+  base_dir: DIR           {image, label}; an image may be a list of files, one per channel); its paths
+                          are relative to base_dir (optional; default: the JSON's folder)
+A source without labelled test cases needs `test_fraction` (the seeded share held out for testing);
+one with them must not set it.
+
+`segpipe dataset add` and `segpipe dataset import` write one (`card_text`); a card written or edited
+by hand is read the same.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Union
 
 import yaml
 
@@ -29,6 +42,7 @@ CARDS_FOLDER = "datasets"
 CARD_KEYS = ("source", "classes", "ignore_value", "channels", "test_fraction", "modality", "spacing")
 OPTIONAL_KEYS = ("ignore_value", "test_fraction", "modality", "spacing")
 FOLDER_KEYS = ("images", "labels", "masks", "test_images", "test_labels", "test_masks")
+SOURCE_KINDS = "folders (images, labels, ...), `archives: NAME` of sources.yaml, `nnunet: FOLDER` or `datalist: FILE`"
 MAX_CLASSES = 255  # prepared labels are uint8 class indices
 
 
@@ -43,13 +57,54 @@ class FolderSource:
     test_labels: Path | None = None
     test_masks: Path | None = None
 
+    command: ClassVar[str] = "add"
+    comment: ClassVar[str] = "folders of 2-D images; image, label and mask pair by file stem"
+
     def folders(self) -> dict[str, Path]:
         """The folders the card sets, by key (images, labels, masks, test_images, ...)."""
         return {key: getattr(self, key) for key in FOLDER_KEYS if getattr(self, key) is not None}
 
+    def entries(self) -> dict[str, Path]:
+        """The card's `source` keys."""
+        return self.folders()
+
     @property
     def has_test(self) -> bool:
         return self.test_images is not None
+
+
+@dataclass(frozen=True)
+class NnunetSource:
+    """An nnU-Net v2 raw dataset folder, read in place (`pipeline.data.importers`)."""
+
+    root: Path
+    command: ClassVar[str] = "import"
+    comment: ClassVar[str] = "an nnU-Net v2 raw dataset folder (dataset.json, imagesTr, ...), read in place"
+
+    def entries(self) -> dict[str, Path]:
+        return {"nnunet": self.root}
+
+
+@dataclass(frozen=True)
+class DatalistSource:
+    """A MONAI datalist JSON, its files read in place; paths relative to `base_dir` (default: the
+    JSON's folder)."""
+
+    file: Path
+    base_dir: Path | None = None
+    command: ClassVar[str] = "import"
+    comment: ClassVar[str] = "a MONAI datalist (training/validation/test), files read in place"
+
+    def entries(self) -> dict[str, Path]:
+        return {"datalist": self.file, **({} if self.base_dir is None else {"base_dir": self.base_dir})}
+
+    @property
+    def root(self) -> Path:
+        """The folder the datalist's paths are relative to."""
+        return self.file.parent if self.base_dir is None else self.base_dir
+
+
+ImportedSource = Union[NnunetSource, DatalistSource]
 
 
 @dataclass(frozen=True)
@@ -62,6 +117,7 @@ class DatasetCard:
     channels: tuple[str, ...]
     archives: str | None = None  # the dataset's entry in data_manifests/sources.yaml
     folders: FolderSource | None = None
+    imported: ImportedSource | None = None  # an nnU-Net raw folder or a MONAI datalist
     ignore_value: int | None = None
     test_fraction: float | None = None
     modality: str | None = None
@@ -104,7 +160,7 @@ def parse_card(raw: Any, name: str, path: Path) -> DatasetCard:
     """A card's YAML mapping checked key by key."""
     where = str(path)
     card = check_keys(raw, CARD_KEYS, where, optional=OPTIONAL_KEYS)
-    archives, folders = _source(card["source"], where)
+    archives, folders, imported = _source(card["source"], where)
     classes = _classes(card["classes"], where)
     ignore = card.get("ignore_value")
     if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int) or ignore in classes.values()):
@@ -114,9 +170,9 @@ def parse_card(raw: Any, name: str, path: Path) -> DatasetCard:
     channels = tuple(check_str(c, "channels[]", where) for c in names)
     test_fraction = check_number(card.get("test_fraction"), "test_fraction", where, low=0, high=1, low_open=True,
                                  high_open=True, optional=True)
-    if test_fraction is not None and (folders is None or folders.has_test):
-        raise ConfigError(f"{where}: test_fraction is for folder sources without test_images; the test set "
-                          "comes from the source here: remove test_fraction")
+    if test_fraction is not None and (archives is not None or (folders is not None and folders.has_test)):
+        raise ConfigError(f"{where}: test_fraction is for sources without a test set (folders without "
+                          "test_images); the test set comes from the source here: remove test_fraction")
     if folders is not None and not folders.has_test and test_fraction is None:
         raise ConfigError(f"{where}: no test_images folder: set test_fraction (e.g. 0.2), the seeded share of "
                           "the cases held out for testing")
@@ -128,18 +184,41 @@ def parse_card(raw: Any, name: str, path: Path) -> DatasetCard:
         check_str(modality, "modality", where)
     facts = {"classes": list(classes), "label_values": list(classes.values()), "ignore_value": ignore,
              "channels": list(channels), "modality": modality, "spacing": spacing_t and list(spacing_t)}
-    return DatasetCard(name, path, classes, channels, archives, folders, ignore, test_fraction, modality, spacing_t,
-                       facts)
+    return DatasetCard(name, path, classes, channels, archives, folders, imported, ignore, test_fraction, modality,
+                       spacing_t, facts)
 
 
-def _source(raw: Any, where: str) -> tuple[str | None, FolderSource | None]:
+def _source(raw: Any, where: str) -> tuple[str | None, FolderSource | None, ImportedSource | None]:
+    """The card's `source`: archives, folders, or an imported format (one kind, its keys checked)."""
     if isinstance(raw, dict) and set(raw) == {"archives"}:
-        return check_str(raw["archives"], "source.archives", where), None
-    section = check_keys(raw, FOLDER_KEYS, f"{where}: source (folders; or `archives: NAME` of sources.yaml)",
+        return check_str(raw["archives"], "source.archives", where), None, None
+    if isinstance(raw, dict) and "nnunet" in raw:
+        section = check_keys(raw, ("nnunet",), f"{where}: source (an nnU-Net raw folder)")
+        return None, None, NnunetSource(_path(section, "nnunet", where))
+    if isinstance(raw, dict) and "datalist" in raw:
+        section = check_keys(raw, ("datalist", "base_dir"), f"{where}: source (a MONAI datalist)",
+                             optional=("base_dir",))
+        base = None if section.get("base_dir") is None else _path(section, "base_dir", where)
+        return None, None, DatalistSource(_path(section, "datalist", where), base)
+    section = check_keys(raw, FOLDER_KEYS, f"{where}: source (one of {SOURCE_KINDS})",
                          optional=("masks", "test_images", "test_labels", "test_masks"))
-    paths = {k: None if v is None else Path(check_str(v, f"source.{k}", where)).expanduser()
-             for k, v in section.items()}
-    return None, check_folders(FolderSource(**paths), where)
+    paths = {k: None if v is None else _path(section, k, where) for k, v in section.items()}
+    return None, check_folders(FolderSource(**paths), where), None
+
+
+def _path(section: dict[str, Any], key: str, where: str) -> Path:
+    return Path(check_str(section[key], f"source.{key}", where)).expanduser()
+
+
+def split_fraction(card: DatasetCard, has_test: bool) -> float | None:
+    """The card's test_fraction checked against its source's cases: None when the source has labelled
+    test cases, else the share of the cases to hold out for testing."""
+    if has_test and card.test_fraction is not None:
+        raise ConfigError(f"{card.path}: the source has its own labelled test cases; remove test_fraction")
+    if not has_test and card.test_fraction is None:
+        raise ConfigError(f"{card.path}: the source has no labelled test cases: set test_fraction (e.g. 0.2), "
+                          "the seeded share of the cases held out for testing")
+    return card.test_fraction
 
 
 def check_folders(source: FolderSource, where: str) -> FolderSource:
@@ -171,11 +250,12 @@ def _flow(value: Any) -> str:
     return text.removesuffix("\n...\n").strip()
 
 
-def card_text(name: str, source: FolderSource, classes: dict[str, int], channels: list[str],
+def card_text(name: str, source: FolderSource | ImportedSource, classes: dict[str, int], channels: list[str],
               test_fraction: float | None, ignore_value: int | None = None) -> str:
-    """The card `segpipe dataset add` writes for a folder dataset (comments included)."""
-    rows: list[tuple[str, str]] = [("source:", "folders of 2-D images; image, label and mask pair by file stem")]
-    rows += [(f"  {key}: {_flow(str(path))}", "") for key, path in source.folders().items()]
+    """The card `segpipe dataset add` (folders) or `segpipe dataset import` (nnU-Net, datalist) writes,
+    comments included."""
+    rows: list[tuple[str, str]] = [("source:", source.comment)]
+    rows += [(f"  {key}: {_flow(str(path))}", "") for key, path in source.entries().items()]
     rows += [(f"classes: {_flow(classes)}", "name: value in the label files; class index = position"),
              (f"ignore_value: {_flow(ignore_value)}", "a label value left out of the loss and the metrics"),
              (f"channels: {_flow(channels)}", "one name per image channel")]
@@ -184,7 +264,7 @@ def card_text(name: str, source: FolderSource, classes: dict[str, int], channels
                      "share of the cases held out for testing (prepare.seed)"))
     rows += [("modality: null", ""), ("spacing: null", "pixel size [y, x], if known")]
     width = max(len(text) for text, _ in rows) + 2
-    lines = [f"# Dataset card of `{name}` (segpipe dataset add). Edit it freely: `segpipe prepare {name}`",
-             "# and `dvc repro` read it again. Keys: README, \"Your own data\"."]
+    lines = [f"# Dataset card of `{name}` (segpipe dataset {source.command}). Edit it freely: "
+             f"`segpipe prepare {name}`", "# and `dvc repro` read it again. Keys: README, \"Your own data\"."]
     lines += [f"{text.ljust(width)}# {comment}" if comment else text for text, comment in rows]
     return "\n".join(lines) + "\n"

@@ -5,8 +5,9 @@ verified before an archive gets its final name; a partial download lives under `
 A resumed download with the wrong sha256 (a corrupt or stale `.part`) is discarded and fetched once
 more from zero; only a download from zero with the wrong sha256 is reported as a re-packed archive.
 An archive already present and verified is not fetched again. The result is recorded in
-`data/raw/DATASET/download.json`, which `segpipe prepare` reads. A dataset whose card names folders
-has nothing to fetch: its record lists every file of the folders with its sha256, for DVC to see.
+`data/raw/DATASET/download.json`, which `segpipe prepare` reads. A dataset whose card names folders,
+an nnU-Net raw folder or a MONAI datalist has nothing to fetch: its record lists every file with its
+sha256, for DVC to see.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.data.cards import FolderSource, cards_dir, load_card
-from pipeline.data.folders import fingerprint
+from pipeline.data.cards import DatasetCard, cards_dir, load_card
+from pipeline.data import folders, importers
 from pipeline.data.io import atomic_path, sha256_file, write_text
 from pipeline.data.settings import load_data_config
 from pipeline.data.sources import Archive, DatasetSource, get_source
@@ -198,11 +199,11 @@ def download_dataset(
     card = load_card(cards_dir(), dataset)
     raw_dir = Path(cfg["raw_dir"]) / dataset
     raw_dir.mkdir(parents=True, exist_ok=True)
-    if card.folders is not None:
+    if card.archives is None:
         if from_paths or accept_sha256 or mirror:
-            raise SegpipeError(f"{card.path}: {dataset} is read from folders; --from, --accept-sha256 and --mirror "
-                               "are for archive sources")
-        return record_folders(card.folders, raw_dir, dataset)
+            raise SegpipeError(f"{card.path}: {dataset} is read from files on disk; --from, --accept-sha256 and "
+                               "--mirror are for archive sources")
+        return record_files(card, raw_dir, dataset)
     source = get_source(Path(cfg["manifests_dir"]), card.archives or dataset)
     accepted = {h.lower() for h in (accept_sha256 or []) + list(dl_cfg["accept_sha256"] or [])}
     imports = list(from_paths or (dl_cfg["from"] or {}).get(dataset) or [])
@@ -234,13 +235,19 @@ def download_dataset(
     return raw_dir
 
 
-def record_folders(source: FolderSource, raw_dir: Path, dataset: str) -> Path:
-    """A folder dataset's download: nothing to fetch; every file of its folders with its sha256 goes
-    into `raw_dir/download.json`, the file DVC sees change when an image or label changes."""
-    files = fingerprint(source)
-    record = {"dataset": dataset, "folders": {k: str(v) for k, v in source.folders().items()}, "files": files}
+def record_files(card: DatasetCard, raw_dir: Path, dataset: str) -> Path:
+    """The download of a dataset read in place (folders, nnU-Net folder, datalist): nothing to fetch;
+    every file of its source with its sha256 goes into `raw_dir/download.json`, the file DVC sees
+    change when an image or label changes."""
+    if card.folders is not None:
+        files, entries = folders.fingerprint(card.folders), card.folders.entries()
+        record = {"dataset": dataset, "folders": {k: str(v) for k, v in entries.items()}, "files": files}
+    else:
+        assert card.imported is not None  # a card without archives has folders or an imported source
+        files, entries = importers.fingerprint(card.imported), card.imported.entries()
+        record = {"dataset": dataset, "source": {k: str(v) for k, v in entries.items()}, "files": files}
     write_text(raw_dir / RECORD_NAME, json.dumps(record, indent=2) + "\n")
-    print(f"{dataset}: recorded the sha256 of {len(files)} file(s) of its folders in {raw_dir / RECORD_NAME}")
+    print(f"{dataset}: recorded the sha256 of {len(files)} file(s) of its source in {raw_dir / RECORD_NAME}")
     return raw_dir
 
 

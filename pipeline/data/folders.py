@@ -1,8 +1,10 @@
-"""Folder sources of a dataset card: 2-D images and labels on disk, paired by file stem.
+"""Folder sources of a dataset card: 2-D images and labels on disk, paired by file stem; and the
+reading of cases, which imported sources (`pipeline.data.importers`) share.
 
 Images: PNG, TIFF, JPEG, BMP, NIfTI, MHA, NRRD; grey, RGB or multi-channel (TIFF planes `CYX` or
 samples `YXS`), 8/16-bit or float. Labels and masks: the same formats but JPEG (lossy), one value
-per pixel (grey RGB is read as grey). Every problem names the file: an image without a label (or
+per pixel (grey RGB is read as grey). A case's image is one file or one file per channel (nnU-Net's
+CASE_0000, CASE_0001, ...), stacked. Every problem names the file: an image without a label (or
 the reverse), an unsupported or unreadable file, shapes that differ, label values outside the
 card's classes, a channel count other than the card's.
 """
@@ -27,11 +29,12 @@ PARTS = (("train", "images", "labels", "masks"), ("test", "test_images", "test_l
 
 @dataclass(frozen=True)
 class FolderCase:
-    """One case of a folder source: its files by role (image, label, fov)."""
+    """One case of a folder (or imported) source: its image file(s) and its other files by role."""
 
     case: str
-    part: str  # "train" (the images folder) or "test" (test_images)
-    files: dict[str, Path]
+    part: str  # "train" (the images folder), "test" (test_images) or, from a datalist, "val"
+    images: tuple[Path, ...]  # one file, or one per channel (stacked in this order)
+    files: dict[str, Path]  # label, and fov (a mask) if any
 
 
 def stem(path: Path) -> str:
@@ -89,9 +92,10 @@ def pair_cases(source: FolderSource) -> list[FolderCase]:
                 continue
             case = key if part == "train" else f"test_{key}"
             if case in cases:
-                problems.append(f"{image}: case {case!r} twice (also {cases[case].files['image']}); rename one")
+                problems.append(f"{image}: case {case!r} twice (also {cases[case].images[0]}); rename one")
                 continue
-            cases[case] = FolderCase(case, part, {role: roles[role][key] for role in roles})
+            others = {role: roles[role][key] for role in roles if role != "image"}
+            cases[case] = FolderCase(case, part, (image,), others)
     raise_problems(problems, "the dataset's folders do not pair up")
     if not cases:
         raise SegpipeError(f"{source.images}: no images found")
@@ -163,22 +167,34 @@ def map_labels(label: np.ndarray, card: DatasetCard, path: Path) -> tuple[np.nda
     return index, (None if card.ignore_value is None else label != card.ignore_value)
 
 
+def read_channels(paths: tuple[Path, ...], max_values: int | None = None) -> np.ndarray:
+    """A case's image as (H, W, C): its file(s) read and stacked along the channels, in order."""
+    planes = []
+    for path in paths:
+        array = read_slice(path, max_values)
+        if array.dtype == bool:  # 1-bit images; NIfTI has no bool
+            array = array.astype(np.uint8)
+        if planes and array.shape[:2] != planes[0].shape[:2]:
+            raise SegpipeError(f"{path}: shape {array.shape[:2]}, its first channel {paths[0].name} is "
+                               f"{planes[0].shape[:2]}; expected the same H x W")
+        planes.append(array[..., None] if array.ndim == 2 else array)
+    return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=-1)
+
+
 def load_case(case: FolderCase, card: DatasetCard, max_values: int) -> dict[str, np.ndarray]:
     """The prepared volumes of one case (channel-first): image, label (class indices) and fov (the
     mask and/or the pixels not at ignore_value) when the card has either."""
-    image = read_slice(case.files["image"], max_values)
-    if image.dtype == bool:  # 1-bit images; NIfTI has no bool
-        image = image.astype(np.uint8)
-    channels = 1 if image.ndim == 2 else image.shape[-1]
-    if channels != len(card.channels):
-        raise SegpipeError(f"{case.files['image']}: {channels} channel(s); {card.path} declares "
+    image = read_channels(case.images, max_values)
+    if image.shape[-1] != len(card.channels):
+        files = f" in {len(case.images)} files" if len(case.images) > 1 else ""
+        raise SegpipeError(f"{case.images[0]}: {image.shape[-1]} channel(s){files}; {card.path} declares "
                            f"{len(card.channels)} ({', '.join(card.channels)})")
-    vols = {"image": image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)}
+    vols = {"image": np.moveaxis(image, -1, 0)}
     planes = {role: read_plane(case.files[role], max_values) for role in ("label", "fov") if role in case.files}
     for role, plane in planes.items():
         if plane.shape != image.shape[:2]:
             raise SegpipeError(f"{case.files[role]}: {role} of shape {plane.shape}, its image "
-                               f"{case.files['image'].name} is {image.shape[:2]}; expected the same H x W")
+                               f"{case.images[0].name} is {image.shape[:2]}; expected the same H x W")
     label, valid = map_labels(planes["label"], card, case.files["label"])
     vols["label"] = label[None]
     fov = planes["fov"] != 0 if "fov" in planes else None
@@ -205,7 +221,7 @@ def file_rows(cases: list[FolderCase]) -> list[dict[str, str]]:
     """The per-file manifest of the cases: path, case, role (image, label, fov) and sha256 of every file."""
     rows = []
     for case in cases:
-        for role, path in case.files.items():
+        for role, path in [("image", p) for p in case.images] + list(case.files.items()):
             rows.append({"path": str(path), "case": case.case, "role": role, "sha256": sha256_file(path)})
     return rows
 

@@ -1,8 +1,9 @@
 """Prepared cases for training and evaluation: `data/prepared/<dataset>/manifest.csv` + NIfTI.
 
 A case is a dict of channel-first numpy arrays: "image" (C, H, W) as stored, "label" (1, H, W)
-uint8 class indices (0/1: training and evaluation take 2 classes only), "weight" (1, H, W) float32 (U-Net eq. 2), and when the dataset has them "fov" (DRIVE's
-field of view), "instances" (cell ids, CTC) and "label2" (DRIVE's second observer).
+uint8 class indices 0..K-1 of the card's K classes, "weight" (1, H, W) float32 (U-Net eq. 2), and when
+the dataset has them "fov" (DRIVE's field of view, a folder's masks, the pixels not at the card's
+ignore_value), "instances" (cell ids, CTC) and "label2" (DRIVE's second observer).
 The intensity normalisation of training lives with the transforms (`pipeline.transforms.presets.preprocess`).
 """
 from __future__ import annotations
@@ -102,11 +103,6 @@ def open_prepared(dataset: str, root: Path) -> PreparedDataset:
     except json.JSONDecodeError as exc:
         raise SegpipeError(f"{stats_path}: not valid JSON: {exc}") from exc
     dataset_obj = PreparedDataset(dataset, root, manifest, stats)
-    if len(dataset_obj.class_names) != len(BINARY_CLASSES):
-        raise SegpipeError(
-            f"{stats_path}: {dataset} has {len(dataset_obj.class_names)} classes ({', '.join(dataset_obj.class_names)}); "
-            "training and evaluation support 2 classes (background and one foreground class) only: multi-class "
-            "training is not supported yet (the prepared labels keep the class indices 0..K-1 for it)")
     if not dataset_obj.cases("train"):
         raise SegpipeError(f"{manifest_path}: no training cases")
     return dataset_obj

@@ -1,7 +1,10 @@
-"""`segpipe dataset add`: a folder dataset joins the project with a card and two config edits.
+"""`segpipe dataset add` / `segpipe dataset import`: a dataset joins the project with a card and two
+config edits.
 
-It pairs the folders (errors name the files), reads the labels' values and the first image's
-channel count, and writes, each atomically:
+`add` pairs folders (errors name the files); `import` lists the cases of an nnU-Net v2 raw folder
+or a MONAI datalist (`pipeline.data.importers`; nothing is copied). Both read the labels' values
+(an nnU-Net dataset.json states them) and the first image's channel count, and write, each
+atomically:
   configs/datasets/NAME.yaml   the card (`pipeline.data.cards.card_text`)
   configs/augment.yaml         `NAME: {<<: *generic}`, the generic augmentation preset (text appended)
   configs/data.yaml            NAME in `datasets` and `folder_datasets`, the DVC matrix (comments kept)
@@ -17,8 +20,11 @@ import numpy as np
 import yaml
 
 from pipeline.config import config_path
-from pipeline.data.cards import FolderSource, card_path, card_text, cards_dir, check_folders, parse_card
-from pipeline.data.folders import FolderCase, pair_cases, read_plane, read_slice
+from pipeline.data.cards import (
+    FolderSource, ImportedSource, NnunetSource, card_path, card_text, cards_dir, check_folders, parse_card,
+)
+from pipeline.data.folders import FolderCase, pair_cases, read_channels, read_plane
+from pipeline.data.importers import detect_source, list_cases, read_dataset_json
 from pipeline.data.io import write_text
 from pipeline.data.settings import check_data_config, load_data_config
 from pipeline.errors import SegpipeError
@@ -30,29 +36,71 @@ AUGMENT_BASE = "generic"
 
 def add_dataset(name: str, source: FolderSource, class_names: list[str] | None = None,
                 ignore_value: int | None = None, test_fraction: float = 0.2) -> Path:
-    """Write NAME's card and register it in configs/data.yaml and configs/augment.yaml; returns the card."""
-    data_path, augment_path = config_path("data"), config_path("augment")
+    """Write NAME's card for folders and register it in configs/data.yaml and configs/augment.yaml;
+    returns the card."""
+    limit = _new_name(name)
+    cases = pair_cases(check_folders(source, "segpipe dataset add"))
+    classes = infer_classes(label_values(cases, ignore_value, limit), class_names, source.labels)
+    names = channel_names(read_channels(cases[0].images, limit).shape[-1])
+    return _register(name, source, cases, classes, names, None if source.has_test else test_fraction, ignore_value)
+
+
+def import_dataset(name: str, path: Path, base_dir: Path | None = None, class_names: list[str] | None = None,
+                   ignore_value: int | None = None, test_fraction: float = 0.2) -> Path:
+    """Write NAME's card for an nnU-Net v2 raw folder or a MONAI datalist (read in place) and register
+    it; an nnU-Net dataset.json gives the classes, ignore label and channel names. Returns the card."""
+    limit = _new_name(name)
+    source = detect_source(path, base_dir)
+    cases = list_cases(source)
+    channels = read_channels(cases[0].images, limit).shape[-1]
+    if isinstance(source, NnunetSource):
+        if class_names is not None or ignore_value is not None:
+            raise SegpipeError(f"{source.root}: --classes and --ignore-value are for datalists; an nnU-Net "
+                               "dataset.json names the labels (and `ignore`)")
+        info = read_dataset_json(source.root)
+        if channels != len(info.channels):
+            raise SegpipeError(f"{cases[0].images[0]}: {channels} channel(s) in {len(cases[0].images)} file(s); "
+                               f"{source.root / 'dataset.json'} declares channel_names {info.channels}")
+        classes, names, ignore_value = info.classes, info.channels, info.ignore_value
+    else:
+        classes = infer_classes(label_values(cases, ignore_value, limit), class_names, source.file)
+        names = channel_names(channels)
+    has_test = any(case.part == "test" for case in cases)
+    return _register(name, source, cases, classes, names, None if has_test else test_fraction, ignore_value)
+
+
+def _new_name(name: str) -> int:
+    """Check that NAME is a new, well-formed dataset name; returns prepare.limits.max_image_values."""
     cfg = load_data_config()
     path = card_path(cards_dir(), name)
     if not NAME_PATTERN.fullmatch(name):
         raise SegpipeError(f"dataset name {name!r}: expected lower-case letters, digits and _ (e.g. my_vessels)")
     if path.exists() or name in cfg["datasets"]:
-        raise SegpipeError(f"{path}: dataset {name!r} exists already ({data_path} datasets: {cfg['datasets']}); "
-                           "edit its card, or choose another name")
-    limit = int(cfg["prepare"]["limits"]["max_image_values"])
-    cases = pair_cases(check_folders(source, "segpipe dataset add"))
-    channels = read_slice(cases[0].files["image"], limit).shape[2:] or (1,)
-    classes = infer_classes(label_values(cases, ignore_value, limit), class_names, source.labels)
-    names = CHANNEL_NAMES.get(channels[0], [f"channel_{i}" for i in range(channels[0])])
-    text = card_text(name, source, classes, names, None if source.has_test else test_fraction, ignore_value)
+        raise SegpipeError(f"{path}: dataset {name!r} exists already ({config_path('data')} datasets: "
+                           f"{cfg['datasets']}); edit its card, or choose another name")
+    return int(cfg["prepare"]["limits"]["max_image_values"])
+
+
+def channel_names(count: int) -> list[str]:
+    """Names for `count` image channels: gray, RGB(A), else channel_0, channel_1, ..."""
+    return CHANNEL_NAMES.get(count, [f"channel_{i}" for i in range(count)])
+
+
+def _register(name: str, source: FolderSource | ImportedSource, cases: list[FolderCase], classes: dict[str, int],
+              channels: list[str], test_fraction: float | None, ignore_value: int | None) -> Path:
+    """Write the card, add NAME to configs/data.yaml and its preset to configs/augment.yaml."""
+    data_path, augment_path, path = config_path("data"), config_path("augment"), card_path(cards_dir(), name)
+    text = card_text(name, source, classes, channels, test_fraction, ignore_value)
     card = parse_card(yaml.safe_load(text), name, path)  # what `prepare` will read
-    augment = augment_text(augment_path.read_text(), name, fov="fov" in cases[0].files or ignore_value is not None)
+    fov = "fov" in cases[0].files or ignore_value is not None
+    augment = augment_text(augment_path.read_text(), name, fov, source.command)
     data = data_text(data_path.read_text(), name, str(data_path))
     write_text(path, text)
     write_text(augment_path, augment)
     write_text(data_path, data)
-    print(f"{name}: {len(cases)} case(s), classes {card.classes}, channels {list(card.channels)}; wrote {path}, "
-          f"added {name} to {data_path} (datasets, folder_datasets) and {augment_path}")
+    print(f"{name}: {len(cases)} case(s), classes {card.classes}, ignore_value {card.ignore_value}, channels "
+          f"{list(card.channels)}; wrote {path}, added {name} to {data_path} (datasets, folder_datasets) and "
+          f"{augment_path}")
     return path
 
 
@@ -89,14 +137,15 @@ def infer_classes(values: list[int], names: list[str] | None, folder: Path) -> d
                        "give as many names as values, or write the card's classes (name: value) by hand")
 
 
-def augment_text(text: str, name: str, fov: bool) -> str:
-    """configs/augment.yaml with NAME's preset appended: the generic one, centred in the FOV if `fov`."""
+def augment_text(text: str, name: str, fov: bool, command: str) -> str:
+    """configs/augment.yaml with NAME's preset appended: the generic one, centred in the FOV if `fov`
+    (the comment names the `segpipe dataset` command that added it)."""
     current = yaml.safe_load(text)
     if name in current:
         return text
     if AUGMENT_BASE not in current:
         raise SegpipeError(f"configs/augment.yaml: no `{AUGMENT_BASE}: &{AUGMENT_BASE}` preset to base {name!r} on")
-    lines = [f"\n{name}:                     # segpipe dataset add {name}", f"  <<: *{AUGMENT_BASE}"]
+    lines = [f"\n{name}:                     # segpipe dataset {command} {name}", f"  <<: *{AUGMENT_BASE}"]
     if fov:
         patches = {**current[AUGMENT_BASE]["patches"], "fov_key": "fov"}
         lines.append(f"  patches: {yaml.safe_dump(patches, default_flow_style=True, sort_keys=False).strip()}"

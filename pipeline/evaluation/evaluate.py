@@ -15,11 +15,12 @@ results/<dataset>/<network>/ (configs/evaluate.yaml: results_dir):
     mlflow.json           the MLflow run of this evaluation (run_id, experiment_id, tracking_uri), read
                           by `segpipe report`; also kept out of metrics.json
     overlays/<case>.png   the image with true positives green, false positives red, false negatives blue
+                          (K > 2 classes: reference | prediction, each class in its colour)
 
-Metrics (`pipeline.metrics`), inside the field of view when the dataset has one (DRIVE), else on
-all pixels. The foreground probability is the sigmoid output for one channel and
-1 - P(background) for K > 1 (softmax, channel 0 = background: channel 1 for K = 2); a pixel is
-foreground iff probability >= threshold.
+Metrics (`pipeline.metrics`), inside the field of view when the dataset has one (DRIVE, a folder's
+masks, the pixels not at the card's ignore_value), else on all pixels. Two classes: the foreground
+probability is the sigmoid output for one channel and 1 - P(background) for a softmax (channel 0 =
+background); a pixel is foreground iff probability >= threshold.
 
     dice, iou                mean over test images at `threshold` (every dataset)
     mean_<s>, pooled_<s>     s in f1, accuracy, sensitivity, specificity, precision (pooled also
@@ -37,7 +38,16 @@ foreground iff probability >= threshold.
     observer2_*              DRIVE's second observer (`label2`) against the reference: a human
                              reference row (pooled and mean F1, accuracy, sensitivity, specificity)
 
-Heads (configs/evaluate.yaml: per_head), Dice/IoU at `threshold`, mean over test images, for the
+K > 2 classes (the card's; `pipeline.evaluation.scoring`): the label map is the argmax of the K
+softmax channels; every class c (its name, `classes` in metrics.json) scored one-vs-rest, background
+included. per_image.csv: dice_<c>, iou_<c>, dice_mean_fg, iou_mean_fg (mean over the foreground
+classes 1..K-1), accuracy (pixel accuracy), seconds. metrics.json: the same as means over the test
+images, dice and iou (= dice_mean_fg, iou_mean_fg: the headline, as training's val_dice),
+mean_accuracy, and pooled_<key> of one confusion per class over all test pixels. No threshold,
+AUC-ROC, ROC/PR curves (header-only roc.csv, pr.csv), maxF, MAE, CTC SEG or second observer.
+
+Heads (configs/evaluate.yaml: per_head), Dice/IoU at `threshold` (K > 2: the foreground classes'
+mean Dice/IoU of the argmax), mean over test images, for the
 heads the network names (`SegmentationNetwork.head_views`; `pipeline.evaluation.heads`): UNet++
 L1..Lp (head_L<p>_dice, with seconds and parameters per level), U2-Net S1..S6 and fused
 (side_<k>_dice, fused_dice).
@@ -65,12 +75,13 @@ from pipeline.data.io import atomic_path, write_text
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
 from pipeline.data.settings import load_data_config
 from pipeline.errors import SegpipeError
-from pipeline.evaluation.heads import HeadRunner, head_metrics, head_runners, heads_table
-from pipeline.evaluation.overlays import overlay, write_png
+from pipeline.evaluation.heads import HeadRunner, Reduce, head_metrics, head_runners, heads_table
+from pipeline.evaluation.overlays import write_png
+from pipeline.evaluation.scoring import BinaryScoring, Case, ClassScoring, Scoring, check_classes
 from pipeline.inference import (
     InferenceNetwork, InferenceSettings, inference_network, load_settings, predict, settings_from_config,
 )
-from pipeline.metrics import Confusion, Tally, best_f1_threshold, confusion, foreground
+from pipeline.metrics import MEAN_FG, best_f1_threshold
 from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
 from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run, tracking_settings
 from pipeline.transforms.presets import preprocess
@@ -135,44 +146,24 @@ def json_safe(value: Any) -> Any:
 
 
 @dataclass
-class _Case:
-    """A loaded case, reduced to what evaluation uses: image (C, H, W) as stored, 2-D masks."""
-
-    name: str
-    image: np.ndarray
-    label: np.ndarray
-    mask: np.ndarray | None
-    instances: np.ndarray | None
-    label2: np.ndarray | None
-
-    @staticmethod
-    def load(data: PreparedDataset, case: str) -> "_Case":
-        arrays = data.load(case)
-
-        def plane(role: str, dtype: Any) -> np.ndarray | None:
-            return arrays[role][0].astype(dtype) if role in arrays else None
-
-        return _Case(case, arrays["image"], plane("label", bool), plane("fov", bool),
-                     plane("instances", np.int64), plane("label2", bool))
-
-
-@dataclass
 class _Predictor:
-    """The main network's inference graph and the checkpoint's preprocessing."""
+    """The main network's inference graph, the checkpoint's preprocessing and how its probabilities
+    are reduced to what is scored (`reduce`: foreground probability, or label map for K > 2)."""
 
     dataset: str
     net: InferenceNetwork
     augment: dict[str, Any]
     settings: InferenceSettings
+    reduce: Reduce
     seconds: float = field(default=0.0)
 
-    def inputs(self, case: _Case) -> np.ndarray:
+    def inputs(self, case: Case) -> np.ndarray:
         return preprocess(self.dataset, case.image, self.augment)
 
     def scores(self, x: np.ndarray) -> np.ndarray:
-        """Foreground probabilities (H, W) of a preprocessed image; adds to `seconds`."""
+        """The reduced probabilities (H, W) of a preprocessed image; adds to `seconds`."""
         t0 = time.perf_counter()
-        out = foreground(predict(self.net, x, settings=self.settings))
+        out = self.reduce(predict(self.net, x, settings=self.settings))
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -185,11 +176,11 @@ def pick_threshold(predictor: _Predictor, data: PreparedDataset, desc: str) -> t
                            "set val_threshold: false in configs/evaluate.yaml")
     scores, truth = [], []
     for name in tqdm(cases, desc=desc, unit="image"):
-        case = _Case.load(data, name)
+        case = Case.load(data, name)
         s = predictor.scores(predictor.inputs(case))
         valid = np.ones(case.label.shape, bool) if case.mask is None else case.mask
         scores.append(s[valid])
-        truth.append(case.label[valid])
+        truth.append(case.foreground[valid])
     try:
         return best_f1_threshold(np.concatenate(scores), np.concatenate(truth))
     except SegpipeError as exc:
@@ -233,6 +224,8 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     """
     start, dataset = time.perf_counter(), data.name
     model, ckpt = load_trained(path, dataset, network)
+    classes = check_classes(path, ckpt, model.out_channels, data)
+    multiclass = len(classes) > 2
     test_cases = data.cases("test")
     if not test_cases:
         raise SegpipeError(f"{data.manifest_path}: no test cases")
@@ -242,37 +235,33 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     }
     params = {"evaluate": dict(cfg), "checkpoint": facts, "inference": asdict(settings)}
     tag = f"{dataset}/{network}"
+    use_val = cfg["val_threshold"] and not multiclass  # the best-F1 threshold: two classes only
     inputs = [DataInput(data.manifest_path, dataset, "test", "testing")] + (
-        [DataInput(data.manifest_path, dataset, "val", "validation")] if cfg["val_threshold"] else [])
+        [DataInput(data.manifest_path, dataset, "val", "validation")] if use_val else [])
     with stage_run("evaluate", dataset, params=params, manifest=data.manifest_path, network=network,
                    datasets=inputs, tracking=tracking) as tracker:
-        predictor = _Predictor(dataset, inference_network(model, settings), ckpt["augment"], settings)
-        thresholds = {"": float(cfg["threshold"])}
-        val_f1 = math.nan
-        if cfg["val_threshold"]:
-            thresholds["_best"], val_f1 = pick_threshold(predictor, data, f"{tag} val")
+        reduce = (ClassScoring if multiclass else BinaryScoring).reduce
+        predictor = _Predictor(dataset, inference_network(model, settings), ckpt["augment"], settings, reduce)
+        scoring, scoring_facts = _scoring(predictor, data, cfg, classes, tag)
         predictor.seconds = 0.0
-        runners = head_runners(model, replace(settings, tta=())) if cfg["per_head"] else []  # heads: no TTA
+        runners = head_runners(model, replace(settings, tta=()), reduce) if cfg["per_head"] else []  # heads: no TTA
         n_overlays = len(test_cases) if cfg["overlays"] is None else min(cfg["overlays"], len(test_cases))
         out_dir.mkdir(parents=True, exist_ok=True)
         overlay_tmp = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out_dir))
         try:
-            tally, head_scores = _score_test_split(data, predictor, runners, thresholds, n_overlays, overlay_tmp, tag)
-            metrics = tally.metrics()
+            head_scores = _score_test_split(data, predictor, scoring, runners, n_overlays, overlay_tmp, tag)
+            metrics = scoring.metrics()
             heads = heads_table(runners, head_scores)
             summary: dict[str, Any] = {
                 "dataset": dataset, "network": network, "network_used": ckpt["network"],
                 "checkpoint": str(path), "checkpoint_epoch": ckpt.get("epoch"),
-                "checkpoint_val_dice": ckpt.get("val_dice"), "test_images": len(test_cases),
-                "threshold": thresholds[""],
+                "checkpoint_val_dice": ckpt.get("val_dice"), "test_images": len(test_cases), **scoring_facts,
             }
-            if cfg["val_threshold"]:
-                summary.update(threshold_best=thresholds["_best"], val_best_f1=val_f1)
             per_head = head_metrics(runners, heads, ("dice", "iou"))
             summary = {k: json_safe(v) for k, v in {**summary, **metrics, **per_head}.items()}
             timings = {"inference_seconds": predictor.seconds, **head_metrics(runners, heads, ("seconds",)),
                        "seconds": time.perf_counter() - start}
-            _write_results(out_dir, tally, cfg["curve_points"], heads, overlay_tmp, summary, timings)
+            _write_results(out_dir, scoring, cfg["curve_points"], heads, overlay_tmp, summary, timings)
         finally:
             shutil.rmtree(overlay_tmp, ignore_errors=True)
         if tracker is not None:
@@ -283,36 +272,49 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     return {**summary, **timings}
 
 
-def _score_test_split(data: PreparedDataset, predictor: _Predictor, runners: list[HeadRunner],
-                      thresholds: Mapping[str, float], n_overlays: int, overlay_dir: Path,
-                      tag: str) -> tuple[Tally, dict[str, list[Confusion]]]:
-    """Every test image: the tally of the main output, the confusions per head, the first
-    `n_overlays` overlays written to `overlay_dir`."""
-    tally = Tally(thresholds)
-    head_scores: dict[str, list[Confusion]] = {label: [] for r in runners for label in r.view.labels}
+def _scoring(predictor: _Predictor, data: PreparedDataset, cfg: Mapping[str, Any], classes: list[str],
+             tag: str) -> tuple[Scoring, dict[str, Any]]:
+    """The scoring of the test split and its facts for metrics.json: K > 2 classes, `classes` (their
+    names in the keys); two classes, `threshold` and, when val_threshold, the best-F1 threshold picked
+    on the validation split (`threshold_best`, `val_best_f1`)."""
+    if len(classes) > 2:
+        scoring = ClassScoring(classes)
+        return scoring, {"classes": scoring.tally.keys}
+    thresholds = {"": float(cfg["threshold"])}
+    facts: dict[str, Any] = {"threshold": thresholds[""]}
+    if cfg["val_threshold"]:
+        thresholds["_best"], val_f1 = pick_threshold(predictor, data, f"{tag} val")
+        facts.update(threshold_best=thresholds["_best"], val_best_f1=val_f1)
+    return BinaryScoring(thresholds), facts
+
+
+def _score_test_split(data: PreparedDataset, predictor: _Predictor, scoring: Scoring, runners: list[HeadRunner],
+                      n_overlays: int, overlay_dir: Path, tag: str) -> dict[str, list[tuple[float, float]]]:
+    """Every test image into `scoring` (the main output); returns the (Dice, IoU) of every image per head;
+    the first `n_overlays` overlays written to `overlay_dir`."""
+    head_scores: dict[str, list[tuple[float, float]]] = {label: [] for r in runners for label in r.view.labels}
     for i, name in enumerate(tqdm(data.cases("test"), desc=f"{tag} test", unit="image")):
-        case = _Case.load(data, name)
+        case = Case.load(data, name)
         x = predictor.inputs(case)
         before = predictor.seconds
-        scores = predictor.scores(x)
-        tally.add(name, scores, case.label, case.mask, case.instances, case.label2, predictor.seconds - before)
+        out = predictor.scores(x)
+        scoring.add(case, out, predictor.seconds - before)
         for runner in runners:
             t0 = time.perf_counter()
             per_head = runner.run(x)
             runner.seconds += time.perf_counter() - t0
-            for label, s in zip(runner.view.labels, per_head):
-                head_scores[label].append(confusion(s >= thresholds[""], case.label, case.mask))
+            for label, head_out in zip(runner.view.labels, per_head):
+                head_scores[label].append(scoring.head_score(case, head_out))
         if i < n_overlays:
-            pred = scores >= thresholds[""]
-            write_png(overlay_dir / f"{name}.png", overlay(case.image, pred, case.label, case.mask))
-    return tally, head_scores
+            write_png(overlay_dir / f"{name}.png", scoring.overlay(case, out))
+    return head_scores
 
 
-def _write_results(out_dir: Path, tally: Tally, curve_points: int, heads: pd.DataFrame, overlay_tmp: Path,
+def _write_results(out_dir: Path, scoring: Scoring, curve_points: int, heads: pd.DataFrame, overlay_tmp: Path,
                    summary: Mapping[str, Any], timings: Mapping[str, float]) -> None:
     """results/<dataset>/<network>/, each file atomically; metrics.json last (the run is complete)."""
-    roc, pr = tally.curves(curve_points)
-    write_csv(out_dir / "per_image.csv", tally.table())
+    roc, pr = scoring.curves(curve_points)
+    write_csv(out_dir / "per_image.csv", scoring.table())
     write_csv(out_dir / "roc.csv", roc)
     write_csv(out_dir / "pr.csv", pr)
     write_csv(out_dir / "heads.csv", heads)
@@ -337,28 +339,41 @@ def log_run(tracker: Any, summary: Mapping[str, Any], logged: Mapping[str, float
         tracker.log_artifacts(str(out_dir / "overlays"), "overlays")
 
 
-def summary_text(summary: Mapping[str, Any], timings: Mapping[str, float], heads: pd.DataFrame) -> str:
-    """The short table printed at the end of `segpipe evaluate`."""
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
-    def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:.4f}"
 
+def binary_table(summary: Mapping[str, Any]) -> str:
+    """Two classes: the key scores at the threshold(s), and the threshold-free ones."""
     columns = [("", f"t = {summary['threshold']:g}")]
     if "threshold_best" in summary:
         columns.append(("_best", f"val-best t = {summary['threshold_best']:.3f}"))
     rows = [("Dice (mean)", "dice"), ("IoU (mean)", "iou"), ("F1 (pooled)", "pooled_f1"),
             ("accuracy (pooled)", "pooled_accuracy"), ("sensitivity (pooled)", "pooled_sensitivity"),
             ("specificity (pooled)", "pooled_specificity"), ("SEG", "seg")]
-    table = {label: [fmt(summary.get(key + suffix)) for suffix, _ in columns]
+    table = {label: [_fmt(summary.get(key + suffix)) for suffix, _ in columns]
              for label, key in rows if key in summary}
     free = [("AUC-ROC (pooled)", "pooled_auc"), ("maxF_beta", "maxf"), ("MAE (mean)", "mae"),
             ("2nd observer F1 (pooled)", "observer2_pooled_f1")]
-    table.update({label: [fmt(summary[key])] + [""] * (len(columns) - 1) for label, key in free if key in summary})
-    text = pd.DataFrame.from_dict(table, orient="index", columns=[c for _, c in columns]).to_string()
+    table.update({label: [_fmt(summary[key])] + [""] * (len(columns) - 1) for label, key in free if key in summary})
+    return pd.DataFrame.from_dict(table, orient="index", columns=[c for _, c in columns]).to_string()
+
+
+def class_table(summary: Mapping[str, Any]) -> str:
+    """K > 2 classes: Dice and IoU of every class and their mean over the foreground classes."""
+    keys = [*summary["classes"], MEAN_FG]
+    table = {key: [_fmt(summary.get(f"{prefix}{name}_{key}")) for prefix in ("", "pooled_") for name in ("dice", "iou")]
+             for key in keys}
+    columns = ["Dice (mean)", "IoU (mean)", "Dice (pooled)", "IoU (pooled)"]
+    return pd.DataFrame.from_dict(table, orient="index", columns=columns).to_string()
+
+
+def summary_text(summary: Mapping[str, Any], timings: Mapping[str, float], heads: pd.DataFrame) -> str:
+    """The short table printed at the end of `segpipe evaluate`."""
     head = (f"{summary['dataset']}/{summary['network']} ({summary['network_used']}, epoch "
             f"{summary['checkpoint_epoch']}): {summary['test_images']} test images, "
             f"{timings['seconds']:.1f} s ({timings['inference_seconds']:.1f} s inference)")
-    parts = [head, text]
+    parts = [head, class_table(summary) if "classes" in summary else binary_table(summary)]
     if not heads.empty:
         parts.append(heads.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return "\n".join(parts)

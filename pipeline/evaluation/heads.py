@@ -6,24 +6,32 @@ S1..S6 and the fused output (Qin et al. 2020, Fig. 5). A view with one head is a
 own: it runs through the project's sliding-window `predict`, like the main network, and its time
 and parameter count are reported. A view with several heads is blended with MONAI's
 `sliding_window_inference` over the concatenated logits, with the windows, blending, batch size
-and window-level TTA of `predict`, then split into its heads (K channels each).
+and window-level TTA of `predict`, then split into its heads (K channels each). Each head's
+probabilities are reduced as the main output's (`reduce`: the foreground probability for two
+classes, the argmax label map for K > 2) and scored as Dice and IoU (for K > 2 the means over the
+foreground classes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from pipeline.inference import InferenceNetwork, InferenceSettings, inference_network, predict, probabilities, tta_logits
-from pipeline.metrics import Confusion, foreground
+from pipeline.metrics import foreground
 from pipeline.networks import HeadView, SegmentationNetwork
 
 
-def multi_head_scores(net: InferenceNetwork, image: np.ndarray, settings: InferenceSettings, heads: int) -> np.ndarray:
-    """Foreground probabilities (heads, H, W) of a preprocessed image (C, H, W) through a network
+Reduce = Callable[[np.ndarray], np.ndarray]
+"""Probabilities (K, H, W) -> what is scored (H, W): a foreground probability or a label map."""
+
+
+def multi_head_scores(net: InferenceNetwork, image: np.ndarray, settings: InferenceSettings, heads: int,
+                      reduce: Reduce = foreground) -> np.ndarray:
+    """The reduced probabilities (heads, H, W) of a preprocessed image (C, H, W) through a network
     whose output is `heads` heads of K channels each (`HeadView`)."""
     from monai.inferers import sliding_window_inference
 
@@ -34,12 +42,12 @@ def multi_head_scores(net: InferenceNetwork, image: np.ndarray, settings: Infere
             overlap=settings.overlap, mode=settings.blend, sigma_scale=settings.sigma_scale,
         )[0].float()
     k = logits.shape[0] // heads
-    return np.stack([foreground(probabilities(part).numpy()) for part in logits.split(k)])
+    return np.stack([reduce(probabilities(part).numpy()) for part in logits.split(k)])
 
 
 @dataclass
 class HeadRunner:
-    """One inference pass giving the foreground probabilities (len(view.labels), H, W) of a view."""
+    """One inference pass giving the reduced probabilities (len(view.labels), H, W) of a view."""
 
     view: HeadView
     run: Callable[[np.ndarray], np.ndarray]
@@ -49,32 +57,32 @@ class HeadRunner:
     seconds: float = 0.0
 
 
-def head_runners(model: SegmentationNetwork, settings: InferenceSettings) -> list[HeadRunner]:
+def head_runners(model: SegmentationNetwork, settings: InferenceSettings, reduce: Reduce) -> list[HeadRunner]:
     """One runner per head view of `model` (none for a single-head network)."""
     runners = []
     for view in model.head_views():
         separate = len(view.labels) == 1
         if separate:
             net = inference_network(view.network, settings)
-            run = lambda x, net=net: foreground(predict(net, x, settings=settings))[None]  # noqa: E731
+            run = lambda x, net=net: reduce(predict(net, x, settings=settings))[None]  # noqa: E731
         else:
             net = inference_network(view.network, replace(settings, compile=False))
-            run = lambda x, net=net, n=len(view.labels): multi_head_scores(net, x, settings, n)  # noqa: E731
+            run = lambda x, net=net, n=len(view.labels): multi_head_scores(net, x, settings, n, reduce)  # noqa: E731
         runners.append(HeadRunner(view, run, separate, sum(p.numel() for p in view.network.parameters())))
     return runners
 
 
-def heads_table(runners: list[HeadRunner], head_scores: Mapping[str, list[Confusion]]) -> pd.DataFrame:
-    """heads.csv: head, dice, iou (mean over test images); separate networks also seconds and
-    parameters. Without heads (U-Net, per_head off) the table has only its header, so every
-    evaluation writes the same files."""
+def heads_table(runners: list[HeadRunner], head_scores: Mapping[str, Sequence[tuple[float, float]]]) -> pd.DataFrame:
+    """heads.csv: head, dice, iou (mean over test images of each head's (Dice, IoU) in `head_scores`);
+    separate networks also seconds and parameters. Without heads (U-Net, per_head off) the table has
+    only its header, so every evaluation writes the same files."""
     rows = []
     for runner in runners:
         for label in runner.view.labels:
             row: dict[str, object] = {
                 "head": label,
-                "dice": float(np.mean([c.dice for c in head_scores[label]])),
-                "iou": float(np.mean([c.iou for c in head_scores[label]])),
+                "dice": float(np.mean([dice for dice, _ in head_scores[label]])),
+                "iou": float(np.mean([iou for _, iou in head_scores[label]])),
             }
             if runner.separate:
                 row.update(seconds=runner.seconds, parameters=runner.parameters)

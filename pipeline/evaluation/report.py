@@ -5,6 +5,9 @@ network, plus the training facts) and results/report.md (a markdown table of the
 Training facts come from models/<dataset>/<network>/log.csv when it exists: `train_minutes` is the
 training's wall time (its last `elapsed_seconds`: set-up, validation and checkpoints included),
 `epochs` its last epoch. DRIVE's second observer (`observer2_*` of metrics.json) gets a reference row.
+An evaluation of K > 2 classes (metrics.json lists its `classes`) gets its per-class Dice and IoU
+(means over the test images and pooled) in a second table, "Per class" (summary.csv: `classes` as a
+JSON list).
 The MLflow run of each evaluation comes from results/<dataset>/<network>/mlflow.json (columns
 mlflow_run_id, mlflow_experiment_id, mlflow_tracking_uri; "MLflow run" in report.md). The pairs of
 the pipeline's matrix (configs/data.yaml datasets x configs/train.yaml networks) without a
@@ -23,6 +26,7 @@ from pipeline.config import check_list, check_str, config_path, load_config
 from pipeline.data.io import atomic_path, write_text
 from pipeline.data.settings import load_data_config
 from pipeline.errors import SegpipeError
+from pipeline.metrics import MEAN_FG
 
 NETWORK_ORDER = ("unet", "unetpp", "u2net")
 OBSERVER_ROW = "2nd observer"
@@ -44,6 +48,8 @@ REPORT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("mlflow_run_id", "MLflow run"),
 )
 """(summary.csv column, report.md header) of the markdown table."""
+CLASS_COLUMNS = (("dice_", "Dice"), ("iou_", "IoU"), ("pooled_dice_", "Dice pooled"), ("pooled_iou_", "IoU pooled"))
+"""(metrics.json key prefix before a class, report.md header) of the per-class table."""
 
 
 def training_facts(log_csv: Path) -> dict[str, float]:
@@ -144,19 +150,20 @@ def configured_matrix() -> list[tuple[str, str]]:
             for dataset in load_data_config()["datasets"] for network in networks]
 
 
+def cell(key: str, value: Any) -> str:
+    """A report.md cell of the summary.csv column `key`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key == "epochs":
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.1f}" if key == "train_minutes" else f"{value:.4f}"
+    return str(value)
+
+
 def markdown(table: pd.DataFrame, missing: Sequence[tuple[str, str]] = ()) -> str:
     """report.md: the key metrics of every dataset x network, the second observers, where the MLflow
     runs are, and the pairs of the matrix (`missing`) that have no metrics yet."""
-
-    def cell(key: str, value: Any) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        if key == "epochs":
-            return str(int(value))
-        if isinstance(value, float):
-            return f"{value:.1f}" if key == "train_minutes" else f"{value:.4f}"
-        return str(value)
-
     rows = sorted_rows(pd.concat([table, observer_rows(table)], ignore_index=True))
     columns = [(key, title) for key, title in REPORT_COLUMNS if key in rows.columns]
     lines = ["| " + " | ".join(title for _, title in columns) + " |",
@@ -167,13 +174,34 @@ def markdown(table: pd.DataFrame, missing: Sequence[tuple[str, str]] = ()) -> st
         "# Evaluation report",
         "",
         "Test split, whole images. Dice/IoU: mean over test images at threshold "
-        "(configs/evaluate.yaml, inside the FOV for DRIVE); F1/AUC/accuracy: pooled over all test pixels "
+        "(configs/evaluate.yaml, inside the FOV for DRIVE; more than two classes: the mean over the "
+        "foreground classes of the argmax label map); F1/AUC/accuracy: pooled over all test pixels "
         "(\"@ val t\": at the best-F1 threshold picked on validation); SEG: Cell Tracking Challenge SEG "
         "(the U-Net paper's \"IOU\"); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; train min: training wall "
         "time (elapsed_seconds of models/<dataset>/<network>/log.csv). Every value: results/summary.csv.",
         "",
     ]
-    return "\n".join(notes + lines + _mlflow_notes(table) + _missing_notes(missing)) + "\n"
+    return "\n".join(notes + lines + _class_notes(table) + _mlflow_notes(table) + _missing_notes(missing)) + "\n"
+
+
+def _class_notes(table: pd.DataFrame) -> list[str]:
+    """The per-class table of the evaluations of K > 2 classes (the rows whose metrics.json lists
+    `classes`): every class, background included, and the mean over the foreground classes."""
+    records = [r for r in table.to_dict("records") if isinstance(r.get("classes"), list)]
+    if not records:
+        return []
+    lines = ["", "## Per class", "",
+             "Datasets of more than two classes: each class one-vs-rest on the argmax label map, inside the FOV; "
+             "Dice/IoU: mean over test images, pooled: over all test pixels; mean fg: over the foreground "
+             "classes (the Dice/IoU above).", "",
+             "| dataset | network | class | " + " | ".join(title for _, title in CLASS_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in range(3 + len(CLASS_COLUMNS))) + "|"]
+    for record in records:
+        for key in [*record["classes"], MEAN_FG]:
+            cells = [cell(prefix + key, record.get(prefix + key)) for prefix, _ in CLASS_COLUMNS]
+            name = "mean fg" if key == MEAN_FG else key
+            lines.append(f"| {record['dataset']} | {record['network']} | {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _mlflow_notes(table: pd.DataFrame) -> list[str]:
@@ -207,6 +235,13 @@ def _missing_notes(missing: Sequence[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def csv_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with its lists (the `classes` of K > 2 classes) as JSON text, for summary.csv."""
+    if "classes" not in table.columns:
+        return table
+    return table.assign(classes=[json.dumps(v) if isinstance(v, list) else v for v in table["classes"]])
+
+
 def report(
     results_dir: Path | None = None,
     datasets: Iterable[str] | None = None,
@@ -230,7 +265,7 @@ def report(
                if (keep_ds is None or d in keep_ds) and (keep_net is None or n in keep_net)
                and not (results_dir / d / n / "metrics.json").is_file()]
     with atomic_path(results_dir / "summary.csv") as tmp:
-        table.to_csv(tmp, index=False)
+        csv_cells(table).to_csv(tmp, index=False)
     out = results_dir / "report.md"
     text = markdown(table, missing)
     write_text(out, text)

@@ -1,5 +1,6 @@
 """Evaluation metrics: pixel (Dice, IoU, DRIVE's AUC/F1/...), instance (CTC SEG), saliency (maxF, MAE),
-and the running tally of a test set."""
+multi-class (per-class Dice/IoU of label maps), and the running tallies of a test set."""
+from pipeline.metrics.classes import MEAN_FG, ClassTally, class_keys, class_scores, pixel_accuracy, pooled_per_class
 from pipeline.metrics.instances import label_instances, seg_jaccards, seg_measure
 from pipeline.metrics.saliency import f_beta_curve, mae, max_f_beta, precision_recall
 from pipeline.metrics.segmentation import (
@@ -19,12 +20,16 @@ from pipeline.metrics.segmentation import (
 from pipeline.metrics.tally import OBSERVER_SCORES, SCORES, Tally, foreground, pooled_confusion
 
 __all__ = [
+    "MEAN_FG",
     "OBSERVER_SCORES",
     "SCORES",
+    "ClassTally",
     "Confusion",
     "Tally",
     "best_f1_threshold",
     "binary_scores",
+    "class_keys",
+    "class_scores",
     "confusion",
     "dice",
     "dice_per_class",
@@ -36,7 +41,9 @@ __all__ = [
     "mae",
     "max_f_beta",
     "per_class",
+    "pixel_accuracy",
     "pooled_confusion",
+    "pooled_per_class",
     "pr_curve",
     "precision_recall",
     "roc_auc",

@@ -36,7 +36,8 @@ Output contract (all networks; 2D, input (N, in_channels, H, W)):
 
 Checkpoints (`save_checkpoint` / `load_model`) describe themselves: a dict with format
 "segpipe-checkpoint/1", network, config, in_channels, out_channels, padding, halo, state_dict and
-any extra keys (optimizer, epoch, ...). Loading rebuilds the network from the file alone, using
+any extra keys (optimizer, epoch, ...; a training's checkpoints hold `class_names`, the dataset's
+classes in class-index order, which inference and the ONNX export read). Loading rebuilds the network from the file alone, using
 `torch.load(weights_only=True)`: extras must be tensors, numbers, strings, lists or dicts.
 """
 from __future__ import annotations

@@ -2,8 +2,9 @@
 validate its archives or pair its folders, convert to NIfTI, split, compute weight maps.
 
 Labels become the card's class indices 0..K-1 (its `classes`: name -> label value); pixels at its
-`ignore_value` are left out of the field of view. Folder sources without test folders hold out a
-seeded `test_fraction` of the cases for testing.
+`ignore_value` are left out of the field of view. Folder sources (and nnU-Net raw folders, MONAI
+datalists: `pipeline.data.importers`) without labelled test cases hold out a seeded `test_fraction`
+of the training cases for testing; a datalist's `validation` entries are the val split.
 
 Output, `data/prepared/<dataset>/` (built in a temporary folder `.DATASET.tmp-HOST-PID-*` beside it
 and renamed into place; temporary folders of killed prepares of the dataset are removed at the next
@@ -12,7 +13,8 @@ start):
   labels/CASE.nii.gz     (1, H, W) uint8 class indices ({0, 1} for 2 classes); cells: instances > 0
                          with the pixels where two cells touch set to background, as in the U-Net
                          paper's training masks
-  weights/CASE.nii.gz    (1, H, W) float32, U-Net eq. 2 (class balance from the train split)
+  weights/CASE.nii.gz    (1, H, W) float32, U-Net eq. 2 (K-class balance from the train split; cells
+                         from the instances, else each foreground class's connected components)
   fov/CASE.nii.gz        (1, H, W) uint8 (DRIVE field-of-view mask; a folder's masks, minus ignore_value)
   instances/CASE.nii.gz  (1, H, W) uint16 (cells: CTC SEG instance ids)
   label2/CASE.nii.gz     (1, H, W) uint8 (DRIVE test: second observer)
@@ -41,9 +43,10 @@ from tqdm import tqdm
 
 from pipeline.config import config_path, load_config
 from pipeline.data.archives import UnpackLimits, unpack
-from pipeline.data.cards import DatasetCard, cards_dir, load_card
+from pipeline.data.cards import DatasetCard, cards_dir, load_card, split_fraction
 from pipeline.data.download import read_record
 from pipeline.data.folders import file_rows, load_cases, map_labels, pair_cases
+from pipeline.data.importers import list_cases
 from pipeline.data.settings import load_data_config
 from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, validate
@@ -85,17 +88,22 @@ def separate_touching(instances: np.ndarray) -> np.ndarray:
 
 
 def assign_splits(cases: pd.DataFrame, train_parts: tuple[str, ...], test_parts: tuple[str, ...], seed: int,
-                  val_fraction: float) -> pd.Series:
-    """Test parts -> test; the training parts shuffled with `seed`, `val_fraction` -> val."""
+                  val_fraction: float, val_parts: tuple[str, ...] = ()) -> pd.Series:
+    """Test parts -> test, val parts -> val; the training parts shuffled with `seed`, `val_fraction`
+    -> val (none when the source has val cases of its own)."""
     split = pd.Series("test", index=cases.index)
     train_idx = cases.index[cases["part"].isin(train_parts)].to_numpy()
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(np.sort(train_idx))
-    n_val = int(round(val_fraction * len(shuffled)))
-    n_val = min(max(n_val, 1 if len(shuffled) >= 2 and val_fraction > 0 else 0), max(len(shuffled) - 1, 0))
+    own_val = cases["part"].isin(val_parts)
+    n_val = 0
+    if not own_val.any():
+        n_val = int(round(val_fraction * len(shuffled)))
+        n_val = min(max(n_val, 1 if len(shuffled) >= 2 and val_fraction > 0 else 0), max(len(shuffled) - 1, 0))
     split[shuffled] = "train"
     split[shuffled[:n_val]] = "val"
-    unknown = ~cases["part"].isin(train_parts + test_parts)
+    split[own_val] = "val"
+    unknown = ~cases["part"].isin(train_parts + test_parts + val_parts)
     if unknown.any():
         raise SegpipeError(f"parts {sorted(cases.loc[unknown, 'part'].unique())} are neither train nor test parts in sources.yaml")
     return split
@@ -154,7 +162,7 @@ def _reader(cfg: dict[str, Any], card: DatasetCard, dataset: str) -> tuple[Path,
     """The file MLflow tags as the data manifest, and the function reading the cases (given a
     temporary folder to unpack into)."""
     prep_cfg = cfg["prepare"]
-    if card.folders is not None:
+    if card.archives is None:  # folders, an nnU-Net raw folder or a datalist, read in place
         max_values, seed = int(prep_cfg["limits"]["max_image_values"]), int(prep_cfg["seed"])
         return card.path, lambda work: _folder_cases(card, max_values, seed)
     source = get_source(Path(cfg["manifests_dir"]), card.archives or dataset)
@@ -171,8 +179,9 @@ def _reader(cfg: dict[str, Any], card: DatasetCard, dataset: str) -> tuple[Path,
 
 @dataclass
 class _Cases:
-    """What a source gives prepare: the cases (case, part), their volumes, which parts train and
-    which test, facts for stats.json and, for folder sources, the per-file manifest rows."""
+    """What a source gives prepare: the cases (case, part), their volumes, which parts train, which
+    test (and which validate, if the source says), facts for stats.json and, for sources read in
+    place, the per-file manifest rows."""
 
     table: pd.DataFrame
     loaded: dict[str, dict[str, np.ndarray]]
@@ -180,6 +189,7 @@ class _Cases:
     test_parts: tuple[str, ...]
     facts: dict[str, Any]
     files: list[dict[str, str]] | None = None
+    val_parts: tuple[str, ...] = ()
 
 
 def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard,
@@ -191,7 +201,7 @@ def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard
         got = read(work)
         cases = got.table
         seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
-        cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction)
+        cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction, got.val_parts)
         out = work / "out"
         stats = _write(cases, got.loaded, out, prep_cfg["weight_map"], card)
         stats.update(dataset=card.name, seed=seed, val_fraction=val_fraction, **card.facts, **got.facts)
@@ -217,14 +227,21 @@ def _archive_cases(work: Path, archives: list[Path], source: DatasetSource, card
 
 
 def _folder_cases(card: DatasetCard, max_values: int, seed: int) -> _Cases:
-    """Pair the card's folders by stem, read and check every case, hold out test cases if needed."""
-    assert card.folders is not None
-    found = pair_cases(card.folders)
+    """Pair the card's folders by stem (or list its nnU-Net / datalist cases), read and check every
+    case, hold out test cases from the training ones if the source has none."""
+    if card.folders is not None:
+        found = pair_cases(card.folders)
+    else:
+        assert card.imported is not None  # a card without archives has folders or an imported source
+        found = list_cases(card.imported)
     loaded = load_cases(found, card, max_values)
     cases = pd.DataFrame({"case": [c.case for c in found], "part": [c.part for c in found]})
-    if not card.folders.has_test:
-        cases["part"] = hold_out_test(cases["part"], seed, float(card.test_fraction or 0), card.path)
-    return _Cases(cases, loaded, ("train",), ("test",), {"test_fraction": card.test_fraction}, file_rows(found))
+    test_fraction = split_fraction(card, has_test=bool((cases["part"] == "test").any()))
+    if test_fraction is not None:
+        train = cases["part"] == "train"
+        cases.loc[train, "part"] = hold_out_test(cases.loc[train, "part"], seed, test_fraction, card.path)
+    return _Cases(cases, loaded, ("train",), ("test",), {"test_fraction": card.test_fraction}, file_rows(found),
+                  ("val",))
 
 
 def _remove_stale_work_dirs(final: Path) -> None:
@@ -280,7 +297,7 @@ def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: P
            card: DatasetCard) -> dict[str, Any]:
     """Compute the weight maps, write every case's volumes and the manifest; return statistics for
     stats.json."""
-    from pipeline.transforms.weightmap import compute_class_weights, instances_from_binary, unet_weight_map
+    from pipeline.transforms.weightmap import compute_class_weights, instances_from_labels, unet_weight_map
 
     for sub in ROLE_DIRS.values():
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -291,8 +308,9 @@ def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: P
     for case, split in tqdm(zip(cases["case"], cases["split"]), total=len(cases), desc="weight maps", unit="case"):
         vols = loaded[case]
         label = vols["label"][0]
-        # cells as the label shows them (touching pixels removed), so the gaps get the border term
-        inst = vols["instances"][0] * (label > 0) if "instances" in vols else instances_from_binary(label)
+        # cells as the label shows them (touching pixels removed), so the gaps get the border term;
+        # without instances, the connected components of each foreground class
+        inst = vols["instances"][0] * (label > 0) if "instances" in vols else instances_from_labels(label)
         vols["weight"] = unet_weight_map(inst, w0=w0, sigma=sigma, class_weights=class_weights, labels=label)[None]
         entry = {"case": case, "split": split}
         for role, sub in ROLE_DIRS.items():

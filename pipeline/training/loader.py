@@ -95,10 +95,21 @@ def patch_keys(settings: Mapping[str, Any]) -> list[str]:
     return ["image", "label", "weight"] + ([fov] if fov else [])
 
 
+def check_ignore_value(prepared: PreparedDataset, settings: Mapping[str, Any]) -> None:
+    """SegpipeError when the card's ignore_value would count in the loss: its pixels are left out of the
+    prepared "fov", which masks the loss only as the preset's `patches.fov_key`."""
+    ignore = prepared.stats.get("ignore_value")
+    if ignore is not None and not settings["augment"]["patches"]["fov_key"]:
+        raise SegpipeError(f"configs/augment.yaml: {settings['dataset']}.patches.fov_key is null, but the card's "
+                           f"ignore_value {ignore} ({prepared.root / 'stats.json'}) must stay out of the loss; "
+                           "set fov_key: fov")
+
+
 def build_loader(
     prepared: PreparedDataset, settings: Mapping[str, Any], model: SegmentationNetwork, ctx: Dist
 ) -> tuple[DataLoader, StepSampler, int]:
     """The patch loader of this rank; returns (loader, sampler, patches per step and rank)."""
+    check_ignore_value(prepared, settings)
     num_samples = int(settings["augment"]["patches"]["num_samples"])
     batch = int(settings["batch_size"])
     if batch % (num_samples * ctx.world):

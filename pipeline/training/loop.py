@@ -11,7 +11,11 @@ Optimisation: Adam/AdamW or the U-Net paper's SGD with momentum 0.99; gradient-n
 the `precision` parameter (`pipeline.networks.precision`): fp32, or bf16 autocast on the CPU and on
 CUDA (fp16 with a grad scaler on CUDA), with fp32 master weights and an fp32 loss; channels-last
 (NHWC) weights and batches; optional `torch.compile`. The loss is the network's deep supervision over its heads
-(`pipeline.training.supervision`).
+(`pipeline.training.supervision`), inside the FOV (`patches.fov_key`) when the dataset has one.
+
+Classes: a dataset of 2 classes trains a 1-channel network (sigmoid), one of K > 2 classes a K-channel
+network (softmax cross-entropy with the eq. 2 weight map, soft Dice over the foreground classes); both
+checkpoints record the dataset's class names (`class_names`).
 
 Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
 whole validation images; the checkpoint with the best validation Dice is `best.pt`. `last.pt` is
@@ -91,6 +95,7 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     layout: torch.memory_format
+    class_names: list[str]
     keys: list[str] = field(default_factory=list)
 
 
@@ -108,12 +113,18 @@ class _Progress:
     epoch_metrics: list[dict[str, float]] = field(default_factory=list)
 
 
+def output_channels(num_classes: int) -> int:
+    """The network's output channels for `num_classes` classes: 1 (sigmoid) for 2, else one per class."""
+    return 1 if num_classes == 2 else num_classes
+
+
 def _build(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) -> _Trainer:
     """Network (seeded), patch loader, loss, optimizer and grad scaler of a training."""
     torch.manual_seed(int(settings["seed"]))
     channels = settings["augment"]["channels"]
     in_channels = len(channels) if channels else prepared.in_channels
-    model = build_network(settings["network"], in_channels, 1, **settings["network_config"])
+    model = build_network(settings["network"], in_channels, output_channels(len(prepared.class_names)),
+                          **settings["network_config"])
     layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model.to(ctx.device, memory_format=layout)
     loader, sampler, patches_per_rank = build_loader(prepared, settings, model, ctx)
@@ -127,7 +138,7 @@ def _build(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) ->
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     forward = torch.compile(net) if settings["compile"] else net
     return _Trainer(settings, ctx, model, forward, loader, sampler, patches_per_rank, loss_fn, optimizer, scaler,
-                    layout, patch_keys(settings))
+                    layout, prepared.class_names, patch_keys(settings))
 
 
 def _restore(trainer: _Trainer, path: Path) -> _Progress:
@@ -140,6 +151,9 @@ def _restore(trainer: _Trainer, path: Path) -> _Progress:
     if changed:
         raise SegpipeError(f"{path}: cannot resume, settings changed since this checkpoint: {changed}; "
                            "train without --resume to start over")
+    if state.get("class_names", trainer.class_names) != trainer.class_names:
+        raise SegpipeError(f"{path}: cannot resume, the checkpoint's classes {state['class_names']} differ from the "
+                           f"prepared dataset's {trainer.class_names}; train without --resume to start over")
     trainer.model.load_state_dict(state["state_dict"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
@@ -219,14 +233,14 @@ def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], me
             progress.best = {"val_dice": row["val_dice"], "epoch": epoch}
             save_checkpoint(t.model, out_dir / "best.pt", dataset=s["dataset"], network_key=s["network_key"],
                             profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"],
-                            precision=s["precision"])
+                            precision=s["precision"], class_names=t.class_names)
     row["elapsed_seconds"] = time.perf_counter() - clock
     progress.log_rows.append(row)
     progress.epoch_metrics.append({"epoch": epoch, **_epoch_metrics(row, means)})
     save_checkpoint(t.model, out_dir / "last.pt", settings=_resume_settings(s), optimizer=t.optimizer.state_dict(),
                     scaler=t.scaler.state_dict(), torch_rng=torch.get_rng_state(), epoch=epoch,
                     best=dict(progress.best), log=progress.log_rows, mlflow_run_id=progress.run_id,
-                    mlflow_epoch_metrics=progress.epoch_metrics)
+                    mlflow_epoch_metrics=progress.epoch_metrics, class_names=t.class_names)
     write_text(out_dir / "log.csv", _log_text(progress.log_rows))
 
 

@@ -13,8 +13,9 @@ network, architecture, precision, val_dice and best_epoch. The model:
   JSON (`write_settings`; `preprocess` is `checkpoint` and `intensity` `none`: the model always
   applies the checkpoint's recorded preprocessing, whose output is float);
 - signature (`model_signature`): input one image, float32 (C, H, W) as stored (before the
-  preprocessing), no batch; output the label map uint8 (H, W), or with the param
-  `output` = `probabilities` the class probabilities float32 (K, H, W);
+  preprocessing), no batch; output the label map uint8 (H, W) of class indices (argmax over K
+  channels, threshold on one), or with the param `output` = `probabilities` the class probabilities
+  float32 (K, H, W);
 - requirements (`pinned_requirements`): segpipe's runtime dependencies at the installed versions.
 """
 from __future__ import annotations

@@ -6,8 +6,10 @@ The package never imports this file (running it sets MLflow's current model).
 `predict(image)` takes one image (C, H, W) float32 as stored, applies the preprocessing the
 checkpoint recorded from training (`pipeline.transforms.presets.preprocess`: channels, CLAHE,
 z-score or percentiles, as `segpipe evaluate` does) and runs the project's sliding-window
-`pipeline.inference.predict` with the `settings` artifact; it returns the label map uint8 (H, W),
-or with `params={"output": "probabilities"}` the probabilities float32 (K, H, W).
+`pipeline.inference.predict` with the `settings` artifact; it returns the label map uint8 (H, W) of
+class indices (a K-channel network: the argmax over the classes; one channel: the foreground
+probability >= the settings' threshold), or with `params={"output": "probabilities"}` the
+probabilities float32 (K, H, W).
 """
 from __future__ import annotations
 

@@ -2,12 +2,15 @@
 
     w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))**2 / (2 * sigma**2))
 
-`w_c` balances the class frequencies; `d1`, `d2` are the Euclidean distances from a background
-pixel to the border of the nearest and the second-nearest cell. A cell's "border" is its outermost
-pixels, so `d_i(x)` is the distance between pixel centres from `x` to the closest pixel of cell `i`
-(what `scipy.ndimage.distance_transform_edt(instances != i)` gives). The border term is added on
-the pixels that belong to no cell (`instances == 0`); under the default `labels = instances > 0`
-those are exactly the class-0 pixels.
+`w_c` balances the frequencies of the K classes; `d1`, `d2` are the Euclidean distances from a
+background pixel to the border of the nearest and the second-nearest cell. Cells are the instances
+when the dataset has them, else the connected components of each foreground class
+(`instances_from_labels`; d1, d2 run over the components of all foreground classes). A cell's
+"border" is its outermost pixels, so `d_i(x)` is the distance between pixel centres from `x` to the
+closest pixel of cell `i` (what `scipy.ndimage.distance_transform_edt(instances != i)` gives). The
+border term is added on the pixels that belong to no cell (`instances == 0`); under the default
+`labels = instances > 0` (and for the components of a class-index map) those are exactly the
+class-0 pixels.
 
 Exact and fast (`unet_weight_map`): each cell's distance transform is computed only inside its
 bounding box grown by the radius R = ceil(sigma * sqrt(2 * ln(w0 / tol))) beyond which the border
@@ -236,6 +239,22 @@ def instances_from_binary(mask: np.ndarray, connectivity: int = 2) -> np.ndarray
     if connectivity not in (1, 2):
         raise SegpipeError(f"mask: connectivity must be 1 or 2, got {connectivity}")
     return label(arr != 0, connectivity=connectivity).astype(np.int32)
+
+
+def instances_from_labels(labels: np.ndarray, connectivity: int = 2) -> np.ndarray:
+    """Instance ids (H, W) int32 of a class-index map (0 = background): the connected components of
+    each foreground class, numbered on from one class to the next (class 1's first). The borders of
+    eq. 2 for multi-class labels without instance masks: d1, d2 run over the components of every
+    foreground class. For {0, 1} labels this is `instances_from_binary`."""
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise SegpipeError(f"labels: expected a 2-D (H, W) map of class indices, got {arr.dtype} {arr.shape}")
+    out = np.zeros(arr.shape, np.int32)
+    for k in np.unique(arr[arr > 0]):
+        components = instances_from_binary(arr == k, connectivity)
+        inside = components > 0
+        out[inside] = components[inside] + out.max()
+    return out
 
 
 def _read_2d(path: Path, what: str) -> np.ndarray:
