@@ -323,7 +323,6 @@ def _worker(argv: Sequence[str]) -> None:
         net = inference_network(model, settings)
         tile_in = net.input_size(net.valid_output_size(a.tile)) if net.padding == "valid" else a.tile
         net(torch.zeros(a.batch_size, 3, tile_in, tile_in))  # warm-up (and compilation, if any)
-        flops = {} if a.onnxruntime else _window_flops(net, tile_in, a)
         net.module = _Timed(net.module)
         baseline = proc.memory_info().rss / 2**20
         reset_peak_rss()
@@ -335,11 +334,14 @@ def _worker(argv: Sequence[str]) -> None:
             shutil.rmtree(out)
         else:
             out.unlink()
-        if a.onnxruntime:  # torch's net counts the FLOPs, after the measurement: it adds nothing to the run
-            flops = _window_flops(inference_network(a.checkpoint, settings), tile_in, a)
+        # FLOPs counted by torch's flop counter after the measurement: its tracing holds ~60 MB that is
+        # no part of inference (ONNX Runtime's rows: torch's network of the same checkpoint counts them)
+        counted = inference_network(a.checkpoint, settings) if a.onnxruntime else net
+        net_seconds = net.module.seconds
+        flops = _window_flops(counted, tile_in, a)
         seconds, pixels = report.seconds, report.megapixels
         notes = f"{report.plan}; {', '.join(report.notes)}"
-        extra = {"precision": a.precision, "net_seconds": net.module.seconds, **flops}
+        extra = {"precision": a.precision, "net_seconds": net_seconds, **flops}
     else:
         import tifffile
         from monai.inferers import SlidingWindowInferer
