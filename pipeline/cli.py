@@ -66,7 +66,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         "sha256 verification. Mirror: --mirror, $SEGPIPE_MIRROR or configs/data.yaml "
         "download.mirror. Air-gapped: --from PATH.",
     )
-    p.add_argument("dataset", help="drive, hela or u373 (see data_manifests/sources.yaml)")
+    p.add_argument("dataset", help="a dataset with a card, configs/datasets/DATASET.yaml (drive, hela, u373 or "
+                   "yours: a folder dataset is hashed, not downloaded)")
     p.add_argument(
         "--from",
         dest="from_paths",
@@ -91,7 +92,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
         description="Unpack data/raw/DATASET, validate every file against data_manifests/, and write "
         "data/prepared/DATASET (NIfTI images/labels, weight maps, manifest.csv).",
     )
-    p.add_argument("dataset", help="drive, hela or u373")
+    p.add_argument("dataset", help="a dataset with a card, configs/datasets/DATASET.yaml")
     p.set_defaults(handler=_cmd_prepare)
 
     p = sub.add_parser(
@@ -134,7 +135,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides = deep_merge(overrides, item)
     if args.precision:
         overrides["precision"] = args.precision
-    result = train(args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides)
+    result = train(args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides,
+                   fold=args.fold)
     if result.stopped_early:
         print(f"segpipe train: stopped by max_minutes after {result.steps} steps: this model depends on the "
               "machine's speed, not only on params and data (exit 3)", file=sys.stderr)
@@ -168,6 +170,9 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("network", help="unet, unetpp or u2net (the profile may substitute, e.g. u2netp)")
     p.add_argument("--profile", default=None, help="profile of configs/train.yaml (default: its `profile`)")
     p.add_argument("--resume", action="store_true", help="continue from models/DATASET/NETWORK/last.pt")
+    p.add_argument("--fold", type=int, default=None, metavar="K",
+                   help="cross-validation: validate on fold K of the prepared data, train on the others "
+                   "(default: configs/train.yaml's `fold`; null there: the prepare split)")
     p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                    help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)")
     precision_arg(p, "the profile of configs/train.yaml")

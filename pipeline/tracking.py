@@ -66,16 +66,19 @@ class TrackingSettings:
 @dataclass(frozen=True)
 class DataInput:
     """The rows of a prepared dataset's manifest.csv a stage reads (or writes): one `split`, or all
-    rows (None). `context` is MLflow's dataset context: training, validation, testing, output."""
+    rows (None). `context` is MLflow's dataset context: training, validation, testing, output.
+    `fold` k: cross-validation's split, val = the train and val cases of fold k, train = the others."""
 
     manifest: Path
     dataset: str
     split: str | None
     context: str
+    fold: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.split}" if self.split else self.dataset
+        name = f"{self.dataset}-{self.split}" if self.split else self.dataset
+        return name if self.fold is None else f"{name}-fold{self.fold}"
 
 
 def tracking_settings(cfg: Mapping[str, Any], where: str) -> TrackingSettings:
@@ -158,12 +161,19 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _split_rows(manifest: Path, split: str | None) -> Any:
-    """The manifest rows of `split` (all rows: None) as a DataFrame of strings."""
+def _split_rows(manifest: Path, split: str | None, fold: int | None = None) -> Any:
+    """The manifest rows of `split` (all rows: None) as a DataFrame of strings; with `fold`, the train
+    and val rows re-split as `PreparedDataset.with_fold` does (val: fold `fold`, train: the others)."""
     import pandas as pd
 
     table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    return table if split is None else table[table["split"] == split].reset_index(drop=True)
+    if split is None:
+        return table
+    if fold is not None and split in ("train", "val"):
+        in_fold = table["fold"] == str(fold)
+        keep = (table["split"] != "test") & (in_fold if split == "val" else ~in_fold)
+        return table[keep].reset_index(drop=True)
+    return table[table["split"] == split].reset_index(drop=True)
 
 
 def data_digest(manifest: Path, split: str | None, rows: Any = None) -> str:
@@ -183,7 +193,7 @@ def log_datasets(tracker: Any, inputs: Iterable[DataInput]) -> None:
     from mlflow.data.pandas_dataset import from_pandas
 
     for item in inputs:
-        rows = _split_rows(item.manifest, item.split)
+        rows = _split_rows(item.manifest, item.split, item.fold)
         if rows.empty:
             continue
         with warnings.catch_warnings():  # MLflow registers its local source for "" and "file:" alike

@@ -80,7 +80,7 @@ def test_training_logs_registers_and_serves_its_best_model(store: MlflowClient, 
     assert signature == model_signature()
     assert [(s.type, s.shape) for s in (*signature.inputs.inputs, *signature.outputs.inputs)] == [
         (np.dtype(np.float32), (-1, -1, -1)), (np.dtype(np.uint8), (-1, -1))]
-    assert [(p.name, p.default) for p in signature.params.params] == [("output", "labels")]
+    assert [(p.name, p.default) for p in signature.params.params] == [("output", "labels"), ("threshold", "0.5")]
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
     requirements = (local / "requirements.txt").read_text().split()
     assert "torch==2.13.0" in requirements and not any(r.startswith("dvc") for r in requirements)

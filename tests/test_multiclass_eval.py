@@ -26,7 +26,7 @@ from pipeline.evaluation.overlays import CLASS_PALETTE, OVERLAY_ALPHA, class_col
 from pipeline.evaluation.report import report
 from pipeline.inference import load_settings, predict, settings_from_config
 from pipeline.metrics import ClassTally, class_keys, class_scores, per_class, pixel_accuracy, pooled_per_class
-from pipeline.networks import build_network, load_model, save_checkpoint
+from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint
 from pipeline.preprocessing.prepare import prepare_dataset
 from pipeline.transforms.presets import preprocess
 from test_datasets import add, disk_label, write_folders
@@ -157,8 +157,9 @@ def make_checkpoint(project: FixtureProject, key: str, name: str, out_channels: 
     torch.manual_seed(0)
     net = build_network(name, 1, out_channels, **config)
     path = project.root / "models" / "three" / key / "best.pt"
+    augment = {**load_config("augment")["three"], "normalize": "zscore"}  # as the training plan resolves `auto`
     save_checkpoint(net, path, dataset="three", network_key=key, profile="smoke", epoch=2, val_dice=0.4,
-                    augment=dict(load_config("augment")["three"]), class_names=class_names)
+                    augment=augment, class_names=class_names)
     return path
 
 
@@ -200,7 +201,7 @@ def test_evaluate_three_classes_per_class_metrics_mlflow_overlays_report(
     # by hand: the rule's label maps against the references, inside the FOV
     data = open_prepared("three", project.root / "data" / "prepared" / "three")
     tests = data.load_split("test")
-    augment = dict(load_config("augment")["three"])
+    augment = {**load_config("augment")["three"], "normalize": "zscore"}  # the checkpoint's
     preds = [rule(preprocess("three", c["image"], augment)) for c in tests]
     confusions = [per_class(p, c["label"][0], 3, c["fov"][0]) for p, c in zip(preds, tests)]
     by_image = [class_scores(c, CLASSES) for c in confusions]
@@ -262,7 +263,7 @@ def test_evaluate_three_classes_real_unetpp_with_heads(project: FixtureProject) 
     base = settings_from_config(load_config("inference"), "configs/inference.yaml")
     settings = load_settings(base, tile=32, tta=[], intensity="none")  # as eval_config sets them
     data = open_prepared("three", project.root / "data" / "prepared" / "three")
-    augment = dict(load_config("augment")["three"])
+    augment = read_checkpoint(path)["augment"]
     l1_dices = []
     for i, c in enumerate(data.load_split("test")):
         x = preprocess("three", c["image"], augment)

@@ -36,9 +36,11 @@ from pipeline.errors import SegpipeError
 from pipeline.bench.peak import conv_peak, count_flops, peak_line
 from pipeline.networks import build_network
 from pipeline.networks.precision import autocast, check_precision, fp32_output
+from pipeline.preprocessing.fingerprint import read_fingerprint
 from pipeline.training.distributed import Dist
 from pipeline.training.loader import build_loader, patch_keys
 from pipeline.training.optim import build_optimizer
+from pipeline.training.planning import plan_training
 from pipeline.training.settings import resolve_settings
 from pipeline.training.stage import load_train_configs
 from pipeline.training.supervision import build_loss
@@ -133,6 +135,8 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
         rows = []
         for network in networks:
             settings = resolve_settings(load_train_configs(), prepared.name, network, overrides=overrides)
+            if source.startswith("prepared"):  # as `segpipe train` plans (the synthetic set is DRIVE's: explicit)
+                settings = plan_training(read_fingerprint(prepared.root, dataset), settings).settings
             torch.manual_seed(0)
             channels = settings["augment"]["channels"]
             model = build_network(settings["network"], len(channels) if channels else prepared.in_channels, 1,

@@ -10,6 +10,7 @@ from pipeline.commands.arguments import finite, precision_arg
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.inference.settings import parse_threshold
     from pipeline.inference.stage import run_infer
 
     run_infer(
@@ -26,6 +27,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         device=args.device,
         preprocess=args.preprocess,
         probabilities_dtype=args.probabilities_dtype,
+        threshold=None if args.threshold is None else parse_threshold(args.threshold, "--threshold"),
         nonfinite=args.nonfinite,
         precision=args.precision,
         backend=args.backend,
@@ -75,6 +77,11 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preprocess", choices=("checkpoint", "intensity"), default=None,
                    help="checkpoint: the training preprocessing the checkpoint records (channels, CLAHE, "
                    "zscore/percentile); intensity: ignore it, scale by the dtype maximum")
+    p.add_argument("--threshold", default=None, metavar="VALUE",
+                   help="two-class (one-channel) models: label = probability >= VALUE, a number in (0, 1), or the "
+                   "operating point picked on the validation split and stored in the checkpoint (or .onnx): val = "
+                   "best F1 over the pooled pixels, val-dice = best mean per-image Dice; default: "
+                   "configs/inference.yaml output.threshold")
     p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
     p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
     p.add_argument("--format", choices=("auto", "tiff", "ome-tiff", "ome-zarr", "nifti"), default=None,

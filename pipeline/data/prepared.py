@@ -5,11 +5,14 @@ uint8 class indices 0..K-1 of the card's K classes, "weight" (1, H, W) float32 (
 the dataset has them "fov" (DRIVE's field of view, a folder's masks, the pixels not at the card's
 ignore_value), "instances" (cell ids, CTC) and "label2" (DRIVE's second observer).
 The intensity normalisation of training lives with the transforms (`pipeline.transforms.presets.preprocess`).
+
+Cross-validation: `with_fold(k)` makes fold k (manifest.csv's `fold` column, written by `segpipe
+prepare`) the val split and the other folds the train split; test cases stay test.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -45,6 +48,29 @@ class PreparedDataset:
 
     def cases(self, split: str) -> list[str]:
         return list(self.rows(split)["case"])
+
+    def with_fold(self, fold: int | None) -> PreparedDataset:
+        """A copy whose val split is fold `fold` and whose train split is the other folds (None: self).
+        SegpipeError when the dataset was prepared without folds, `fold` is out of range, or fold
+        `fold` is empty or holds every non-test case."""
+        if fold is None:
+            return self
+        n = (self.stats.get("folds") or {}).get("n")
+        if "fold" not in self.manifest.columns or not isinstance(n, int):
+            raise SegpipeError(f"{self.manifest_path}: no cross-validation folds (prepared before folds existed); "
+                               f"run `segpipe prepare {self.name}` again")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n:
+            raise SegpipeError(f"{self.root / 'stats.json'}: {n} folds (configs/data.yaml prepare.folds); "
+                               f"the fold (configs/train.yaml fold, --fold) must be 0..{n - 1}, got {fold!r}")
+        pool = self.manifest["split"] != "test"
+        held = pool & (self.manifest["fold"] == str(fold))
+        if not held.any() or held.sum() == pool.sum():
+            raise SegpipeError(f"{self.manifest_path}: fold {fold} holds {int(held.sum())} of the {int(pool.sum())} "
+                               "train and val cases; cross-validation needs cases in the fold and outside it "
+                               "(fewer prepare.folds in configs/data.yaml, or more cases)")
+        manifest = self.manifest.copy()
+        manifest.loc[pool, "split"] = np.where(held[pool], "val", "train")
+        return replace(self, manifest=manifest)
 
     def load(self, case: str) -> dict[str, np.ndarray]:
         """Every stored role of `case` as channel-first arrays."""

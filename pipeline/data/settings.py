@@ -13,7 +13,7 @@ from pipeline.config import (
 
 TOP_KEYS = ("datasets", "cell_datasets", "folder_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download", "prepare")
 DOWNLOAD_KEYS = ("mirror", "from", "accept_sha256", "retries", "backoff_seconds", "timeout_seconds", "chunk_bytes")
-PREPARE_KEYS = ("seed", "val_fraction", "weight_map", "limits")
+PREPARE_KEYS = ("seed", "val_fraction", "folds", "weight_map", "limits")
 LIMIT_KEYS = ("max_members", "max_unpacked_bytes", "max_compression_ratio", "max_image_values")
 
 
@@ -42,6 +42,7 @@ def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     prep = check_keys(cfg["prepare"], PREPARE_KEYS, f"{where}: prepare")
     check_int(prep["seed"], "prepare.seed", where, minimum=0)
     check_number(prep["val_fraction"], "prepare.val_fraction", where, low=0, high=1, high_open=True)
+    check_int(prep["folds"], "prepare.folds", where, minimum=2)
     wm = check_keys(prep["weight_map"], ("w0", "sigma"), f"{where}: prepare.weight_map")
     check_number(wm["w0"], "prepare.weight_map.w0", where, low=0)
     check_number(wm["sigma"], "prepare.weight_map.sigma", where, low=0, low_open=True)

@@ -27,7 +27,9 @@ background); a pixel is foreground iff probability >= threshold.
                              iou): mean over images (undefined per-image ratios skipped), or one
                              confusion over all test pixels, as the DRIVE literature reports them
     <key>_best               the same at the best-F1 threshold picked on the validation split
-                             (`best_f1_threshold` on its pooled pixels): `threshold_best`, `val_best_f1`
+                             (`best_f1_threshold` on its pooled pixels): `threshold_best`, `val_best_f1`;
+                             a cross-validation checkpoint's on its fold's validation cases (`fold`,
+                             null for the prepare split)
     mean_auc, pooled_auc     AUC-ROC per image (mean) and over all test pixels
     maxf, maxf_threshold, mae  U2-Net (Qin et al. 2020, sec. 4.2): maxF_beta (beta^2 = 0.3) over the
                              test images, MAE per image (mean); computed for every network
@@ -224,6 +226,7 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     """
     start, dataset = time.perf_counter(), data.name
     model, ckpt = load_trained(path, dataset, network)
+    data = data.with_fold(ckpt.get("fold"))  # a cross-validation model: its fold's val cases pick the threshold
     classes = check_classes(path, ckpt, model.out_channels, data)
     multiclass = len(classes) > 2
     test_cases = data.cases("test")
@@ -231,13 +234,13 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
         raise SegpipeError(f"{data.manifest_path}: no test cases")
     facts = {
         "path": str(path), "network": ckpt["network"], "profile": ckpt.get("profile", ""),
-        "epoch": ckpt.get("epoch", ""), "val_dice": ckpt.get("val_dice", ""),
+        "epoch": ckpt.get("epoch", ""), "val_dice": ckpt.get("val_dice", ""), "fold": ckpt.get("fold"),
     }
     params = {"evaluate": dict(cfg), "checkpoint": facts, "inference": asdict(settings)}
     tag = f"{dataset}/{network}"
     use_val = cfg["val_threshold"] and not multiclass  # the best-F1 threshold: two classes only
     inputs = [DataInput(data.manifest_path, dataset, "test", "testing")] + (
-        [DataInput(data.manifest_path, dataset, "val", "validation")] if use_val else [])
+        [DataInput(data.manifest_path, dataset, "val", "validation", ckpt.get("fold"))] if use_val else [])
     with stage_run("evaluate", dataset, params=params, manifest=data.manifest_path, network=network,
                    datasets=inputs, tracking=tracking) as tracker:
         reduce = (ClassScoring if multiclass else BinaryScoring).reduce
@@ -255,7 +258,8 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
             summary: dict[str, Any] = {
                 "dataset": dataset, "network": network, "network_used": ckpt["network"],
                 "checkpoint": str(path), "checkpoint_epoch": ckpt.get("epoch"),
-                "checkpoint_val_dice": ckpt.get("val_dice"), "test_images": len(test_cases), **scoring_facts,
+                "checkpoint_val_dice": ckpt.get("val_dice"), "fold": ckpt.get("fold"), "test_images": len(test_cases),
+                **scoring_facts,
             }
             per_head = head_metrics(runners, heads, ("dice", "iou"))
             summary = {k: json_safe(v) for k, v in {**summary, **metrics, **per_head}.items()}

@@ -16,7 +16,13 @@ from pipeline.inference.onnx_backend import onnx_network
 from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network, recorded_preprocessing
 from pipeline.inference.outputs import FORMATS as OUTPUT_FORMATS
 from pipeline.inference.outputs import output_paths
-from pipeline.inference.settings import InferenceSettings, load_settings, settings_from_config
+from pipeline.inference.settings import (
+    InferenceSettings,
+    load_settings,
+    parse_threshold,
+    resolve_threshold,
+    settings_from_config,
+)
 from pipeline.inference.sliding import RowStream, inference_network, predict, probabilities, stream_probabilities
 from pipeline.inference.streaming import (
     InferenceReport,
@@ -49,6 +55,7 @@ __all__ = [
     "optimize_network",
     "output_paths",
     "output_period",
+    "parse_threshold",
     "peak_rss_mb",
     "plan_tiles",
     "predict",
@@ -56,6 +63,7 @@ __all__ = [
     "probabilities",
     "recorded_preprocessing",
     "reset_peak_rss",
+    "resolve_threshold",
     "settings_from_config",
     "source_index",
     "stream_probabilities",

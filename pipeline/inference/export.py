@@ -18,7 +18,7 @@ logits, whose blend can be NaN).
 
 The model's `metadata_props` carry what the pipeline needs besides the graph
 (`pipeline.inference.onnx_meta`: preprocessing record, network, size contract, class names,
-training precision). Files are written to a temporary name and renamed.
+training precision, validation thresholds). Files are written to a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -131,6 +131,7 @@ def onnx_model(model: nn.Module | str | os.PathLike[str], *, opset: int | None =
         out_channels=inet.out_channels, rule=rule, augment=record.get("augment"),
         class_names=record.get("class_names"), precision=record.get("precision"),
         checkpoint=_checkpoint_facts(source, record) if source is not None else None,
+        thresholds=record.get("thresholds"),
         export={"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "torch": torch.__version__,
                 "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                 "input": INPUT, "output": OUTPUT, "graph": "eval mode, batch norm folded, fp32"},

@@ -17,6 +17,9 @@ as the session's custom metadata map):
                          dataset, network_key, profile, epoch, val_dice, ...}, or null (a module)
     segpipe.export       {"exporter": ..., "torch": ..., "opset": ..., "input": "input",
                          "output": "logits", "graph": ...}
+    segpipe.thresholds   the checkpoint's validation thresholds {"best_f1", "best_dice", "val_f1",
+                         "val_dice", "cases"} (`segpipe infer --threshold val`); optional: written
+                         only when the checkpoint records them, absent reads as null
 
 Sizes per spatial axis (`SizeRule`): the reachable outputs are smallest_output + k * output_step
 (k >= 0) and input = output + 2 * halo. Every network of the registry follows it: "same" padding
@@ -34,8 +37,10 @@ from pipeline.errors import SegpipeError
 
 FORMAT = "segpipe-onnx/1"
 PREFIX = "segpipe."
-KEYS = ("format", "network", "contract", "augment", "class_names", "precision", "checkpoint", "export")
+KEYS = ("format", "network", "contract", "augment", "class_names", "precision", "checkpoint", "export", "thresholds")
 """The metadata keys, each stored as PREFIX + key."""
+OPTIONAL = ("thresholds",)
+"""Keys written only when not null (added after the format's first version): absent reads as null."""
 
 
 @dataclass(frozen=True)
@@ -118,16 +123,18 @@ class OnnxMeta:
     precision: str | None = None
     checkpoint: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
+    thresholds: dict[str, Any] | None = None
 
     def props(self) -> dict[str, str]:
-        """The metadata_props entries: PREFIX + key -> JSON."""
+        """The metadata_props entries: PREFIX + key -> JSON (`OPTIONAL` keys only when not None)."""
         contract = {"padding": self.padding, "halo": self.rule.halo, "in_channels": self.in_channels,
                     "out_channels": self.out_channels, "smallest_output": self.rule.smallest,
                     "output_step": self.rule.step}
         values = {"format": FORMAT, "network": {"name": self.network, "config": self.config}, "contract": contract,
                   "augment": self.augment, "class_names": self.class_names, "precision": self.precision,
-                  "checkpoint": self.checkpoint, "export": self.export}
-        return {PREFIX + key: json.dumps(values[key], sort_keys=True) for key in KEYS}
+                  "checkpoint": self.checkpoint, "export": self.export, "thresholds": self.thresholds}
+        return {PREFIX + key: json.dumps(values[key], sort_keys=True) for key in KEYS
+                if key not in OPTIONAL or values[key] is not None}
 
 
 def read_meta(props: Mapping[str, str], where: str) -> OnnxMeta:
@@ -136,7 +143,8 @@ def read_meta(props: Mapping[str, str], where: str) -> OnnxMeta:
     if PREFIX + "format" not in props:
         raise SegpipeError(f"{where}: an ONNX model without segpipe metadata; export checkpoints with `segpipe export`")
     try:
-        values = {key: json.loads(props[PREFIX + key]) for key in KEYS}
+        values = {key: json.loads(props.get(PREFIX + key, "null") if key in OPTIONAL else props[PREFIX + key])
+                  for key in KEYS}
         if values["format"] != FORMAT:
             raise SegpipeError(f"format {values['format']!r}, expected {FORMAT!r}")
         network, contract = values["network"], values["contract"]
@@ -148,12 +156,15 @@ def read_meta(props: Mapping[str, str], where: str) -> OnnxMeta:
         halo = check_int(contract["halo"], "halo", "contract", minimum=0)
         if padding == "same" and halo:
             raise SegpipeError(f"contract halo must be 0 for same padding, got {halo}")
+        if not isinstance(values["thresholds"], (dict, type(None))):
+            raise SegpipeError(f"thresholds must be an object or null, got {values['thresholds']!r}")
         name = str(network["name"])
         return OnnxMeta(name, dict(network["config"]), padding, ints["in_channels"], ints["out_channels"],
                         SizeRule(name, halo, ints["smallest_output"], ints["output_step"]), values["augment"],
-                        values["class_names"], values["precision"], values["checkpoint"], values["export"])
+                        values["class_names"], values["precision"], values["checkpoint"], values["export"],
+                        values["thresholds"])
     except (KeyError, TypeError, ValueError, AttributeError, SegpipeError) as exc:
         raise SegpipeError(f"{where}: malformed segpipe metadata ({type(exc).__name__}: {exc})") from exc
 
 
-__all__ = ["FORMAT", "KEYS", "PREFIX", "OnnxMeta", "SizeRule", "read_meta"]
+__all__ = ["FORMAT", "KEYS", "OPTIONAL", "PREFIX", "OnnxMeta", "SizeRule", "read_meta"]

@@ -5,6 +5,11 @@ defaults, equal to the values shipped in `configs/inference.yaml` (the DVC param
 two equal). The `segpipe infer` stage entry (`pipeline.inference.stage`) reads that file and builds
 its settings with `settings_from_config`; `load_settings` applies keyword overrides. Validation
 uses the shared helpers of `pipeline.config`: errors name where the value came from and the key.
+
+`threshold` (one-channel networks: label = probability >= threshold) is a number in (0, 1) or the name
+of an operating point training picked on the validation split and stored in the checkpoint (and its
+ONNX export): `val` = best_f1, `val-dice` = best_dice (`THRESHOLD_NAMES`, see
+`pipeline.training.validation.validation_thresholds`); `resolve_threshold` turns it into the number.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pipeline.config import (
     check_list,
     check_number,
 )
+from pipeline.errors import SegpipeError
 from pipeline.inference.tta import TTA_TRANSFORMS
 from pipeline.networks.precision import PRECISIONS
 
@@ -33,6 +39,8 @@ BACKENDS = ("torch", "onnxruntime")
 """`backend`: the torch graph of `optimize_network`, or ONNX Runtime (`pipeline.inference.onnx_backend`)."""
 OUTPUT_FORMATS = ("auto", "tiff", "ome-tiff", "ome-zarr", "nifti")
 """`output_format`: `auto` = like the input (see `pipeline.inference.outputs`)."""
+THRESHOLD_NAMES = {"val": "best_f1", "val-dice": "best_dice"}
+"""`threshold` names -> the key of the checkpoint's `thresholds` record they read."""
 SECTIONS: dict[str, tuple[str, ...]] = {
     "graph": ("fold_batch_norm", "inplace_activations", "channels_last", "compile"),
     "output": ("output_format", "tiff_tile", "compression", "threshold", "save_probabilities",
@@ -70,7 +78,7 @@ class InferenceSettings:
     output_format: str = "auto"
     tiff_tile: int = 256
     compression: str = "zlib"
-    threshold: float = 0.5
+    threshold: float | str = 0.5
     save_probabilities: bool = False
     probabilities_dtype: str = "uint8"
 
@@ -83,7 +91,7 @@ class InferenceSettings:
         check_int(self.threads, "threads", where, minimum=1, optional=True)
         check_number(self.overlap, "overlap", where, low=0, high=1, high_open=True)
         check_number(self.sigma_scale, "sigma_scale", where, low=0, low_open=True)
-        check_number(self.threshold, "threshold", where, low=0, high=1, low_open=True, high_open=True)
+        check_threshold(self.threshold, where)
         check_number(self.preprocess_max_megapixels, "preprocess_max_megapixels", where, low=0, low_open=True)
         for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
                              ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS),
@@ -97,6 +105,43 @@ class InferenceSettings:
         for key in ("resume", "fold_batch_norm", "inplace_activations", "channels_last", "compile", "save_probabilities"):
             check_bool(getattr(self, key), key, where)
         return self
+
+
+def check_threshold(value: Any, where: str) -> float | str:
+    """`value` if it is a number in (0, 1) or one of `THRESHOLD_NAMES`; ConfigError naming `where` otherwise."""
+    if isinstance(value, str):
+        if value not in THRESHOLD_NAMES:
+            raise ConfigError(f"{where}: threshold must be a number in (0, 1), 'val' or 'val-dice', got {value!r}")
+        return value
+    return check_number(value, "threshold", where, low=0, high=1, low_open=True, high_open=True)
+
+
+def parse_threshold(text: str, where: str) -> float | str:
+    """A threshold as typed (command line, MLflow param): a name of `THRESHOLD_NAMES`, else a number
+    in (0, 1); ConfigError naming `where` otherwise."""
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text.strip()
+    return check_threshold(value, where)
+
+
+def resolve_threshold(threshold: float | str, recorded: Mapping[str, Any] | None, channels: int, model: str) -> float:
+    """The number `threshold` stands for: itself, or for a name (`THRESHOLD_NAMES`) the value the model's
+    `thresholds` record holds. SegpipeError naming `model` for a name when the model has K > 1 output
+    channels (its labels are the argmax) or records no thresholds."""
+    if not isinstance(threshold, str):
+        return float(threshold)
+    if channels != 1:
+        raise SegpipeError(f"{model}: threshold {threshold!r} applies to two-class (one-channel) models; this one has "
+                           f"{channels} classes and labels by argmax: pass a number (it is not used) instead")
+    value = (recorded or {}).get(THRESHOLD_NAMES[threshold])
+    if value is None:
+        raise SegpipeError(f"{model}: records no validation thresholds (trained by an older segpipe, or its validation "
+                           f"images had no foreground); retrain it (`segpipe train`, then `segpipe export` for ONNX) "
+                           f"or pass a number, e.g. --threshold 0.5")
+    return check_number(value, THRESHOLD_NAMES[threshold], f"{model}: thresholds", low=0, high=1, low_open=True,
+                        high_open=True)
 
 
 FIELDS = tuple(f.name for f in fields(InferenceSettings))
@@ -144,7 +189,11 @@ __all__ = [
     "PREPROCESSING",
     "PROBABILITY_DTYPES",
     "SECTIONS",
+    "THRESHOLD_NAMES",
     "InferenceSettings",
+    "check_threshold",
     "load_settings",
+    "parse_threshold",
+    "resolve_threshold",
     "settings_from_config",
 ]

@@ -25,7 +25,7 @@ import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,7 +40,7 @@ from pipeline.inference.outputs import label_writer, output_paths, probability_w
 from pipeline.inference.preprocessing import CheckedReader, PreprocessedReader
 from pipeline.inference.readers import ImageReader, open_image
 from pipeline.inference.resume import RowLog, open_log, output_uuid, run_key
-from pipeline.inference.settings import InferenceSettings, load_settings
+from pipeline.inference.settings import THRESHOLD_NAMES, InferenceSettings, load_settings, resolve_threshold
 from pipeline.inference.sliding import inference_network, stream_probabilities
 from pipeline.inference.tiling import plan_tiles
 from pipeline.inference.writers import (
@@ -170,6 +170,14 @@ def check_memory(net: InferenceNetwork, reader: ImageReader, settings: Inference
         )
 
 
+def with_threshold(settings: InferenceSettings, net: InferenceNetwork) -> InferenceSettings:
+    """`settings` with its threshold as a number: `val` / `val-dice` become the validation threshold the
+    network's checkpoint or ONNX metadata records (`resolve_threshold`; SegpipeError naming the model
+    if it has none, or K > 1 classes). The number is what the label maps and the resume key use."""
+    where = str(net.source) if net.source is not None else "the model"
+    return replace(settings, threshold=resolve_threshold(settings.threshold, net.thresholds, net.out_channels, where))
+
+
 def predict_file(
     model: ModelLike | InferenceNetwork,
     input_path: str | os.PathLike[str],
@@ -186,7 +194,7 @@ def predict_file(
     intensity: str | None = None,
     preprocess: str | None = None,
     probabilities_dtype: str | None = None,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     compression: str | None = None,
     nonfinite: float | None = None,
     settings: InferenceSettings | None = None,
@@ -196,7 +204,8 @@ def predict_file(
 ) -> InferenceReport:
     """Segment the image at `input_path` into a label map at `output_path`, streaming.
 
-    The label map is uint8 (argmax, or probability >= threshold for one output channel) as a tiled
+    The label map is uint8 (argmax, or probability >= threshold for one output channel; `val` /
+    `val-dice`: the checkpoint's validation threshold, `with_threshold`) as a tiled
     BigTIFF (`.tif`), NIfTI (`.nii`, `.nii.gz`, header taken from a NIfTI input) or OME-Zarr
     (`.ome.zarr`); `output_format="ome-tiff"` makes a `.ome.tif` a pyramidal OME-TIFF (see
     `pipeline.inference.outputs`). With `probabilities_path` the class probabilities are written too
@@ -225,6 +234,7 @@ def predict_file(
             raise SegpipeError(f"{target}: output would overwrite the input")
         check_output_path(target)
     net = inference_network(model, settings)
+    settings = with_threshold(settings, net)
     names = name_classes(net.out_channels, class_names if class_names is not None else net.class_names)
     for directory in {target.parent for target in targets}:
         for path in remove_stale_temps(directory):
@@ -403,6 +413,11 @@ def infer_files(
     check_output_clashes(paths, output_dir, output_format)
     net = inference_network(model, settings)
     name_classes(net.out_channels, class_names if class_names is not None else net.class_names)  # fails once, not per input
+    named, settings = settings.threshold, with_threshold(settings, net)
+    if isinstance(named, str):
+        facts = net.thresholds or {}
+        print(f"segpipe infer: threshold {named} = {settings.threshold:g} ({THRESHOLD_NAMES[named]} on "
+              f"{facts.get('cases', '?')} validation image(s), recorded in {net.source or 'the model'})", flush=True)
     probs = settings.save_probabilities if save_probabilities is None else save_probabilities
     reports: list[InferenceReport] = []
     failed: list[str] = []

@@ -1,5 +1,6 @@
 """Evaluation metrics: pixel (Dice, IoU, DRIVE's AUC/F1/...), instance (CTC SEG), saliency (maxF, MAE),
-multi-class (per-class Dice/IoU of label maps), and the running tallies of a test set."""
+multi-class (per-class Dice/IoU of label maps), the running tallies of a test set, and best-F1 / best
+mean Dice thresholds from score histograms."""
 from pipeline.metrics.classes import MEAN_FG, ClassTally, class_keys, class_scores, pixel_accuracy, pooled_per_class
 from pipeline.metrics.instances import label_instances, seg_jaccards, seg_measure
 from pipeline.metrics.saliency import f_beta_curve, mae, max_f_beta, precision_recall
@@ -18,6 +19,7 @@ from pipeline.metrics.segmentation import (
     roc_curve,
 )
 from pipeline.metrics.tally import OBSERVER_SCORES, SCORES, Tally, foreground, pooled_confusion
+from pipeline.metrics.thresholds import histogram_best_f1, histogram_best_mean_dice, score_histogram
 
 __all__ = [
     "MEAN_FG",
@@ -35,6 +37,8 @@ __all__ = [
     "dice_per_class",
     "f_beta_curve",
     "foreground",
+    "histogram_best_f1",
+    "histogram_best_mean_dice",
     "iou",
     "iou_per_class",
     "label_instances",
@@ -48,6 +52,7 @@ __all__ = [
     "precision_recall",
     "roc_auc",
     "roc_curve",
+    "score_histogram",
     "seg_jaccards",
     "seg_measure",
 ]

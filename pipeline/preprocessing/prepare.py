@@ -18,10 +18,13 @@ start):
   fov/CASE.nii.gz        (1, H, W) uint8 (DRIVE field-of-view mask; a folder's masks, minus ignore_value)
   instances/CASE.nii.gz  (1, H, W) uint16 (cells: CTC SEG instance ids)
   label2/CASE.nii.gz     (1, H, W) uint8 (DRIVE test: second observer)
-  manifest.csv           case, split, image, label, weight, fov, instances, label2 (relative paths)
+  manifest.csv           case, split, fold, image, label, weight, fov, instances, label2 (relative
+                         paths; fold: the case's cross-validation fold, empty for test cases)
   files.csv              folder sources: path, case, role and sha256 of every file read
-  stats.json             split sizes, seed, the card's classes and channels, class weights, intensity
-                         statistics
+  stats.json             split sizes, seed, folds ({"n": folds, "cases": {"0": [...], ...}}), the
+                         card's classes and channels, class weights, intensity statistics
+  fingerprint.json       the train and val cases' shapes, intensities, class frequencies and object
+                         sizes, which the training plan reads (`pipeline.preprocessing.fingerprint`)
 """
 from __future__ import annotations
 
@@ -52,13 +55,14 @@ from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, validate
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
+from pipeline.preprocessing.fingerprint import FINGERPRINT_NAME, dataset_fingerprint, write_fingerprint
 from pipeline.tracking import DataInput, log_datasets, stage_run, tracking_settings
 from pipeline.tracking_store import pid_alive
 
 log = logging.getLogger(__name__)
 
 FILES_NAME = "files.csv"
-MANIFEST_COLUMNS = ["case", "split", "image", "label", "weight", "fov", "instances", "label2"]
+MANIFEST_COLUMNS = ["case", "split", "fold", "image", "label", "weight", "fov", "instances", "label2"]
 ROLE_DIRS = {"image": "images", "label": "labels", "weight": "weights", "fov": "fov",
              "instances": "instances", "label2": "label2"}
 
@@ -122,6 +126,21 @@ def hold_out_test(parts: pd.Series, seed: int, test_fraction: float, where: Path
     return out
 
 
+def assign_folds(cases: pd.Series, split: pd.Series, seed: int, folds: int) -> pd.Series:
+    """The cross-validation fold ("0".."folds-1") of every train and val case, "" for test cases: the
+    non-test cases, by name, permuted with `seed`; the i-th of the permutation -> fold i % folds, so
+    fold sizes differ by at most one."""
+    pool = np.sort(cases[split != "test"].to_numpy())
+    order = np.random.default_rng(seed).permutation(pool)
+    fold_of = {case: str(i % folds) for i, case in enumerate(order)}
+    return cases.map(lambda case: fold_of.get(case, ""))
+
+
+def fold_record(cases: pd.DataFrame, folds: int) -> dict[str, Any]:
+    """stats.json's `folds`: {"n": folds, "cases": {"0": [sorted cases of fold 0], ...}}."""
+    return {"n": folds, "cases": {str(k): sorted(cases.loc[cases["fold"] == str(k), "case"]) for k in range(folds)}}
+
+
 def _cases(files: list[FoundFile], layout: Layout) -> pd.DataFrame:
     """One row per case that has every required role (e.g. CTC frames with SEG ground truth)."""
     table = pd.DataFrame([{"part": f.split, "id": f.case, "role": f.role, "file": f.location} for f in files])
@@ -154,6 +173,7 @@ def prepare_dataset(dataset: str) -> Path:
             tracker.log_metrics({f"cases_{split}": n for split, n in stats["splits"].items()})
             tracker.log_metrics({"foreground_fraction_train": stats["foreground_fraction_train"]})
             tracker.log_dict(stats, "stats.json")
+            tracker.log_artifact(str(final / FINGERPRINT_NAME))
     print(f"{dataset}: prepared {sum(stats['splits'].values())} cases {stats['splits']} in {final}")
     return final
 
@@ -202,12 +222,17 @@ def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard
         cases = got.table
         seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
         cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction, got.val_parts)
+        folds = int(prep_cfg["folds"])
+        cases["fold"] = assign_folds(cases["case"], cases["split"], seed, folds)
         out = work / "out"
         stats = _write(cases, got.loaded, out, prep_cfg["weight_map"], card)
-        stats.update(dataset=card.name, seed=seed, val_fraction=val_fraction, **card.facts, **got.facts)
+        stats.update(dataset=card.name, seed=seed, val_fraction=val_fraction, folds=fold_record(cases, folds),
+                     **card.facts, **got.facts)
         if got.files is not None:
             write_text(out / FILES_NAME, pd.DataFrame(got.files).to_csv(index=False))
         write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+        write_fingerprint(out, dataset_fingerprint(got.loaded, dict(zip(cases["case"], cases["split"])), card.facts,
+                                                   seed))
         _swap_into_place(out, final, work / "previous")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -305,14 +330,15 @@ def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: P
     class_weights = compute_class_weights([loaded[c]["label"][0] for c in train_cases], num_classes=len(card.classes))
     w0, sigma = float(wm_cfg["w0"]), float(wm_cfg["sigma"])
     rows = []
-    for case, split in tqdm(zip(cases["case"], cases["split"]), total=len(cases), desc="weight maps", unit="case"):
+    for case, split, fold in tqdm(zip(cases["case"], cases["split"], cases["fold"]), total=len(cases),
+                                  desc="weight maps", unit="case"):
         vols = loaded[case]
         label = vols["label"][0]
         # cells as the label shows them (touching pixels removed), so the gaps get the border term;
         # without instances, the connected components of each foreground class
         inst = vols["instances"][0] * (label > 0) if "instances" in vols else instances_from_labels(label)
         vols["weight"] = unet_weight_map(inst, w0=w0, sigma=sigma, class_weights=class_weights, labels=label)[None]
-        entry = {"case": case, "split": split}
+        entry = {"case": case, "split": split, "fold": fold}
         for role, sub in ROLE_DIRS.items():
             if role in vols:
                 rel = f"{sub}/{case}.nii.gz"

@@ -17,10 +17,18 @@ Classes: a dataset of 2 classes trains a 1-channel network (sigmoid), one of K >
 network (softmax cross-entropy with the eq. 2 weight map, soft Dice over the foreground classes); both
 checkpoints record the dataset's class names (`class_names`).
 
+Cross-validation: `settings["fold"]` (None: the prepare split) is the fold `prepared` was re-split
+on (`PreparedDataset.with_fold`); best.pt and last.pt record it (`fold`), as do config.json and the
+MLflow run (param and tag `fold`); `--resume` refuses a checkpoint of another fold.
+
 Validation every `val_every` epochs (and after the last) runs `pipeline.inference.predict` on
-whole validation images; the checkpoint with the best validation Dice is `best.pt`. `last.pt` is
-written atomically after every epoch with the optimizer state, the torch RNG state and the log,
-so `--resume` continues a killed run to the same result as an uninterrupted one. last.pt also
+whole validation images; the checkpoint with the best validation Dice is `best.pt`. Two classes: each
+validation also picks the best-F1 and best mean Dice thresholds on its probabilities
+(`pipeline.training.validation.validation_thresholds`), stored as `thresholds` in best.pt (those of
+its epoch; also in thresholds.json, JSON null for K > 2, and the run's MLflow metrics) and in last.pt
+(those of its own epoch if it was validated, else None); `segpipe infer --threshold val` reads them.
+`last.pt` is written atomically after every epoch with the optimizer state, the torch RNG state and
+the log, so `--resume` continues a killed run to the same result as an uninterrupted one. last.pt also
 holds the MLflow run id: a resumed training continues its own run (one run per training).
 
 Under `torchrun` every rank trains on its share of each step's patches (DistributedDataParallel,
@@ -55,7 +63,13 @@ from pipeline.training.mlflow_model import log_best_model
 from pipeline.training.optim import build_optimizer, learning_rate
 from pipeline.training.outputs import run_outputs
 from pipeline.training.supervision import DeepSupervisionLoss, build_loss
-from pipeline.training.validation import validate, validation_cases, validation_settings
+from pipeline.training.validation import (
+    threshold_metrics,
+    validate,
+    validation_cases,
+    validation_settings,
+    validation_thresholds,
+)
 
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_dice", "val_iou", "patches_per_s",
                "data_wait_share", "seconds", "elapsed_seconds")
@@ -63,7 +77,7 @@ LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_dice", "val_iou", "patc
 far (set-up, validation and checkpoints included; a resumed run adds to the killed run's time)."""
 RESUME_KEYS = ("dataset", "network_key", "network", "network_config", "augment", "seed", "epochs",
                "steps_per_epoch", "batch_size", "patch_size", "optimizer", "schedule", "grad_clip",
-               "loss", "weight_map", "precision")
+               "loss", "weight_map", "precision", "fold")
 """Settings a resumed run must share with the checkpoint (others, e.g. workers, may change)."""
 
 
@@ -147,6 +161,10 @@ def _restore(trainer: _Trainer, path: Path) -> _Progress:
         raise SegpipeError(f"{path}: nothing to resume; train without --resume")
     state = read_checkpoint(path)
     saved, current = state.get("settings") or {}, _resume_settings(trainer.settings)
+    if saved.get("fold") != current["fold"]:
+        raise SegpipeError(f"{path}: cannot resume with fold {_fold_text(current['fold'])}: this checkpoint trained "
+                           f"fold {_fold_text(saved.get('fold'))}; resume with that fold (--fold, configs/train.yaml "
+                           "fold) or train without --resume to start over")
     changed = [k for k in RESUME_KEYS if saved.get(k) != current[k]]
     if changed:
         raise SegpipeError(f"{path}: cannot resume, settings changed since this checkpoint: {changed}; "
@@ -226,21 +244,26 @@ def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], me
                        clock: float) -> None:
     """Rank 0 after an epoch: validation when due (best.pt when it improved), the epoch's MLflow
     metrics (`progress.epoch_metrics`), last.pt and log.csv."""
-    s, epoch = t.settings, int(row["epoch"])
+    s, epoch, thresholds = t.settings, int(row["epoch"]), None
     if epoch % int(s["val_every"]) == 0 or last:
-        row["val_dice"], row["val_iou"] = validate(t.model, *validation)
+        result = validate(t.model, *validation)
+        row["val_dice"], row["val_iou"] = result.dice, result.iou
+        thresholds = validation_thresholds(result.histograms)
         if row["val_dice"] > progress.best["val_dice"] or progress.best["epoch"] < 0:
-            progress.best = {"val_dice": row["val_dice"], "epoch": epoch}
+            progress.best = {"val_dice": row["val_dice"], "epoch": epoch, "thresholds": thresholds}
             save_checkpoint(t.model, out_dir / "best.pt", dataset=s["dataset"], network_key=s["network_key"],
                             profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"],
-                            precision=s["precision"], class_names=t.class_names)
+                            precision=s["precision"], class_names=t.class_names, fold=s["fold"],
+                            thresholds=thresholds)
+            write_text(out_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
     row["elapsed_seconds"] = time.perf_counter() - clock
     progress.log_rows.append(row)
     progress.epoch_metrics.append({"epoch": epoch, **_epoch_metrics(row, means)})
     save_checkpoint(t.model, out_dir / "last.pt", settings=_resume_settings(s), optimizer=t.optimizer.state_dict(),
                     scaler=t.scaler.state_dict(), torch_rng=torch.get_rng_state(), epoch=epoch,
                     best=dict(progress.best), log=progress.log_rows, mlflow_run_id=progress.run_id,
-                    mlflow_epoch_metrics=progress.epoch_metrics, class_names=t.class_names)
+                    mlflow_epoch_metrics=progress.epoch_metrics, class_names=t.class_names, fold=s["fold"],
+                    thresholds=thresholds)
     write_text(out_dir / "log.csv", _log_text(progress.log_rows))
 
 
@@ -277,41 +300,50 @@ def run_training(
     *,
     resume: bool = False,
     tracking: TrackingSettings | None = None,
+    plan: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train as `settings` say (`pipeline.training.settings.resolve_settings`) on `prepared`; writes
     `out_dir`: best.pt, last.pt, log.csv, config.json, as one set (`pipeline.training.outputs`: a failed
     fresh run leaves the previous run's files). `inference`: configs/inference.yaml's
     settings, which validation uses (without TTA). `tracking`: configs/tracking.yaml's settings;
-    the MLflow run gets the train and val splits as dataset inputs."""
+    the MLflow run gets the train and val splits as dataset inputs. `plan`: the training plan
+    (`pipeline.training.planning`, whose values `settings` hold), written as plan.json beside config.json
+    and logged to MLflow as an artifact and the params plan.KEY."""
     start = time.perf_counter()
     ctx = init_distributed()
     set_track_meta(False)
     trainer = _build(settings, prepared, ctx)
     progress = _restore(trainer, out_dir / "last.pt") if resume else _Progress()
     with run_outputs(out_dir, resume, enabled=ctx.main):
-        return _train(trainer, progress, prepared, out_dir, inference, tracking, resume, start)
+        return _train(trainer, progress, prepared, out_dir, inference, tracking, resume, start, plan)
 
 
 def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, out_dir: Path,
-           inference: InferenceSettings, tracking: TrackingSettings | None, resume: bool, start: float) -> TrainResult:
+           inference: InferenceSettings, tracking: TrackingSettings | None, resume: bool, start: float,
+           plan: Mapping[str, Any] | None = None) -> TrainResult:
     """The epochs of `run_training`, from `progress` on, with validation, checkpoints and MLflow."""
     settings, ctx = trainer.settings, trainer.ctx
     dataset, network = settings["dataset"], settings["network_key"]
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(out_dir / "config.json", json.dumps(settings, indent=2, default=str) + "\n")
+        if plan is not None:
+            write_text(out_dir / "plan.json", json.dumps(plan, indent=2) + "\n")
     validation = (validation_cases(prepared, settings) if ctx.main else [], validation_settings(inference, ctx.device))
     limit = None if settings["max_minutes"] is None else float(settings["max_minutes"]) * 60
     clock = start - progress.previous_elapsed  # a resumed run's budget counts the killed run's time
     epochs, stopped_early, epoch = int(settings["epochs"]), False, progress.first_epoch
 
     params = {k: v for k, v in settings.items() if k != "augment"}
-    data = [DataInput(prepared.manifest_path, dataset, "train", "training"),
-            DataInput(prepared.manifest_path, dataset, "val", "validation")]
+    if plan is not None:  # the plan's limits and values: plan.memory_budget_mb, plan.patch_size, ...
+        params["plan"] = {**settings["plan"], **{k: e["value"] for k, e in plan["entries"].items()}}
+    data = [DataInput(prepared.manifest_path, dataset, "train", "training", settings["fold"]),
+            DataInput(prepared.manifest_path, dataset, "val", "validation", settings["fold"])]
     with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network,
                    datasets=data, tracking=tracking, run_id=progress.run_id) as tracker:
         if tracker is not None:  # kept in last.pt: --resume continues this run
             progress.run_id = tracker.active_run().info.run_id
+            tracker.set_tag("fold", str(settings["fold"]))
         if tracker is not None and resume:
             tracker.set_tag("resumed_from_epoch", str(progress.first_epoch))
             # epochs checkpointed but not logged (killed in between), or a new run: the whole history
@@ -331,10 +363,14 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
         wall = time.perf_counter() - start
         best = progress.best
         if tracker is not None:
-            tracker.log_metrics({"best_val_dice": best["val_dice"], "best_epoch": best["epoch"], "wall_seconds": wall})
+            tracker.log_metrics({"best_val_dice": best["val_dice"], "best_epoch": best["epoch"], "wall_seconds": wall,
+                                 **threshold_metrics(best.get("thresholds"))})
             tracker.set_tag("stopped_by_time_limit", str(stopped_early))
-            for name in ("config.json", "log.csv", "best.pt"):
-                tracker.log_artifact(str(out_dir / name))
+            for name in ("config.json", "log.csv", "best.pt", "thresholds.json"):
+                if name != "thresholds.json" or (out_dir / name).is_file():  # absent: best.pt of an older segpipe
+                    tracker.log_artifact(str(out_dir / name))
+            if plan is not None:
+                tracker.log_artifact(str(out_dir / "plan.json"))
             if tracking is not None and tracking.log_model:
                 log_best_model(out_dir / "best.pt", settings, inference, best, register=tracking.register_model)
     if ctx.world > 1:
@@ -358,6 +394,10 @@ def _log_text(rows: list[dict[str, Any]]) -> str:
 def _resume_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The RESUME_KEYS of `settings` as plain JSON values (as stored in last.pt)."""
     return json.loads(json.dumps({k: settings[k] for k in RESUME_KEYS}, default=str))
+
+
+def _fold_text(fold: int | None) -> str:
+    return "null (the prepare split)" if fold is None else str(fold)
 
 
 def _summary(row: Mapping[str, Any], epochs: int) -> str:

@@ -15,7 +15,8 @@ network, architecture, precision, val_dice and best_epoch. The model:
 - signature (`model_signature`): input one image, float32 (C, H, W) as stored (before the
   preprocessing), no batch; output the label map uint8 (H, W) of class indices (argmax over K
   channels, threshold on one), or with the param `output` = `probabilities` the class probabilities
-  float32 (K, H, W);
+  float32 (K, H, W); the param `threshold` (one channel): a number in (0, 1), `val` or `val-dice`
+  (the checkpoint's validation thresholds, as `segpipe infer --threshold`), by default the settings';
 - requirements (`pinned_requirements`): segpipe's runtime dependencies at the installed versions.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ SETTINGS_ARTIFACT = "settings"
 OUTPUT_PARAM = "output"
 OUTPUTS = ("labels", "probabilities")
 """Values of the `output` param; the first is the default."""
+THRESHOLD_PARAM = "threshold"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 """The model's code file (MLflow's models from code)."""
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -66,14 +68,16 @@ def read_settings(path: str | Path) -> InferenceSettings:
     return load_settings(None, **json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def model_signature() -> ModelSignature:
-    """The `ModelSignature`: float32 (C, H, W) in, uint8 (H, W) out, the string param `output`."""
+def model_signature(threshold: float | str = InferenceSettings().threshold) -> ModelSignature:
+    """The `ModelSignature`: float32 (C, H, W) in, uint8 (H, W) out, the string params `output` and
+    `threshold` (default: `threshold`, the settings' own)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
-                          params=ParamSchema([ParamSpec(OUTPUT_PARAM, "string", OUTPUTS[0])]))
+                          params=ParamSchema([ParamSpec(OUTPUT_PARAM, "string", OUTPUTS[0]),
+                                              ParamSpec(THRESHOLD_PARAM, "string", str(threshold))]))
 
 
 def pinned_requirements() -> list[str]:
@@ -112,7 +116,7 @@ def _log_pyfunc(checkpoint: Path, inference: InferenceSettings, tags: Mapping[st
             return mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(PYFUNC_CODE), code_paths=[str(PACKAGE_DIR)],
                 artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), SETTINGS_ARTIFACT: str(settings_file)},
-                signature=model_signature(), pip_requirements=pinned_requirements(), tags=dict(tags)).model_uri
+                signature=model_signature(inference.threshold), pip_requirements=pinned_requirements(), tags=dict(tags)).model_uri
 
 
 def log_best_model(checkpoint: Path, settings: Mapping[str, Any], inference: InferenceSettings,

@@ -8,8 +8,10 @@ checkpoint recorded from training (`pipeline.transforms.presets.preprocess`: cha
 z-score or percentiles, as `segpipe evaluate` does) and runs the project's sliding-window
 `pipeline.inference.predict` with the `settings` artifact; it returns the label map uint8 (H, W) of
 class indices (a K-channel network: the argmax over the classes; one channel: the foreground
-probability >= the settings' threshold), or with `params={"output": "probabilities"}` the
-probabilities float32 (K, H, W).
+probability >= the threshold), or with `params={"output": "probabilities"}` the
+probabilities float32 (K, H, W). The threshold is `params={"threshold": ...}`: a number in (0, 1) as a
+string, `val` or `val-dice` (the checkpoint's validation thresholds, `pipeline.inference.resolve_threshold`),
+by default the settings' threshold.
 """
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import inference_network, predict, to_labels
+from pipeline.inference import inference_network, parse_threshold, predict, resolve_threshold, to_labels
 from pipeline.networks import read_checkpoint
 from pipeline.training.mlflow_model import (
     CHECKPOINT_ARTIFACT,
     OUTPUT_PARAM,
     OUTPUTS,
     SETTINGS_ARTIFACT,
+    THRESHOLD_PARAM,
     read_settings,
 )
 from pipeline.transforms.presets import preprocess
@@ -43,6 +46,7 @@ class SegmentationModel(PythonModel):
         state = read_checkpoint(checkpoint)
         if not isinstance(state.get("augment"), dict):
             raise SegpipeError(f"{checkpoint}: the checkpoint records no training preprocessing (augment)")
+        self.checkpoint = checkpoint
         self.dataset = str(state.get("dataset", "the checkpoint"))
         self.augment = dict(state["augment"])
         self.settings = read_settings(context.artifacts[SETTINGS_ARTIFACT])
@@ -51,10 +55,12 @@ class SegmentationModel(PythonModel):
     def predict(self, context: PythonModelContext, model_input: np.ndarray,
                 params: dict[str, Any] | None = None) -> np.ndarray:
         """Label map (H, W) uint8, or probabilities (K, H, W) float32, of one image (C, H, W)."""
-        output = (params or {}).get(OUTPUT_PARAM, OUTPUTS[0])
+        params = params or {}
+        output = params.get(OUTPUT_PARAM, OUTPUTS[0])
         if output not in OUTPUTS:
             raise MlflowException.invalid_parameter_value(f"{OUTPUT_PARAM} must be one of {', '.join(OUTPUTS)}, "
                                                           f"got {output!r}")
+        threshold = self._threshold(params.get(THRESHOLD_PARAM, self.settings.threshold)) if output == "labels" else None
         image = np.asarray(model_input)
         if image.ndim != 3:
             raise MlflowException.invalid_parameter_value(f"expected one image (C, H, W), got shape {image.shape}")
@@ -62,7 +68,15 @@ class SegmentationModel(PythonModel):
             probs = predict(self.net, preprocess(self.dataset, image, self.augment), settings=self.settings)
         except SegpipeError as exc:  # a bad input (e.g. fewer channels than the preprocessing selects)
             raise MlflowException.invalid_parameter_value(str(exc)) from exc
-        return probs if output == "probabilities" else to_labels(probs, self.settings.threshold)[0]
+        return probs if threshold is None else to_labels(probs, threshold)[0]
+
+    def _threshold(self, value: float | str) -> float:
+        """The number the threshold param (or setting) `value` stands for; MLflow's invalid-parameter error."""
+        try:
+            return resolve_threshold(parse_threshold(str(value), f"param {THRESHOLD_PARAM}"), self.net.thresholds,
+                                     self.net.out_channels, str(self.checkpoint))
+        except SegpipeError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
 
 
 set_model(SegmentationModel())

@@ -4,7 +4,8 @@
 trainer, the checkpoint (config.json, last.pt) and MLflow all see: the profile's keys, then
 `overrides.<network>`, `overrides.<dataset>` and `overrides.<dataset>/<network>` merged in (later
 wins), then the caller's overrides; plus the network actually built (`substitute`), its config
-(configs/networks.yaml) and the dataset's augmentation preset (configs/augment.yaml). Every value
+(configs/networks.yaml), the dataset's augmentation preset (configs/augment.yaml) and the
+cross-validation `fold` (the file's top-level `fold`, or the caller's). Every value
 is checked up front (type, range, missing and unknown keys), so a bad `--set` fails before any
 work with a message naming the key.
 """
@@ -24,8 +25,9 @@ from pipeline.transforms.presets import preset_section
 PROFILE_KEYS = {
     "network_preset", "substitute", "seed", "epochs", "steps_per_epoch", "batch_size", "patch_size",
     "optimizer", "schedule", "grad_clip", "precision", "channels_last", "compile", "workers", "val_every", "max_minutes",
-    "weight_map", "loss", "overrides",
+    "weight_map", "loss", "plan", "overrides",
 }
+PLAN_KEYS = ("memory_budget_mb", "max_patch_size", "max_batch_size")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "step", "constant")
 OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "momentum", "nesterov"}
@@ -57,8 +59,13 @@ class TrainConfigs:
 def _validate(cfg: Mapping[str, Any], where: str) -> None:
     check_keys(cfg, PROFILE_KEYS, where)
     check_int(cfg["seed"], "seed", where, minimum=0)
-    for key in ("epochs", "steps_per_epoch", "batch_size", "patch_size", "val_every"):
+    for key in ("epochs", "steps_per_epoch", "val_every"):
         check_int(cfg[key], key, where, minimum=1)
+    for key in ("batch_size", "patch_size"):  # null: planned from the data (pipeline.training.planning)
+        check_int(cfg[key], key, where, minimum=1, optional=True)
+    plan = check_keys(cfg["plan"], PLAN_KEYS, f"{where}.plan")
+    for key in PLAN_KEYS:
+        check_int(plan[key], f"plan.{key}", where, minimum=1)
     check_int(cfg["workers"], "workers", where, minimum=0)
     opt = check_keys(cfg["optimizer"], OPTIMIZER_KEYS, f"{where}.optimizer")
     check_choice(opt["name"], "optimizer.name", OPTIMIZERS, where)
@@ -89,10 +96,12 @@ def resolve_settings(
     network: str,
     profile: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    fold: int | None = None,
 ) -> dict[str, Any]:
-    """The training settings of (`dataset`, `network`) under `profile` (default: the file's)."""
+    """The training settings of (`dataset`, `network`) under `profile` (default: the file's); `fold`
+    (None: the file's) is the cross-validation fold validated on (`PreparedDataset.with_fold`)."""
     full, path = configs.train, configs.where
-    for key in ("profile", "profiles", "models_dir", "networks"):
+    for key in ("profile", "profiles", "models_dir", "networks", "fold"):
         if key not in full:
             raise SegpipeError(f"{path}: missing top-level key {key!r}")
     name = profile or full["profile"]
@@ -111,6 +120,8 @@ def resolve_settings(
     if actual not in network_names():
         raise SegpipeError(f"{where}: network {actual!r} unknown; networks: {network_names()}")
     cfg.pop("overrides")
+    fold = (check_int(full["fold"], "fold", path, minimum=0, optional=True) if fold is None
+            else check_int(fold, "fold", "segpipe train --fold", minimum=0))
     return {
         **cfg,
         "profile": name,
@@ -120,4 +131,5 @@ def resolve_settings(
         "network_config": network_config(configs.networks, actual, cfg["network_preset"], "configs/networks.yaml"),
         "augment": dict(preset_section(configs.augment, dataset)),
         "models_dir": str(full["models_dir"]),
+        "fold": fold,
     }

@@ -1,8 +1,15 @@
 """Validation during training: whole validation images through the project's sliding-window
 inference (`pipeline.inference.predict`, the code `segpipe infer` runs), scored inside the FOV (which
-leaves out the card's ignore_value)."""
+leaves out the card's ignore_value).
+
+Two classes (a one-channel network) also give the operating points `segpipe infer --threshold val`
+uses (`validation_thresholds`), from the same probabilities: each image's in-FOV foreground
+probabilities are kept as a histogram (`pipeline.metrics.score_histogram`, 1000 bins, negatives and
+positives apart), never as pixels, so memory does not grow with the images.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -10,7 +17,13 @@ import torch
 
 from pipeline.data.prepared import PreparedDataset
 from pipeline.inference import InferenceSettings, inference_network, load_settings, predict
-from pipeline.metrics import confusion, per_class
+from pipeline.metrics import (
+    confusion,
+    histogram_best_f1,
+    histogram_best_mean_dice,
+    per_class,
+    score_histogram,
+)
 from pipeline.networks import SegmentationNetwork
 from pipeline.transforms.presets import preprocess
 
@@ -45,12 +58,50 @@ def validation_scores(probs: np.ndarray, label: np.ndarray, fov: np.ndarray | No
     return float(np.mean([c.dice for c in classes])), float(np.mean([c.iou for c in classes]))
 
 
-def validate(model: SegmentationNetwork, cases: list[dict[str, Any]], settings: InferenceSettings) -> tuple[float, float]:
-    """Mean Dice and IoU (`validation_scores`) over whole validation images."""
+@dataclass(frozen=True)
+class Validation:
+    """One validation pass: mean Dice and IoU (`validation_scores`) over the images, and for a
+    one-channel network each image's in-FOV score histogram (images, 2, bins), else None."""
+
+    dice: float
+    iou: float
+    histograms: np.ndarray | None = None
+
+
+def validate(model: SegmentationNetwork, cases: list[dict[str, Any]], settings: InferenceSettings) -> Validation:
+    """Whole validation images through `predict`: their scores and, one channel, histograms."""
     if not cases:
-        return float("nan"), float("nan")
+        return Validation(float("nan"), float("nan"))
     net = inference_network(model, settings)
-    scores = [validation_scores(predict(net, case["image"], settings=settings), case["label"], case["fov"])
-              for case in cases]
+    scores, histograms = [], []
+    for case in cases:
+        probs = predict(net, case["image"], settings=settings)
+        scores.append(validation_scores(probs, case["label"], case["fov"]))
+        if probs.shape[0] == 1:
+            histograms.append(score_histogram(probs[0], case["label"] > 0, case["fov"]))
     dices, ious = zip(*scores)
-    return float(np.mean(dices)), float(np.mean(ious))
+    return Validation(float(np.mean(dices)), float(np.mean(ious)), np.stack(histograms) if histograms else None)
+
+
+def validation_thresholds(histograms: np.ndarray | None) -> dict[str, float | int] | None:
+    """The validation operating points of a one-channel network, as checkpoints store them:
+    best_f1 = the threshold maximising F1 over the pooled in-FOV pixels of all validation images
+    (`histogram_best_f1`), val_f1 that F1; best_dice = the threshold maximising the mean over images
+    of per-image Dice (`histogram_best_mean_dice`), val_dice that mean; cases = the images. Both are
+    on the grid 0.001 .. 0.999 (step 0.001), exact to that bin width. None for a K-channel network
+    (argmax, no threshold), without validation images, or without foreground in them."""
+    if histograms is None or not len(histograms) or not histograms[:, 1].any():
+        return None
+    best_f1, val_f1 = histogram_best_f1(histograms.sum(axis=0))
+    best_dice, val_dice = histogram_best_mean_dice(histograms)
+    return {"best_f1": best_f1, "best_dice": best_dice, "val_f1": val_f1, "val_dice": val_dice,
+            "cases": len(histograms)}
+
+
+def threshold_metrics(thresholds: Mapping[str, float | int] | None) -> dict[str, float]:
+    """The MLflow metrics of `validation_thresholds` (none for None)."""
+    if thresholds is None:
+        return {}
+    return {"val_threshold_best_f1": float(thresholds["best_f1"]), "val_f1_at_best_f1": float(thresholds["val_f1"]),
+            "val_threshold_best_dice": float(thresholds["best_dice"]),
+            "val_dice_at_best_dice": float(thresholds["val_dice"])}

@@ -43,6 +43,9 @@ from pipeline.transforms.patches import RandOverlapTilePatchd
 
 CONFIG_NAME = "augment"
 NORMALIZERS = ("zscore", "percentile")
+AUTO = "auto"
+"""A preset's `normalize: auto`: the training plan (`pipeline.training.planning`) picks one of
+NORMALIZERS before any transform is built."""
 SCHEMA: dict[str, Any] = {
     "channels": None,
     "clahe": None,
@@ -76,7 +79,7 @@ def preset(dataset: str, config: Mapping[str, Any]) -> Mapping[str, Any]:
     """`config`, the section of `dataset` in configs/augment.yaml (read by the stage entry), validated."""
     where = f"configs/{CONFIG_NAME}.yaml: {dataset}"
     _check(config, SCHEMA, where)
-    check_choice(config["normalize"], "normalize", NORMALIZERS, where)
+    check_choice(config["normalize"], "normalize", (*NORMALIZERS, AUTO), where)
     channels = check_list(config["channels"], "channels", where, optional=True, nonempty=True)
     for channel in channels or []:
         check_int(channel, "channels[]", where, minimum=0)
@@ -150,6 +153,9 @@ def build_preprocess_transforms(dataset: str, config: Mapping[str, Any]) -> Comp
     same: optional channel selection, optional CLAHE, then zscore (per image and channel) or
     percentile (0.5..99.5 percentiles -> 0..1, clipped)."""
     cfg = preset(dataset, config)
+    if cfg["normalize"] == AUTO:
+        raise SegpipeError(f"configs/{CONFIG_NAME}.yaml: {dataset}.normalize is auto, which the training plan "
+                           f"resolves (plan.json); give zscore or percentile here")
     chain: list[Any] = []
     if cfg["channels"] is not None:
         chain.append(SelectChannelsd("image", cfg["channels"]))

@@ -1,0 +1,223 @@
+"""The training plan: settings the profile and the augmentation preset leave open, planned from the
+dataset fingerprint (`pipeline.preprocessing.fingerprint`), as nnU-Net v2 plans its experiments from
+its fingerprint (Isensee et al., Nature Methods 2021). Deterministic: the same fingerprint and
+settings give the same plan on any machine (no timing, no probing of the hardware).
+
+An explicit setting always wins. Every entry of the plan records where its value comes from:
+
+    {"value": v, "source": "profile" | "preset" | "card" | "planned", "why": "...",
+     "planned": what the rule would have chosen (entries the profile or preset set)}
+
+    patch_size     (profile, null: planned) the largest output size the network can produce (its
+                   size contract, `valid_output_size`) <= the median image's shorter side and
+                   <= plan.max_patch_size
+    batch_size     (profile, null: planned) floor(budget / memory per patch), `estimate_memory`
+    normalize      (preset, auto: planned) per channel: percentile when the card's modality is CT,
+                   or when the central 99 % of the channel's pixels span less than
+                   HEAVY_TAIL_SPREAD standard deviations (the extreme 1 % carries most of the
+                   variance and would squash the z-scores of the rest); zscore otherwise. The
+                   transforms apply one scheme to every channel: percentile if any kept channel
+                   needs it
+    class_weights  inverse class frequency w_k = N / (K n_k) of the fingerprint's in-FOV pixels
+                   (the rule of `compute_class_weights`); recorded only: the eq. 2 weight maps that
+                   training reads were computed by `segpipe prepare` (stats.json, train split)
+    clahe,         the preset's, never planned
+    channels
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.errors import SegpipeError
+from pipeline.networks import SegmentationNetwork, build_network
+from pipeline.training.loop import output_channels
+from pipeline.transforms.presets import AUTO
+
+PLAN_FORMAT = "segpipe-plan/1"
+MIN_BATCH = 2
+ACTIVATION_FACTOR = 2
+"""Training memory per stored activation: the forward outputs kept for the backward pass, plus their
+gradients at the peak of the backward pass."""
+STATE_BYTES_PER_PARAMETER = 16
+"""fp32 weight, its gradient and two Adam moments (SGD with momentum needs less): per training, not
+per patch."""
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+HEAVY_TAIL_SPREAD = 2.0
+"""A normal channel's p99.5 - p0.5 spans 5.2 std, a uniform one 3.4 std; below 2 std the pixels
+beyond the central 99 % dominate the std."""
+PERCENTILE_MODALITY = re.compile(r"\b(ct|computed tomography)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved settings (what training uses) and the entries saying where each came from."""
+
+    settings: dict[str, Any]
+    entries: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """plan.json's content."""
+        s = self.settings
+        return {"format": PLAN_FORMAT, "dataset": s["dataset"], "network_key": s["network_key"],
+                "network": s["network"], "limits": dict(s["plan"]), "entries": self.entries}
+
+
+def plan_training(fingerprint: Mapping[str, Any], settings: Mapping[str, Any]) -> Plan:
+    """The plan of `settings` (`resolve_settings`; patch_size, batch_size may be None, the preset's
+    normalize "auto") on the dataset of `fingerprint`."""
+    limits, augment = settings["plan"], settings["augment"]
+    network = meta_network(settings, fingerprint)
+    patch = _entry(settings["patch_size"], *plan_patch_size(network, fingerprint, int(limits["max_patch_size"])))
+    batch = _entry(settings["batch_size"], *plan_batch_size(
+        network, int(patch["value"]), settings["precision"], int(limits["memory_budget_mb"]),
+        int(limits["max_batch_size"]), int(augment["patches"]["num_samples"])))
+    normalize = plan_normalize(fingerprint, augment["channels"])
+    if augment["normalize"] != AUTO:
+        normalize = {"value": augment["normalize"], "source": "preset", "why": "set in configs/augment.yaml",
+                     "planned": normalize["value"], "channels": normalize["channels"]}
+    entries = {
+        "patch_size": patch,
+        "batch_size": batch,
+        "normalize": normalize,
+        "class_weights": plan_class_weights(fingerprint),
+        "clahe": {"value": augment["clahe"], "source": "preset", "why": "from configs/augment.yaml, never planned"},
+        "channels": {"value": augment["channels"], "source": "preset",
+                     "why": "from configs/augment.yaml, never planned"},
+    }
+    resolved = copy.deepcopy(dict(settings))
+    resolved.update(patch_size=patch["value"], batch_size=batch["value"])
+    resolved["augment"] = {**copy.deepcopy(dict(augment)), "normalize": normalize["value"]}
+    return Plan(resolved, entries)
+
+
+def _entry(explicit: Any, planned: Any, why: str) -> dict[str, Any]:
+    """An entry: the profile's explicit value when set (recording the planned one), else the planned one."""
+    if explicit is None:
+        return {"value": planned, "source": "planned", "why": why}
+    return {"value": explicit, "source": "profile", "why": f"set in configs/train.yaml (or --set); planned: {why}",
+            "planned": planned}
+
+
+def meta_network(settings: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> SegmentationNetwork:
+    """The network training builds, on the `meta` device (shapes only: no memory, no weights)."""
+    channels = settings["augment"]["channels"]
+    in_channels = len(channels) if channels else int(fingerprint["channels"]["count"])
+    with torch.device("meta"):
+        return build_network(settings["network"], in_channels, output_channels(len(fingerprint["classes"])),
+                             **settings["network_config"])
+
+
+def plan_patch_size(network: SegmentationNetwork, fingerprint: Mapping[str, Any],
+                    max_patch_size: int) -> tuple[int, str]:
+    """(patch size, why): the largest output size `network` can produce that is <= the median image's
+    shorter side and <= `max_patch_size`; the smallest it can produce when none is."""
+    shorter = int(math.floor(min(fingerprint["shape"]["median"])))
+    limit = min(shorter, max_patch_size)
+    for size in range(limit, 0, -1):
+        if network.valid_output_size(size) == size:
+            return size, (f"largest output size of {network.network_name} ({network.padding} padding) <= "
+                          f"min(median shorter side {shorter}, plan.max_patch_size {max_patch_size})")
+    smallest = network.valid_output_size(1)
+    return smallest, (f"{network.network_name} produces no output size <= {limit} (median shorter side "
+                      f"{shorter}, plan.max_patch_size {max_patch_size}): its smallest, {smallest}")
+
+
+def estimate_memory(network: SegmentationNetwork, patch_size: int, precision: str) -> tuple[int, int]:
+    """(bytes per patch, bytes per training) of a training step, estimated from the shapes alone.
+
+    Per patch: the elements of every leaf module's forward output in train() mode for an input of
+    `network.input_size(patch_size)`² (a forward of MIN_BATCH patches, as batch norm needs more than
+    one value per channel, on the `meta` device, counted with forward hooks, divided by MIN_BATCH),
+    x ELEMENT_BYTES[precision] x ACTIVATION_FACTOR. Per training: STATE_BYTES_PER_PARAMETER per
+    parameter. Approximate: in-place activations are counted as new tensors, the temporaries of
+    the backward kernels, the allocator's caching and autocast's fp32 copies are not; the input and
+    target patches and the loss are left out. Checked once on this CPU (torch 2, one optimizer step
+    in a fresh process, peak RSS over the RSS before it): the estimate was 1.2-1.6x the measured
+    increase for U-Net and UNet++ (bf16, fp32) and U2-Net-lite (fp32) at 96-128 px. Treat it as an
+    order of magnitude, not a bound; the libraries' own memory (~0.6 GB here) is not in the budget.
+    """
+    if precision not in ELEMENT_BYTES:
+        raise SegpipeError(f"memory estimate: precision must be one of {sorted(ELEMENT_BYTES)}, got {precision!r}")
+    counted = [0]
+
+    def count(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        for tensor in output if isinstance(output, (tuple, list)) else [output]:
+            if isinstance(tensor, torch.Tensor):
+                counted[0] += tensor.numel()
+            elif isinstance(tensor, (tuple, list)):  # a network's aux heads
+                counted[0] += sum(t.numel() for t in tensor if isinstance(t, torch.Tensor))
+
+    leaves = [m for m in network.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    was_training = network.training
+    try:
+        network.train()
+        size = network.input_size(patch_size)
+        with torch.no_grad():
+            network(torch.empty(MIN_BATCH, network.in_channels, size, size, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        network.train(was_training)
+    per_patch = counted[0] // MIN_BATCH * ELEMENT_BYTES[precision] * ACTIVATION_FACTOR
+    fixed = sum(p.numel() for p in network.parameters()) * STATE_BYTES_PER_PARAMETER
+    return per_patch, fixed
+
+
+def plan_batch_size(network: SegmentationNetwork, patch_size: int, precision: str, memory_budget_mb: int,
+                    max_batch_size: int, num_samples: int) -> tuple[int, str]:
+    """(batch size, why): floor((budget - per-training memory) / memory per patch), clamped to
+    [MIN_BATCH, max_batch_size], then rounded down to a multiple of `num_samples` (patches.num_samples:
+    the loader draws that many patches per image), at least one multiple."""
+    per_patch, fixed = estimate_memory(network, patch_size, precision)
+    fits = (memory_budget_mb * 2**20 - fixed) // per_patch
+    batch = min(max(fits, MIN_BATCH), max_batch_size)
+    batch = max(num_samples, batch // num_samples * num_samples)
+    why = (f"plan.memory_budget_mb {memory_budget_mb} - {fixed / 2**20:.0f} MB weights and optimizer state: room "
+           f"for {max(fits, 0)} patches of ~{per_patch / 2**20:.1f} MB ({precision}, {patch_size} x {patch_size} "
+           f"px), clamped to [{MIN_BATCH}, plan.max_batch_size {max_batch_size}], a multiple of "
+           f"patches.num_samples {num_samples}")
+    return int(batch), why
+
+
+def plan_normalize(fingerprint: Mapping[str, Any], channels: list[int] | None) -> dict[str, Any]:
+    """The planned normalisation (module docstring) of the kept `channels` (None: all)."""
+    names = list(fingerprint["channels"]["names"])
+    kept = [names[i] for i in channels] if channels else names
+    modality = fingerprint.get("modality") or ""
+    per_channel = {}
+    for name in kept:
+        stats = fingerprint["intensity"]["channels"][name]
+        spread = stats["p99.5"] - stats["p0.5"]
+        if PERCENTILE_MODALITY.search(modality):
+            per_channel[name] = {"value": "percentile", "source": "card", "why": f"modality {modality!r}"}
+        elif spread < HEAVY_TAIL_SPREAD * stats["std"]:
+            per_channel[name] = {"value": "percentile", "source": "planned",
+                                 "why": f"heavy tails: p99.5 - p0.5 = {spread:.4g} < {HEAVY_TAIL_SPREAD:g} std "
+                                        f"({stats['std']:.4g})"}
+        else:
+            per_channel[name] = {"value": "zscore", "source": "planned",
+                                 "why": f"p99.5 - p0.5 = {spread:.4g} >= {HEAVY_TAIL_SPREAD:g} std "
+                                        f"({stats['std']:.4g})"}
+    value = "percentile" if any(c["value"] == "percentile" for c in per_channel.values()) else "zscore"
+    source = "card" if any(c["source"] == "card" for c in per_channel.values()) else "planned"
+    return {"value": value, "source": source, "channels": per_channel,
+            "why": "percentile when any kept channel needs it (one scheme for all channels), else zscore"}
+
+
+def plan_class_weights(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse-frequency class weights of the fingerprint (recorded, see the module docstring)."""
+    counts = [int(c["pixels"]) for c in fingerprint["classes"].values()]
+    why = ("w_k = N / (K n_k) over the fingerprint's in-FOV pixels (compute_class_weights' rule); recorded "
+           "only: the eq. 2 weight maps training reads hold stats.json's class_weights (train split)")
+    if min(counts) == 0:
+        absent = [name for name, c in fingerprint["classes"].items() if int(c["pixels"]) == 0]
+        return {"value": None, "source": "planned", "why": f"classes {absent} have no pixel in the train and val cases"}
+    total = sum(counts)
+    return {"value": [total / (len(counts) * n) for n in counts], "source": "planned", "why": why}
