@@ -1,8 +1,8 @@
-"""Smoke `dvc repro` of a user's 3-class dataset (issue 13): an nnU-Net v2 raw folder written here
-(background / cell interior / cell border, plus the `ignore` label), imported with
-`segpipe dataset import`, then `dvc repro` of its scan -> prepare -> train -> evaluate stages in a
-temporary copy of the repo; a second `dvc repro` reruns nothing but the always-run scan and gives the
-same metrics."""
+"""Smoke `dvc repro` of a user's 3-class dataset (issue 13): background / cell interior / cell border
+plus an ignore label, written here as PNG folders (`segpipe dataset add`) and as an nnU-Net v2 raw
+folder (`segpipe dataset import`), then `dvc repro` of its scan -> prepare -> train -> evaluate stages
+in a temporary copy of the repo; a second `dvc repro` reruns nothing but the always-run scan and gives
+the same metrics."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import imageio.v3 as iio
 import yaml
 
 from fixtures import REPO_ROOT
-from test_dataset_import import write_nnunet
+from test_dataset_import import IGNORE, cell_label, channels_of, write_nnunet
 
 TARGET = "evaluate@cells-unet"
 
@@ -33,8 +34,25 @@ def _edit(path: Path, **changes: object) -> None:
     path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **changes}, sort_keys=False))
 
 
+def _png_folders(root: Path, n: int = 8) -> list[str]:
+    """images/ (one channel) and labels/ (0 background, 1 interior, 2 border, 3 unlabelled) PNGs."""
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    for case in range(n):
+        label = cell_label(case)
+        iio.imwrite(root / "images" / f"cell_{case:03d}.png", channels_of(label, case)[0])
+        iio.imwrite(root / "labels" / f"cell_{case:03d}.png", label)
+    return ["add", "cells", "--images", str(root / "images"), "--labels", str(root / "labels"),
+            "--classes", "background,interior,border", "--ignore-value", str(IGNORE)]
+
+
+def _nnunet_folder(root: Path) -> list[str]:
+    return ["import", str(write_nnunet(root / "Dataset001_cells", n_train=8)), "--name", "cells"]
+
+
 @pytest.mark.slow
-def test_an_imported_three_class_dataset_runs_in_dvc(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", [_png_folders, _nnunet_folder], ids=["add", "import"])
+def test_a_three_class_dataset_of_yours_runs_in_dvc(tmp_path: Path, source) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copy(REPO_ROOT / "dvc.yaml", repo)
@@ -43,9 +61,7 @@ def test_an_imported_three_class_dataset_runs_in_dvc(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("SEGPIPE_CONFIG_DIR", "MLFLOW_TRACKING_URI")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
                OMP_NUM_THREADS="1")
-    raw = write_nnunet(tmp_path / "Dataset001_cells", n_train=8)
-
-    _run(["pipeline", "dataset", "import", str(raw), "--name", "cells", "--test-fraction", "0.25"], repo, env)
+    _run(["pipeline", "dataset", *source(tmp_path / "raw"), "--test-fraction", "0.25"], repo, env)
     data = yaml.safe_load((repo / "configs" / "data.yaml").read_text())
     assert "cells" in data["datasets"] and "cells" in data["folder_datasets"]
     _edit(repo / "configs" / "train.yaml", profile="smoke", networks=["unet"])
