@@ -14,7 +14,9 @@ def _cmd_dataset_add(args: argparse.Namespace) -> int:
     from pipeline.data.cards import FolderSource
     from pipeline.data.registry import add_dataset
 
-    source = FolderSource(args.images, args.labels, args.masks, args.test_images, args.test_labels, args.test_masks)
+    source = FolderSource(args.images, args.labels, masks=args.masks, instances=args.instances,
+                          test_images=args.test_images, test_labels=args.test_labels, test_masks=args.test_masks,
+                          test_instances=args.test_instances)
     add_dataset(args.name, source, class_names=None if args.classes is None else args.classes.split(","),
                 ignore_value=args.ignore_value, test_fraction=args.test_fraction)
     return 0
@@ -57,9 +59,13 @@ def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", required=True, type=Path, metavar="DIR", help="label images, one per image (same stem)")
     p.add_argument("--masks", type=Path, metavar="DIR",
                    help="masks of the pixels that count (a field of view), one per image")
+    p.add_argument("--instances", type=Path, metavar="DIR",
+                   help="instance masks, one per image: integer ids, 0 = background (PNG, TIFF, NIfTI, MHA, NRRD); "
+                   "the U-Net weight map's borders and, for two classes, evaluate's CTC SEG")
     p.add_argument("--test-images", type=Path, metavar="DIR", help="a separate test set (else --test-fraction)")
     p.add_argument("--test-labels", type=Path, metavar="DIR")
     p.add_argument("--test-masks", type=Path, metavar="DIR")
+    p.add_argument("--test-instances", type=Path, metavar="DIR")
     p.add_argument("--classes", metavar="NAMES", help="class names in label-value order, e.g. background,vessel "
                    "(default: from the label values)")
     p.add_argument("--ignore-value", type=int, metavar="V", help="a label value left out of the loss and the metrics")

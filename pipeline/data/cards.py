@@ -13,8 +13,9 @@ position), the image channels and optional facts:
 
 The source is one of (paths relative to the repository root; the user's files are read in place):
   archives: NAME          the dataset's entry in `data_manifests/sources.yaml` (archives, sha256, layout)
-  images, labels          folders of 2-D images and labels paired by file stem; optional masks and
-                          test_images + test_labels (+ test_masks)
+  images, labels          folders of 2-D images and labels paired by file stem; optional masks,
+                          instances (integer instance ids, 0 = background) and test_images +
+                          test_labels (+ test_masks, test_instances)
   nnunet: FOLDER          an nnU-Net v2 raw dataset folder: dataset.json (file_ending), imagesTr
                           (CASE_0000.png, CASE_0001.png: channels), labelsTr (CASE.png), and
                           imagesTs + labelsTs as the test set when labelsTs exists
@@ -41,27 +42,31 @@ from pipeline.errors import SegpipeError
 CARDS_FOLDER = "datasets"
 CARD_KEYS = ("source", "classes", "ignore_value", "channels", "test_fraction", "modality", "spacing")
 OPTIONAL_KEYS = ("ignore_value", "test_fraction", "modality", "spacing")
-FOLDER_KEYS = ("images", "labels", "masks", "test_images", "test_labels", "test_masks")
+FOLDER_KEYS = ("images", "labels", "masks", "instances", "test_images", "test_labels", "test_masks",
+               "test_instances")
 SOURCE_KINDS = "folders (images, labels, ...), `archives: NAME` of sources.yaml, `nnunet: FOLDER` or `datalist: FILE`"
 MAX_CLASSES = 255  # prepared labels are uint8 class indices
 
 
 @dataclass(frozen=True)
 class FolderSource:
-    """Folders of 2-D images; every image pairs with the label (and mask) of the same file stem."""
+    """Folders of 2-D images; every image pairs with the label (and mask, instances) of the same
+    file stem."""
 
     images: Path
     labels: Path
     masks: Path | None = None
+    instances: Path | None = None
     test_images: Path | None = None
     test_labels: Path | None = None
     test_masks: Path | None = None
+    test_instances: Path | None = None
 
     command: ClassVar[str] = "add"
     comment: ClassVar[str] = "folders of 2-D images; image, label and mask pair by file stem"
 
     def folders(self) -> dict[str, Path]:
-        """The folders the card sets, by key (images, labels, masks, test_images, ...)."""
+        """The folders the card sets, by key (images, labels, masks, instances, test_images, ...)."""
         return {key: getattr(self, key) for key in FOLDER_KEYS if getattr(self, key) is not None}
 
     def entries(self) -> dict[str, Path]:
@@ -201,7 +206,7 @@ def _source(raw: Any, where: str) -> tuple[str | None, FolderSource | None, Impo
         base = None if section.get("base_dir") is None else _path(section, "base_dir", where)
         return None, None, DatalistSource(_path(section, "datalist", where), base)
     section = check_keys(raw, FOLDER_KEYS, f"{where}: source (one of {SOURCE_KINDS})",
-                         optional=("masks", "test_images", "test_labels", "test_masks"))
+                         optional=FOLDER_KEYS[2:])
     paths = {k: None if v is None else _path(section, k, where) for k, v in section.items()}
     return None, check_folders(FolderSource(**paths), where), None
 
@@ -222,13 +227,16 @@ def split_fraction(card: DatasetCard, has_test: bool) -> float | None:
 
 
 def check_folders(source: FolderSource, where: str) -> FolderSource:
-    """`source` if its folders go together: test images with test labels, and with masks test masks."""
+    """`source` if its folders go together: test images with test labels, with masks test masks and
+    with instances test instances."""
     if (source.test_images is None) != (source.test_labels is None):
         raise ConfigError(f"{where}: test_images and test_labels go together; set both or neither")
-    if source.has_test and (source.masks is None) != (source.test_masks is None):
-        raise ConfigError(f"{where}: masks and test_masks go together when there are test folders")
-    if source.test_masks is not None and not source.has_test:
-        raise ConfigError(f"{where}: test_masks without test_images")
+    for key in ("masks", "instances"):
+        train, test = getattr(source, key), getattr(source, f"test_{key}")
+        if source.has_test and (train is None) != (test is None):
+            raise ConfigError(f"{where}: {key} and test_{key} go together when there are test folders")
+        if test is not None and not source.has_test:
+            raise ConfigError(f"{where}: test_{key} without test_images")
     return source
 
 

@@ -2,11 +2,13 @@
 reading of cases, which imported sources (`pipeline.data.importers`) share.
 
 Images: PNG, TIFF, JPEG, BMP, NIfTI, MHA, NRRD; grey, RGB or multi-channel (TIFF planes `CYX` or
-samples `YXS`), 8/16-bit or float. Labels and masks: the same formats but JPEG (lossy), one value
-per pixel (grey RGB is read as grey). A case's image is one file or one file per channel (nnU-Net's
+samples `YXS`), 8/16-bit or float. Labels, masks and instances: the same formats but JPEG (lossy),
+one value per pixel (grey RGB is read as grey); instances hold integer instance ids (0 = background),
+kept as ids (uint16), not binarised. A case's image is one file or one file per channel (nnU-Net's
 CASE_0000, CASE_0001, ...), stacked. Every problem names the file: an image without a label (or
 the reverse), an unsupported or unreadable file, shapes that differ, label values outside the
-card's classes, a channel count other than the card's.
+card's classes, instance ids that are not integers >= 0 or more than 65535 of them, a channel count
+other than the card's.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".mha", ".nr
 LABEL_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".jpg", ".jpeg"))
 SITK_SUFFIXES = (".mha", ".nrrd")
 CHANNEL_AXES = "CSQ"  # a TIFF axis before YX read as channels (tifffile: planes, samples, unknown)
-ROLE_NAMES = {"image": "image", "label": "label", "fov": "mask"}
-PARTS = (("train", "images", "labels", "masks"), ("test", "test_images", "test_labels", "test_masks"))
+ROLE_NAMES = {"image": "an image", "label": "a label", "fov": "a mask", "instances": "an instance mask"}
+PARTS = (("train", "images", {"label": "labels", "fov": "masks", "instances": "instances"}),
+         ("test", "test_images", {"label": "test_labels", "fov": "test_masks", "instances": "test_instances"}))
+MAX_INSTANCES = 65535  # prepared instances are uint16
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class FolderCase:
     case: str
     part: str  # "train" (the images folder), "test" (test_images) or, from a datalist, "val"
     images: tuple[Path, ...]  # one file, or one per channel (stacked in this order)
-    files: dict[str, Path]  # label, and fov (a mask) if any
+    files: dict[str, Path]  # label, and fov (a mask) and instances if any
 
 
 def stem(path: Path) -> str:
@@ -67,27 +71,26 @@ def _by_stem(folder: Path, suffixes: tuple[str, ...], what: str, problems: list[
 
 
 def pair_cases(source: FolderSource) -> list[FolderCase]:
-    """The cases of a folder source: images paired with labels (and masks) by file stem."""
+    """The cases of a folder source: images paired with labels (and masks, instances) by file stem."""
     problems: list[str] = []
     cases: dict[str, FolderCase] = {}
-    for part, image_key, label_key, mask_key in PARTS:
-        folders = source.folders()
+    folders = source.folders()
+    for part, image_key, role_keys in PARTS:
         if image_key not in folders:
             continue
-        keys = {"image": image_key, "label": label_key, "fov": mask_key}
-        roles = {"image": _by_stem(folders[image_key], IMAGE_SUFFIXES, "an image", problems),
-                 "label": _by_stem(folders[label_key], LABEL_SUFFIXES, "a label", problems)}
-        if mask_key in folders:
-            roles["fov"] = _by_stem(folders[mask_key], LABEL_SUFFIXES, "a mask", problems)
+        keys = {"image": image_key, **{role: key for role, key in role_keys.items() if key in folders}}
+        roles = {"image": _by_stem(folders[image_key], IMAGE_SUFFIXES, ROLE_NAMES["image"], problems)}
+        roles.update({role: _by_stem(folders[keys[role]], LABEL_SUFFIXES, ROLE_NAMES[role], problems)
+                      for role in keys if role != "image"})
         for role, files in roles.items():
             for key, path in files.items():
                 if key not in roles["image"]:
-                    problems.append(f"{path}: a {ROLE_NAMES[role]} without an image "
+                    problems.append(f"{path}: {ROLE_NAMES[role]} without an image "
                                     f"(no {key}.* in {folders[image_key]})")
         for key, image in roles["image"].items():
             missing = [role for role in roles if key not in roles[role]]
             if missing:
-                problems.append(f"{image}: an image without a {' and a '.join(ROLE_NAMES[r] for r in missing)} "
+                problems.append(f"{image}: an image without {' and '.join(ROLE_NAMES[r] for r in missing)} "
                                 f"(no {key}.* in {', '.join(str(folders[keys[r]]) for r in missing)})")
                 continue
             case = key if part == "train" else f"test_{key}"
@@ -167,6 +170,31 @@ def map_labels(label: np.ndarray, card: DatasetCard, path: Path) -> tuple[np.nda
     return index, (None if card.ignore_value is None else label != card.ignore_value)
 
 
+def instance_ids(plane: np.ndarray, path: Path) -> np.ndarray:
+    """An instance image as uint16 ids (0 = background), as stored; ids above 65535 (but at most 65535
+    of them) renumbered 1..n in order of value. Values that are not integers >= 0, or more than 65535
+    ids: an error naming `path`."""
+    values = np.unique(plane)
+    if values.dtype.kind == "f":
+        wrong = values[~np.isfinite(values) | (values != np.round(values))]
+    else:
+        wrong = values[:0] if values.dtype.kind in "biu" else values
+    if wrong.size:
+        shown = ", ".join(str(v) for v in wrong[:5].tolist()) + (", ..." if wrong.size > 5 else "")
+        raise SegpipeError(f"{path}: instance values {shown} ({plane.dtype}) are not integers; expected integer "
+                           "instance ids, 0 = background")
+    if values.size and values[0] < 0:
+        raise SegpipeError(f"{path}: negative instance ids (down to {values[0]:g}); expected ids >= 0, "
+                           "0 = background")
+    ids = values[values > 0]
+    if ids.size > MAX_INSTANCES:
+        raise SegpipeError(f"{path}: {ids.size} instance ids; at most {MAX_INSTANCES} (the prepared instances "
+                           "are uint16)")
+    if ids.size and ids[-1] > MAX_INSTANCES:
+        return np.where(plane > 0, np.searchsorted(ids, plane) + 1, 0).astype(np.uint16)
+    return plane.astype(np.uint16)
+
+
 def read_channels(paths: tuple[Path, ...], max_values: int | None = None) -> np.ndarray:
     """A case's image as (H, W, C): its file(s) read and stacked along the channels, in order."""
     planes = []
@@ -182,15 +210,17 @@ def read_channels(paths: tuple[Path, ...], max_values: int | None = None) -> np.
 
 
 def load_case(case: FolderCase, card: DatasetCard, max_values: int) -> dict[str, np.ndarray]:
-    """The prepared volumes of one case (channel-first): image, label (class indices) and fov (the
-    mask and/or the pixels not at ignore_value) when the card has either."""
+    """The prepared volumes of one case (channel-first): image, label (class indices), fov (the
+    mask and/or the pixels not at ignore_value) when the card has either, and instances (uint16
+    ids) when the case has an instance mask."""
     image = read_channels(case.images, max_values)
     if image.shape[-1] != len(card.channels):
         files = f" in {len(case.images)} files" if len(case.images) > 1 else ""
         raise SegpipeError(f"{case.images[0]}: {image.shape[-1]} channel(s){files}; {card.path} declares "
                            f"{len(card.channels)} ({', '.join(card.channels)})")
     vols = {"image": np.moveaxis(image, -1, 0)}
-    planes = {role: read_plane(case.files[role], max_values) for role in ("label", "fov") if role in case.files}
+    planes = {role: read_plane(case.files[role], max_values) for role in ("label", "fov", "instances")
+              if role in case.files}
     for role, plane in planes.items():
         if plane.shape != image.shape[:2]:
             raise SegpipeError(f"{case.files[role]}: {role} of shape {plane.shape}, its image "
@@ -202,6 +232,8 @@ def load_case(case: FolderCase, card: DatasetCard, max_values: int) -> dict[str,
         fov = valid if fov is None else fov & valid
     if fov is not None:
         vols["fov"] = fov.astype(np.uint8)[None]
+    if "instances" in planes:
+        vols["instances"] = instance_ids(planes["instances"], case.files["instances"])[None]
     return vols
 
 
@@ -218,7 +250,8 @@ def load_cases(cases: list[FolderCase], card: DatasetCard, max_values: int) -> d
 
 
 def file_rows(cases: list[FolderCase]) -> list[dict[str, str]]:
-    """The per-file manifest of the cases: path, case, role (image, label, fov) and sha256 of every file."""
+    """The per-file manifest of the cases: path, case, role (image, label, fov, instances) and sha256 of
+    every file."""
     rows = []
     for case in cases:
         for role, path in [("image", p) for p in case.images] + list(case.files.items()):

@@ -14,9 +14,10 @@ start):
                          with the pixels where two cells touch set to background, as in the U-Net
                          paper's training masks
   weights/CASE.nii.gz    (1, H, W) float32, U-Net eq. 2 (K-class balance from the train split; cells
-                         from the instances, else each foreground class's connected components)
+                         from the instances, else each foreground class's connected components:
+                         `weight_map_cells`)
   fov/CASE.nii.gz        (1, H, W) uint8 (DRIVE field-of-view mask; a folder's masks, minus ignore_value)
-  instances/CASE.nii.gz  (1, H, W) uint16 (cells: CTC SEG instance ids)
+  instances/CASE.nii.gz  (1, H, W) uint16 (cells: CTC SEG instance ids; a folder's instances, as given)
   label2/CASE.nii.gz     (1, H, W) uint8 (DRIVE test: second observer)
   manifest.csv           case, split, fold, image, label, weight, fov, instances, label2 (relative
                          paths; fold: the case's cross-validation fold, empty for test cases)
@@ -89,6 +90,20 @@ def separate_touching(instances: np.ndarray) -> np.ndarray:
     bottom = ndimage.minimum_filter(np.where(inst > 0, inst, inst.max() + 1), size=3)
     touching = (inst > 0) & ((top != inst) | (bottom != inst))
     return ((inst > 0) & ~touching).astype(np.uint8)
+
+
+def weight_map_cells(label: np.ndarray, instances: np.ndarray | None) -> np.ndarray:
+    """The cells of eq. 2's border term for a class-index label (H, W): the instance ids on the label's
+    foreground (pixels the label makes background belong to no cell, so the gaps between touching
+    cells get the term), and the connected components of each foreground class on its pixels
+    without an instance id, numbered on; without instances, the components alone."""
+    from pipeline.transforms.weightmap import instances_from_labels
+
+    if instances is None:
+        return instances_from_labels(label)
+    cells = instances.astype(np.int64) * (label > 0)
+    rest = instances_from_labels(np.where(cells > 0, 0, label))
+    return np.where(rest > 0, rest + cells.max(), cells)
 
 
 def assign_splits(cases: pd.DataFrame, train_parts: tuple[str, ...], test_parts: tuple[str, ...], seed: int,
@@ -322,7 +337,7 @@ def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: P
            card: DatasetCard) -> dict[str, Any]:
     """Compute the weight maps, write every case's volumes and the manifest; return statistics for
     stats.json."""
-    from pipeline.transforms.weightmap import compute_class_weights, instances_from_labels, unet_weight_map
+    from pipeline.transforms.weightmap import compute_class_weights, unet_weight_map
 
     for sub in ROLE_DIRS.values():
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -334,9 +349,7 @@ def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: P
                                   desc="weight maps", unit="case"):
         vols = loaded[case]
         label = vols["label"][0]
-        # cells as the label shows them (touching pixels removed), so the gaps get the border term;
-        # without instances, the connected components of each foreground class
-        inst = vols["instances"][0] * (label > 0) if "instances" in vols else instances_from_labels(label)
+        inst = weight_map_cells(label, vols["instances"][0] if "instances" in vols else None)
         vols["weight"] = unet_weight_map(inst, w0=w0, sigma=sigma, class_weights=class_weights, labels=label)[None]
         entry = {"case": case, "split": split, "fold": fold}
         for role, sub in ROLE_DIRS.items():
