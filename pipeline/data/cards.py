@@ -63,7 +63,7 @@ class FolderSource:
     test_instances: Path | None = None
 
     command: ClassVar[str] = "add"
-    comment: ClassVar[str] = "folders of 2-D images; image, label and mask pair by file stem"
+    comment: ClassVar[str] = "folders of 2-D images; files pair with their image by file stem"
 
     def folders(self) -> dict[str, Path]:
         """The folders the card sets, by key (images, labels, masks, instances, test_images, ...)."""
