@@ -69,6 +69,7 @@ def _session(source: str | bytes, settings: InferenceSettings, where: str) -> "o
     options.intra_op_num_threads = settings.threads or 0
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False  # the arena keeps its high-water mark; the bands' buffers vary in size
     options.log_severity_level = 3  # errors only: ONNX Runtime's warnings are about its own placement choices
     providers = _providers(settings.device)
     try:
