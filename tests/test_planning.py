@@ -17,12 +17,13 @@ from mlflow.tracking import MlflowClient
 from fixtures import FixtureProject
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
+from pipeline.data.cards import parse_card
 from pipeline.errors import SegpipeError
 from pipeline.networks import read_checkpoint
 from pipeline.preprocessing.fingerprint import (
     FINGERPRINT_NAME, dataset_fingerprint, read_fingerprint, write_fingerprint,
 )
-from pipeline.training.planning import estimate_memory, meta_network, plan_training
+from pipeline.training.planning import CLAHE_CLIP, estimate_memory, meta_network, plan_training
 from pipeline.training.settings import TrainConfigs, resolve_settings
 from pipeline.transforms.presets import build_preprocess_transforms
 from test_multiclass_train import CLASSES, _three_class_dataset
@@ -98,8 +99,12 @@ def test_intensity_statistics_are_numpys_on_the_sample() -> None:
     full = dataset_fingerprint(loaded, splits, facts, seed=1)["intensity"]["channels"]
     for k, name in enumerate(("one", "two")):  # every pixel fits the sample: exactly numpy's
         low, mid, high = np.percentile(pooled[k], (0.5, 50, 99.5))
-        assert full[name] == pytest.approx({"p0.5": low, "p50": mid, "p99.5": high, "mean": pooled[k].mean(),
-                                            "std": pooled[k].std(), "pixels": pooled.shape[1]}, rel=1e-6)
+        overall = {key: v for key, v in full[name].items() if key != "classes"}
+        assert overall == pytest.approx({"p0.5": low, "p50": mid, "p99.5": high, "mean": pooled[k].mean(),
+                                         "std": pooled[k].std(), "pixels": pooled.shape[1]}, rel=1e-6)
+        assert full[name]["classes"]["background"] == pytest.approx(
+            {"mean": pooled[k].mean(), "std": pooled[k].std(), "pixels": pooled.shape[1]}, rel=1e-6)
+        assert full[name]["classes"]["disk"] == {"mean": None, "std": None, "pixels": 0}
     sampled = dataset_fingerprint(loaded, splits, facts, seed=1, max_pixels_per_case=1000)
     again = dataset_fingerprint(loaded, splits, facts, seed=1, max_pixels_per_case=1000)
     assert sampled == again and sampled["intensity"]["channels"]["one"]["pixels"] == 4000
@@ -133,12 +138,13 @@ def _configs(**profile_changes: Any) -> TrainConfigs:
     return TrainConfigs(train, load_config("networks"), augment)
 
 
-def _fingerprint(median: tuple[float, float] = (300.0, 200.0), channels: dict[str, dict[str, float]] | None = None,
-                 modality: str | None = None) -> dict[str, Any]:
+def _fingerprint(median: tuple[float, float] = (300.0, 200.0), channels: dict[str, dict[str, Any]] | None = None,
+                 modality: str | None = None, asked: dict[str, str] | None = None,
+                 dtype: str = "uint8") -> dict[str, Any]:
     normal = {"p0.5": -2.58, "p50": 0.0, "p99.5": 2.58, "mean": 0.0, "std": 1.0}
     return {"format": "segpipe-fingerprint/1", "shape": {"median": list(median)}, "modality": modality,
-            "channels": {"count": len(channels or [0]), "names": list(channels or {"gray": None})},
-            "intensity": {"channels": channels or {"gray": normal}},
+            "plan": asked or {}, "channels": {"count": len(channels or [0]), "names": list(channels or {"gray": None})},
+            "intensity": {"dtype": dtype, "channels": channels or {"gray": normal}},
             "classes": {"background": {"pixels": 900}, "cell": {"pixels": 100}}}
 
 
@@ -218,6 +224,90 @@ def test_normalize_auto_is_resolved_per_channel() -> None:
         "channels": None}
     assert plan.entries["clahe"]["source"] == "preset" and plan.entries["class_weights"]["value"] == pytest.approx(
         [1000 / (2 * 900), 1000 / (2 * 100)])
+
+
+def test_card_plan_key_takes_only_auto(tmp_path: Path) -> None:
+    card = {"source": {"archives": "drive"}, "classes": {"background": 0, "vessel": 255}, "channels": ["gray"]}
+    path = tmp_path / "mine.yaml"
+    assert parse_card(card, "mine", path).plan == {}
+    parsed = parse_card({**card, "plan": {"channels": "auto"}}, "mine", path)
+    assert parsed.plan == {"channels": "auto"} and parsed.facts["plan"] == {"channels": "auto"}
+    with pytest.raises(ConfigError, match=r"mine\.yaml: plan\.clahe must be auto .*got 0\.02"):
+        parse_card({**card, "plan": {"clahe": 0.02}}, "mine", path)
+    with pytest.raises(ConfigError, match=r"mine\.yaml: plan: missing keys \[\], unknown keys \['normalize'\]"):
+        parse_card({**card, "plan": {"normalize": "auto"}}, "mine", path)
+
+
+def test_fingerprint_records_the_card_request_dtype_and_class_statistics() -> None:
+    loaded, splits = _cases()
+    fp = dataset_fingerprint(loaded, splits, {**FACTS, "plan": {"clahe": "auto"}}, seed=3)
+    assert fp["plan"] == {"clahe": "auto"} and fp["intensity"]["dtype"] == "uint8"
+    classes = fp["intensity"]["channels"]["gray"]["classes"]     # image = 10 + 100 x class: constant per class
+    assert classes["disk"] == {"mean": 110.0, "std": 0.0, "pixels": 66}
+    assert classes["bar"] == {"mean": 210.0, "std": 0.0, "pixels": 70}
+    assert dataset_fingerprint(loaded, splits, FACTS, seed=3)["plan"] == {}
+
+
+def _stats(p05: float, p995: float, per_class: list[tuple[float, float]]) -> dict[str, Any]:
+    """One channel's fingerprint statistics with per-class (mean, std) of background and cell."""
+    return {"p0.5": p05, "p50": (p05 + p995) / 2, "p99.5": p995, "mean": 1.0, "std": (p995 - p05) / 5,
+            "classes": {name: {"mean": m, "std": sd, "pixels": 100}
+                        for name, (m, sd) in zip(("background", "cell"), per_class)}}
+
+
+THREE = {"red": _stats(0, 100, [(50, 20), (80, 20)]),     # Fisher 900 / 800 = 1.1
+         "green": _stats(0, 100, [(40, 10), (120, 10)]),  # 6400 / 200 = 32: the best
+         "blue": _stats(0, 100, [(60, 5), (60, 30)])}     # 0; all narrow: p99.5 - p0.5 = 100 < 127.5
+
+
+def test_channels_auto_keeps_the_channel_separating_the_classes_best() -> None:
+    configs = _configs()
+    configs.augment["mine"] = {**configs.augment["generic"], "normalize": "auto"}
+    plan = _plan(fingerprint=_fingerprint(channels=THREE, asked={"channels": "auto"}), configs=configs)
+    entry = plan.entries["channels"]
+    assert (entry["value"], entry["source"]) == ([1], "planned") and plan.settings["augment"]["channels"] == [1]
+    assert entry["fisher"] == pytest.approx({"red": 900 / 800, "green": 32.0, "blue": 0.0})
+    assert set(plan.entries["normalize"]["channels"]) == {"green"}          # normalisation of the kept channel
+    assert meta_network(plan.settings, _fingerprint(channels=THREE)).in_channels == 1
+    one = _plan(fingerprint=_fingerprint(asked={"channels": "auto"})).entries["channels"]
+    assert one["value"] is None and "nothing to choose" in one["why"]
+
+
+def test_an_explicit_preset_wins_over_the_card_and_records_the_planned_alternative() -> None:
+    configs = _configs()
+    configs.augment["mine"] = {**configs.augment["generic"], "channels": [0], "clahe": 0.03}
+    fingerprint = _fingerprint(channels=THREE, asked={"channels": "auto", "clahe": "auto"})
+    plan = _plan(fingerprint=fingerprint, configs=configs)
+    channels, clahe = plan.entries["channels"], plan.entries["clahe"]
+    assert (channels["value"], channels["source"], channels["planned"]) == ([0], "preset", [1])
+    assert (clahe["value"], clahe["source"], clahe["planned"]) == (0.03, "preset", CLAHE_CLIP)
+    assert plan.settings["augment"]["channels"] == [0] and plan.settings["augment"]["clahe"] == 0.03
+    assert set(plan.entries["normalize"]["channels"]) == {"red"}
+
+
+@pytest.mark.parametrize("dtype, spread, clahe", [
+    ("uint8", 100.0, CLAHE_CLIP),      # 100 < 0.5 x 255
+    ("uint8", 200.0, None),
+    ("uint16", 30000.0, CLAHE_CLIP),   # < 0.5 x 65535
+    ("uint16", 40000.0, None),
+    ("float32", 0.1, None),            # no dtype range: never
+])
+def test_clahe_auto_on_narrow_integer_data_only(dtype: str, spread: float, clahe: float | None) -> None:
+    channels = {"gray": _stats(10.0, 10.0 + spread, [(20, 5), (60, 5)])}
+    plan = _plan(fingerprint=_fingerprint(channels=channels, asked={"clahe": "auto"}, dtype=dtype))
+    entry = plan.entries["clahe"]
+    assert (entry["value"], entry["source"]) == (clahe, "planned") and plan.settings["augment"]["clahe"] == clahe
+    assert (f"{spread:.4g}" in entry["why"]) if dtype != "float32" else ("float32" in entry["why"])
+
+
+def test_without_the_card_asking_channels_and_clahe_stay_the_presets() -> None:
+    configs = _configs()
+    configs.augment["mine"] = {**configs.augment["generic"], "channels": None, "clahe": None}
+    plan = _plan(fingerprint=_fingerprint(channels=THREE), configs=configs)   # narrow uint8 channels
+    for key in ("channels", "clahe"):
+        assert plan.entries[key]["value"] is None and plan.entries[key]["source"] == "preset"
+        assert "planned" not in plan.entries[key] and plan.settings["augment"][key] is None
+    assert set(plan.entries["normalize"]["channels"]) == {"red", "green", "blue"}
 
 
 def test_transforms_never_see_auto() -> None:

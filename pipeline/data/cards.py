@@ -23,7 +23,9 @@ The source is one of (paths relative to the repository root; the user's files ar
   base_dir: DIR           {image, label}; an image may be a list of files, one per channel); its paths
                           are relative to base_dir (optional; default: the JSON's folder)
 A source without labelled test cases needs `test_fraction` (the seeded share held out for testing);
-one with them must not set it.
+one with them must not set it. Optional `plan: {channels: auto, clahe: auto}` (either key) asks the
+training plan (`pipeline.training.planning`) to choose the kept channel / CLAHE from the fingerprint
+where the augmentation preset leaves them null.
 
 `segpipe dataset add` and `segpipe dataset import` write one (`card_text`); a card written or edited
 by hand is read the same.
@@ -40,8 +42,9 @@ from pipeline.config import ConfigError, check_keys, check_list, check_number, c
 from pipeline.errors import SegpipeError
 
 CARDS_FOLDER = "datasets"
-CARD_KEYS = ("source", "classes", "ignore_value", "channels", "test_fraction", "modality", "spacing")
-OPTIONAL_KEYS = ("ignore_value", "test_fraction", "modality", "spacing")
+CARD_KEYS = ("source", "classes", "ignore_value", "channels", "test_fraction", "modality", "spacing", "plan")
+OPTIONAL_KEYS = ("ignore_value", "test_fraction", "modality", "spacing", "plan")
+PLAN_REQUESTS = ("channels", "clahe")  # the card's `plan:` keys; each takes only "auto"
 FOLDER_KEYS = ("images", "labels", "masks", "instances", "test_images", "test_labels", "test_masks",
                "test_instances")
 SOURCE_KINDS = "folders (images, labels, ...), `archives: NAME` of sources.yaml, `nnunet: FOLDER` or `datalist: FILE`"
@@ -127,6 +130,7 @@ class DatasetCard:
     test_fraction: float | None = None
     modality: str | None = None
     spacing: tuple[float, ...] | None = None
+    plan: dict[str, str] = field(default_factory=dict)  # {"channels": "auto", "clahe": "auto"}, either key
     facts: dict[str, Any] = field(default_factory=dict)  # as stats.json records them
 
     @property
@@ -187,10 +191,23 @@ def parse_card(raw: Any, name: str, path: Path) -> DatasetCard:
     modality = card.get("modality")
     if modality is not None:
         check_str(modality, "modality", where)
+    plan = _plan_request(card.get("plan"), where)
     facts = {"classes": list(classes), "label_values": list(classes.values()), "ignore_value": ignore,
-             "channels": list(channels), "modality": modality, "spacing": spacing_t and list(spacing_t)}
+             "channels": list(channels), "modality": modality, "spacing": spacing_t and list(spacing_t),
+             "plan": dict(plan)}
     return DatasetCard(name, path, classes, channels, archives, folders, imported, ignore, test_fraction, modality,
-                       spacing_t, facts)
+                       spacing_t, plan, facts)
+
+
+def _plan_request(raw: Any, where: str) -> dict[str, str]:
+    """The card's `plan`: what it asks the training plan to choose, {key: "auto"} ({} when absent)."""
+    if raw is None:
+        return {}
+    section = check_keys(raw, PLAN_REQUESTS, f"{where}: plan", optional=PLAN_REQUESTS)
+    for key, value in section.items():
+        if value != "auto":
+            raise ConfigError(f"{where}: plan.{key} must be auto (or leave the key out), got {value!r}")
+    return section
 
 
 def _source(raw: Any, where: str) -> tuple[str | None, FolderSource | None, ImportedSource | None]:

@@ -8,10 +8,13 @@ writes `data/prepared/DATASET/fingerprint.json`:
     format           "segpipe-fingerprint/1"
     cases            the cases measured (train and val splits) and their (H, W)
     shape            median, min and max (H, W) over those cases
-    channels         count and the card's channel names; spacing and modality as the card says
-    intensity        per channel (by name): the 0.5 / 50 / 99.5 percentiles, mean and std of a seeded
-                     sample of at most `max_pixels_per_case` pixels per case inside the field of view
-                     (the whole image without one), at most `max_pixels_total` pixels in all
+    channels         count and the card's channel names; spacing, modality and plan (what the card
+                     asks the training plan to choose, e.g. {"channels": "auto"}) as the card says
+    intensity        the images' dtype (numpy's common type of the cases) and per channel (by name):
+                     the 0.5 / 50 / 99.5 percentiles, mean and std of a seeded sample of at most
+                     `max_pixels_per_case` pixels per case inside the field of view (the whole image
+                     without one), at most `max_pixels_total` pixels in all; and per class name the
+                     mean and std of the sample's pixels of that class (null without any)
     classes          per class name: pixels inside the field of view and their frequency
     objects          per foreground class: connected components (8-connected) of its pixels, their
                      count and min / median / 95th-percentile area in pixels
@@ -60,9 +63,12 @@ def dataset_fingerprint(loaded: Mapping[str, Mapping[str, np.ndarray]], splits: 
         "channels": {"count": len(channel_names), "names": channel_names},
         "spacing": facts.get("spacing"),
         "modality": facts.get("modality"),
+        "plan": dict(facts.get("plan") or {}),
         "intensity": {"region": "fov" if any("fov" in loaded[c] for c in cases) else "all",
+                      "dtype": str(np.result_type(*[loaded[c]["image"].dtype for c in cases])),
                       "sample": {"seed": seed, "max_pixels_per_case": per_case},
-                      "channels": intensity_statistics([loaded[c] for c in cases], channel_names, seed, per_case)},
+                      "channels": intensity_statistics([loaded[c] for c in cases], channel_names, class_names,
+                                                       seed, per_case)},
         "classes": class_frequencies([loaded[c] for c in cases], class_names),
         "objects": object_sizes([loaded[c]["label"][0] for c in cases], class_names),
     }
@@ -74,11 +80,12 @@ def _region(vols: Mapping[str, np.ndarray]) -> np.ndarray:
     return vols["fov"][0] > 0 if "fov" in vols else np.ones(shape, dtype=bool)
 
 
-def intensity_statistics(cases: list[Mapping[str, np.ndarray]], channel_names: list[str], seed: int,
-                         per_case: int) -> dict[str, dict[str, float]]:
+def intensity_statistics(cases: list[Mapping[str, np.ndarray]], channel_names: list[str], class_names: list[str],
+                         seed: int, per_case: int) -> dict[str, dict[str, Any]]:
     """Per channel: percentiles, mean and std of a seeded sample of `per_case` in-region pixels per
-    case (all of them when a case has fewer); case i draws with `default_rng([seed, i])`."""
-    samples = []
+    case (all of them when a case has fewer), and per class the mean and std of the sample's pixels
+    of that class; case i draws with `default_rng([seed, i])`."""
+    samples, labels = [], []
     for i, vols in enumerate(cases):
         image = vols["image"]
         if image.shape[0] != len(channel_names):
@@ -88,14 +95,27 @@ def intensity_statistics(cases: list[Mapping[str, np.ndarray]], channel_names: l
         if where.size > per_case:
             where = np.sort(np.random.default_rng([seed, i]).choice(where, per_case, replace=False))
         samples.append(image.reshape(image.shape[0], -1)[:, where].astype(np.float32))
+        labels.append(vols["label"].reshape(-1)[where])
     pooled = np.concatenate(samples, axis=1).astype(np.float64)
+    pooled_labels = np.concatenate(labels)
     if pooled.shape[1] == 0:
         raise SegpipeError("fingerprint: no pixel inside the field of view in any train or val case")
     out = {}
     for name, values in zip(channel_names, pooled):
         low, mid, high = np.percentile(values, PERCENTILES)
         out[name] = {"p0.5": float(low), "p50": float(mid), "p99.5": float(high), "mean": float(values.mean()),
-                     "std": float(values.std()), "pixels": int(values.size)}
+                     "std": float(values.std()), "pixels": int(values.size),
+                     "classes": _class_statistics(values, pooled_labels, class_names)}
+    return out
+
+
+def _class_statistics(values: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per class name: mean and std of the `values` whose `labels` (class indices) are that class."""
+    out = {}
+    for k, name in enumerate(class_names):
+        mine = values[labels == k]
+        out[name] = ({"mean": float(mine.mean()), "std": float(mine.std()), "pixels": int(mine.size)} if mine.size
+                     else {"mean": None, "std": None, "pixels": 0})
     return out
 
 

@@ -21,8 +21,16 @@ An explicit setting always wins. Every entry of the plan records where its value
     class_weights  inverse class frequency w_k = N / (K n_k) of the fingerprint's in-FOV pixels
                    (the rule of `compute_class_weights`); recorded only: the eq. 2 weight maps that
                    training reads were computed by `segpipe prepare` (stats.json, train split)
-    clahe,         the preset's, never planned
-    channels
+    channels       (preset; planned only when the card asks, `plan: {channels: auto}`, and the
+                   preset's is null) the one channel with the largest mean, over the foreground
+                   classes k, of the Fisher ratio (mu_k - mu_0)^2 / (sd_k^2 + sd_0^2) against class 0
+                   (Fisher 1936), from the fingerprint's per-class statistics; one-channel data keep it
+    clahe          (preset; planned only when the card asks, `plan: {clahe: auto}`, and the preset's
+                   is null) CLAHE at clip CLAHE_CLIP when every kept channel's p99.5 - p0.5 is below
+                   NARROW_RANGE x the range of the image dtype (uint8, uint16; float: never)
+
+A setting the card asks to plan but the preset sets keeps the preset's value and records the planned
+one. normalize is planned on the planned channels.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -52,6 +60,12 @@ HEAVY_TAIL_SPREAD = 2.0
 """A normal channel's p99.5 - p0.5 spans 5.2 std, a uniform one 3.4 std; below 2 std the pixels
 beyond the central 99 % dominate the std."""
 PERCENTILE_MODALITY = re.compile(r"\b(ct|computed tomography)\b", re.IGNORECASE)
+CLAHE_CLIP = 0.01
+"""The DRIVE preset's clip limit (configs/augment.yaml)."""
+NARROW_RANGE = 0.5
+DTYPE_RANGE = {"uint8": 255, "uint16": 65535}
+FISHER_EPS = 1e-12
+"""Floor of the Fisher ratio's denominator (classes of constant intensity)."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +86,17 @@ def plan_training(fingerprint: Mapping[str, Any], settings: Mapping[str, Any]) -
     """The plan of `settings` (`resolve_settings`; patch_size, batch_size may be None, the preset's
     normalize "auto") on the dataset of `fingerprint`."""
     limits, augment = settings["plan"], settings["augment"]
-    network = meta_network(settings, fingerprint)
+    asked = fingerprint.get("plan") or {}
+    channels = _requested("channels", augment["channels"], asked, lambda: plan_channels(fingerprint))
+    clahe = _requested("clahe", augment["clahe"], asked, lambda: plan_clahe(fingerprint, channels["value"]))
+    resolved = copy.deepcopy(dict(settings))
+    resolved["augment"] = {**copy.deepcopy(dict(augment)), "channels": channels["value"], "clahe": clahe["value"]}
+    network = meta_network(resolved, fingerprint)
     patch = _entry(settings["patch_size"], *plan_patch_size(network, fingerprint, int(limits["max_patch_size"])))
     batch = _entry(settings["batch_size"], *plan_batch_size(
         network, int(patch["value"]), settings["precision"], int(limits["memory_budget_mb"]),
         int(limits["max_batch_size"]), int(augment["patches"]["num_samples"])))
-    normalize = plan_normalize(fingerprint, augment["channels"])
+    normalize = plan_normalize(fingerprint, channels["value"])
     if augment["normalize"] != AUTO:
         normalize = {"value": augment["normalize"], "source": "preset", "why": "set in configs/augment.yaml",
                      "planned": normalize["value"], "channels": normalize["channels"]}
@@ -86,14 +105,26 @@ def plan_training(fingerprint: Mapping[str, Any], settings: Mapping[str, Any]) -
         "batch_size": batch,
         "normalize": normalize,
         "class_weights": plan_class_weights(fingerprint),
-        "clahe": {"value": augment["clahe"], "source": "preset", "why": "from configs/augment.yaml, never planned"},
-        "channels": {"value": augment["channels"], "source": "preset",
-                     "why": "from configs/augment.yaml, never planned"},
+        "clahe": clahe,
+        "channels": channels,
     }
-    resolved = copy.deepcopy(dict(settings))
     resolved.update(patch_size=patch["value"], batch_size=batch["value"])
-    resolved["augment"] = {**copy.deepcopy(dict(augment)), "normalize": normalize["value"]}
+    resolved["augment"]["normalize"] = normalize["value"]
     return Plan(resolved, entries)
+
+
+def _requested(key: str, preset: Any, asked: Mapping[str, str], plan: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The entry of a preset setting the card may ask to plan (`asked`: the fingerprint's `plan`): the
+    preset's value unless the card asks and the preset's is null; planned (`plan()`) when the card asks."""
+    if asked.get(key) != AUTO:
+        return {"value": preset, "source": "preset",
+                "why": f"from configs/augment.yaml; planned only when the card sets plan.{key}: auto"}
+    planned = plan()
+    if preset is None:
+        return planned
+    return {**planned, "value": preset, "source": "preset",
+            "why": f"set in configs/augment.yaml (wins over the card's plan.{key}: auto); planned: {planned['why']}",
+            "planned": planned["value"]}
 
 
 def _entry(explicit: Any, planned: Any, why: str) -> dict[str, Any]:
@@ -209,6 +240,54 @@ def plan_normalize(fingerprint: Mapping[str, Any], channels: list[int] | None) -
     source = "card" if any(c["source"] == "card" for c in per_channel.values()) else "planned"
     return {"value": value, "source": source, "channels": per_channel,
             "why": "percentile when any kept channel needs it (one scheme for all channels), else zscore"}
+
+
+def plan_channels(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """The planned `channels` (module docstring): [the channel separating the classes best], with
+    each channel's mean Fisher ratio under "fisher"; None (all) when there is nothing to choose."""
+    names = list(fingerprint["channels"]["names"])
+    if len(names) == 1:
+        return {"value": None, "source": "planned", "why": f"one channel ({names[0]}): nothing to choose"}
+    stats = fingerprint["intensity"]["channels"]
+    ratios = {name: _mean_fisher_ratio(stats[name]["classes"]) for name in names}
+    if any(r is None for r in ratios.values()):
+        return {"value": None, "source": "planned", "fisher": ratios,
+                "why": "class 0 or every foreground class has no pixel in the fingerprint's sample: all channels"}
+    best = max(range(len(names)), key=lambda i: ratios[names[i]])
+    return {"value": [best], "source": "planned", "fisher": ratios,
+            "why": f"{names[best]}: the largest mean Fisher ratio (mu_k - mu_0)^2 / (sd_k^2 + sd_0^2) of the "
+                   f"foreground classes against class 0 ({ratios[names[best]]:.4g})"}
+
+
+def _mean_fisher_ratio(classes: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """The mean over the foreground classes (with pixels) of (mu_k - mu_0)^2 / (sd_k^2 + sd_0^2) of one
+    channel's per-class statistics (class 0 first); None without class 0 or foreground pixels."""
+    background, *foreground = classes.values()
+    present = [c for c in foreground if c["pixels"]]
+    if not background["pixels"] or not present:
+        return None
+    mu0, sd0 = background["mean"], background["std"]
+    return sum((c["mean"] - mu0) ** 2 / max(c["std"] ** 2 + sd0 ** 2, FISHER_EPS) for c in present) / len(present)
+
+
+def plan_clahe(fingerprint: Mapping[str, Any], channels: list[int] | None) -> dict[str, Any]:
+    """The planned `clahe` (module docstring) for the kept `channels` (None: all), with each kept
+    channel's p99.5 - p0.5 under "spread"."""
+    dtype = fingerprint["intensity"]["dtype"]
+    if dtype not in DTYPE_RANGE:
+        return {"value": None, "source": "planned",
+                "why": f"{dtype} images: no dtype range to compare the intensities with (only uint8, uint16); "
+                       f"no CLAHE"}
+    names = list(fingerprint["channels"]["names"])
+    kept = [names[i] for i in channels] if channels else names
+    stats = fingerprint["intensity"]["channels"]
+    spread = {name: stats[name]["p99.5"] - stats[name]["p0.5"] for name in kept}
+    limit = NARROW_RANGE * DTYPE_RANGE[dtype]
+    narrow = all(v < limit for v in spread.values())
+    shown = ", ".join(f"{name} {v:.4g}" for name, v in spread.items())
+    why = (f"p99.5 - p0.5 ({shown}) {'<' if narrow else 'not all <'} {NARROW_RANGE:g} x {dtype} range "
+           f"{DTYPE_RANGE[dtype]} = {limit:g}: {'narrow, CLAHE' if narrow else 'no CLAHE'}")
+    return {"value": CLAHE_CLIP if narrow else None, "source": "planned", "spread": spread, "why": why}
 
 
 def plan_class_weights(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
