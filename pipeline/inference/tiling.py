@@ -220,18 +220,18 @@ class LogitBand:
 
     def pop(self, stop: int, chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Final logits of rows [top, stop), normalised by the weight sum, `chunk` rows at a time
-        (first row, (K, n, W)); then the band moves down to `stop`."""
+        (first row, (K, n, W), a view valid until the next chunk); then the band moves down to `stop`."""
         n = stop - self.top
         for i in range(0, n, chunk):
             j = min(i + chunk, n)
-            part = self.acc[:, i:j] if self.wsum is None else self.acc[:, i:j] / self.wsum[:, i:j]
-            yield self.top + i, part
+            part = self.acc[:, i:j] if self.wsum is None else self.acc[:, i:j].div_(self.wsum[:, i:j])
+            yield self.top + i, part  # a view: final rows are normalised in place, no temporary
         rest = self.used - n
         for buf in (self.acc, self.wsum):
             if buf is None:
                 continue
-            if rest > 0:
-                buf[:, :rest] = buf[:, n : self.used].clone()
+            if rest > 0:  # the rows still open move up; a copy only when source and target overlap
+                buf[:, :rest] = buf[:, n : self.used] if rest <= n else buf[:, n : self.used].clone()
             buf[:, max(rest, 0) : self.used] = 0
         self.used = max(rest, 0)
         self.top = stop
