@@ -378,3 +378,18 @@ def _label_names(path: Path) -> list[str]:
     with tifffile.TiffFile(path) as tif:
         annotation = tifffile.xml2dict(tif.ome_metadata)["OME"]["StructuredAnnotations"]["MapAnnotation"]
     return [entry["value"] for entry in sorted(annotation["Value"]["M"], key=lambda e: e["K"])]
+
+
+def test_chunk_spool_gives_back_every_block_and_removes_its_file(tmp_path):
+    from pipeline.inference.spool import ChunkSpool
+
+    rng = np.random.default_rng(5)
+    blocks = {(k, c, y): rng.random((7 if y else 32, 45)).astype(np.float32) for k in range(2) for c in range(2)
+              for y in (0, 32)}
+    spool = ChunkSpool(tmp_path / "s.spool", np.float32)
+    for key, block in blocks.items():
+        spool.put(key, block)
+    for key in reversed(list(blocks)):
+        np.testing.assert_array_equal(spool.get(key), blocks[key])
+    spool.close()
+    assert list(tmp_path.iterdir()) == []

@@ -251,7 +251,7 @@ def test_stale_temps_of_killed_processes_are_removed(tmp_path):
     host = ours.split("-")[2]
     names = {
         f".segpipe-{dead.pid}-{host}-abc.tmp.tif": False,  # a killed process of this host: removed
-        f".segpipe-{dead.pid}-{host}-xyz.spool.zarr": False,
+        f".segpipe-{dead.pid}-{host}-xyz.tmp.ome.zarr": False,  # a folder
         f"{ours}def.tmp.tif": True,  # this process's
         f".segpipe-{dead.pid}-0badc0de-ghi.tmp.tif": True,  # another host's
         ".segpipe-oldstyle.tmp.tif": True,  # no process to check

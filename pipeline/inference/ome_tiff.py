@@ -10,14 +10,13 @@ label value. `tifffile.TiffFile(path).series[0].levels` are the levels.
 Streaming: tifffile writes pages one after another, each from a generator of tiles, in a background
 thread fed from a small queue (as `TiffRowWriter`). The first channel of level 0 comes straight
 from the row stream; as its strips pass, the other channels of level 0 and every reduced level
-(`Pyramid`: nearest for labels, mean for probabilities) are spooled into a compressed temporary
-zarr store beside the output, and read back a tile row at a time when tifffile reaches them. Peak
-memory is a few tile rows per level, whatever the image's height; the spool costs disk (compressed,
-about (K - 1) / K + 1/3 of the image for K channels) and is removed at the end.
+(`Pyramid`: nearest for labels, mean for probabilities) are spooled, zlib-compressed, into a temp
+file beside the output (`ChunkSpool`), and read back a tile row at a time when tifffile reaches
+them. Peak memory is a few tile rows per level, whatever the image's height; the spool costs disk
+(compressed, about (K - 1) / K + 1/3 of the image for K channels) and is removed at the end.
 """
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -28,6 +27,7 @@ from pipeline.errors import SegpipeError
 from pipeline.inference.ome_meta import image_name, pixel_size
 from pipeline.inference.pyramid import Pyramid, Sink, level_shapes
 from pipeline.inference.readers import ImageMeta
+from pipeline.inference.spool import ChunkSpool
 from pipeline.inference.writers import TiffRowWriter, WriteAborted, strip_tiles, temp_beside
 
 LABEL_VALUES_NAMESPACE = "segpipe.label-values"
@@ -66,35 +66,25 @@ class OmeTiffWriter(TiffRowWriter):
         self.channel_names, self.label_names, self.uuid = list(channel_names), label_names, uuid
         self._codec = None if compression == "none" else compression
         self._cancel = threading.Event()
-        self._spool_dir = temp_beside(path, ".spool.zarr", directory=True)
+        self._spool = ChunkSpool(temp_beside(path, ".spool"), dtype)
         try:
-            self._spool = [self._spool_array(k, channels, np.dtype(dtype), tile) for k in range(len(self.shapes))]
             self._pyramid = Pyramid(self.shapes, channels, dtype, tile, downsampling,
-                                    [self._sink(k) for k in range(len(self.shapes))])
+                                    [self._sink(k, channels) for k in range(len(self.shapes))])
             super().__init__(path, height, width, channels, dtype, tile=tile, compression=compression, meta=meta)
         except BaseException:
-            shutil.rmtree(self._spool_dir, ignore_errors=True)
+            self._spool.close()
             raise
 
-    def _spool_array(self, k: int, channels: int, dtype: np.dtype, tile: int) -> Any:
-        """The spool of level k: every channel, but at level 0 the ones after the first (None if none),
-        one chunk per tile row of a channel (written and read back whole)."""
-        import zarr
-
-        planes = channels - (k == 0)
-        if not planes:
-            return None
-        h, w = self.shapes[k]
-        return zarr.create_array(store=str(self._spool_dir / str(k)), shape=(planes, h, w), chunks=(1, tile, w),
-                                 dtype=dtype, fill_value=0)
-
-    def _sink(self, k: int) -> Sink | None:
-        spool, first = self._spool[k], int(k == 0)
-        if spool is None:
+    def _sink(self, k: int, channels: int) -> Sink | None:
+        """Level k's rows into the spool: every channel, but at level 0 the ones after the first
+        (None if none), one block per tile row of a channel."""
+        first = int(k == 0)
+        if first == channels:
             return None
 
         def sink(y0: int, block: np.ndarray) -> None:
-            spool[:, y0 : y0 + block.shape[1]] = block[first:]
+            for c in range(first, channels):
+                self._spool.put((k, c, y0), block[c])
 
         return sink
 
@@ -147,12 +137,11 @@ class OmeTiffWriter(TiffRowWriter):
     def _spooled_tiles(self, k: int, channels: Iterable[int]) -> Iterator[np.ndarray]:
         """The tiles of level k's `channels`, page after page, read back a tile row at a time."""
         h, _ = self.shapes[k]
-        first = int(k == 0)
         for c in channels:
             for y in range(0, h, self.tile):
                 if self._cancel.is_set():
                     raise WriteAborted()
-                yield from strip_tiles(self._spool[k][c - first, y : y + self.tile], self.tile)
+                yield from strip_tiles(self._spool.get((k, c, y)), self.tile)
 
     def _run(self, kwargs: dict[str, Any]) -> None:
         import tifffile
@@ -169,11 +158,11 @@ class OmeTiffWriter(TiffRowWriter):
         try:
             super().finish()
         finally:
-            shutil.rmtree(self._spool_dir, ignore_errors=True)
+            self._spool.close()
 
     def abort(self) -> None:
         self._cancel.set()
         try:
             super().abort()
         finally:
-            shutil.rmtree(self._spool_dir, ignore_errors=True)
+            self._spool.close()
