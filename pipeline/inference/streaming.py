@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import resource
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 
 from pipeline.config import check_number
 from pipeline.errors import SegpipeError
+from pipeline.inference.memory import check_memory, peak_rss_mb, reset_peak_rss
 from pipeline.inference.ome_meta import name_classes
 from pipeline.inference.optimize import InferenceNetwork, ModelLike
 from pipeline.inference.outputs import label_writer, output_paths, probability_writer, resolve_format
@@ -42,7 +41,6 @@ from pipeline.inference.readers import ImageReader, open_image
 from pipeline.inference.resume import RowLog, open_log, output_uuid, run_key
 from pipeline.inference.settings import THRESHOLD_NAMES, InferenceSettings, load_settings, resolve_threshold
 from pipeline.inference.sliding import inference_network, stream_probabilities
-from pipeline.inference.tiling import plan_tiles
 from pipeline.inference.writers import (
     RowWriter,
     check_output_path,
@@ -55,40 +53,8 @@ log = logging.getLogger(__name__)
 
 DEVICES = "cpu, cuda or cuda:N"
 """The devices inference runs on, as said in errors."""
-_ACTIVATION_FLOATS = 64
-"""A rough count of the network's activations per window pixel, for the memory estimate."""
 _REPLAY_ROWS = 256
 """Rows of a resumed run's stored output handed to the writers at a time."""
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since start or `reset_peak_rss()`, in MB.
-
-    Linux: VmHWM of /proc/self/status (the high-water mark `reset_peak_rss` restarts; ru_maxrss
-    also keeps the peak seen when any thread exited, which cannot be reset). Elsewhere ru_maxrss.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Restart the peak-RSS high-water mark at the current RSS (Linux /proc/self/clear_refs "5").
-
-    Import-time spikes then no longer mask the peak of what follows. False where unsupported.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
 
 
 @dataclass
@@ -135,39 +101,6 @@ def check_device(device: str) -> None:
 def check_nonfinite(value: float | None) -> float | None:
     """The replacement value of non-finite input pixels: None (refuse them) or a finite number."""
     return check_number(value, "nonfinite", "inference arguments", optional=True)
-
-
-def _available_bytes() -> int | None:
-    """Memory available to this process (MemAvailable, else physical memory), None if unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_memory(net: InferenceNetwork, reader: ImageReader, settings: InferenceSettings) -> None:
-    """SegpipeError, before anything is allocated, if the windows and bands of `settings.tile` for this
-    image would need more memory than is available (a rough estimate: inputs, logits, activations)."""
-    c, h, w = reader.shape
-    plan = plan_tiles(net, h, w, settings.tile, settings.overlap)
-    k, t_in, t_out = net.out_channels, plan.in_tile, plan.out_tile
-    width = w + plan.cols.pad_before + plan.cols.pad_after
-    windows = settings.batch_size * t_in * t_in * 4 * (c + 2 * k + _ACTIVATION_FLOATS)
-    bands = 4 * (2 * c * t_in * width + 3 * k * t_out * w + t_in * t_in)
-    need, available = windows + bands, _available_bytes()
-    if available is not None and need > available:
-        raise SegpipeError(
-            f"{reader.path}: tile {settings.tile} (windows of {t_in} x {t_in}, batch {settings.batch_size}) on this "
-            f"{w} x {h} image needs about {need / 2**30:.1f} GB, more than the {available / 2**30:.1f} GB "
-            "available; use a smaller --tile (or batch size)"
-        )
 
 
 def with_threshold(settings: InferenceSettings, net: InferenceNetwork) -> InferenceSettings:

@@ -36,8 +36,6 @@ gloo on CPU, nccl on CUDA); only rank 0 validates, writes files and logs to MLfl
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -58,6 +56,7 @@ from pipeline.networks import SegmentationNetwork, build_network, read_checkpoin
 from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.tracking import DataInput, TrackingSettings, stage_run
 from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
+from pipeline.training.epochs import epoch_metrics, epoch_summary, log_epochs, log_text, logged_epochs
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
 from pipeline.training.mlflow_model import log_best_model
 from pipeline.training.optim import build_optimizer, learning_rate
@@ -71,10 +70,6 @@ from pipeline.training.validation import (
     validation_thresholds,
 )
 
-LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_dice", "val_iou", "patches_per_s",
-               "data_wait_share", "seconds", "elapsed_seconds")
-"""log.csv: `seconds` = the epoch's training steps; `elapsed_seconds` = wall time of the training so
-far (set-up, validation and checkpoints included; a resumed run adds to the killed run's time)."""
 RESUME_KEYS = ("dataset", "network_key", "network", "network_config", "augment", "seed", "epochs",
                "steps_per_epoch", "batch_size", "patch_size", "optimizer", "schedule", "grad_clip",
                "loss", "weight_map", "precision", "fold")
@@ -258,38 +253,13 @@ def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], me
             write_text(out_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
     row["elapsed_seconds"] = time.perf_counter() - clock
     progress.log_rows.append(row)
-    progress.epoch_metrics.append({"epoch": epoch, **_epoch_metrics(row, means)})
+    progress.epoch_metrics.append({"epoch": epoch, **epoch_metrics(row, means)})
     save_checkpoint(t.model, out_dir / "last.pt", settings=_resume_settings(s), optimizer=t.optimizer.state_dict(),
                     scaler=t.scaler.state_dict(), torch_rng=torch.get_rng_state(), epoch=epoch,
                     best=dict(progress.best), log=progress.log_rows, mlflow_run_id=progress.run_id,
                     mlflow_epoch_metrics=progress.epoch_metrics, class_names=t.class_names, fold=s["fold"],
                     thresholds=thresholds)
-    write_text(out_dir / "log.csv", _log_text(progress.log_rows))
-
-
-def _epoch_metrics(row: Mapping[str, Any], means: torch.Tensor) -> dict[str, float]:
-    """The MLflow metrics of one epoch."""
-    metrics = {k: float(row[k]) for k in ("train_loss", "lr", "patches_per_s", "data_wait_share")}
-    if len(means) > 2:
-        metrics.update({f"train_loss_head{i}": float(v) for i, v in enumerate(means[1:])})
-    if row["val_dice"] != "":
-        metrics.update(val_dice=float(row["val_dice"]), val_iou=float(row["val_iou"]))
-    return metrics
-
-
-def _log_epochs(tracker: Any, epoch_metrics: list[dict[str, float]], after: int) -> None:
-    """Log the metrics of the epochs after epoch `after` (step = epoch number)."""
-    for item in epoch_metrics:
-        if int(item["epoch"]) > after:
-            tracker.log_metrics({k: v for k, v in item.items() if k != "epoch"}, step=int(item["epoch"]))
-
-
-def _logged_epochs(tracker: Any) -> int:
-    """The last epoch whose train_loss the active run holds (0: none)."""
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient().get_metric_history(tracker.active_run().info.run_id, "train_loss")
-    return max((m.step for m in history), default=0)
+    write_text(out_dir / "log.csv", log_text(progress.log_rows))
 
 
 def run_training(
@@ -347,15 +317,15 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
         if tracker is not None and resume:
             tracker.set_tag("resumed_from_epoch", str(progress.first_epoch))
             # epochs checkpointed but not logged (killed in between), or a new run: the whole history
-            _log_epochs(tracker, progress.epoch_metrics, _logged_epochs(tracker))
+            log_epochs(tracker, progress.epoch_metrics, logged_epochs(tracker))
         for epoch in range(progress.first_epoch, epochs):
             row, means, stopped_early = _train_epoch(trainer, epoch, limit, clock)
             if ctx.main:
                 _validate_and_save(trainer, progress, row, means, validation, out_dir,
                                    stopped_early or epoch + 1 == epochs, clock)
                 if tracker is not None:
-                    _log_epochs(tracker, progress.epoch_metrics[-1:], epoch)
-                tqdm.write(_summary(row, epochs))
+                    log_epochs(tracker, progress.epoch_metrics[-1:], epoch)
+                tqdm.write(epoch_summary(row, epochs))
             if ctx.world > 1:
                 dist.barrier()
             if stopped_early:
@@ -383,14 +353,6 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
     return TrainResult(out_dir, out_dir / "best.pt", epoch + 1, steps, float(best["val_dice"]), wall, stopped_early)
 
 
-def _log_text(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _resume_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The RESUME_KEYS of `settings` as plain JSON values (as stored in last.pt)."""
     return json.loads(json.dumps({k: settings[k] for k in RESUME_KEYS}, default=str))
@@ -398,9 +360,3 @@ def _resume_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fold_text(fold: int | None) -> str:
     return "null (the prepare split)" if fold is None else str(fold)
-
-
-def _summary(row: Mapping[str, Any], epochs: int) -> str:
-    val = f" | val Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f}" if row["val_dice"] != "" else ""
-    return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}{val} | lr {row['lr']:.2e}  "
-            f"{row['patches_per_s']:.0f} patches/s  data wait {100 * row['data_wait_share']:.0f}%  {row['seconds']:.0f} s")
