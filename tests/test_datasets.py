@@ -96,8 +96,9 @@ def test_add_prepare_train_evaluate_a_png_folder(project: FixtureProject) -> Non
     assert add("vessels", folders, "--classes", "background,vessel") == 0
 
     card = project.root / "configs" / "datasets" / "vessels.yaml"
-    assert len(card.read_text().splitlines()) <= 15
+    assert len(card.read_text().splitlines()) <= 16 and "\nplan: {}" in card.read_text()  # plan: shown, asks nothing
     loaded = load_card(cards_dir(), "vessels")
+    assert loaded.plan == {}
     assert loaded.classes == {"background": 0, "vessel": 255} and loaded.channels == ("gray",)
     assert loaded.test_fraction == 0.2 and loaded.folders.images == folders["images"]
     data_after = (project.root / "configs" / "data.yaml").read_text()

@@ -287,7 +287,8 @@ def card_text(name: str, source: FolderSource | ImportedSource, classes: dict[st
     if test_fraction is not None:
         rows.append((f"test_fraction: {_flow(test_fraction)}",
                      "share of the cases held out for testing (prepare.seed)"))
-    rows += [("modality: null", ""), ("spacing: null", "pixel size [y, x], if known")]
+    rows += [("modality: null", ""), ("spacing: null", "pixel size [y, x], if known"),
+             ("plan: {}", "{channels: auto, clahe: auto} (either): the training plan picks them from the data")]
     width = max(len(text) for text, _ in rows) + 2
     lines = [f"# Dataset card of `{name}` (segpipe dataset {source.command}). Edit it freely: "
              f"`segpipe prepare {name}`", "# and `dvc repro` read it again. Keys: README, \"Your own data\"."]
