@@ -81,9 +81,9 @@ def run_patch_inferer(model: torch.nn.Module, image: str | Path, out: str | Path
 
 
 def worker(argv: Sequence[str]) -> None:
-    """One measurement in this (fresh) process, as `python -m pipeline.bench.inference monai-streaming
-    ...`; prints a JSON line like the other workers of `pipeline.bench.inference`."""
-    p = argparse.ArgumentParser(prog="pipeline.bench.inference monai-streaming")
+    """One measurement in this (fresh) process, as `python -m pipeline.bench.infer_worker monai-streaming
+    ...`; prints a JSON line like the other measurements of `pipeline.bench.infer_worker`."""
+    p = argparse.ArgumentParser(prog="pipeline.bench.infer_worker monai-streaming")
     for name in ("--checkpoint", "--image", "--out", "--blend"):
         p.add_argument(name, required=True)
     p.add_argument("--tile", type=int, required=True)
@@ -98,14 +98,14 @@ def worker(argv: Sequence[str]) -> None:
     import tifffile
     import zarr  # noqa: F401
 
-    from pipeline.bench.inference import _Timed
+    from pipeline.bench.infer_worker import Timed
     from pipeline.inference import peak_rss_mb, reset_peak_rss
     from pipeline.networks import load_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
     proc = psutil.Process()
-    model = _Timed(load_model(a.checkpoint))
+    model = Timed(load_model(a.checkpoint))
     with torch.inference_mode():
         model(torch.zeros(a.batch_size, 3, a.tile, a.tile))  # warm-up
     model.seconds = 0.0
