@@ -2,9 +2,12 @@
 measures) and the check, before anything is allocated, that an image's windows and bands fit."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import resource
 import sys
+from typing import Callable
 
 from pipeline.errors import SegpipeError
 from pipeline.inference.optimize import InferenceNetwork
@@ -46,6 +49,28 @@ def reset_peak_rss() -> bool:
     return True
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, None where the C library has none (musl, macOS, Windows)."""
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed heap blocks back to the OS (glibc `malloc_trim(0)`; elsewhere nothing
+    to do). Streamed inference calls it once per band of final rows: the per-window buffers of the
+    network's runtime (ONNX Runtime's above all) otherwise leave freed holes that stay resident, and
+    the peak RSS drifts up with the image's height (16384² on ONNX Runtime: 728 -> 698 MB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _available_bytes() -> int | None:
     """Memory available to this process (MemAvailable, else physical memory), None if unknown."""
     try:
@@ -79,4 +104,4 @@ def check_memory(net: InferenceNetwork, reader: ImageReader, settings: Inference
         )
 
 
-__all__ = ["check_memory", "peak_rss_mb", "reset_peak_rss"]
+__all__ = ["check_memory", "peak_rss_mb", "release_freed_memory", "reset_peak_rss"]

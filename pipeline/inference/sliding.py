@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import SegpipeError
+from pipeline.inference.memory import release_freed_memory
 from pipeline.inference.onnx_backend import is_onnx_file, onnx_network
 from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network
 from pipeline.inference.readers import ArrayReader, ImageReader
@@ -146,6 +147,7 @@ def _rows(
                 if progress is not None:
                     progress(probs.shape[1] * w, h * w)
                 yield y0, probs
+            release_freed_memory()
 
 
 def predict(
