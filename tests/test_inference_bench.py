@@ -22,10 +22,11 @@ def test_bench_infer_smoke(tmp_path, capsys):
     for row in (r for r in rows if r["method"].startswith("segpipe")):
         assert row["gflop"] > 0 and 0 < row["net_seconds"] <= row["seconds"] and row["of_peak"] > 0
         assert row["gflop_s"] == row["gflop"] / row["seconds"] and row["net_gflop_s"] >= row["gflop_s"]
+        assert row["peak"] > 0 and row["of_peak"] == row["gflop_s"] / row["peak"]  # the row's own probe
     same = rows[0]
     assert same["redundancy"] == 9 * 32**2 / 64**2  # windows at 0, 24, 32 (scan interval 24) per axis
     out = capsys.readouterr().out
-    assert "conv peak" in out and "% of the bf16 peak" in out
+    assert "conv peak" in out and "% of the bf16 peak (" in out and "GFLOP/s, probed after the row)" in out
     assert "ratio segpipe, fp32 / MONAI: throughput" in out and "ratio segpipe, bf16 / MONAI" in out
     assert "ratio onnxruntime / torch fp32, same: throughput" in out
     for backend in ("fp32", "bf16", "onnxruntime"):

@@ -79,9 +79,13 @@ def main(argv: Sequence[str]) -> None:
         counted = inference_network(a.checkpoint, settings) if a.onnxruntime else net
         net_seconds = net.module.seconds
         flops = _window_flops(counted, tile_in, a)
+        # the machine's peak right after the row, so a shared machine's load of the moment weighs on both
+        from pipeline.bench.peak import conv_peak
+
+        row_peak = conv_peak(a.precision)
         seconds, pixels = report.seconds, report.megapixels
         notes = f"{report.plan}; {', '.join(report.notes)}"
-        extra = {"precision": a.precision, "net_seconds": net_seconds, **flops}
+        extra = {"precision": a.precision, "net_seconds": net_seconds, "peak": row_peak, **flops}
     else:
         import tifffile
         from monai.inferers import SlidingWindowInferer

@@ -17,8 +17,9 @@ never whole in memory), then each measurement runs in its own subprocess so that
 skipped) once more on ONNX Runtime (the network's `segpipe export`, fp32); (a) writes each output
 format asked for (default `tiff`). Prints Mpx/s, peak RSS (and RSS above the process's baseline
 after imports and model load) and the ratios ours / MONAI, ours / MONAI streaming (every backend
-and format of (a)) and onnxruntime / torch fp32; and against the machine's limit (`pipeline.bench.peak`, the probe
-measured in the same run): the FLOPs of every window (torch's flop counter on one window x the
+and format of (a)) and onnxruntime / torch fp32; and against the machine's limit (`pipeline.bench.peak`: the probe
+runs at the start and again in each row's worker right after its measurement, so the load of a
+shared machine at that moment weighs on both): the FLOPs of every window (torch's flop counter on one window x the
 windows of the plan) per wall second as GFLOP/s and as a fraction of the conv peak of that
 precision, the share of the wall time spent in the network's forward (the rest: reading,
 preprocessing, blending, writing), the network's own GFLOP/s, and the windows' redundancy (window
@@ -222,10 +223,12 @@ def _tag(precision: str, precisions: Sequence[str]) -> str:
 
 
 def _add_peak_fractions(row: dict[str, Any], peaks: dict[str, Any]) -> None:
-    """Achieved GFLOP/s of the whole run and of the network alone, as fractions of the peak."""
+    """Achieved GFLOP/s of the whole run and of the network alone, as fractions of the peak probed
+    right after the row (the run's first probe for rows without one)."""
     if "error" in row or "gflop" not in row:
         return
-    peak = peaks.get(row["precision"])
+    peak = row.get("peak", peaks.get(row["precision"]))
+    row["peak"] = peak
     row["gflop_s"] = row["gflop"] / row["seconds"]
     row["net_gflop_s"] = row["gflop"] / row["net_seconds"]
     if isinstance(peak, float):
@@ -242,9 +245,13 @@ def _print_row(row: dict[str, Any]) -> None:
           f"baseline {row['baseline_mb']:.0f})  {row.get('notes', '')}", flush=True)
     if "gflop_s" in row:
         print(f"  {'':>6}  {'':<44} {row['gflop_s']:7.1f} GFLOP/s = {100 * row.get('of_peak', float('nan')):.0f}% "
-              f"of the {row['precision']} peak; network {100 * row['net_seconds'] / row['seconds']:.0f}% of the wall "
+              f"of the {row['precision']} peak ({_gflops(row['peak'])} GFLOP/s, probed after the row); network {100 * row['net_seconds'] / row['seconds']:.0f}% of the wall "
               f"time at {row['net_gflop_s']:.1f} GFLOP/s ({100 * row.get('net_of_peak', float('nan')):.0f}% of peak); "
               f"windows cover the image {row['redundancy']:.2f}x", flush=True)
+
+
+def _gflops(peak: Any) -> str:
+    return f"{peak:.0f}" if isinstance(peak, float) else "?"
 
 
 def _print_ratio(size: int, results: list[dict[str, Any]], precisions: Sequence[str]) -> None:
