@@ -22,7 +22,9 @@ def test_bench_infer_smoke(tmp_path, capsys):
     for row in (r for r in rows if r["method"].startswith("segpipe")):
         assert row["gflop"] > 0 and 0 < row["net_seconds"] <= row["seconds"] and row["of_peak"] > 0
         assert row["gflop_s"] == row["gflop"] / row["seconds"] and row["net_gflop_s"] >= row["gflop_s"]
-        assert row["peak"] > 0 and row["of_peak"] == row["gflop_s"] / row["peak"]  # the row's own probe
+        assert row["peak"] > 0 and row["of_peak"] == row["gflop_s"] / row["peak"]
+    # each row is measured against its own probe (the run's first probe would give the fp32 rows one value)
+    assert len({r["peak"] for r in rows if r["method"].startswith("segpipe") and r["precision"] == "fp32"}) == 4
     same = rows[0]
     assert same["redundancy"] == 9 * 32**2 / 64**2  # windows at 0, 24, 32 (scan interval 24) per axis
     out = capsys.readouterr().out

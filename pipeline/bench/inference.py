@@ -19,8 +19,8 @@ format asked for (default `tiff`). Prints Mpx/s, peak RSS (and RSS above the pro
 after imports and model load) and the ratios ours / MONAI, ours / MONAI streaming (every backend
 and format of (a)) and onnxruntime / torch fp32; and against the machine's limit (`pipeline.bench.peak`: the probe
 runs at the start and again in each row's worker right after its measurement, so the load of a
-shared machine at that moment weighs on both): the FLOPs of every window (torch's flop counter on one window x the
-windows of the plan) per wall second as GFLOP/s and as a fraction of the conv peak of that
+shared machine at that moment weighs on both): the FLOPs of every window (torch's flop counter on
+one window x the windows of the plan) per wall second as GFLOP/s and as a fraction of the conv peak of that
 precision, the share of the wall time spent in the network's forward (the rest: reading,
 preprocessing, blending, writing), the network's own GFLOP/s, and the windows' redundancy (window
 pixels / image pixels: the overlap's cost). The CPU may be shared: numbers vary between runs.
@@ -245,12 +245,14 @@ def _print_row(row: dict[str, Any]) -> None:
           f"baseline {row['baseline_mb']:.0f})  {row.get('notes', '')}", flush=True)
     if "gflop_s" in row:
         print(f"  {'':>6}  {'':<44} {row['gflop_s']:7.1f} GFLOP/s = {100 * row.get('of_peak', float('nan')):.0f}% "
-              f"of the {row['precision']} peak ({_gflops(row['peak'])} GFLOP/s, probed after the row); network {100 * row['net_seconds'] / row['seconds']:.0f}% of the wall "
+              f"of the {row['precision']} peak ({_gflops(row['peak'])} GFLOP/s, probed after the row); "
+              f"network {100 * row['net_seconds'] / row['seconds']:.0f}% of the wall "
               f"time at {row['net_gflop_s']:.1f} GFLOP/s ({100 * row.get('net_of_peak', float('nan')):.0f}% of peak); "
               f"windows cover the image {row['redundancy']:.2f}x", flush=True)
 
 
 def _gflops(peak: Any) -> str:
+    """A probe's GFLOP/s, or "?" when it failed."""
     return f"{peak:.0f}" if isinstance(peak, float) else "?"
 
 
