@@ -144,6 +144,26 @@ def test_prepare_writes_folds_beside_the_unchanged_split(drive: Path) -> None:
         sorted(manifest.loc[manifest["split"] != "test", "case"])
 
 
+def test_a_fold_trains_with_eq2_class_weights_of_its_own_training_cases(drive: Path) -> None:
+    from pipeline.training.loader import training_cases
+    from pipeline.transforms import compute_class_weights
+
+    prepared = open_prepared("drive", drive)
+    keys = ["image", "label", "weight"]
+    stored = {c: prepared.load(c) for c in prepared.manifest.loc[prepared.manifest["split"] != "test", "case"]}
+    old = np.asarray(prepared.stats["class_weights"])
+    as_prepared = training_cases(prepared, keys)  # prepare's own train split: the maps as written
+    assert all(np.array_equal(c["weight"], stored[n]["weight"]) for c, n in zip(as_prepared, prepared.cases("train")))
+    fold = prepared.with_fold(1)
+    new = compute_class_weights([stored[c]["label"] for c in fold.cases("train")], num_classes=old.size)
+    assert not np.allclose(new, old)  # the held-out fold's labels changed the class frequencies
+    for case, name in zip(training_cases(fold, keys), fold.cases("train")):
+        label, weight = stored[name]["label"], stored[name]["weight"]
+        assert case["weight"].dtype == np.float32
+        # eq. 2: w = w_c(x) + border term; the border term stays, w_c is the fold's
+        np.testing.assert_allclose(case["weight"] - new[label], weight - old[label], atol=1e-5)
+
+
 def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     import pipeline.evaluation.evaluate as ev

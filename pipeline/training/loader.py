@@ -8,6 +8,7 @@ was resumed. A step takes `batch_size` patches (all ranks together).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -21,6 +22,9 @@ from pipeline.errors import SegpipeError
 from pipeline.networks import SegmentationNetwork
 from pipeline.training.distributed import Dist
 from pipeline.transforms.presets import build_preprocess_transforms, build_train_transforms
+from pipeline.transforms.weightmap import compute_class_weights, reweigh_classes
+
+log = logging.getLogger(__name__)
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -87,7 +91,29 @@ def training_cases(prepared: PreparedDataset, keys: list[str]) -> list[dict[str,
         if missing:
             raise SegpipeError(f"{prepared.manifest_path}: case {case!r} lacks {missing}, needed for training")
         cases.append({k: arrays[k] for k in keys})
+    if "weight" in keys:
+        fold_class_weights(prepared, cases)
     return cases
+
+
+def fold_class_weights(prepared: PreparedDataset, cases: list[dict[str, np.ndarray]]) -> None:
+    """Give the weight maps of `cases` eq. 2's class term w_c of this training split, in place.
+
+    `segpipe prepare` baked into every weight map the w_c of its own train split (stats.json
+    `class_weights`); a k-fold's training part holds other cases, so the held-out fold's labels must
+    not weigh on its w_c: recomputed over `cases` (compute_class_weights' rule) and swapped in.
+    """
+    old, recorded = prepared.stats.get("class_weights"), (prepared.stats.get("cases") or {}).get("train")
+    if old is None or recorded is None or sorted(recorded) == prepared.cases("train"):
+        return
+    try:
+        new = compute_class_weights([c["label"] for c in cases], num_classes=len(old))
+    except SegpipeError as exc:
+        raise SegpipeError(f"{prepared.root}: eq. 2 class weights of this fold's training cases: {exc}") from exc
+    log.info("%s: eq. 2 class weights over this fold's %d training cases %s (prepare's train split: %s)",
+                prepared.name, len(cases), np.round(new, 4).tolist(), np.round(old, 4).tolist())
+    for case in cases:
+        case["weight"] = reweigh_classes(case["weight"], case["label"], old, new)
 
 
 def patch_keys(settings: Mapping[str, Any]) -> list[str]:

@@ -20,7 +20,8 @@ An explicit setting always wins. Every entry of the plan records where its value
                    needs it
     class_weights  inverse class frequency w_k = N / (K n_k) of the fingerprint's in-FOV pixels
                    (the rule of `compute_class_weights`); recorded only: the eq. 2 weight maps that
-                   training reads were computed by `segpipe prepare` (stats.json, train split)
+                   training reads were computed by `segpipe prepare` (stats.json, train split; a
+                   k-fold's training gets its own, `pipeline.training.loader.fold_class_weights`)
     channels       (preset; planned only when the card asks, `plan: {channels: auto}`, and the
                    preset's is null) the one channel with the largest mean, over the foreground
                    classes k, of the Fisher ratio (mu_k - mu_0)^2 / (sd_k^2 + sd_0^2) against class 0
@@ -294,7 +295,8 @@ def plan_class_weights(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse-frequency class weights of the fingerprint (recorded, see the module docstring)."""
     counts = [int(c["pixels"]) for c in fingerprint["classes"].values()]
     why = ("w_k = N / (K n_k) over the fingerprint's in-FOV pixels (compute_class_weights' rule); recorded "
-           "only: the eq. 2 weight maps training reads hold stats.json's class_weights (train split)")
+           "only: the eq. 2 weight maps training reads hold stats.json's class_weights (train split; a "
+           "k-fold's training swaps in its own)")
     if min(counts) == 0:
         absent = [name for name, c in fingerprint["classes"].items() if int(c["pixels"]) == 0]
         return {"value": None, "source": "planned", "why": f"classes {absent} have no pixel in the train and val cases"}

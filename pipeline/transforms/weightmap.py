@@ -225,6 +225,15 @@ def compute_class_weights(label_images: Iterable[np.ndarray], num_classes: int =
     return counts.sum() / (num_classes * counts.astype(np.float64))
 
 
+def reweigh_classes(
+    weight: np.ndarray, labels: np.ndarray, old: Sequence[float], new: Sequence[float]
+) -> np.ndarray:
+    """Eq. 2 with other class weights: w(x) - old[labels[x]] + new[labels[x]] (the border term
+    w0 * exp(...) is kept). `weight` and `labels` of one shape; returns float32."""
+    delta = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+    return (weight + delta[np.asarray(labels, dtype=np.int64)]).astype(np.float32)
+
+
 def instances_from_binary(mask: np.ndarray, connectivity: int = 2) -> np.ndarray:
     """Instance ids (H, W) int32 from a binary mask by connected components (nonzero = foreground).
 
