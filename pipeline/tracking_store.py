@@ -62,18 +62,12 @@ def process_tags() -> dict[str, str]:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (a process of another user counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    """Whether process `pid` exists on this host (a process of another user counts as alive).
+
+    psutil, not `os.kill(pid, 0)`: on Windows that call terminates the process it asks about."""
+    import psutil
+
+    return pid > 0 and psutil.pid_exists(pid)
 
 
 def mark_stale_runs(client: Any, experiment_id: str, tags: Mapping[str, str], same: Iterable[str],

@@ -321,3 +321,22 @@ def test_stale_running_runs_of_the_stage_are_marked_killed(tmp_path: Path, monke
         run = client.get_run(run_id)
         assert run.info.status == "RUNNING" and MARKED_KILLED_TAG not in run.data.tags
     assert client.get_run(new.info.run_id).info.status == "FINISHED"
+
+
+def test_pid_alive_asks_without_signalling() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.tracking_store import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert pid_alive(os.getpid()) and not pid_alive(child.pid) and not pid_alive(0) and not pid_alive(-1)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert pid_alive(sleeper.pid) and pid_alive(sleeper.pid)  # asking twice leaves it running
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

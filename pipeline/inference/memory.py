@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import resource
 import sys
 from typing import Callable
 
@@ -23,7 +22,8 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process since start or `reset_peak_rss()`, in MB.
 
     Linux: VmHWM of /proc/self/status (the high-water mark `reset_peak_rss` restarts; ru_maxrss
-    also keeps the peak seen when any thread exited, which cannot be reset). Elsewhere ru_maxrss.
+    also keeps the peak seen when any thread exited, which cannot be reset). Other POSIX systems
+    ru_maxrss; Windows the peak working set (psutil).
     """
     try:
         with open("/proc/self/status") as fh:
@@ -32,6 +32,12 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    if sys.platform == "win32":
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+    import resource
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
@@ -52,6 +58,8 @@ def reset_peak_rss() -> bool:
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's `malloc_trim`, None where the C library has none (musl, macOS, Windows)."""
+    if sys.platform == "win32":
+        return None
     try:
         trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     except OSError:

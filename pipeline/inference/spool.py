@@ -29,30 +29,33 @@ class ChunkSpool:
         self.level = level
         self._index: dict[Key, tuple[int, int, tuple[int, int]]] = {}  # key -> offset, length, shape
         self._end = 0
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+        self._file = os.fdopen(os.open(self.path, flags, 0o600), "r+b")
 
     def put(self, key: Key, block: np.ndarray) -> None:
         """Park `block` (rows, width) under `key`."""
         data = zlib.compress(np.ascontiguousarray(block, self.dtype), self.level)
-        written = os.pwrite(self._fd, data, self._end)
-        if written != len(data):
-            raise SegpipeError(f"{self.path}: short write to the spool ({written} of {len(data)} bytes; disk full?)")
+        try:
+            self._file.seek(self._end)
+            self._file.write(data)
+        except OSError as exc:
+            raise SegpipeError(f"{self.path}: cannot write the spool ({exc}; disk full?)") from exc
         self._index[key] = (self._end, len(data), (block.shape[0], block.shape[1]))
         self._end += len(data)
 
     def get(self, key: Key) -> np.ndarray:
         """The block parked under `key`."""
         offset, length, shape = self._index[key]
-        data = os.pread(self._fd, length, offset)
+        self._file.seek(offset)
+        data = self._file.read(length)
         if len(data) != length:
             raise SegpipeError(f"{self.path}: the spool is truncated at block {key}")
         return np.frombuffer(zlib.decompress(data), self.dtype).reshape(shape)
 
     def close(self) -> None:
         """Close and delete the file."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if not self._file.closed:
+            self._file.close()
         self.path.unlink(missing_ok=True)
 
 

@@ -6,7 +6,7 @@
   OME-TIFF input writes OME-TIFF with the input's physical pixel sizes.
 * `NiftiRowWriter`: NIfTI-1 with the input's header (affine, pixdim, codes), the shape and dtype of
   the result. NIfTI stores arrays in Fortran order, so a row band is strided on disk: each band is
-  written column by column with `os.pwrite` into a sparse temp `.nii`; `.nii.gz` is compressed from
+  written column by column (a seek and a write each) into a sparse temp `.nii`; `.nii.gz` is compressed from
   it at the end (streaming).
 
 The pyramidal OME writers build on these: `OmeTiffWriter` (ome_tiff.py) and `OmeZarrWriter`
@@ -32,7 +32,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
@@ -352,7 +352,7 @@ class NiftiRowWriter(RowWriter):
             header.write_to(fh)
             fh.write(b"\0" * (self._offset - fh.tell()))
             fh.truncate(self._offset + height * width * channels * self.dtype.itemsize)
-        self._fd = os.open(self._tmp, os.O_WRONLY)
+        self._file: BinaryIO | None = open(self._tmp, "r+b")
         self._next = 0
 
     def write(self, y0: int, rows: np.ndarray) -> None:
@@ -362,13 +362,20 @@ class NiftiRowWriter(RowWriter):
         k, n, w = rows.shape
         block = np.ascontiguousarray(rows.astype(self.dtype, copy=False).transpose(2, 1, 0))  # (W, n, K)
         size = self.dtype.itemsize
+        if self._file is None:
+            raise SegpipeError(f"{self.path}: rows written after the file was finished")
         for x in range(w):
-            os.pwrite(self._fd, block[x].tobytes(), self._offset + (x * self.height + y0) * k * size)
+            self._file.seek(self._offset + (x * self.height + y0) * k * size)
+            self._file.write(block[x].tobytes())
         self._next = y0 + n
 
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def finish(self) -> None:
-        os.close(self._fd)
-        self._fd = -1
+        self._close()
         if self._next != self.height:
             self._tmp.unlink(missing_ok=True)
             raise SegpipeError(f"{self.path}: only {self._next} of {self.height} rows were produced")
@@ -389,9 +396,7 @@ class NiftiRowWriter(RowWriter):
         self._done = packed
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close()
         self._tmp.unlink(missing_ok=True)
         if self._done is not None:
             self._done.unlink(missing_ok=True)
