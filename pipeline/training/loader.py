@@ -111,7 +111,7 @@ def fold_class_weights(prepared: PreparedDataset, cases: list[dict[str, np.ndarr
     except SegpipeError as exc:
         raise SegpipeError(f"{prepared.root}: eq. 2 class weights of this fold's training cases: {exc}") from exc
     log.info("%s: eq. 2 class weights over this fold's %d training cases %s (prepare's train split: %s)",
-                prepared.name, len(cases), np.round(new, 4).tolist(), np.round(old, 4).tolist())
+             prepared.name, len(cases), np.round(new, 4).tolist(), np.round(old, 4).tolist())
     for case in cases:
         case["weight"] = reweigh_classes(case["weight"], case["label"], old, new)
 
