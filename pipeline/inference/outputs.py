@@ -21,12 +21,13 @@ import numpy as np
 
 from pipeline.errors import SegpipeError
 from pipeline.inference.ngff import OmeZarrWriter
+from pipeline.inference.nifti_writer import NiftiRowWriter
 from pipeline.inference.ome_meta import LABEL_CHANNEL, probability_names
 from pipeline.inference.ome_tiff import OmeTiffWriter
 from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix
 from pipeline.inference.settings import OUTPUT_FORMATS as FORMATS
 from pipeline.inference.settings import InferenceSettings
-from pipeline.inference.writers import NiftiRowWriter, RowWriter, TiffRowWriter
+from pipeline.inference.writers import RowWriter, TiffRowWriter
 
 _SUFFIXES = {"tiff": ".tif", "ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr", "nifti": ".nii.gz"}
 _OME_TIFF = (".ome.tif", ".ome.tiff")
