@@ -97,6 +97,31 @@ def test_truncated_nifti_names_the_file(tmp_path, name):
     assert _no_outputs(tmp_path / "out")
 
 
+def test_garbage_after_a_tiff_magic_says_what_was_expected(tmp_path):
+    path = tmp_path / "scan.tif"
+    path.write_bytes(b"II*\x00garbage")
+    with pytest.raises(SegpipeError, match="scan.tif: cannot read as an image .*damaged or not a TIFF$"):
+        predict_file(NET, path, tmp_path / "out" / "seg.tif", tile=16)
+    assert _no_outputs(tmp_path / "out")
+
+
+def test_a_pickle_that_runs_code_is_refused_unrun(tmp_path):
+    from pipeline.networks import load_model
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "x", "state_dict": Payload()}, tmp_path / "model.pt")
+    with pytest.raises(SegpipeError, match="model.pt: not a readable segpipe checkpoint: expected a best.pt") as info:
+        load_model(tmp_path / "model.pt")
+    message = str(info.value)
+    assert "never unpickles" in message and "GLOBAL" in message and "weights_only" not in message
+    assert not marker.exists()
+
+
 def test_headers_claiming_huge_images_are_refused_before_reading(tmp_path):
     tiff = tmp_path / "liar.tif"
     tifffile.imwrite(tiff, _gray(), tile=(16, 16), compression="zlib")

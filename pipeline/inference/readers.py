@@ -377,4 +377,7 @@ def open_image(path: str | os.PathLike[str]) -> ImageReader:
     except SegpipeError:
         raise
     except Exception as exc:  # each library has its own exception types for corrupt files
-        raise SegpipeError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
+        expected = ("a TIFF" if has_suffix(path, TIFF_SUFFIXES) else "a NIfTI image" if has_suffix(path, NIFTI_SUFFIXES)
+                    else "in a format segpipe reads (TIFF, NIfTI, PNG, JPEG, or one SimpleITK reads)")
+        raise SegpipeError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc}); the file is damaged or "
+                           f"not {expected}") from exc

@@ -184,6 +184,17 @@ def save_checkpoint(model: SegmentationNetwork, path: str | os.PathLike[str], **
     return path
 
 
+def _load_failure(exc: Exception) -> str:
+    """What torch's safe loader said about a file it refused, without its advice to load it unsafely."""
+    text = str(exc)
+    if "weights_only" not in text:
+        return f"{type(exc).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no details'}"
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reason = "; ".join(line.strip() for line in text.splitlines()
+                       if line.strip() and not line.strip().startswith(boilerplate))
+    return f"it is not a file of tensors and plain values, and segpipe never unpickles anything else: {reason}"
+
+
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """The checkpoint dict in `path`, checked to be a segpipe checkpoint (SegpipeError if not)."""
     path = Path(path)
@@ -192,9 +203,8 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or corrupt files
-        raise SegpipeError(
-            f"{path}: not a readable segpipe checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise SegpipeError(f"{path}: not a readable segpipe checkpoint: expected a best.pt or last.pt written by "
+                           f"`segpipe train` ({_load_failure(exc)})") from exc
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise SegpipeError(f"{path}: not a segpipe checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     required = ("network", "config", "in_channels", "out_channels", "padding", "halo", "state_dict")
