@@ -12,6 +12,8 @@ finite: NaN and infinities are refused everywhere.
 """
 from __future__ import annotations
 
+import difflib
+
 import math
 import os
 from pathlib import Path
@@ -76,7 +78,11 @@ def check_keys(section: Any, expected: Collection[str], where: str, optional: Co
     missing = sorted(set(expected) - set(optional) - set(section))
     unknown = sorted(set(section) - set(expected))
     if missing or unknown:
-        raise ConfigError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected {sorted(expected)}")
+        problems = ([f"missing keys {missing}"] if missing else []) + ([f"unknown keys {unknown}"] if unknown else [])
+        hints = [f"{key!r}: did you mean {close[0]!r}?" for key in unknown
+                 if (close := difflib.get_close_matches(str(key), [str(k) for k in expected], n=1, cutoff=0.8))]
+        raise ConfigError(f"{where}: {', '.join(problems)}{' (' + '; '.join(hints) + ')' if hints else ''}; "
+                          f"expected {sorted(expected)}")
     return dict(section)
 
 

@@ -63,8 +63,8 @@ def test_data_config_is_checked_before_any_work() -> None:
     ({"optimizer": {"lr": "abc"}}, "optimizer.lr must be a finite number > 0"),
     ({"schedule": {"warmup_steps": -5}}, "schedule.warmup_steps must be an integer >= 0"),
     ({"max_minutes": 0}, "max_minutes must be null or a finite number > 0"),
-    ({"loss": {"dice_wieght": 1}}, r"loss: missing keys \[\], unknown keys \['dice_wieght'\]"),
-    ({"substitute": {"segnet": "unet"}}, r"substitute: missing keys \[\], unknown keys \['segnet'\]"),
+    ({"loss": {"dice_wieght": 1}}, r"loss: unknown keys \['dice_wieght'\] \('dice_wieght': did you mean 'dice_weight'\?\); expected"),
+    ({"substitute": {"segnet": "unet"}}, r"substitute: unknown keys \['segnet'\]; expected"),
 ])
 def test_training_settings_are_checked_up_front(override: dict, message: str) -> None:
     configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment"))

@@ -235,7 +235,7 @@ def test_build_loss_config_validation():
         "ce_weight", "dice_weight", "ce_normalization", "dice_include_background", "dice_batch",
         "dice_smooth", "deep_supervision", "head_weights",
     }
-    with pytest.raises(SegpipeError, match=r"configs/x.yaml: loss: missing keys \[\], unknown keys \['dice_wieght'\]"):
+    with pytest.raises(SegpipeError, match=r"configs/x.yaml: loss: unknown keys \['dice_wieght'\] \('dice_wieght': did you mean 'dice_weight'\?\)"):
         build_loss({"dice_wieght": 1}, source="configs/x.yaml: loss")
     bad = [
         {"ce_weight": -1},
