@@ -13,7 +13,6 @@ finite: NaN and infinities are refused everywhere.
 from __future__ import annotations
 
 import difflib
-
 import math
 import os
 from pathlib import Path
