@@ -123,7 +123,7 @@ def test_green_channel_and_clahe() -> None:
 def test_config_errors_name_the_problem() -> None:
     cfg = copy.deepcopy(load_config("augment")["drive"])
     cfg["elastic"]["sigmaa"] = 3
-    with pytest.raises(SegpipeError, match=r"drive.elastic: missing keys \[\], unknown keys \['sigmaa'\]"):
+    with pytest.raises(SegpipeError, match=r"drive.elastic: unknown keys \['sigmaa'\] \('sigmaa': did you mean 'sigma'\?\)"):
         build_train_transforms("drive", 0, 16, config=cfg)
     del cfg["elastic"]["sigmaa"]
     cfg["normalize"] = "minmax"
