@@ -78,10 +78,10 @@ def check_keys(section: Any, expected: Collection[str], where: str, optional: Co
     unknown = sorted(set(section) - set(expected))
     if missing or unknown:
         problems = ([f"missing keys {missing}"] if missing else []) + ([f"unknown keys {unknown}"] if unknown else [])
-        hints = [f"{key!r}: did you mean {close[0]!r}?" for key in unknown
-                 if (close := difflib.get_close_matches(str(key), [str(k) for k in expected], n=1, cutoff=0.8))]
-        raise ConfigError(f"{where}: {', '.join(problems)}{' (' + '; '.join(hints) + ')' if hints else ''}; "
-                          f"expected {sorted(expected)}")
+        hint = "; ".join(f"{key!r}: did you mean {close[0]!r}?" for key in unknown
+                         if (close := difflib.get_close_matches(str(key), [str(k) for k in expected], n=1, cutoff=0.8)))
+        detail = ", ".join(problems) + (f" ({hint})" if hint else "")
+        raise ConfigError(f"{where}: {detail}; expected {sorted(expected)}")
     return dict(section)
 
 
