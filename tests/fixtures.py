@@ -77,8 +77,9 @@ def drive_members(n_train: int = 5, n_test: int = 3, shape: tuple[int, int] = (4
 
 
 def ctc_members(root: str, n_frames: int = 6, seg_frames: dict[str, list[int]] | None = None,
-                shape: tuple[int, int] = (64, 64), seed: int = 0) -> dict[str, bytes]:
-    """A Cell Tracking Challenge 2D training set: 16-bit frames, SEG instance masks, TRA folder."""
+                shape: tuple[int, int] = (64, 64), seed: int = 0, published: bool = True) -> dict[str, bytes]:
+    """A Cell Tracking Challenge 2D training set in the published layout: 16-bit frames, GT/SEG instance
+    masks, GT/TRA, and (`published`) the ERR_SEG and ST (silver truth) folders of today's archives."""
     rng = np.random.default_rng(seed)
     seg_frames = seg_frames or {"01": [0, 2, 4], "02": [1, 3]}
     members: dict[str, bytes] = {}
@@ -91,6 +92,9 @@ def ctc_members(root: str, n_frames: int = 6, seg_frames: dict[str, list[int]] |
             members[f"{root}/{seq}_GT/TRA/man_track{t:03d}.tif"] = _tif_bytes(inst)
             if t in seg_frames[seq]:
                 members[f"{root}/{seq}_GT/SEG/man_seg{t:03d}.tif"] = _tif_bytes(inst)
+            if published:  # what the challenge's archives hold today beside GT: not used by segpipe
+                members[f"{root}/{seq}_ERR_SEG/mask{t:03d}.tif"] = _tif_bytes((inst > 0).astype(np.uint8))
+                members[f"{root}/{seq}_ST/SEG/man_seg{t:03d}.tif"] = _tif_bytes(inst)
         members[f"{root}/{seq}_GT/TRA/man_track.txt"] = b"1 0 5 0\n"
     return members
 

@@ -11,6 +11,7 @@ import time
 import warnings
 import zipfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,41 @@ def test_an_ignored_member_is_still_crc_checked(tmp_path: Path) -> None:
     expected = rf"tra\.zip: member {tra}: corrupt or unreadable \(zipfile\.BadZipFile: Bad CRC"
     with pytest.raises(SegpipeError, match=expected):
         unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
+
+
+def test_the_published_layout_unpacks_roles_and_skips_other_folders(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    content = members(2)
+    extras = {f"{ROOT}/01_ERR_SEG/mask000.tif": b"e", f"{ROOT}/01_ST/SEG/man_seg000.tif": b"s",
+              f"{ROOT}/01_ST/WEIGHT_MAPS/weight_map_000.npy": b"\x93NUMPY never read as an array",
+              f"{ROOT}/01_GT/TRA/man_track.txt": b"1 0 5 0\n",
+              f"{ROOT}/01_RES/mask000.tif": b"r", f"{ROOT}/extra/notes/readme.txt": b"n"}
+    archive = make_zip(tmp_path / "HeLa.zip", {**content, **extras})
+    with caplog.at_level("INFO", logger="pipeline.data.archives"):
+        unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
+    assert written(tmp_path / "out") == sorted(f"HeLa.zip/{name}" for name in content if "/TRA/" not in name)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1  # listed once, folder by folder
+    assert f"{ROOT}/01_RES/ (1 files)" in skipped[0] and f"{ROOT}/extra/notes/ (1 files)" in skipped[0]
+    assert "ERR_SEG" not in skipped[0]  # a known folder of the layout's ignore list, not an unknown one
+
+
+@pytest.mark.parametrize("stray", [f"{ROOT}/01/t12.tif", f"{ROOT}/01_GT/SEG/man_seg000.png", f"{ROOT}/notes.txt"])
+def test_a_file_that_breaks_a_role_pattern_refuses_the_archive_and_names_the_key(tmp_path: Path, stray: str) -> None:
+    archive = make_zip(tmp_path / "HeLa.zip", {**members(2), stray: b"x"})
+    with pytest.raises(SegpipeError) as err:
+        unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
+    message = str(err.value)
+    assert f"{stray}: unexpected file (matches no hela layout pattern)" in message
+    assert "datasets.hela.layout.patterns" in message and "datasets.hela.layout.ignore" in message
+    assert written(tmp_path / "out") == []
+
+
+def test_a_layout_that_refuses_extra_folders_refuses_them(tmp_path: Path) -> None:
+    strict = replace(LAYOUT, skip_extra_folders=False)
+    archive = make_zip(tmp_path / "HeLa.zip", {**members(2), f"{ROOT}/01_RES/mask000.tif": b"r"})
+    with pytest.raises(SegpipeError, match=rf"{ROOT}/01_RES/mask000\.tif: unexpected file"):
+        unpack([archive], tmp_path / "out", strict, "hela", LIMITS)
 
 
 # --- fuzz -------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_corrupt_zip_names_the_archive(project: FixtureProject) -> None:
     install_raw(project, "hela", {"DIC-C2DH-HeLa.zip": ctc_members("DIC-C2DH-HeLa")})
     archive = project.root / "data/raw/hela/DIC-C2DH-HeLa.zip"
     data = bytearray(archive.read_bytes())
-    data[len(data) // 3 : len(data) // 3 + 64] = bytes(64)  # damage a member's compressed bytes
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64  # damage a member's bytes (not zeros: a stored member may hold zeros there)
     archive.write_bytes(bytes(data))
     with pytest.raises(SegpipeError, match=r"DIC-C2DH-HeLa\.zip: .*(corrupt|not a readable zip)"):
         prepare_dataset("hela")

@@ -19,9 +19,12 @@ every member's CRC is checked. Every error is a SegpipeError naming the archive 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import posixpath
 import tarfile
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping, Protocol, Sequence
@@ -30,6 +33,8 @@ from tqdm import tqdm
 
 from pipeline.data.sources import Layout
 from pipeline.errors import SegpipeError, raise_problems
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 RATIO_EXEMPT_BYTES = 16 << 20
@@ -198,6 +203,7 @@ def _check(archive: Path, reader: _Reader, layout: Layout, dataset: str, limits:
     whether each is written (False: ignored by the layout), and `unpacked` plus their sizes."""
     problems: list[str] = []
     planned: list[tuple[Member, bool]] = []
+    unknown: list[Member] = []
     seen: set[str] = set()
     declared = 0
     with _converted(str(archive), f"not a readable {reader.kind} archive"):
@@ -217,7 +223,7 @@ def _check(archive: Path, reader: _Reader, layout: Layout, dataset: str, limits:
             rel = f"{archive.name}/{path}"
             write = not layout.ignores(rel)
             if write and layout.match(rel) is None:
-                problems.append(f"{path}: unexpected file (matches no {dataset} layout pattern)")
+                unknown.append(replace(member, name=path))
             elif member.kind != "file":
                 if write:
                     problems.append(f"{path}: not a regular file (a link or device); expected the file itself")
@@ -225,8 +231,35 @@ def _check(archive: Path, reader: _Reader, layout: Layout, dataset: str, limits:
                 problems.append(f"{path}: {member.refusal}")
             else:
                 planned.append((replace(member, name=path), write))
-    raise_problems(problems, f"{archive}: refused before unpacking anything")
+    extra = _extra_folders(layout, archive.name, [m.name for m in unknown],
+                           [m.name for m, write in planned if write])
+    for member in unknown:
+        if posixpath.dirname(member.name) not in extra:
+            problems.append(f"{member.name}: unexpected file (matches no {dataset} layout pattern)")
+        elif member.kind == "file" and member.refusal is None:
+            planned.append((member, False))  # read through the size cap and the CRC check, never written
+    hint = (f"To accept a file, widen its role's regex in datasets.{dataset}.layout.patterns, or leave it aside "
+            f"with a regex in datasets.{dataset}.layout.ignore (data_manifests/sources.yaml)."
+            if len(unknown) > sum(extra.values()) else "")
+    raise_problems(problems, f"{archive}: refused before unpacking anything", hint)
+    if extra:
+        log.info("%s: skipped %d folder(s) that hold no %s layout role: %s", archive, len(extra), dataset,
+                 ", ".join(f"{folder}/ ({count} files)" for folder, count in sorted(extra.items())))
     return planned, unpacked + declared
+
+
+def _extra_folders(layout: Layout, archive: str, unknown: list[str], known: list[str]) -> dict[str, int]:
+    """Folders of `unknown` files to skip (`layout.extra_folders: skip`), with their file counts: those
+    that are no role's folder and hold no folder of a `known` file. A stray file in a role's folder or
+    beside the role folders (a top folder) stays an error."""
+    if not layout.skip_extra_folders:
+        return {}
+    holders = {""}
+    for path in known:
+        parts = path.split("/")[:-1]
+        holders.update("/".join(parts[:i]) for i in range(len(parts) + 1))
+    folders = [posixpath.dirname(path) for path in unknown]
+    return dict(Counter(f for f in folders if f not in holders and not layout.role_folder(f"{archive}/{f}")))
 
 
 def copy_capped(src: BinaryIO, dst: BinaryIO, declared: int, where: str) -> None:

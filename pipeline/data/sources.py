@@ -27,6 +27,7 @@ class FilePattern:
 
     regex: re.Pattern[str]
     role: str
+    folder: re.Pattern[str]  # the regex's folder part: a file there that breaks the pattern is refused
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Layout:
     train_parts: tuple[str, ...]
     test_parts: tuple[str, ...]
     require_roles: tuple[str, ...]
+    skip_extra_folders: bool = False  # `extra_folders: skip`: folders of no role are left aside, not refused
 
     def ignores(self, path: str) -> bool:
         """Whether `path` (a file path inside the unpacked archives) is one the layout leaves aside."""
@@ -49,6 +51,10 @@ class Layout:
     def match(self, path: str) -> tuple[re.Match[str], FilePattern] | None:
         """The first pattern matching `path`, with its match; None for a file of no known role."""
         return next(((m, p) for p in self.patterns if (m := p.regex.search(path))), None)
+
+    def role_folder(self, folder: str) -> bool:
+        """Whether `folder` is where a pattern's files live (their path without the file name)."""
+        return any(p.folder.search(folder) for p in self.patterns)
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,21 @@ class DatasetSource:
     files_manifest: Path | None
 
 
+def _pattern(regex: str, role: str) -> FilePattern:
+    folder = regex.rpartition("/")[0]
+    return FilePattern(re.compile(r"(?:^|/)" + regex + r"$"), role, re.compile(r"(?:^|/)" + folder + r"$"))
+
+
+def _extra_folders(value: Any, where: str) -> bool:
+    if value not in ("skip", "refuse"):
+        raise SegpipeError(f"{where}: layout.extra_folders is {value!r}; expected 'skip' or 'refuse'")
+    return value == "skip"
+
+
 def _layout(raw: dict[str, Any], where: str) -> Layout:
     try:
         return Layout(
-            patterns=tuple(
-                FilePattern(re.compile(r"(?:^|/)" + p["regex"] + r"$"), p["role"]) for p in raw["patterns"]
-            ),
+            patterns=tuple(_pattern(p["regex"], p["role"]) for p in raw["patterns"]),
             ignore=tuple(re.compile(p) for p in raw.get("ignore", [])),
             counts={str(k): int(v) for k, v in (raw.get("counts") or {}).items()},
             min_counts={str(k): int(v) for k, v in (raw.get("min_counts") or {}).items()},
@@ -76,6 +91,7 @@ def _layout(raw: dict[str, Any], where: str) -> Layout:
             train_parts=tuple(str(s) for s in raw["train_parts"]),
             test_parts=tuple(str(s) for s in raw["test_parts"]),
             require_roles=tuple(raw["require_roles"]),
+            skip_extra_folders=_extra_folders(raw.get("extra_folders", "refuse"), where),
         )
     except (KeyError, TypeError, re.error) as exc:
         raise SegpipeError(f"{where}: layout is malformed ({type(exc).__name__}: {exc})") from exc
