@@ -1,4 +1,4 @@
-# Quick start: `make repro` (run the DVC pipeline) and `make test` (run the test suite).
+# Quick start: `make repro` (run the DVC pipeline) and `make test` (run the test suite and build the docs).
 # Both create .venv if needed and install torch first, so a CPU-only machine gets the
 # CPU wheel (TORCH_SPEC) and never the CUDA wheels a bare `pip install torch` would pull.
 VENV       ?= .venv
@@ -6,8 +6,9 @@ PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.segpipe-installed
+SITE_DIR   ?= site
 
-.PHONY: install repro test bench clean-venv
+.PHONY: install repro test docs bench clean-venv
 
 install: $(STAMP)
 
@@ -22,6 +23,12 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/mkdocs build --strict --site-dir $(SITE_DIR)
+
+# The documentation (docs/, listed in mkdocs.yml) as a site in $(SITE_DIR)/; --strict: a broken link,
+# a missing heading or a page left out of the nav is an error. `make test` builds it too.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir $(SITE_DIR)
 
 clean-venv:
 	rm -rf $(VENV)
