@@ -1,4 +1,6 @@
-"""Instance metrics for the cell datasets (PhC-U373, DIC-HeLa): the Cell Tracking Challenge SEG.
+"""Instance metrics for the cell datasets (PhC-U373, DIC-HeLa): the Cell Tracking Challenge SEG,
+average precision at IoU 0.5 (StarDist, Cellpose), adapted Rand error and variation of information
+(the ISBI 2012 EM measures, for membrane-style data).
 
 SEG (Maška et al. 2014; Ulman et al. 2017): a reference object R is matched by the predicted object
 S covering more than half of it, |R ∩ S| > 0.5 |R| (at most one S can), and scores the Jaccard index
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 from skimage.measure import label
+from skimage.metrics import adapted_rand_error, variation_of_information
 
 from pipeline.errors import SegpipeError
 from pipeline.metrics.segmentation import ArrayLike, to_numpy
@@ -75,3 +78,40 @@ def seg_measure(pred: ArrayLike, ref: ArrayLike) -> float:
     """SEG of one image: mean Jaccard over reference objects; NaN without reference objects."""
     _, jaccard = seg_jaccards(pred, ref)
     return float(jaccard.mean()) if jaccard.size else float("nan")
+
+
+def matched_iou(pred: ArrayLike, ref: ArrayLike) -> tuple[int, int, int]:
+    """(true positives, predicted objects, reference objects) with a true positive a pair of IoU > 0.5
+    (unique: each object has at most one such partner, since IoU > 0.5 rules out a second)."""
+    p, r = _labels(pred, "predicted instances").reshape(-1), _labels(ref, "reference instances").reshape(-1)
+    if p.size != r.size:
+        raise SegpipeError(f"metrics: predicted instances ({p.size} px) and reference ({r.size} px) differ in size")
+    pred_values, pred_index = np.unique(p, return_inverse=True)
+    ref_values, ref_index = np.unique(r, return_inverse=True)
+    both = (p > 0) & (r > 0)
+    pairs = ref_index[both].astype(np.int64) * pred_values.size + pred_index[both]
+    keys, overlap = np.unique(pairs, return_counts=True)
+    pair_ref, pair_pred = np.divmod(keys, pred_values.size)
+    union = np.bincount(ref_index)[pair_ref] + np.bincount(pred_index)[pair_pred] - overlap
+    return int((overlap > 0.5 * union).sum()), int((pred_values > 0).sum()), int((ref_values > 0).sum())
+
+
+def average_precision(tp: int, n_pred: int, n_ref: int) -> float:
+    """AP at IoU 0.5 as the StarDist (Schmidt et al. 2018, eq. 1) and Cellpose papers report it:
+    TP / (TP + FP + FN); NaN with no object on either side."""
+    total = n_pred + n_ref - tp
+    return tp / total if total else float("nan")
+
+
+def rand_and_vi(pred: ArrayLike, ref: ArrayLike) -> tuple[float, float]:
+    """(adapted Rand error, variation of information) of the ISBI 2012 EM challenge (Arganda-Carreras
+    et al. 2015): 1 - F-score of the Rand split and merge scores over the reference's object pixels
+    (skimage.metrics.adapted_rand_error), and VI = H(ref | pred) + H(pred | ref)
+    (skimage.metrics.variation_of_information, in bits); both 0 for a perfect match."""
+    p, r = _labels(pred, "predicted instances"), _labels(ref, "reference instances")
+    if p.shape != r.shape:
+        raise SegpipeError(f"metrics: predicted instances {p.shape} and reference {r.shape} differ in shape")
+    if not (r > 0).any():
+        return float("nan"), float(sum(variation_of_information(r, p)))
+    error, _, _ = adapted_rand_error(r, p)
+    return float(error), float(sum(variation_of_information(r, p)))
