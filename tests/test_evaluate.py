@@ -442,3 +442,36 @@ def test_overlay_colours() -> None:
     assert (rgb[1, 1] == 0).all()
     masked = overlay(image, pred, label, mask=np.array([[0, 1], [1, 1]], bool))
     assert (masked[0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("recorded", [{"method": "watershed", "threshold": 0.5, "min_distance": 4, "halo": 16},
+                                      {"method": "components", "threshold": 0.5, "min_size": 10**6}])
+def test_cells_are_scored_as_the_instance_maps_infer_writes(work: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            recorded: dict[str, Any]) -> None:
+    from pipeline.metrics.instances import average_precision, matched_iou
+    from pipeline.postprocessing.instances import InstanceSettings
+    from pipeline.postprocessing.stitching import instances_of
+
+    make_prepared(work, "u373", cell_case)
+    path = make_checkpoint(work, "u373", "unet", "unet", 1, **UNET)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["instances"] = {"settings": recorded, "val_seg": 0.9, "candidates": 1}
+    torch.save(ckpt, path)
+    oracle = lambda x: (x[0] > 0.5).astype(np.float32)  # noqa: E731
+    monkeypatch.setattr(ev, "predict", fake_predict(oracle))
+    m = ev.evaluate("u373", "unet", models_dir=work / "models", results_dir=work / "results")
+    settings = InstanceSettings(**recorded)
+    objects = [instances_of(scores_of("u373", c, oracle)[None], settings) for c in cases("u373", "test")]
+    refs = [c["instances"][0].astype(np.int64) for c in cases("u373", "test")]
+    jaccards = np.concatenate([seg_jaccards(o, r)[1] for o, r in zip(objects, refs)])
+    assert m["seg"] == pytest.approx(jaccards.mean())
+    components = [seg_jaccards(label_instances(scores_of("u373", c, oracle) >= 0.5), r)[1]
+                  for c, r in zip(cases("u373", "test"), refs)]
+    assert m["seg_components"] == pytest.approx(np.mean([j.mean() for j in components]))
+    counts = np.sum([matched_iou(o, r) for o, r in zip(objects, refs)], axis=0)
+    assert m["ap50"] == pytest.approx(average_precision(*counts))
+    assert m["instances"] == settings.describe() and m["val_seg"] == 0.9
+    if settings.min_size == 10**6:  # every object dropped: the instance scores say so, the components do not
+        assert m["seg"] == 0 and m["ap50"] == 0 and m["seg_components"] > 0.5
+    else:
+        assert m["seg"] > 0.5 and 0 <= m["rand_error"] < 1 and m["vi"] >= 0

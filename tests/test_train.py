@@ -89,6 +89,7 @@ def test_smoke_training_writes_checkpoints_log_and_mlflow(drive_project: Fixture
     best = read_checkpoint(out / "best.pt")
     assert best["dataset"] == "drive" and best["augment"]["channels"] == [1] and best["in_channels"] == 1
     assert best["val_dice"] == pytest.approx(log["val_dice"].max())
+    assert "instances" not in best and not (out / "instances.json").exists()  # DRIVE has no reference instances
     assert load_model(out / "best.pt").network_name == "unet"
     assert read_checkpoint(out / "last.pt")["epoch"] == 2
     client = MlflowClient()
@@ -305,7 +306,11 @@ def test_a_failed_run_never_mixes_its_files_with_the_previous_run(drive_project:
 
     out = drive_project.root / "models/drive/unet"
     train("drive", "unet", profile="smoke")
-    good = {name: (out / name).read_bytes() for name in RUN_FILES}
+
+    def files(folder: Path) -> dict[str, bytes]:  # instances.json: only on datasets with reference instances
+        return {name: (folder / name).read_bytes() for name in RUN_FILES if (folder / name).exists()}
+
+    good = files(out)
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -314,14 +319,35 @@ def test_a_failed_run_never_mixes_its_files_with_the_previous_run(drive_project:
         patch.setattr(train_module, "validate", broken)
         with pytest.raises(RuntimeError, match="disk on fire"):
             train("drive", "unet", profile="smoke", overrides={"seed": 7})
-    assert {name: (out / name).read_bytes() for name in RUN_FILES} == good and not (out / PREVIOUS).exists()
+    assert files(out) == good and not (out / PREVIOUS).exists()
 
     _killed_after_epoch_one(drive_project, monkeypatch, {"seed": 7})  # fails after epoch 1's last.pt
     assert json.loads((out / "config.json").read_text())["seed"] == 7
     assert read_checkpoint(out / "best.pt")["epoch"] == 1  # this run's (its first validation)
-    assert {name: (out / PREVIOUS / name).read_bytes() for name in RUN_FILES} == good
+    assert files(out / PREVIOUS) == good
     with monkeypatch.context() as patch:  # the next fresh start drops the failed run, keeps the good one aside
         patch.setattr(train_module, "validate", broken)
         with pytest.raises(RuntimeError, match="disk on fire"):
             train("drive", "unet", profile="smoke", overrides={"seed": 8})
-    assert {name: (out / name).read_bytes() for name in RUN_FILES} == good and not (out / PREVIOUS).exists()
+    assert files(out) == good and not (out / PREVIOUS).exists()
+
+
+def test_a_cell_training_chooses_and_records_its_instance_settings(project: FixtureProject) -> None:
+    """The CTC fixture (touching discs, reference instances): best.pt, instances.json and the MLflow run
+    carry the instance settings chosen on the validation images by SEG; DRIVE (no instances) has none."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.postprocessing.instances import InstanceSettings
+
+    prepare_fixture_datasets(project, ("hela",))
+    train("hela", "unet", profile="smoke")
+    out = project.root / "models" / "hela" / "unet"
+    record = read_checkpoint(out / "best.pt")["instances"]
+    assert json.loads((out / "instances.json").read_text()) == record
+    settings = InstanceSettings.from_dict(record["settings"], "best.pt")
+    assert 0 <= record["val_seg"] <= 1 and record["candidates"] > 10
+    assert settings.min_size > 0 and settings.halo >= 16  # sized from the fingerprint's median object
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("hela").experiment_id],
+                             filter_string="tags.stage = 'train'", max_results=1)[0]
+    assert run.data.params["instances.method"] == settings.method and run.data.metrics["val_seg"] == record["val_seg"]

@@ -34,6 +34,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         output_format=args.format,
         resume=False if args.no_resume else None,
         class_names=None if args.class_names is None else args.class_names.split(","),
+        instances=args.instances,
     )
     return 0
 
@@ -53,7 +54,8 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
         description="Run a trained checkpoint on TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any "
         "SimpleITK image, band by band: memory is bounded by the tile band, not the image. Writes "
         "DIR/NAME_seg.* (uint8 label map; by default a tiled BigTIFF, NIfTI for NIfTI input, OME-TIFF for "
-        "OME-TIFF input; see --format) and with --save-probabilities DIR/NAME_prob.*. "
+        "OME-TIFF input; see --format), with --save-probabilities DIR/NAME_prob.*, and for models "
+        "that record instance settings DIR/NAME_inst.* (object ids; see --instances). "
         "Defaults: configs/inference.yaml.",
     )
     p.add_argument("--model", required=True, metavar="CKPT",
@@ -87,6 +89,10 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("auto", "tiff", "ome-tiff", "ome-zarr", "nifti"), default=None,
                    help="default: configs/inference.yaml (auto: like the input); tiff: flat tiled BigTIFF; ome-tiff: pyramidal tiled "
                    "OME-TIFF (.ome.tif); ome-zarr: OME-NGFF multiscale image (.ome.zarr); nifti: .nii.gz")
+    p.add_argument("--instances", choices=("auto", "off"), default=None,
+                   help="auto: also write NAME_inst.* (uint32 object ids, same format) when the model records "
+                   "instance settings (trained on a dataset with reference instances, e.g. the cell sets); "
+                   "off: never; default: configs/inference.yaml output.instances")
     p.add_argument("--class-names", default=None, metavar="NAMES",
                    help="comma-separated names of the label values 0, 1, ... for the OME formats' metadata "
                    "(default: the names the checkpoint or .onnx records, else class 0, class 1, ...)")

@@ -33,10 +33,17 @@ background); a pixel is foreground iff probability >= threshold.
     mean_auc, pooled_auc     AUC-ROC per image (mean) and over all test pixels
     maxf, maxf_threshold, mae  U2-Net (Qin et al. 2020, sec. 4.2): maxF_beta (beta^2 = 0.3) over the
                              test images, MAE per image (mean); computed for every network
-    seg, mean_seg            cells (reference `instances`): CTC SEG of the connected components of
-                             the thresholded prediction (`label_instances`), the mean Jaccard over all
-                             reference objects of the test set (the challenge's, and the U-Net
-                             paper's Table 2 "IOU"), and the mean of per-image SEG
+    seg, mean_seg            cells (reference `instances`): CTC SEG of the instance maps `segpipe infer`
+                             writes (the checkpoint's `instances` settings, chosen on validation:
+                             `instances`, `val_seg`; a checkpoint without them: the connected
+                             components of the thresholded prediction, `label_instances`), the mean
+                             Jaccard over all reference objects of the test set (the challenge's, and
+                             the U-Net paper's Table 2 "IOU"), and the mean of per-image SEG;
+                             `seg_best` the components at the validation threshold
+    seg_components           with instance settings: SEG of the connected components at `threshold`
+    ap50, mean_ap50          average precision at IoU 0.5 of the instance maps (StarDist, Cellpose):
+                             TP / (TP + FP + FN) over all test objects, and its mean over images
+    rand_error, vi           adapted Rand error and variation of information (bits), mean over images
     observer2_*              DRIVE's second observer (`label2`) against the reference: a human
                              reference row (pooled and mean F1, accuracy, sensitivity, specificity)
 
@@ -85,6 +92,7 @@ from pipeline.inference import (
 )
 from pipeline.metrics import MEAN_FG, best_f1_threshold
 from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
+from pipeline.postprocessing.instances import InstanceSettings
 from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run, tracking_settings
 from pipeline.transforms.presets import preprocess
 
@@ -245,7 +253,7 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
                    datasets=inputs, tracking=tracking) as tracker:
         reduce = (ClassScoring if multiclass else BinaryScoring).reduce
         predictor = _Predictor(dataset, inference_network(model, settings), ckpt["augment"], settings, reduce)
-        scoring, scoring_facts = _scoring(predictor, data, cfg, classes, tag)
+        scoring, scoring_facts = _scoring(predictor, data, cfg, classes, tag, ckpt.get("instances"), str(path))
         predictor.seconds = 0.0
         runners = head_runners(model, replace(settings, tta=()), reduce) if cfg["per_head"] else []  # heads: no TTA
         n_overlays = len(test_cases) if cfg["overlays"] is None else min(cfg["overlays"], len(test_cases))
@@ -277,10 +285,14 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
 
 
 def _scoring(predictor: _Predictor, data: PreparedDataset, cfg: Mapping[str, Any], classes: list[str],
-             tag: str) -> tuple[Scoring, dict[str, Any]]:
+             tag: str, objects_record: Mapping[str, Any] | None = None,
+             where: str = "checkpoint") -> tuple[Scoring, dict[str, Any]]:
     """The scoring of the test split and its facts for metrics.json: K > 2 classes, `classes` (their
     names in the keys); two classes, `threshold` and, when val_threshold, the best-F1 threshold picked
-    on the validation split (`threshold_best`, `val_best_f1`)."""
+    on the validation split (`threshold_best`, `val_best_f1`); with the checkpoint's instance settings
+    (`objects_record`, as `choose_instances` records them) SEG is that of the instance maps `segpipe
+    infer` writes (`instances`, `val_seg`)."""
+    objects = InstanceSettings.from_dict(objects_record["settings"], where) if objects_record else None
     if len(classes) > 2:
         scoring = ClassScoring(classes)
         return scoring, {"classes": scoring.tally.keys}
@@ -289,7 +301,9 @@ def _scoring(predictor: _Predictor, data: PreparedDataset, cfg: Mapping[str, Any
     if cfg["val_threshold"]:
         thresholds["_best"], val_f1 = pick_threshold(predictor, data, f"{tag} val")
         facts.update(threshold_best=thresholds["_best"], val_best_f1=val_f1)
-    return BinaryScoring(thresholds), facts
+    if objects is not None:
+        facts.update(instances=objects.describe(), val_seg=objects_record["val_seg"])
+    return BinaryScoring(thresholds, objects), facts
 
 
 def _score_test_split(data: PreparedDataset, predictor: _Predictor, scoring: Scoring, runners: list[HeadRunner],
@@ -354,7 +368,9 @@ def binary_table(summary: Mapping[str, Any]) -> str:
         columns.append(("_best", f"val-best t = {summary['threshold_best']:.3f}"))
     rows = [("Dice (mean)", "dice"), ("IoU (mean)", "iou"), ("F1 (pooled)", "pooled_f1"),
             ("accuracy (pooled)", "pooled_accuracy"), ("sensitivity (pooled)", "pooled_sensitivity"),
-            ("specificity (pooled)", "pooled_specificity"), ("SEG", "seg")]
+            ("specificity (pooled)", "pooled_specificity"), ("SEG", "seg"),
+            ("SEG of connected components", "seg_components"), ("AP at IoU 0.5", "ap50"),
+            ("adapted Rand error (mean)", "rand_error"), ("VI (mean, bits)", "vi")]
     table = {label: [_fmt(summary.get(key + suffix)) for suffix, _ in columns]
              for label, key in rows if key in summary}
     free = [("AUC-ROC (pooled)", "pooled_auc"), ("maxF_beta", "maxf"), ("MAE (mean)", "mae"),

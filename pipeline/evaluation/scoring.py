@@ -20,6 +20,7 @@ from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.evaluation.overlays import class_overlay, overlay
 from pipeline.metrics import MEAN_FG, ClassTally, Tally, class_scores, confusion, foreground, per_class
+from pipeline.postprocessing.instances import InstanceSettings
 
 CURVE_COLUMNS = (("fpr", "tpr"), ("recall", "precision"))
 """The columns of roc.csv and pr.csv."""
@@ -71,9 +72,9 @@ def check_classes(path: Path, ckpt: Mapping[str, Any], out_channels: int, data: 
 class BinaryScoring:
     """Two classes: the foreground probability at `thresholds` (suffix -> threshold, "" the main one)."""
 
-    def __init__(self, thresholds: Mapping[str, float]) -> None:
+    def __init__(self, thresholds: Mapping[str, float], objects: InstanceSettings | None = None) -> None:
         self.thresholds = dict(thresholds)
-        self.tally = Tally(thresholds)
+        self.tally = Tally(thresholds, objects)
 
     @staticmethod
     def reduce(probs: np.ndarray) -> np.ndarray:

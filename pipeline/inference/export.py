@@ -131,7 +131,7 @@ def onnx_model(model: nn.Module | str | os.PathLike[str], *, opset: int | None =
         out_channels=inet.out_channels, rule=rule, augment=record.get("augment"),
         class_names=record.get("class_names"), precision=record.get("precision"),
         checkpoint=_checkpoint_facts(source, record) if source is not None else None,
-        thresholds=record.get("thresholds"),
+        thresholds=record.get("thresholds"), instances=record.get("instances"),
         export={"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "torch": torch.__version__,
                 "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                 "input": INPUT, "output": OUTPUT, "graph": "eval mode, batch norm folded, fp32"},

@@ -25,6 +25,7 @@ _ALIASES = {"um": "µm", "\u03bcm": "µm", "micron": "µm", "micrometer": "µm",
 _NIFTI_UNITS = {"mm": "mm", "micron": "µm", "meter": "m", "unknown": "mm"}
 _TIFF_UNITS = {2: "in", 3: "cm"}
 LABEL_CHANNEL = "labels"
+INSTANCE_CHANNEL = "instances"
 """The name of a label map's one channel."""
 
 

@@ -115,7 +115,7 @@ class OmeTiffWriter(TiffRowWriter):
             **(self.size.ome() if self.size is not None else {}),
             **({"UUID": self.uuid} if self.uuid else {}),
         }
-        if self.label_names is not None:
+        if self.label_names:  # an instance map ([]) names no values
             metadata["MapAnnotation"] = {"Namespace": LABEL_VALUES_NAMESPACE,
                                          "Value": {str(v): name for v, name in enumerate(self.label_names)}}
         return {**self._level_kwargs(0), "subifds": len(self.shapes) - 1, "metadata": metadata}

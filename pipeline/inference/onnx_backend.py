@@ -110,7 +110,7 @@ def onnx_network(model: ModelLike, settings: InferenceSettings) -> InferenceNetw
         out_channels=meta.out_channels, output_size=rule.output_size, input_size=rule.input_size,
         valid_output_size=rule.valid_output_size, device=torch.device("cpu"), channels_last=False,
         precision="fp32", fixed_batch=False, notes=notes, augment=meta.augment, source=path,
-        class_names=meta.class_names, thresholds=meta.thresholds,
+        class_names=meta.class_names, thresholds=meta.thresholds, instances=meta.instances,
     )
 
 

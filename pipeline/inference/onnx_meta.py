@@ -20,6 +20,9 @@ as the session's custom metadata map):
     segpipe.thresholds   the checkpoint's validation thresholds {"best_f1", "best_dice", "val_f1",
                          "val_dice", "cases"} (`segpipe infer --threshold val`); optional: written
                          only when the checkpoint records them, absent reads as null
+    segpipe.instances    the instance settings chosen on validation {"settings": {...}, "val_seg",
+                         "candidates"} (`pipeline.training.instance_output`; `segpipe infer` writes
+                         NAME_inst.* with them); optional like thresholds
 
 Sizes per spatial axis (`SizeRule`): the reachable outputs are smallest_output + k * output_step
 (k >= 0) and input = output + 2 * halo. Every network of the registry follows it: "same" padding
@@ -37,9 +40,10 @@ from pipeline.errors import SegpipeError
 
 FORMAT = "segpipe-onnx/1"
 PREFIX = "segpipe."
-KEYS = ("format", "network", "contract", "augment", "class_names", "precision", "checkpoint", "export", "thresholds")
+KEYS = ("format", "network", "contract", "augment", "class_names", "precision", "checkpoint", "export", "thresholds",
+        "instances")
 """The metadata keys, each stored as PREFIX + key."""
-OPTIONAL = ("thresholds",)
+OPTIONAL = ("thresholds", "instances")
 """Keys written only when not null (added after the format's first version): absent reads as null."""
 
 
@@ -124,6 +128,7 @@ class OnnxMeta:
     checkpoint: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
     thresholds: dict[str, Any] | None = None
+    instances: dict[str, Any] | None = None
 
     def props(self) -> dict[str, str]:
         """The metadata_props entries: PREFIX + key -> JSON (`OPTIONAL` keys only when not None)."""
@@ -132,7 +137,8 @@ class OnnxMeta:
                     "output_step": self.rule.step}
         values = {"format": FORMAT, "network": {"name": self.network, "config": self.config}, "contract": contract,
                   "augment": self.augment, "class_names": self.class_names, "precision": self.precision,
-                  "checkpoint": self.checkpoint, "export": self.export, "thresholds": self.thresholds}
+                  "checkpoint": self.checkpoint, "export": self.export, "thresholds": self.thresholds,
+                  "instances": self.instances}
         return {PREFIX + key: json.dumps(values[key], sort_keys=True) for key in KEYS
                 if key not in OPTIONAL or values[key] is not None}
 
@@ -156,13 +162,14 @@ def read_meta(props: Mapping[str, str], where: str) -> OnnxMeta:
         halo = check_int(contract["halo"], "halo", "contract", minimum=0)
         if padding == "same" and halo:
             raise SegpipeError(f"contract halo must be 0 for same padding, got {halo}")
-        if not isinstance(values["thresholds"], (dict, type(None))):
-            raise SegpipeError(f"thresholds must be an object or null, got {values['thresholds']!r}")
+        for key in ("thresholds", "instances"):
+            if not isinstance(values[key], (dict, type(None))):
+                raise SegpipeError(f"{key} must be an object or null, got {values[key]!r}")
         name = str(network["name"])
         return OnnxMeta(name, dict(network["config"]), padding, ints["in_channels"], ints["out_channels"],
                         SizeRule(name, halo, ints["smallest_output"], ints["output_step"]), values["augment"],
                         values["class_names"], values["precision"], values["checkpoint"], values["export"],
-                        values["thresholds"])
+                        values["thresholds"], values["instances"])
     except (KeyError, TypeError, ValueError, AttributeError, SegpipeError) as exc:
         raise SegpipeError(f"{where}: malformed segpipe metadata ({type(exc).__name__}: {exc})") from exc
 

@@ -133,18 +133,21 @@ def recorded_preprocessing(model: ModelLike) -> dict[str, Any] | None:
     return _checkpoint_facts(model)[0]
 
 
-def _checkpoint_facts(model: ModelLike) -> tuple[dict[str, Any] | None, list[str] | None, dict[str, Any] | None]:
-    """A checkpoint path's recorded preprocessing (`augment`), class names and validation thresholds
-    (None: a module, or not recorded)."""
+def _checkpoint_facts(model: ModelLike) -> tuple[dict[str, Any] | None, list[str] | None, dict[str, Any] | None,
+                                                 dict[str, Any] | None]:
+    """A checkpoint path's recorded preprocessing (`augment`), class names, validation thresholds and
+    instance settings (None: a module, or not recorded)."""
     if not isinstance(model, (str, os.PathLike)):
-        return None, None, None
+        return None, None, None, None
     from pipeline.networks import read_checkpoint
 
     record = read_checkpoint(Path(model))
     augment, names, thresholds = record.get("augment"), record.get("class_names"), record.get("thresholds")
+    instances = record.get("instances")
     return (dict(augment) if isinstance(augment, dict) else None,
             [str(n) for n in names] if isinstance(names, (list, tuple)) else None,
-            dict(thresholds) if isinstance(thresholds, dict) else None)
+            dict(thresholds) if isinstance(thresholds, dict) else None,
+            dict(instances) if isinstance(instances, dict) else None)
 
 
 @dataclass
@@ -183,6 +186,9 @@ class InferenceNetwork:
     thresholds: dict[str, Any] | None = None
     """The validation thresholds the checkpoint (or ONNX metadata) records (None: not recorded; see
     `pipeline.inference.settings.resolve_threshold`)."""
+    instances: dict[str, Any] | None = None
+    """The instance settings chosen on validation the checkpoint (or ONNX metadata) records
+    (`pipeline.training.instance_output`; None: not recorded)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -226,7 +232,7 @@ def optimize_network(
     if isinstance(model, InferenceNetwork):
         return model
     net = resolve_model(model)
-    augment, class_names, thresholds = _checkpoint_facts(model)
+    augment, class_names, thresholds, instances = _checkpoint_facts(model)
     for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
         if not hasattr(net, attr):
             raise SegpipeError(
@@ -282,4 +288,5 @@ def optimize_network(
         source=Path(model) if isinstance(model, (str, os.PathLike)) else None,
         class_names=class_names,
         thresholds=thresholds,
+        instances=instances,
     )

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.errors import SegpipeError
 from pipeline.inference.ngff import OmeZarrWriter
 from pipeline.inference.nifti_writer import NiftiRowWriter
-from pipeline.inference.ome_meta import LABEL_CHANNEL, probability_names
+from pipeline.inference.ome_meta import INSTANCE_CHANNEL, LABEL_CHANNEL, probability_names
 from pipeline.inference.ome_tiff import OmeTiffWriter
 from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix
 from pipeline.inference.settings import OUTPUT_FORMATS as FORMATS
@@ -107,6 +107,24 @@ def label_writer(path: Path, output_format: str, reader: ImageReader, settings: 
     """The writer of the uint8 label map, whose values 0, 1, ... are the classes `names`."""
     return _open(path, output_format, reader, 1, np.uint8, settings, uuid, channel_names=[LABEL_CHANNEL],
                  label_names=names, downsampling="nearest")
+
+
+def instance_writer(path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings,
+                    uuid: str | None = None) -> RowWriter:
+    """The writer of the uint32 instance map (0 background, 1..n the objects): a label map whose values
+    name no class (OME-Zarr `image-label` without properties; OME-TIFF without a value map)."""
+    return _open(path, output_format, reader, 1, np.uint32, settings, uuid, channel_names=[INSTANCE_CHANNEL],
+                 label_names=[], downsampling="nearest")
+
+
+def instance_path(label_path: Path) -> Path:
+    """NAME_inst.* beside the label map NAME_seg.* (any other name: NAME_inst.* of its stem)."""
+    name = label_path.name
+    head, sep, tail = name.partition("_seg.")
+    if sep:
+        return label_path.with_name(f"{head}_inst.{tail}")
+    stem, dot, suffix = name.partition(".")
+    return label_path.with_name(f"{stem}_inst{dot}{suffix}")
 
 
 def probability_writer(path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings,

@@ -39,12 +39,15 @@ BACKENDS = ("torch", "onnxruntime")
 """`backend`: the torch graph of `optimize_network`, or ONNX Runtime (`pipeline.inference.onnx_backend`)."""
 OUTPUT_FORMATS = ("auto", "tiff", "ome-tiff", "ome-zarr", "nifti")
 """`output_format`: `auto` = like the input (see `pipeline.inference.outputs`)."""
+INSTANCE_OUTPUTS = ("auto", "off")
+"""`instances`: `auto` writes NAME_inst.* when the model records instance settings (`segpipe train` on a
+dataset with reference instances), `off` never."""
 THRESHOLD_NAMES = {"val": "best_f1", "val-dice": "best_dice"}
 """`threshold` names -> the key of the checkpoint's `thresholds` record they read."""
 SECTIONS: dict[str, tuple[str, ...]] = {
     "graph": ("fold_batch_norm", "inplace_activations", "channels_last", "compile"),
     "output": ("output_format", "tiff_tile", "compression", "threshold", "save_probabilities",
-               "probabilities_dtype"),
+               "probabilities_dtype", "instances"),
 }
 """The sections of `configs/inference.yaml` and their keys; every other field is a top-level key."""
 
@@ -81,6 +84,7 @@ class InferenceSettings:
     threshold: float | str = 0.5
     save_probabilities: bool = False
     probabilities_dtype: str = "uint8"
+    instances: str = "auto"
 
     def validated(self, where: str = "inference settings") -> "InferenceSettings":
         """Self, after checking every value; ConfigError naming `where` and the key otherwise."""
@@ -96,7 +100,7 @@ class InferenceSettings:
         for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
                              ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS),
                              ("precision", PRECISIONS), ("output_format", OUTPUT_FORMATS),
-                             ("backend", BACKENDS)):
+                             ("backend", BACKENDS), ("instances", INSTANCE_OUTPUTS)):
             check_choice(getattr(self, key), key, choices, where)
         if not isinstance(self.tta, tuple):
             raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")

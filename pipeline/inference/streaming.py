@@ -36,7 +36,14 @@ from pipeline.errors import SegpipeError
 from pipeline.inference.memory import check_memory, peak_rss_mb, reset_peak_rss
 from pipeline.inference.ome_meta import name_classes
 from pipeline.inference.optimize import InferenceNetwork, ModelLike
-from pipeline.inference.outputs import label_writer, output_paths, probability_writer, resolve_format
+from pipeline.inference.outputs import (
+    instance_path,
+    instance_writer,
+    label_writer,
+    output_paths,
+    probability_writer,
+    resolve_format,
+)
 from pipeline.inference.preprocessing import CheckedReader, PreprocessedReader
 from pipeline.inference.readers import ImageReader, open_image
 from pipeline.inference.resume import RowLog, open_log, output_uuid, run_key
@@ -49,6 +56,8 @@ from pipeline.inference.writers import (
     remove_stale_temps,
     to_labels,
 )
+from pipeline.postprocessing.instances import InstanceSettings
+from pipeline.postprocessing.stitching import InstanceStream
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +113,16 @@ def check_nonfinite(value: float | None) -> float | None:
     return check_number(value, "nonfinite", "inference arguments", optional=True)
 
 
+def recorded_instances(net: InferenceNetwork) -> InstanceSettings:
+    """The instance settings the network's checkpoint or ONNX metadata records; SegpipeError naming the
+    model when it records none (trained on a dataset without reference instances)."""
+    where = str(net.source) if net.source is not None else "the model"
+    if net.instances is None:
+        raise SegpipeError(f"{where}: records no instance settings; instance maps need a model trained by "
+                           "`segpipe train` on a dataset with reference instances (the cell sets)")
+    return InstanceSettings.from_dict(net.instances.get("settings"), where)
+
+
 def with_threshold(settings: InferenceSettings, net: InferenceNetwork) -> InferenceSettings:
     """`settings` with its threshold as a number: `val` / `val-dice` become the validation threshold the
     network's checkpoint or ONNX metadata records (`resolve_threshold`; SegpipeError naming the model
@@ -135,6 +154,7 @@ def predict_file(
     progress: Callable[[int, int], None] | None = None,
     output_format: str | None = None,
     class_names: Sequence[str] | None = None,
+    instances_path: str | os.PathLike[str] | None = None,
 ) -> InferenceReport:
     """Segment the image at `input_path` into a label map at `output_path`, streaming.
 
@@ -146,8 +166,11 @@ def predict_file(
     (K channels; uint8 scaled by 255, float16 or float32). `class_names` name the label values 0, 1,
     ... in the OME outputs (default: the names the checkpoint or ONNX model records, else "class 0", ...). Arguments left at None come from `settings` (default:
     `InferenceSettings()`). `progress` is called after each band with (pixels finished, total
-    pixels). Outputs appear under their final names only when complete; any failure leaves
-    nothing behind. Bad input raises SegpipeError naming the file.
+    pixels). With `instances_path` the objects are written too, as a uint32 instance map (0
+    background, 1..n) made with the instance settings the model records (`pipeline.postprocessing`:
+    blocks with a halo, stitched into image-wide ids; such a run does not resume, see
+    `pipeline.inference.resume`). Outputs appear under their final names only when complete; any
+    failure leaves nothing behind. Bad input raises SegpipeError naming the file.
     With `preprocess="checkpoint"` and a checkpoint that records its training preprocessing
     (`augment`), the image gets exactly that preprocessing (`PreprocessedReader`, as `segpipe
     evaluate` applies it) and `intensity` does not apply; otherwise `intensity` does.
@@ -162,6 +185,7 @@ def predict_file(
     nonfinite = check_nonfinite(nonfinite)
     input_path, output_path = Path(input_path), Path(output_path)
     targets = [output_path] + ([Path(probabilities_path)] if probabilities_path is not None else [])
+    targets += [Path(instances_path)] if instances_path is not None else []
     formats = [resolve_format(target, settings.output_format) for target in targets]
     for target in targets:
         if target.resolve() == input_path.resolve():
@@ -170,11 +194,12 @@ def predict_file(
     net = inference_network(model, settings)
     settings = with_threshold(settings, net)
     names = name_classes(net.out_channels, class_names if class_names is not None else net.class_names)
+    objects = recorded_instances(net) if instances_path is not None else None
     for directory in {target.parent for target in targets}:
         for path in remove_stale_temps(directory):
             log.warning("removed %s: left behind by a killed segpipe process", path)
     try:
-        return _predict(net, input_path, list(zip(targets, formats)), names, nonfinite, settings, progress)
+        return _predict(net, input_path, list(zip(targets, formats)), names, nonfinite, settings, progress, objects)
     except SegpipeError as exc:
         if str(input_path) in str(exc):
             raise
@@ -191,9 +216,11 @@ def _predict(
     nonfinite: float | None,
     settings: InferenceSettings,
     progress: Callable[[int, int], None] | None,
+    objects: InstanceSettings | None = None,
 ) -> InferenceReport:
     """The work of `predict_file` (targets: (path, format) of the label map, then of the probabilities
-    if wanted; `names`: the classes)."""
+    if wanted, then of the instance map with `objects`; `names`: the classes)."""
+    instance_target = targets.pop() if objects is not None else None
     if net.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(net.device)
     start = time.perf_counter()
@@ -209,13 +236,19 @@ def _predict(
         rowlog: RowLog | None = None
         try:
             key = run_key(input_path, reader.shape, str(reader.dtype), net, settings, targets, names, nonfinite)
-            rowlog, resumed = _open_row_log(key, reader, targets, net.out_channels, settings)
+            rowlog, resumed = _open_row_log(key, reader, targets, net.out_channels,
+                                            replace(settings, resume=settings.resume and objects is None))
             start_row = rowlog.rows_done if rowlog is not None else 0
             stream = stream_probabilities(net, reader, settings, progress, start_row=start_row)
             writers.append(label_writer(*targets[0], reader, settings, names, uuid=output_uuid(key, targets[0][0])))
             if len(targets) > 1:
                 writers.append(probability_writer(*targets[1], reader, settings, names, net.out_channels,
                                                   uuid=output_uuid(key, targets[1][0])))
+            stitched = None
+            if instance_target is not None and objects is not None:
+                stitched = (InstanceStream(objects, reader.shape[1]),
+                            instance_writer(*instance_target, reader, settings, uuid=output_uuid(key, instance_target[0])))
+                writers.append(stitched[1])
             if rowlog is not None:
                 _replay(rowlog, writers, reader.shape, progress)
             for y0, probs in stream.rows:
@@ -226,12 +259,17 @@ def _predict(
                         "nothing was written"
                     )
                 parts = [to_labels(probs, settings.threshold)]
-                if len(writers) > 1:
+                if len(targets) > 1:
                     parts.append(encode_probabilities(probs, settings.probabilities_dtype))
                 for writer, part in zip(writers, parts):
                     writer.write(y0, part)
+                if stitched is not None:
+                    for first, ids in stitched[0].push(y0, probs):
+                        stitched[1].write(first, ids)
                 if rowlog is not None:
                     rowlog.append(y0, parts)
+            if stitched is not None:
+                stitched[0].finish()
             for w in writers:  # all complete before any appears under its final name
                 w.finish()
             outputs = [w.publish() for w in writers]
@@ -249,6 +287,8 @@ def _predict(
         shape, dtype = raw.shape, str(raw.dtype)
     seconds = time.perf_counter() - start
     notes = list(net.notes) + [f"tta {'+'.join(settings.tta)}"] * bool(settings.tta) + [resumed] * bool(resumed)
+    if stitched is not None:
+        notes.append(f"{stitched[0].count} objects in {stitched[1].path.name} ({objects.describe()}; not resumable)")
     if checked.replaced:
         notes.append(f"{checked.replaced} pixel(s) with non-finite values set to {nonfinite:g}")
     if isinstance(reader, PreprocessedReader):
@@ -353,6 +393,7 @@ def infer_files(
         print(f"segpipe infer: threshold {named} = {settings.threshold:g} ({THRESHOLD_NAMES[named]} on "
               f"{facts.get('cases', '?')} validation image(s), recorded in {net.source or 'the model'})", flush=True)
     probs = settings.save_probabilities if save_probabilities is None else save_probabilities
+    objects = settings.instances == "auto" and net.instances is not None
     reports: list[InferenceReport] = []
     failed: list[str] = []
     for path in paths:
@@ -368,7 +409,7 @@ def infer_files(
         try:
             report = predict_file(net, path, seg, probabilities_path=prob if probs else None,
                                   nonfinite=nonfinite, settings=settings, progress=advance,
-                                  class_names=class_names)
+                                  class_names=class_names, instances_path=instance_path(seg) if objects else None)
         except Exception as exc:  # SegpipeError by design; anything else is still this file's failure
             text = str(exc) if isinstance(exc, SegpipeError) else f"{path}: {type(exc).__name__}: {exc}"
             print(f"segpipe infer: error: {text}", file=sys.stderr)

@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import SegpipeError
-from pipeline.metrics.instances import label_instances, seg_jaccards
+from pipeline.metrics.instances import average_precision, label_instances, matched_iou, rand_and_vi, seg_jaccards
 from pipeline.metrics.saliency import mae, max_f_beta
 from pipeline.metrics.segmentation import Confusion, confusion, pr_curve, roc_auc, roc_curve
+from pipeline.postprocessing.instances import InstanceSettings
+from pipeline.postprocessing.stitching import instances_of
 
 SCORES = ("f1", "accuracy", "sensitivity", "specificity", "precision")
 """Confusion scores reported as mean_<s> and pooled_<s> (F1 = Dice)."""
@@ -31,6 +33,10 @@ def foreground(probs: np.ndarray) -> np.ndarray:
     return probs[0] if probs.shape[0] == 1 else np.clip(1.0 - probs[0], 0.0, 1.0)
 
 
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else math.nan
+
+
 def pooled_confusion(parts: list[Confusion]) -> Confusion:
     """One confusion from the counts of several images."""
     return Confusion(*(sum(getattr(c, k) for c in parts) for k in ("tp", "fp", "fn", "tn")))
@@ -39,8 +45,10 @@ def pooled_confusion(parts: list[Confusion]) -> Confusion:
 class Tally:
     """Per-image rows and the pooled state of the test set (see the module docstring)."""
 
-    def __init__(self, thresholds: Mapping[str, float]) -> None:
+    def __init__(self, thresholds: Mapping[str, float], objects: InstanceSettings | None = None) -> None:
         self.thresholds = dict(thresholds)  # suffix -> threshold: "" and, if picked, "_best"
+        self.objects = objects  # what `segpipe infer` writes as instances; None: components at the threshold
+        self.matches: list[tuple[int, int, int]] = []  # (TP, predicted, reference) objects at IoU 0.5 per image
         self.rows: list[dict[str, Any]] = []
         self.scores: list[np.ndarray] = []  # valid pixels of each image, 1-D
         self.truth: list[np.ndarray] = []
@@ -69,9 +77,16 @@ class Tally:
             self.confusions[suffix].append(c)
             row.update({f"{name}{suffix}": value for name, value in c.scores().items()})
             if instances is not None:
-                _, jaccard = seg_jaccards(label_instances(scores >= t), instances)
+                components = label_instances(scores >= t)
+                _, jaccard = seg_jaccards(components, instances)
+                if suffix == "" and self.objects is not None:
+                    row["seg_components"] = _mean(jaccard)
+                    components = instances_of(scores[None], self.objects)
+                    _, jaccard = seg_jaccards(components, instances)
                 self.jaccards[suffix].append(jaccard)
-                row[f"seg{suffix}"] = float(jaccard.mean()) if jaccard.size else math.nan
+                row[f"seg{suffix}"] = _mean(jaccard)
+                if suffix == "":
+                    row.update(self._object_scores(components, instances))
         row["auc"] = roc_auc(s, g)
         row["mae"] = mae(s, g)
         if label2 is not None:
@@ -81,6 +96,13 @@ class Tally:
         row["seconds"] = seconds
         self.rows.append(row)
         return row
+
+    def _object_scores(self, objects: np.ndarray, instances: np.ndarray) -> dict[str, float]:
+        """AP at IoU 0.5, adapted Rand error and VI of one image's instance output."""
+        tp, n_pred, n_ref = matched_iou(objects, instances)
+        self.matches.append((tp, n_pred, n_ref))
+        rand_error, vi = rand_and_vi(objects, instances)
+        return {"ap50": average_precision(tp, n_pred, n_ref), "rand_error": rand_error, "vi": vi}
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -99,6 +121,11 @@ class Tally:
                 jaccards = np.concatenate(self.jaccards[suffix])
                 out[f"seg{suffix}"] = float(jaccards.mean()) if jaccards.size else math.nan
                 out[f"mean_seg{suffix}"] = table[f"seg{suffix}"].mean()
+        if self.matches:
+            out["ap50"] = average_precision(*(int(sum(m[i] for m in self.matches)) for i in range(3)))
+            out["mean_ap50"], out["rand_error"], out["vi"] = (table[k].mean() for k in ("ap50", "rand_error", "vi"))
+            if "seg_components" in table:
+                out["seg_components"] = table["seg_components"].mean()
         s, g = np.concatenate(self.scores), np.concatenate(self.truth)
         out["mean_auc"] = table["auc"].mean()
         out["pooled_auc"] = roc_auc(s, g)

@@ -74,7 +74,7 @@ class InstanceSettings:
     def describe(self) -> str:
         extra = {"watershed": f", markers >= {self.min_distance} px apart",
                  "cores": f", cores p >= {self.core_threshold:g}"}.get(self.method, "")
-        return f"{self.method} (p >= {self.threshold:g}{extra}, min size {self.min_size} px)"
+        return f"{self.method}: p >= {self.threshold:g}{extra}, min size {self.min_size} px"
 
 
 def foreground_probability(probs: np.ndarray) -> np.ndarray:

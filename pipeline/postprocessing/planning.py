@@ -1,7 +1,8 @@
 """Choosing the instance method and its parameters on the validation images, by CTC SEG.
 
 Like the best-F1 threshold, the instance settings are picked where the test set is never seen: each
-candidate (`candidates`) turns the validation probabilities into objects (`extract_instances`), and
+candidate (`candidates`) turns the validation probabilities into objects as `segpipe infer` does
+(`instances_of`), and
 the one with the highest SEG over all validation reference objects wins (ties: the first, simplest
 method in `METHODS` order). Sizes come from the fingerprint's median object area A (its equivalent
 diameter d = sqrt(4 A / pi)): marker distances 0.15-0.5 d, the smallest kept object 5 % of A, and
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 from pipeline.errors import SegpipeError
 from pipeline.metrics.instances import seg_jaccards
-from pipeline.postprocessing.instances import BORDER_CLASSES, InstanceSettings, extract_instances
+from pipeline.postprocessing.instances import BORDER_CLASSES, InstanceSettings
+from pipeline.postprocessing.stitching import instances_of
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 DISTANCE_FRACTIONS = (0.15, 0.25, 0.35, 0.5)
@@ -71,7 +73,7 @@ def plan_instances(cases: Sequence[tuple[np.ndarray, np.ndarray]], median_area: 
         raise SegpipeError(f"instances: validation probabilities disagree in channels {sorted(channels)}")
     tried = []
     for settings in tqdm(candidates(median_area, channels.pop()), desc=desc, unit="candidate", leave=False):
-        seg = pooled_seg((extract_instances(probs, settings), ref) for probs, ref in cases)
+        seg = pooled_seg((instances_of(probs, settings), ref) for probs, ref in cases)
         tried.append((settings, seg))
     if all(math.isnan(seg) for _, seg in tried):
         raise SegpipeError("instances: the validation images have no reference objects")

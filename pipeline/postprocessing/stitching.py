@@ -112,3 +112,12 @@ def _best(keys: np.ndarray, overlap: np.ndarray) -> dict[int, int]:
     for i in np.lexsort((-np.arange(keys.size), overlap)):  # ascending overlap, so the largest comes last
         best[int(keys[i])] = int(i)
     return best
+
+
+def instances_of(probs: np.ndarray, settings: InstanceSettings) -> np.ndarray:
+    """The (H, W) instance map `segpipe infer` writes for the whole probabilities (K, H, W): the same
+    blocks, halo and stitching as a streamed image (they depend on the image's height, not the bands)."""
+    stream = InstanceStream(settings, probs.shape[1])
+    parts = [rows[0] for _, rows in stream.push(0, probs)]
+    stream.finish()
+    return np.concatenate(parts, axis=0)

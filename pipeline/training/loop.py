@@ -57,6 +57,7 @@ from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.tracking import DataInput, TrackingSettings, stage_run
 from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
 from pipeline.training.epochs import epoch_metrics, epoch_summary, log_epochs, log_text, logged_epochs
+from pipeline.training.instance_output import choose_instances
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
 from pipeline.training.mlflow_model import log_best_model
 from pipeline.training.optim import build_optimizer, learning_rate
@@ -271,6 +272,7 @@ def run_training(
     resume: bool = False,
     tracking: TrackingSettings | None = None,
     plan: Mapping[str, Any] | None = None,
+    median_area: float | None = None,
 ) -> TrainResult:
     """Train as `settings` say (`pipeline.training.settings.resolve_settings`) on `prepared`; writes
     `out_dir`: best.pt, last.pt, log.csv, config.json, as one set (`pipeline.training.outputs`: a failed
@@ -285,12 +287,12 @@ def run_training(
     trainer = _build(settings, prepared, ctx)
     progress = _restore(trainer, out_dir / "last.pt") if resume else _Progress()
     with run_outputs(out_dir, resume, enabled=ctx.main):
-        return _train(trainer, progress, prepared, out_dir, inference, tracking, resume, start, plan)
+        return _train(trainer, progress, prepared, out_dir, inference, tracking, resume, start, plan, median_area)
 
 
 def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, out_dir: Path,
            inference: InferenceSettings, tracking: TrackingSettings | None, resume: bool, start: float,
-           plan: Mapping[str, Any] | None = None) -> TrainResult:
+           plan: Mapping[str, Any] | None = None, median_area: float | None = None) -> TrainResult:
     """The epochs of `run_training`, from `progress` on, with validation, checkpoints and MLflow."""
     settings, ctx = trainer.settings, trainer.ctx
     dataset, network = settings["dataset"], settings["network_key"]
@@ -330,8 +332,10 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
                 dist.barrier()
             if stopped_early:
                 break
-        wall = time.perf_counter() - start
         best = progress.best
+        instances = (choose_instances(out_dir / "best.pt", prepared, settings, validation[1], median_area)
+                     if ctx.main else None)
+        wall = time.perf_counter() - start
         if tracker is not None:
             tracker.log_metrics({"best_val_dice": best["val_dice"], "best_epoch": best["epoch"], "wall_seconds": wall,
                                  **threshold_metrics(best.get("thresholds"))})
@@ -341,6 +345,10 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
                     tracker.log_artifact(str(out_dir / name))
             if plan is not None:
                 tracker.log_artifact(str(out_dir / "plan.json"))
+            if instances is not None:
+                tracker.log_params({f"instances.{k}": v for k, v in instances.settings.to_dict().items()})
+                tracker.log_metrics({"val_seg": instances.val_seg})
+                tracker.log_artifact(str(out_dir / "instances.json"))
             if tracking is not None and tracking.log_model:
                 log_best_model(out_dir / "best.pt", settings, inference, best, register=tracking.register_model)
     if ctx.world > 1:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-RUN_FILES = ("config.json", "log.csv", "best.pt", "last.pt", "thresholds.json", "plan.json")
+RUN_FILES = ("config.json", "log.csv", "best.pt", "last.pt", "thresholds.json", "plan.json", "instances.json")
 PREVIOUS = ".previous-run"
 
 

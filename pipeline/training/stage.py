@@ -16,6 +16,7 @@ from pipeline.data.settings import load_data_config
 from pipeline.inference import settings_from_config
 from pipeline.preprocessing.fingerprint import read_fingerprint
 from pipeline.tracking import tracking_settings
+from pipeline.training.instance_output import median_object_area
 from pipeline.training.loop import TrainResult, run_training
 from pipeline.training.planning import plan_training
 from pipeline.training.settings import TrainConfigs, resolve_settings
@@ -50,7 +51,8 @@ def train(
     inference = settings_from_config(load_config("inference"), str(config_path("inference")))
     out_dir = Path(models_dir or settings["models_dir"]) / dataset / network
     prepared = (prepared or open_prepared(dataset, prepared_root(load_data_config(), dataset))).with_fold(settings["fold"])
-    plan = plan_training(read_fingerprint(prepared.root, dataset), settings)
+    fingerprint = read_fingerprint(prepared.root, dataset)
+    plan = plan_training(fingerprint, settings)
     tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
     return run_training(plan.settings, prepared, out_dir, inference, resume=resume, tracking=tracking,
-                        plan=plan.to_dict())
+                        plan=plan.to_dict(), median_area=median_object_area(fingerprint))
