@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 from pipeline.bench.commands import add_bench_commands
-from pipeline.commands.arguments import precision_arg
+from pipeline.commands.arguments import merged_settings, precision_arg, setting
 from pipeline.commands.dataset import add_dataset_commands
 from pipeline.commands.inference import add_inference_commands
 from pipeline.commands.transforms import add_transforms_commands
@@ -110,29 +110,10 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 # --- train / evaluate -------------------------------------------------------------------------
 
 
-def _setting(text: str) -> dict:
-    """KEY=VALUE with a dotted key and a YAML value -> nested dict ("optimizer.lr=1e-3")."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. optimizer.lr=0.001), got {text!r}")
-    out: dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(value)
-    return out
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.training.settings import deep_merge
     from pipeline.training.stage import train
 
-    overrides: dict = {}
-    for item in args.set or []:
-        overrides = deep_merge(overrides, item)
+    overrides = merged_settings(args.set)
     if args.precision:
         overrides["precision"] = args.precision
     result = train(args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides,
@@ -173,7 +154,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold", type=int, default=None, metavar="K",
                    help="cross-validation: validate on fold K of the prepared data, train on the others "
                    "(default: configs/train.yaml's `fold`; null there: the prepare split)")
-    p.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", type=setting, metavar="KEY=VALUE",
                    help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)")
     precision_arg(p, "the profile of configs/train.yaml")
     p.set_defaults(handler=_cmd_train)

@@ -148,10 +148,43 @@ def test_random_part_leaves_the_cache_untouched(prepared: PreparedDataset) -> No
 def test_baseline_rejects_bad_settings(prepared: PreparedDataset) -> None:
     with pytest.raises(SegpipeError, match="multiple of 16"):
         train_baseline(prepared, 10.0, patch=40, progress=False, augment=_augment())
-    with pytest.raises(SegpipeError, match="train split has 3"):
-        train_baseline(prepared, 10.0, batch_size=32, patch=32, progress=False, augment=_augment())  # 8 images
     with pytest.raises(SegpipeError, match="seconds > 0"):
         train_baseline(prepared, 0.0, progress=False, augment=_augment())
+
+
+def test_fewer_training_images_than_a_batch_draws_are_drawn_with_replacement(prepared: PreparedDataset) -> None:
+    # batch 32 / 4 patches per image = 8 images per batch from the 3 training images (the 7 HeLa frames)
+    a = train_baseline(prepared, 3600.0, batch_size=32, patch=32, max_steps=2, progress=False, augment=_augment())
+    b = train_baseline(prepared, 3600.0, batch_size=32, patch=32, max_steps=2, progress=False, augment=_augment())
+    assert (a.steps, a.patches) == (2, 64) and np.isfinite(a.final_loss)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_cells_get_seg_of_components_and_of_the_chosen_instance_maps(tmp_path: Path) -> None:
+    """Two touching discs per image: components merge them (SEG about 0.5), the watershed chosen on
+    the validation split splits them."""
+    from pipeline.postprocessing.instances import InstanceSettings
+
+    yy, xx = np.mgrid[:64, :96]
+    inst = np.zeros((64, 96), np.uint16)
+    inst[(yy - 32) ** 2 + (xx - 30) ** 2 < 16**2] = 1
+    inst[((yy - 32) ** 2 + (xx - 58) ** 2 < 16**2) & (inst == 0)] = 2
+    rows = []
+    for split in ("train", "val", "test"):
+        for role, array in {"image": (200 * (inst > 0)).astype(np.uint8)[None], "label": (inst > 0).astype(np.uint8)[None],
+                            "weight": np.ones((1, 64, 96), np.float32), "instances": inst[None]}.items():
+            write_volume(tmp_path / role / f"{split}.nii.gz", array)
+        rows.append({"case": split, "split": split, **{r: f"{r}/{split}.nii.gz" for r in ("image", "label", "weight", "instances")}})
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    (tmp_path / "stats.json").write_text(json.dumps({"splits": {"train": 1, "val": 1, "test": 1}}))
+    cells = open_prepared("hela", root=tmp_path)
+    oracle = lambda image: (inst > 0).astype(np.float32)  # noqa: E731
+    augment = dict(load_config("augment")["hela"])
+    out = evaluate_probabilities(cells, oracle, augment=augment, median_area=float(np.pi * 16**2))
+    assert out["seg_components"] == pytest.approx(0.5, abs=0.02)
+    assert out["seg"] > 0.95 and out["instances"].startswith("watershed")
+    given = evaluate_probabilities(cells, oracle, augment=augment, objects=InstanceSettings("components"))
+    assert given["seg"] == pytest.approx(given["seg_components"]) and given["instances"].startswith("components")
 
 
 # --- scoring -----------------------------------------------------------------------------------

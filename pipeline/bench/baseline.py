@@ -14,7 +14,8 @@ Baseline recipe (issue 6, "Quality bar"), built from MONAI blocks only:
   the field of view; foreground/background indices cached by ``FgBgToIndicesd``, MONAI's
   documented speed-up), then ``RandFlipd`` on each axis (p 0.5) and ``RandRotate90d`` (p 0.5,
   k in 1..3); ``samples_per_image`` patches per drawn image, ``batch_size / samples_per_image``
-  images per batch (shuffled epochs, last incomplete batch dropped), MONAI ``DataLoader``;
+  images per batch (shuffled epochs, last incomplete batch dropped; with fewer training images than
+  that, images drawn with replacement), MONAI ``DataLoader``;
 - optimiser: Adam, lr 1e-3, constant, batch 32 patches;
 - budget: wall-clock seconds counted from the start of ``train_baseline`` (reading and caching the
   cases included, then every step with its data loading); training stops after the step that
@@ -43,6 +44,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch.utils.data import RandomSampler
 from monai.data import CacheDataset, DataLoader, get_track_meta, set_track_meta
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
@@ -59,7 +61,10 @@ from monai.transforms import (
 
 from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
-from pipeline.metrics import best_f1_threshold, confusion, roc_auc
+from pipeline.metrics import best_f1_threshold, confusion, label_instances, roc_auc
+from pipeline.postprocessing.instances import InstanceSettings
+from pipeline.postprocessing.planning import plan_instances, pooled_seg
+from pipeline.postprocessing.stitching import instances_of
 from pipeline.transforms.presets import preprocess, preset
 
 FEATURES = (16, 16, 32, 64, 128, 16)
@@ -158,19 +163,21 @@ def train_baseline(
     torch.manual_seed(seed)
     augment = dict(preset(prepared.name, augment))
     items = _train_items(prepared, augment)
-    if len(items) < images_per_batch:
-        raise SegpipeError(
-            f"{prepared.manifest_path}: the baseline draws {images_per_batch} training images per batch "
-            f"({batch_size} patches / {samples_per_image} per image), the train split has {len(items)}"
-        )
+    if not items:
+        raise SegpipeError(f"{prepared.manifest_path}: no training cases for the baseline")
     model = build_baseline_network(items[0]["image"].shape[0])
     # copy_cache=False: the random part crops new tensors and never writes into the cached arrays
     # (MONAI's documented case for it); it saves a deep copy of the whole image per drawn patch set.
     dataset = CacheDataset(items, baseline_transforms(patch, samples_per_image), progress=False, copy_cache=False)
+    # fewer training images than a batch draws (the 7 HeLa frames): images drawn with replacement
+    few = len(items) < images_per_batch
+    sampler = RandomSampler(dataset, replacement=True, num_samples=images_per_batch * 64,
+                            generator=torch.Generator().manual_seed(seed)) if few else None
     loader = DataLoader(
         dataset,
         batch_size=images_per_batch,
-        shuffle=True,
+        shuffle=not few,
+        sampler=sampler,
         drop_last=True,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -259,8 +266,16 @@ def _predict_split(
         label = arrays["label"][0].astype(bool)
         probs = _foreground(predict_fn(preprocess(dataset.name, arrays["image"], augment)), label.shape, case)
         fov = arrays.get("fov")
-        out.append({"case": case, "probs": probs, "label": label, "mask": None if fov is None else fov[0] > 0})
+        out.append({"case": case, "probs": probs, "label": label, "mask": None if fov is None else fov[0] > 0,
+                    "instances": arrays["instances"][0].astype(np.int64) if "instances" in arrays else None})
     return out
+
+
+def _seg(results: list[dict[str, Any]], objects: InstanceSettings | None) -> float:
+    """Pooled SEG of the cases with reference instances: `objects`' instance maps, or (None) the
+    connected components at 0.5."""
+    return pooled_seg((label_instances(r["probs"] >= 0.5) if objects is None else instances_of(r["probs"][None], objects),
+                       r["instances"]) for r in results if r["instances"] is not None)
 
 
 def _pooled(results: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +300,8 @@ def evaluate_probabilities(
     augment: Mapping[str, Any],
     split: str = "test",
     val_threshold: bool = True,
+    objects: InstanceSettings | None = None,
+    median_area: float = 1.0,
 ) -> dict[str, Any]:
     """Score a predictor on `split` with the DRIVE protocol (module docstring).
 
@@ -294,6 +311,9 @@ def evaluate_probabilities(
     `val_threshold`; also "val_f1", the pooled validation F1 at that threshold), "per_image":
     [{"case", "dice", "dice_val"}], "predict_seconds"}; scores hold threshold, f1, accuracy,
     sensitivity, specificity, precision, iou (pooled) and mean_dice (mean of per-image Dice).
+    Cells (reference instances): "seg_components" (SEG of the components at 0.5) and "seg", "instances":
+    SEG of the instance maps of `objects`, or when None of the settings `plan_instances` chooses on
+    the validation split (objects of median area `median_area`, as training chooses them).
     """
     augment = dict(preset(dataset.name, augment))
     start = time.perf_counter()
@@ -316,4 +336,11 @@ def evaluate_probabilities(
             row["dice_val"] = confusion(r["probs"] >= threshold, r["label"], r["mask"]).dice
     out["per_image"] = per_image
     out["predict_seconds"] = predict_seconds
+    if any(r["instances"] is not None for r in results):  # cells: SEG of the components, and of `objects`
+        out["seg_components"] = _seg(results, None)
+        if objects is None and any(r["instances"] is not None for r in val_results):
+            objects = plan_instances([(r["probs"][None], r["instances"]) for r in val_results
+                                      if r["instances"] is not None], median_area).settings
+        if objects is not None:
+            out["seg"], out["instances"] = _seg(results, objects), objects.describe()
     return out

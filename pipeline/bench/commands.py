@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from pipeline.commands.arguments import setting
+
 
 def _cmd_bench_networks(args: argparse.Namespace) -> int:
     from pipeline.bench.networks import run_benchmark
@@ -178,9 +180,11 @@ def _bench_train_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from pipeline.bench.training import run_quality
+    from pipeline.commands.arguments import merged_settings
 
     run_quality(args.dataset, args.network, baseline_seconds=args.baseline_seconds,
-                baseline_input=args.baseline_input, threads=args.threads, workdir=args.workdir)
+                baseline_input=args.baseline_input, threads=args.threads, workdir=args.workdir,
+                equal_steps=args.equal_steps, overrides=merged_settings(args.set))
     return 0
 
 
@@ -189,7 +193,8 @@ def _bench_quality_args(p: argparse.ArgumentParser) -> None:
         "The quality bar side by side: `segpipe train` with the current profile (its step count) vs "
         "the MONAI-standard baseline (BasicUNet, DiceCELoss, 64x64 patches, Adam 1e-3, batch 32, "
         "SlidingWindowInferer 128 gaussian) for the wall time our training took; both scored on "
-        "the test split (DRIVE protocol, pixels pooled inside the FOV)."
+        "the test split (DRIVE protocol, pixels pooled inside the FOV; cells: SEG of the connected "
+        "components and of the instance maps)."
     )
     p.add_argument("--dataset", default="drive")
     p.add_argument("--network", default="unet")
@@ -197,6 +202,11 @@ def _bench_quality_args(p: argparse.ArgumentParser) -> None:
                    help="the baseline's training budget (default: the wall time of our training)")
     p.add_argument("--baseline-input", choices=("monai", "ours"), default="monai",
                    help="monai: RGB z-scored per channel; ours: our preprocessing (green, CLAHE)")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="train the baseline for our step count with our batch and patch size (default: for "
+                   "our wall time with its own batch 32 of 64x64)")
+    p.add_argument("--set", action="append", type=setting, metavar="KEY=VALUE",
+                   help="override a setting of our training, as `segpipe train --set` (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--workdir", default=None, help="keep checkpoints here (default: a temp dir)")
     p.set_defaults(handler=_cmd_bench_quality)

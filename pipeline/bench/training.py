@@ -196,7 +196,8 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
 
 def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_seconds: float | None = None,
                 baseline_input: str = "monai", threads: int | None = None, seed: int = 0,
-                workdir: Path | None = None) -> pd.DataFrame:
+                workdir: Path | None = None, equal_steps: bool = False,
+                overrides: dict[str, Any] | None = None) -> pd.DataFrame:
     """`segpipe bench quality`: issue 6's quality bar, side by side in one run.
 
     (a) `segpipe train DATASET NETWORK` with the current profile (its step count),
@@ -208,6 +209,11 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     SlidingWindowInferer as the issue specifies. `baseline_input`: "monai" feeds the baseline
     RGB images z-scored per channel (MONAI NormalizeIntensityd, no channel selection, no CLAHE);
     "ours" gives it our preprocessing, to separate the input's share of the difference.
+    `equal_steps`: the baseline trains for our step count with our batch and patch size instead of
+    for a wall time. `overrides`: training settings for (a), as `segpipe train --set`.
+    Cells (reference instances): SEG of the connected components at 0.5 for both, and SEG of the
+    instance maps: ours with the settings training chose, the baseline's chosen the same way on its
+    validation probabilities.
     Training runs log to a throw-away MLflow store in the work directory.
     """
     import copy
@@ -217,6 +223,8 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     from pipeline.evaluation.evaluate import evaluate_config
     from pipeline.inference import inference_network, load_settings, predict, settings_from_config
     from pipeline.networks import read_checkpoint
+    from pipeline.postprocessing.instances import InstanceSettings
+    from pipeline.training.instance_output import median_object_area
     from pipeline.training.stage import train
 
     if threads:
@@ -227,7 +235,7 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
         old_uri = os.environ.get("MLFLOW_TRACKING_URI")
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'bench-mlflow.db'}"
         try:
-            ours = train(dataset, network, models_dir=work / "models", prepared=prepared)
+            ours = train(dataset, network, models_dir=work / "models", prepared=prepared, overrides=overrides)
         finally:
             if old_uri is None:
                 os.environ.pop("MLFLOW_TRACKING_URI")
@@ -238,15 +246,23 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
         overrides = evaluate_config(load_config("evaluate"), str(config_path("evaluate")))["inference"]
         settings = load_settings(inference, **overrides, intensity="none")  # as `segpipe evaluate`
         net = inference_network(ours.checkpoint, settings)
+        recorded = ckpt.get("instances")
+        objects = InstanceSettings.from_dict(recorded["settings"], str(ours.checkpoint)) if recorded else None
+        median_area = median_object_area(read_fingerprint(prepared.root, dataset)) or 1.0
         ours_scores = evaluate_probabilities(prepared, lambda img: predict(net, img, settings=settings),
-                                             augment=ckpt["augment"])
+                                             augment=ckpt["augment"], objects=objects, median_area=median_area)
         base_augment = copy.deepcopy(dict(preset_section(load_config("augment"), dataset)))
         if baseline_input == "monai":
             base_augment.update(channels=None, clahe=None, normalize="zscore")
         budget = ours.wall_seconds if baseline_seconds is None else baseline_seconds
-        baseline = train_baseline(prepared, budget, seed=seed, augment=base_augment)
+        if equal_steps:
+            config = json.loads((ours.checkpoint.parent / "config.json").read_text())
+            baseline = train_baseline(prepared, float("inf"), seed=seed, augment=base_augment, max_steps=ours.steps,
+                                      batch_size=int(config["batch_size"]), patch=int(config["patch_size"]))
+        else:
+            baseline = train_baseline(prepared, budget, seed=seed, augment=base_augment)
         base_scores = evaluate_probabilities(prepared, lambda img: predict_baseline(baseline.model, img),
-                                             augment=base_augment)
+                                             augment=base_augment, median_area=median_area)
     rows = []
     for name, wall, patches, scores in (
         (f"segpipe {network} ({ckpt['network']})", ours.wall_seconds, None, ours_scores),
@@ -255,10 +271,12 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
         rows.append({"model": name, "train_s": wall, "patches": patches, "auc": scores["auc"],
                      "f1@0.5": scores["at_0.5"]["f1"], "f1@val": scores["at_val"]["f1"],
                      "threshold": scores["at_val"]["threshold"], "acc@val": scores["at_val"]["accuracy"],
-                     "sens@val": scores["at_val"]["sensitivity"], "spec@val": scores["at_val"]["specificity"]})
+                     "sens@val": scores["at_val"]["sensitivity"], "spec@val": scores["at_val"]["specificity"],
+                     **{k: scores[k] for k in ("seg_components", "seg", "instances") if k in scores}})
     table = pd.DataFrame(rows)
     print(f"bench quality: {dataset} test split, pixels pooled inside the FOV, {torch.get_num_threads()} threads")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"ratios ours/baseline: AUC {rows[0]['auc'] / rows[1]['auc']:.4f}, F1@val {rows[0]['f1@val'] / rows[1]['f1@val']:.4f}, "
-          f"training time {rows[0]['train_s'] / rows[1]['train_s']:.2f}")
+          f"training time {rows[0]['train_s'] / rows[1]['train_s']:.2f}"
+          + (f", SEG {rows[0]['seg'] / rows[1]['seg']:.4f}" if "seg" in rows[0] and "seg" in rows[1] else ""))
     return table
