@@ -12,7 +12,8 @@ import sys
 from typing import Sequence
 
 from pipeline.bench.commands import add_bench_commands
-from pipeline.commands.arguments import merged_settings, precision_arg, setting
+from pipeline.commands.arguments import precision_arg
+from pipeline.config import setting_argument
 from pipeline.commands.dataset import add_dataset_commands
 from pipeline.commands.inference import add_inference_commands
 from pipeline.commands.transforms import add_transforms_commands
@@ -111,9 +112,12 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.training.settings import deep_merge
     from pipeline.training.stage import train
 
-    overrides = merged_settings(args.set)
+    overrides: dict = {}
+    for item in args.set or []:
+        overrides = deep_merge(overrides, item)
     if args.precision:
         overrides["precision"] = args.precision
     result = train(args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides,
@@ -154,7 +158,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold", type=int, default=None, metavar="K",
                    help="cross-validation: validate on fold K of the prepared data, train on the others "
                    "(default: configs/train.yaml's `fold`; null there: the prepare split)")
-    p.add_argument("--set", action="append", type=setting, metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", type=setting_argument, metavar="KEY=VALUE",
                    help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)")
     precision_arg(p, "the profile of configs/train.yaml")
     p.set_defaults(handler=_cmd_train)

@@ -12,6 +12,7 @@ finite: NaN and infinities are refused everywhere.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
@@ -147,3 +148,18 @@ def check_list(value: Any, key: str, where: str, *, optional: bool = False, none
     if not isinstance(value, (list, tuple)) or (nonempty and not value):
         raise _bad(where, key, ("null or " if optional else "") + ("a non-empty list" if nonempty else "a list"), value)
     return list(value)
+
+
+def setting_argument(text: str) -> dict:
+    """`--set KEY=VALUE` as an argparse type: dotted key, YAML value -> nested dict ("optimizer.lr=1e-3")."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. optimizer.lr=0.001), got {text!r}")
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+

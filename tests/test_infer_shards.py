@@ -18,10 +18,10 @@ from torch import nn
 from fixtures import REPO_ROOT
 
 from pipeline.errors import SegpipeError
+from pipeline.inference.inputs import check_output_clashes
 from pipeline.inference.shards import (
     PrefixedStream,
     assign_shards,
-    check_output_clashes,
     image_pixels,
     threads_per_process,
 )

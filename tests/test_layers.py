@@ -6,6 +6,7 @@ with a LOWER rank (`RANKS` below); rank 0 is the base every layer may use:
     rank 0  pipeline/errors.py, pipeline/config.py, pipeline/tracking.py, pipeline/tracking_store.py,
             pipeline/torchrun.py, pipeline/metrics/
     rank 1  pipeline/data/            raw and prepared data on disk
+            pipeline/postprocessing/  probabilities into objects (instances)
     rank 2  pipeline/transforms/      weight maps, patches, augmentation presets
     rank 3  pipeline/preprocessing/   the prepare stage
     rank 4  pipeline/networks/        U-Net, UNet++, U2-Net
@@ -42,6 +43,7 @@ RANKS: dict[str, int] = {
     "pipeline.torchrun": 0,
     "pipeline.metrics": 0,
     "pipeline.data": 1,
+    "pipeline.postprocessing": 1,
     "pipeline.transforms": 2,
     "pipeline.preprocessing": 3,
     "pipeline.networks": 4,

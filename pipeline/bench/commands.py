@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from pipeline.commands.arguments import setting
+from pipeline.config import setting_argument
 
 
 def _cmd_bench_networks(args: argparse.Namespace) -> int:
@@ -180,11 +180,15 @@ def _bench_train_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
     from pipeline.bench.training import run_quality
-    from pipeline.commands.arguments import merged_settings
+    from pipeline.training.settings import deep_merge
+
+    overrides: dict = {}
+    for item in args.set or []:
+        overrides = deep_merge(overrides, item)
 
     run_quality(args.dataset, args.network, baseline_seconds=args.baseline_seconds,
                 baseline_input=args.baseline_input, threads=args.threads, workdir=args.workdir,
-                equal_steps=args.equal_steps, overrides=merged_settings(args.set))
+                equal_steps=args.equal_steps, overrides=overrides)
     return 0
 
 
@@ -205,7 +209,7 @@ def _bench_quality_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--equal-steps", action="store_true",
                    help="train the baseline for our step count with our batch and patch size (default: for "
                    "our wall time with its own batch 32 of 64x64)")
-    p.add_argument("--set", action="append", type=setting, metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", type=setting_argument, metavar="KEY=VALUE",
                    help="override a setting of our training, as `segpipe train --set` (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--workdir", default=None, help="keep checkpoints here (default: a temp dir)")

@@ -23,28 +23,3 @@ def precision_arg(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help=f"fp32, bf16 (autocast; CPUs with AVX512-BF16/AMX, CUDA) or fp16 (CUDA); default: {default}")
 
-
-def setting(text: str) -> dict:
-    """KEY=VALUE with a dotted key and a YAML value -> nested dict ("optimizer.lr=1e-3")."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. optimizer.lr=0.001), got {text!r}")
-    out: dict = {}
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(value)
-    return out
-
-
-def merged_settings(items: list[dict] | None) -> dict:
-    """The `--set` values of a command, merged in order (later wins)."""
-    from pipeline.training.settings import deep_merge
-
-    out: dict = {}
-    for item in items or []:
-        out = deep_merge(out, item)
-    return out

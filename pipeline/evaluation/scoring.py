@@ -21,6 +21,7 @@ from pipeline.errors import SegpipeError
 from pipeline.evaluation.overlays import class_overlay, overlay
 from pipeline.metrics import MEAN_FG, ClassTally, Tally, class_scores, confusion, foreground, per_class
 from pipeline.postprocessing.instances import InstanceSettings
+from pipeline.postprocessing.stitching import instances_of
 
 CURVE_COLUMNS = (("fpr", "tpr"), ("recall", "precision"))
 """The columns of roc.csv and pr.csv."""
@@ -74,7 +75,7 @@ class BinaryScoring:
 
     def __init__(self, thresholds: Mapping[str, float], objects: InstanceSettings | None = None) -> None:
         self.thresholds = dict(thresholds)
-        self.tally = Tally(thresholds, objects)
+        self.tally = Tally(thresholds, None if objects is None else lambda scores: instances_of(scores[None], objects))
 
     @staticmethod
     def reduce(probs: np.ndarray) -> np.ndarray:

@@ -25,7 +25,8 @@ from pipeline.inference.settings import (
 )
 from pipeline.inference.sliding import RowStream, inference_network, predict, probabilities, stream_probabilities
 from pipeline.inference.memory import peak_rss_mb, reset_peak_rss
-from pipeline.inference.streaming import InferenceReport, expand_inputs, infer_files, predict_file
+from pipeline.inference.inputs import expand_inputs
+from pipeline.inference.streaming import InferenceReport, infer_files, predict_file
 from pipeline.inference.tiling import TilePlan, output_period, plan_tiles, source_index
 from pipeline.inference.tta import TTA_TRANSFORMS, tta_logits
 from pipeline.inference.writers import to_labels

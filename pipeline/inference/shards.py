@@ -33,7 +33,8 @@ from pipeline.errors import SegpipeError
 from pipeline.inference.optimize import InferenceNetwork, ModelLike
 from pipeline.inference.readers import NIFTI_SUFFIXES, has_suffix, open_image
 from pipeline.inference.settings import InferenceSettings
-from pipeline.inference.streaming import InferenceReport, check_output_clashes, expand_inputs, infer_files
+from pipeline.inference.inputs import check_output_clashes, expand_inputs
+from pipeline.inference.streaming import InferenceReport, infer_files
 from pipeline.torchrun import RankEnv
 
 STORE_TIMEOUT = timedelta(minutes=10)

@@ -8,7 +8,7 @@ values pooled over all test pixels (as the DRIVE literature reports them; keys i
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -17,8 +17,6 @@ from pipeline.errors import SegpipeError
 from pipeline.metrics.instances import average_precision, label_instances, matched_iou, rand_and_vi, seg_jaccards
 from pipeline.metrics.saliency import mae, max_f_beta
 from pipeline.metrics.segmentation import Confusion, confusion, pr_curve, roc_auc, roc_curve
-from pipeline.postprocessing.instances import InstanceSettings
-from pipeline.postprocessing.stitching import instances_of
 
 SCORES = ("f1", "accuracy", "sensitivity", "specificity", "precision")
 """Confusion scores reported as mean_<s> and pooled_<s> (F1 = Dice)."""
@@ -45,9 +43,10 @@ def pooled_confusion(parts: list[Confusion]) -> Confusion:
 class Tally:
     """Per-image rows and the pooled state of the test set (see the module docstring)."""
 
-    def __init__(self, thresholds: Mapping[str, float], objects: InstanceSettings | None = None) -> None:
+    def __init__(self, thresholds: Mapping[str, float],
+                 objects: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.thresholds = dict(thresholds)  # suffix -> threshold: "" and, if picked, "_best"
-        self.objects = objects  # what `segpipe infer` writes as instances; None: components at the threshold
+        self.objects = objects  # scores -> the instance map `segpipe infer` writes; None: components at the threshold
         self.matches: list[tuple[int, int, int]] = []  # (TP, predicted, reference) objects at IoU 0.5 per image
         self.rows: list[dict[str, Any]] = []
         self.scores: list[np.ndarray] = []  # valid pixels of each image, 1-D
@@ -81,7 +80,7 @@ class Tally:
                 _, jaccard = seg_jaccards(components, instances)
                 if suffix == "" and self.objects is not None:
                     row["seg_components"] = _mean(jaccard)
-                    components = instances_of(scores[None], self.objects)
+                    components = self.objects(scores)
                     _, jaccard = seg_jaccards(components, instances)
                 self.jaccards[suffix].append(jaccard)
                 row[f"seg{suffix}"] = _mean(jaccard)
