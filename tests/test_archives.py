@@ -297,10 +297,12 @@ def test_the_published_layout_unpacks_roles_and_skips_other_folders(tmp_path: Pa
     archive = make_zip(tmp_path / "HeLa.zip", {**content, **extras})
     with caplog.at_level("INFO", logger="pipeline.data.archives"):
         unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
-    assert written(tmp_path / "out") == sorted(f"HeLa.zip/{name}" for name in content if "/TRA/" not in name)
+    kept = [*content, f"{ROOT}/01_ST/SEG/man_seg000.tif"]  # the silver truth is a role (`silver`)
+    assert written(tmp_path / "out") == sorted(f"HeLa.zip/{name}" for name in kept if "/TRA/" not in name)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 1  # listed once, folder by folder
-    assert f"{ROOT}/01_RES/ (1 files)" in skipped[0] and f"{ROOT}/extra/notes/ (1 files)" in skipped[0]
+    for folder in ("01_RES", "extra/notes", "01_ST/WEIGHT_MAPS"):
+        assert f"{ROOT}/{folder}/ (1 files)" in skipped[0]
     assert "ERR_SEG" not in skipped[0]  # a known folder of the layout's ignore list, not an unknown one
 
 

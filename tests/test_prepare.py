@@ -104,12 +104,18 @@ def test_split_is_seeded_and_recorded(project: FixtureProject) -> None:
 
 
 def test_prepare_cells_keeps_frames_with_ground_truth(project: FixtureProject) -> None:
-    install_raw(project, "hela", {"DIC-C2DH-HeLa.zip": ctc_members("DIC-C2DH-HeLa")})
-    out = prepare_dataset("hela")
-    table = pd.read_csv(out / "manifest.csv")
+    install_raw(project, "u373", {"PhC-C2DH-U373.zip": ctc_members("PhC-C2DH-U373")})
+    table = pd.read_csv(prepare_dataset("u373") / "manifest.csv")  # the u373 card: GT frames only
     assert sorted(table["case"]) == ["01_000", "01_002", "01_004", "02_001", "02_003"]
-    assert table.loc[table.case.str.startswith("02"), "split"].eq("test").all()
-    assert table.loc[table.case.str.startswith("01"), "split"].value_counts().to_dict() == {"train": 2, "val": 1}
+    install_raw(project, "hela", {"DIC-C2DH-HeLa.zip": ctc_members("DIC-C2DH-HeLa")})
+    out = prepare_dataset("hela")  # the hela card: silver_truth, sequence 01's other frames train on 01_ST
+    table = pd.read_csv(out / "manifest.csv")
+    assert sorted(table["case"]) == ["01_000", "01_001", "01_002", "01_003", "01_004", "01_005", "02_001", "02_003"]
+    assert table.loc[table.case.str.startswith("02"), "split"].eq("test").all()  # GT only: no 02 silver frame
+    split = dict(zip(table["case"], table["split"]))
+    assert [split[c] for c in ("01_001", "01_003", "01_005")] == ["train"] * 3  # silver never validates
+    assert sorted(split[c] for c in ("01_000", "01_002", "01_004")) == ["train", "train", "val"]
+    assert json.loads((out / "stats.json").read_text())["silver_cases"] == ["01_001", "01_003", "01_005"]
     row = table.iloc[0]
     inst, label = read_volume(out / row.instances), read_volume(out / row.label)
     assert inst.dtype == np.uint16 and inst.shape == (1, 64, 64)
@@ -253,3 +259,16 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
         os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_silver_truth_is_a_yes_or_no_of_archive_sources(tmp_path: Path) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.data.cards import parse_card
+
+    base = {"classes": {"background": 0, "cell": 1}, "channels": ["dic"]}
+    assert parse_card({**base, "source": {"archives": "hela", "silver_truth": True}}, "hela", tmp_path).silver_truth
+    assert not parse_card({**base, "source": {"archives": "hela"}}, "hela", tmp_path).silver_truth
+    with pytest.raises(ConfigError, match="source.silver_truth"):
+        parse_card({**base, "source": {"archives": "hela", "silver_truth": "yes"}}, "hela", tmp_path)
+    with pytest.raises(ConfigError, match="silver_truth"):
+        parse_card({**base, "source": {"images": "a", "labels": "b", "silver_truth": True}}, "x", tmp_path)

@@ -12,7 +12,10 @@ position), the image channels and optional facts:
     test_fraction: 0.2
 
 The source is one of (paths relative to the repository root; the user's files are read in place):
-  archives: NAME          the dataset's entry in `data_manifests/sources.yaml` (archives, sha256, layout)
+  archives: NAME          the dataset's entry in `data_manifests/sources.yaml` (archives, sha256, layout);
+  silver_truth: true      with it, training frames without reference (GT) instances train on the
+                          archive's `silver` role (the CTC silver truth, 0x_ST/SEG) where it has one;
+                          validation and test frames are GT only
   images, labels          folders of 2-D images and labels paired by file stem; optional masks,
                           instances (integer instance ids, 0 = background) and test_images +
                           test_labels (+ test_masks, test_instances)
@@ -38,7 +41,7 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
-from pipeline.config import ConfigError, check_keys, check_list, check_number, check_str, config_dir
+from pipeline.config import ConfigError, check_bool, check_keys, check_list, check_number, check_str, config_dir
 from pipeline.errors import SegpipeError
 
 CARDS_FOLDER = "datasets"
@@ -132,6 +135,7 @@ class DatasetCard:
     spacing: tuple[float, ...] | None = None
     plan: dict[str, str] = field(default_factory=dict)  # {"channels": "auto", "clahe": "auto"}, either key
     facts: dict[str, Any] = field(default_factory=dict)  # as stats.json records them
+    silver_truth: bool = False  # archives with a `silver` role (CTC 0x_ST/SEG): train on it where no GT is
 
     @property
     def class_names(self) -> list[str]:
@@ -192,11 +196,13 @@ def parse_card(raw: Any, name: str, path: Path) -> DatasetCard:
     if modality is not None:
         check_str(modality, "modality", where)
     plan = _plan_request(card.get("plan"), where)
+    silver = card["source"].get("silver_truth", False) if archives is not None else False
+    check_bool(silver, "source.silver_truth", where)
     facts = {"classes": list(classes), "label_values": list(classes.values()), "ignore_value": ignore,
              "channels": list(channels), "modality": modality, "spacing": spacing_t and list(spacing_t),
-             "plan": dict(plan)}
+             "plan": dict(plan), "silver_truth": silver}
     return DatasetCard(name, path, classes, channels, archives, folders, imported, ignore, test_fraction, modality,
-                       spacing_t, plan, facts)
+                       spacing_t, plan, facts, silver)
 
 
 def _plan_request(raw: Any, where: str) -> dict[str, str]:
@@ -212,7 +218,7 @@ def _plan_request(raw: Any, where: str) -> dict[str, str]:
 
 def _source(raw: Any, where: str) -> tuple[str | None, FolderSource | None, ImportedSource | None]:
     """The card's `source`: archives, folders, or an imported format (one kind, its keys checked)."""
-    if isinstance(raw, dict) and set(raw) == {"archives"}:
+    if isinstance(raw, dict) and "archives" in raw and set(raw) <= {"archives", "silver_truth"}:
         return check_str(raw["archives"], "source.archives", where), None, None
     if isinstance(raw, dict) and "nnunet" in raw:
         section = check_keys(raw, ("nnunet",), f"{where}: source (an nnU-Net raw folder)")

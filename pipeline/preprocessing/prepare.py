@@ -107,11 +107,15 @@ def weight_map_cells(label: np.ndarray, instances: np.ndarray | None) -> np.ndar
 
 
 def assign_splits(cases: pd.DataFrame, train_parts: tuple[str, ...], test_parts: tuple[str, ...], seed: int,
-                  val_fraction: float, val_parts: tuple[str, ...] = ()) -> pd.Series:
+                  val_fraction: float, val_parts: tuple[str, ...] = (),
+                  always_train: pd.Series | None = None) -> pd.Series:
     """Test parts -> test, val parts -> val; the training parts shuffled with `seed`, `val_fraction`
-    -> val (none when the source has val cases of its own)."""
+    -> val (none when the source has val cases of its own); `always_train` cases (silver truth) -> train,
+    never val, and not counted for the fraction."""
     split = pd.Series("test", index=cases.index)
-    train_idx = cases.index[cases["part"].isin(train_parts)].to_numpy()
+    fixed = always_train if always_train is not None else pd.Series(False, index=cases.index)
+    split[fixed & cases["part"].isin(train_parts)] = "train"
+    train_idx = cases.index[cases["part"].isin(train_parts) & ~fixed].to_numpy()
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(np.sort(train_idx))
     own_val = cases["part"].isin(val_parts)
@@ -156,10 +160,18 @@ def fold_record(cases: pd.DataFrame, folds: int) -> dict[str, Any]:
     return {"n": folds, "cases": {str(k): sorted(cases.loc[cases["fold"] == str(k), "case"]) for k in range(folds)}}
 
 
-def _cases(files: list[FoundFile], layout: Layout) -> pd.DataFrame:
-    """One row per case that has every required role (e.g. CTC frames with SEG ground truth)."""
+def _cases(files: list[FoundFile], layout: Layout, silver: bool = False) -> pd.DataFrame:
+    """One row per case that has every required role (e.g. CTC frames with SEG ground truth). With
+    `silver`, a training part's frame without `instances` takes its `silver` file (CTC silver truth) as
+    its instances; column `truth` says which ("gold" or "silver")."""
     table = pd.DataFrame([{"part": f.split, "id": f.case, "role": f.role, "file": f.location} for f in files])
     wide = table.pivot_table(index=["part", "id"], columns="role", values="file", aggfunc="first").reset_index()
+    wide["truth"] = "gold"
+    if silver and "silver" in wide.columns:
+        fill = wide["part"].isin(layout.train_parts) & wide["silver"].notna()
+        fill &= wide["instances"].isna() if "instances" in wide.columns else True
+        wide.loc[fill, "instances"] = wide.loc[fill, "silver"]
+        wide.loc[fill, "truth"] = "silver"
     for role in layout.require_roles:
         if role not in wide.columns:
             raise SegpipeError(f"no {role} files found; expected {layout.require_roles} for every case")
@@ -236,13 +248,15 @@ def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard
         got = read(work)
         cases = got.table
         seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
-        cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction, got.val_parts)
+        silver = cases["truth"].eq("silver") if "truth" in cases else pd.Series(False, index=cases.index)
+        cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction, got.val_parts,
+                                       always_train=silver)
         folds = int(prep_cfg["folds"])
         cases["fold"] = assign_folds(cases["case"], cases["split"], seed, folds)
         out = work / "out"
         stats = _write(cases, got.loaded, out, prep_cfg["weight_map"], card)
         stats.update(dataset=card.name, seed=seed, val_fraction=val_fraction, folds=fold_record(cases, folds),
-                     **card.facts, **got.facts)
+                     silver_cases=sorted(cases.loc[silver, "case"]), **card.facts, **got.facts)
         if got.files is not None:
             write_text(out / FILES_NAME, pd.DataFrame(got.files).to_csv(index=False))
         write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
@@ -261,7 +275,7 @@ def _archive_cases(work: Path, archives: list[Path], source: DatasetSource, card
     root = unpack(archives, work / "unpacked", source.layout, card.name, UnpackLimits.from_config(limits))
     files = find_files(root, source.layout, card.name)
     validate(files, source, max_values)
-    cases = _cases(files, source.layout)
+    cases = _cases(files, source.layout, card.silver_truth)
     return _Cases(cases, _read_archive_cases(cases, card, max_values), source.layout.train_parts,
                   source.layout.test_parts, {"archives": [r["sha256"] for r in records]})
 
