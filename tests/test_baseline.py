@@ -244,7 +244,7 @@ def test_pooled_f1_differs_from_mean_per_image_dice(prepared: PreparedDataset) -
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (lambda image: np.zeros((3, *image.shape[1:]), np.float32), "expected probabilities"),
+        (lambda image: np.zeros((1, 3, *image.shape[1:]), np.float32), "expected probabilities"),
         (lambda image: np.zeros((10, 10), np.float32), "expected probabilities"),
         (lambda image: np.full(image.shape[1:], 1.5, np.float32), r"in \[0, 1\]"),
         (lambda image: np.full(image.shape[1:], np.nan, np.float32), r"in \[0, 1\]"),
@@ -259,7 +259,9 @@ def test_softmax_and_channel_outputs_are_read_as_foreground(prepared: PreparedDa
     labels = _labels(prepared, "test")
     two = {case: np.stack([1.0 - label, label]).astype(np.float32) for case, label in labels.items()}
     one = {case: label[None].astype(np.float32) for case, label in labels.items()}
-    for maps in (two, one):
+    border = {case: np.stack([1.0 - label, 0.7 * label, 0.3 * label]).astype(np.float32)  # 1 - P(background)
+              for case, label in labels.items()}
+    for maps in (two, one, border):
         out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False, augment=_augment())
         assert out["at_0.5"]["f1"] == 1.0 and out["auc"] == 1.0
 

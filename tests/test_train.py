@@ -351,3 +351,22 @@ def test_a_cell_training_chooses_and_records_its_instance_settings(project: Fixt
     run = client.search_runs([client.get_experiment_by_name("hela").experiment_id],
                              filter_string="tags.stage = 'train'", max_results=1)[0]
     assert run.data.params["instances.method"] == settings.method and run.data.metrics["val_seg"] == record["val_seg"]
+
+
+def test_the_border_target_trains_three_classes_and_is_scored_as_cells(project: FixtureProject) -> None:
+    """target: border on the CTC fixture: background / interior / border from the instances, a 3-channel
+    network whose instance settings may use the border method, evaluated as 1 - P(background) with
+    instance maps from its three channels; DRIVE (no instances) refuses the target."""
+    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.postprocessing.instances import BORDER_CLASSES
+    from pipeline.postprocessing.planning import candidates
+
+    prepare_fixture_datasets(project, ("hela", "drive"))
+    train("hela", "unet", profile="smoke", overrides={"target": "border"})
+    best = read_checkpoint(project.root / "models" / "hela" / "unet" / "best.pt")
+    assert best["out_channels"] == 3 and best["class_names"] == list(BORDER_CLASSES) and best["target"] == "border"
+    assert best["instances"]["candidates"] == len(candidates(100.0, 3))  # the border method among them
+    metrics = evaluate("hela", "unet")
+    assert 0 <= metrics["seg"] <= 1 and 0 <= metrics["dice"] <= 1 and "ap50" in metrics
+    with pytest.raises(SegpipeError, match="target 'border' needs reference instances"):
+        train("drive", "unet", profile="smoke", overrides={"target": "border"})

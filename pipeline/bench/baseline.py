@@ -236,13 +236,16 @@ def predict_baseline(model: torch.nn.Module, image: np.ndarray, *, sw_batch_size
 
 
 def _foreground(probs: np.ndarray, shape: tuple[int, int], case: str) -> np.ndarray:
-    """(H, W) foreground probabilities from a predictor's (H, W), (1, H, W) or softmax (2, H, W)."""
+    """(H, W) foreground probabilities from a predictor's (H, W), (1, H, W) or softmax (K, H, W)
+    (1 - P(background): the border target's K = 3 too)."""
     p = np.asarray(probs)
-    if p.ndim == 3 and p.shape[0] in (1, 2):
-        p = p[-1]
+    if p.ndim == 3 and p.shape[0] == 1:
+        p = p[0]
+    elif p.ndim == 3 and p.shape[0] > 1:
+        p = np.clip(1.0 - p[0], 0.0, 1.0)
     if p.shape != shape:
         raise SegpipeError(
-            f"evaluate: case {case!r}: expected probabilities (H, W), (1, H, W) or (2, H, W) with "
+            f"evaluate: case {case!r}: expected probabilities (H, W), (1, H, W) or softmax (K, H, W) with "
             f"(H, W) = {shape}, got {np.asarray(probs).shape}"
         )
     if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
@@ -264,17 +267,19 @@ def _predict_split(
     for case in cases:
         arrays = dataset.load(case)
         label = arrays["label"][0].astype(bool)
-        probs = _foreground(predict_fn(preprocess(dataset.name, arrays["image"], augment)), label.shape, case)
+        raw = np.asarray(predict_fn(preprocess(dataset.name, arrays["image"], augment)))
+        probs = _foreground(raw, label.shape, case)
         fov = arrays.get("fov")
         out.append({"case": case, "probs": probs, "label": label, "mask": None if fov is None else fov[0] > 0,
-                    "instances": arrays["instances"][0].astype(np.int64) if "instances" in arrays else None})
+                    "instances": arrays["instances"][0].astype(np.int64) if "instances" in arrays else None,
+                    "channels": raw if raw.ndim == 3 else probs[None]})
     return out
 
 
 def _seg(results: list[dict[str, Any]], objects: InstanceSettings | None) -> float:
     """Pooled SEG of the cases with reference instances: `objects`' instance maps, or (None) the
     connected components at 0.5."""
-    return pooled_seg((label_instances(r["probs"] >= 0.5) if objects is None else instances_of(r["probs"][None], objects),
+    return pooled_seg((label_instances(r["probs"] >= 0.5) if objects is None else instances_of(r["channels"], objects),
                        r["instances"]) for r in results if r["instances"] is not None)
 
 
@@ -339,7 +344,7 @@ def evaluate_probabilities(
     if any(r["instances"] is not None for r in results):  # cells: SEG of the components, and of `objects`
         out["seg_components"] = _seg(results, None)
         if objects is None and any(r["instances"] is not None for r in val_results):
-            objects = plan_instances([(r["probs"][None], r["instances"]) for r in val_results
+            objects = plan_instances([(r["channels"], r["instances"]) for r in val_results
                                       if r["instances"] is not None], median_area).settings
         if objects is not None:
             out["seg"], out["instances"] = _seg(results, objects), objects.describe()

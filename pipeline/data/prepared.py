@@ -21,6 +21,7 @@ import pandas as pd
 
 from pipeline.data.io import read_volume
 from pipeline.errors import SegpipeError
+from pipeline.postprocessing.instances import BORDER_CLASSES, border_target
 
 BINARY_CLASSES = ("background", "foreground")
 ROLES = ("image", "label", "weight", "fov", "instances", "label2")
@@ -35,6 +36,7 @@ class PreparedDataset:
     root: Path
     manifest: pd.DataFrame
     stats: dict[str, Any]
+    target: str = "labels"  # "border": labels are `border_target` of the instances (`with_target`)
 
     @property
     def manifest_path(self) -> Path:
@@ -72,6 +74,21 @@ class PreparedDataset:
         manifest.loc[pool, "split"] = np.where(held[pool], "val", "train")
         return replace(self, manifest=manifest)
 
+    def with_target(self, target: str) -> PreparedDataset:
+        """A copy whose labels are the dataset's classes ("labels": self) or the border-aware three
+        classes of its reference instances ("border", `pipeline.postprocessing.instances.border_target`;
+        class names BORDER_CLASSES). SegpipeError when the dataset has no instances."""
+        if target == "labels":
+            return self
+        if target != "border":
+            raise SegpipeError(f"target must be 'labels' or 'border', got {target!r}")
+        missing = [c for c in self.cases("train") + self.cases("val") if not _has(self.manifest, c, "instances")]
+        if missing:
+            raise SegpipeError(f"{self.manifest_path}: target 'border' needs reference instances (the cell sets, a "
+                               f"folder with instances); cases {missing[:5]} have none")
+        stats = {k: v for k, v in self.stats.items() if k != "class_weights"}  # eq. 2's w_c are of the 2 classes
+        return replace(self, target=target, stats=stats)
+
     def load(self, case: str) -> dict[str, np.ndarray]:
         """Every stored role of `case` as channel-first arrays."""
         match = self.manifest[self.manifest["case"] == case]
@@ -86,6 +103,8 @@ class PreparedDataset:
         for role in ("image", "label", "weight"):
             if role not in out:
                 raise SegpipeError(f"{self.manifest_path}: case {case!r} has no {role}")
+        if self.target == "border" and "instances" in out:
+            out["label"] = border_target(out["instances"][0])[None]
         if out["image"].ndim != 3 or out["label"].shape[1:] != out["image"].shape[1:]:
             raise SegpipeError(
                 f"{self.root}: case {case!r}: expected image (C, H, W) and label (1, H, W) of one size, "
@@ -100,7 +119,7 @@ class PreparedDataset:
     @property
     def class_names(self) -> list[str]:
         """The card's class names, in class-index order (stats.json; binary before cards)."""
-        return list(self.stats.get("classes", BINARY_CLASSES))
+        return list(BORDER_CLASSES if self.target == "border" else self.stats.get("classes", BINARY_CLASSES))
 
     @property
     def in_channels(self) -> int:
@@ -132,3 +151,9 @@ def open_prepared(dataset: str, root: Path) -> PreparedDataset:
     if not dataset_obj.cases("train"):
         raise SegpipeError(f"{manifest_path}: no training cases")
     return dataset_obj
+
+
+def _has(manifest: pd.DataFrame, case: str, role: str) -> bool:
+    """Whether `case`'s manifest row names a file for `role`."""
+    value = manifest.loc[manifest["case"] == case, role].iloc[0] if role in manifest else None
+    return isinstance(value, str) and bool(value)

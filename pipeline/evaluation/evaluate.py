@@ -170,12 +170,16 @@ class _Predictor:
     def inputs(self, case: Case) -> np.ndarray:
         return preprocess(self.dataset, case.image, self.augment)
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        """The reduced probabilities (H, W) of a preprocessed image; adds to `seconds`."""
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """The probabilities (K, H, W) of a preprocessed image; adds to `seconds`."""
         t0 = time.perf_counter()
-        out = self.reduce(predict(self.net, x, settings=self.settings))
+        out = predict(self.net, x, settings=self.settings)
         self.seconds += time.perf_counter() - t0
         return out
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """The reduced probabilities (H, W) of a preprocessed image; adds to `seconds`."""
+        return self.reduce(self.probabilities(x))
 
 
 def pick_threshold(predictor: _Predictor, data: PreparedDataset, desc: str) -> tuple[float, float]:
@@ -315,8 +319,9 @@ def _score_test_split(data: PreparedDataset, predictor: _Predictor, scoring: Sco
         case = Case.load(data, name)
         x = predictor.inputs(case)
         before = predictor.seconds
-        out = predictor.scores(x)
-        scoring.add(case, out, predictor.seconds - before)
+        probs = predictor.probabilities(x)
+        out = predictor.reduce(probs)
+        scoring.add(case, out, predictor.seconds - before, probs)
         for runner in runners:
             t0 = time.perf_counter()
             per_head = runner.run(x)

@@ -20,7 +20,7 @@ from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.evaluation.overlays import class_overlay, overlay
 from pipeline.metrics import MEAN_FG, ClassTally, Tally, class_scores, confusion, foreground, per_class
-from pipeline.postprocessing.instances import InstanceSettings
+from pipeline.postprocessing.instances import BORDER_CLASSES, InstanceSettings
 from pipeline.postprocessing.stitching import instances_of
 
 CURVE_COLUMNS = (("fpr", "tpr"), ("recall", "precision"))
@@ -59,6 +59,13 @@ def check_classes(path: Path, ckpt: Mapping[str, Any], out_channels: int, data: 
     """The dataset's class names, once the checkpoint `path` fits them: the classes it records (if any)
     are the dataset's, and it has 1 output channel (or 2, softmax) for 2 classes, K for K > 2."""
     names = data.class_names
+    if ckpt.get("target") == "border":  # background / interior / border: scored as 1 - P(background)
+        if list(ckpt.get("class_names") or []) != list(BORDER_CLASSES) or out_channels != len(BORDER_CLASSES):
+            raise SegpipeError(f"{path}: a border-target checkpoint must record the classes {list(BORDER_CLASSES)} "
+                               f"and have {len(BORDER_CLASSES)} output channels")
+        if len(names) != 2:
+            raise SegpipeError(f"{path}: a border-target checkpoint is scored on two classes; {data.name} has {names}")
+        return names
     recorded = ckpt.get("class_names")
     if recorded is not None and list(recorded) != names:
         raise SegpipeError(f"{path}: trained on the classes {list(recorded)}, but {data.root / 'stats.json'} has "
@@ -75,15 +82,16 @@ class BinaryScoring:
 
     def __init__(self, thresholds: Mapping[str, float], objects: InstanceSettings | None = None) -> None:
         self.thresholds = dict(thresholds)
-        self.tally = Tally(thresholds, None if objects is None else lambda scores: instances_of(scores[None], objects))
+        self.tally = Tally(thresholds, None if objects is None else lambda probs: instances_of(probs, objects))
 
     @staticmethod
     def reduce(probs: np.ndarray) -> np.ndarray:
         """Probabilities (K, H, W) -> the foreground probability (H, W)."""
         return foreground(probs)
 
-    def add(self, case: Case, out: np.ndarray, seconds: float) -> None:
-        self.tally.add(case.name, out, case.foreground, case.mask, case.instances, case.label2, seconds)
+    def add(self, case: Case, out: np.ndarray, seconds: float, probs: np.ndarray | None = None) -> None:
+        """One test image: its foreground probability `out` and (for the instance maps) its `probs` (K, H, W)."""
+        self.tally.add(case.name, out, case.foreground, case.mask, case.instances, case.label2, seconds, probs)
 
     def head_score(self, case: Case, out: np.ndarray) -> tuple[float, float]:
         """(Dice, IoU) of a head's foreground probability at the main threshold."""
@@ -114,7 +122,7 @@ class ClassScoring:
         """Probabilities (K, H, W) -> the label map (H, W) of class indices."""
         return probs.argmax(0)
 
-    def add(self, case: Case, out: np.ndarray, seconds: float) -> None:
+    def add(self, case: Case, out: np.ndarray, seconds: float, probs: np.ndarray | None = None) -> None:
         self.tally.add(case.name, out, case.label, case.mask, seconds)
 
     def head_score(self, case: Case, out: np.ndarray) -> tuple[float, float]:

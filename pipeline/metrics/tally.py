@@ -46,7 +46,7 @@ class Tally:
     def __init__(self, thresholds: Mapping[str, float],
                  objects: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.thresholds = dict(thresholds)  # suffix -> threshold: "" and, if picked, "_best"
-        self.objects = objects  # scores -> the instance map `segpipe infer` writes; None: components at the threshold
+        self.objects = objects  # probabilities -> the instance map `segpipe infer` writes; None: components
         self.matches: list[tuple[int, int, int]] = []  # (TP, predicted, reference) objects at IoU 0.5 per image
         self.rows: list[dict[str, Any]] = []
         self.scores: list[np.ndarray] = []  # valid pixels of each image, 1-D
@@ -64,8 +64,10 @@ class Tally:
         instances: np.ndarray | None = None,
         label2: np.ndarray | None = None,
         seconds: float = math.nan,
+        probs: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """One test image: scores (H, W) in [0, 1], label/mask/label2 (H, W) bool, instances (H, W) ids."""
+        """One test image: scores (H, W) in [0, 1], label/mask/label2 (H, W) bool, instances (H, W) ids;
+        `probs` (K, H, W) for the instance-map function (default: the scores as one channel)."""
         valid = np.ones(label.shape, bool) if mask is None else mask
         s, g = scores[valid], label[valid]
         self.scores.append(s)
@@ -80,7 +82,7 @@ class Tally:
                 _, jaccard = seg_jaccards(components, instances)
                 if suffix == "" and self.objects is not None:
                     row["seg_components"] = _mean(jaccard)
-                    components = self.objects(scores)
+                    components = self.objects(scores[None] if probs is None else probs)
                     _, jaccard = seg_jaccards(components, instances)
                 self.jaccards[suffix].append(jaccard)
                 row[f"seg{suffix}"] = _mean(jaccard)

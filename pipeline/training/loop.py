@@ -250,7 +250,7 @@ def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], me
             save_checkpoint(t.model, out_dir / "best.pt", dataset=s["dataset"], network_key=s["network_key"],
                             profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"],
                             precision=s["precision"], class_names=t.class_names, fold=s["fold"],
-                            thresholds=thresholds)
+                            thresholds=thresholds, target=s["target"])
             write_text(out_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
     row["elapsed_seconds"] = time.perf_counter() - clock
     progress.log_rows.append(row)

@@ -25,8 +25,10 @@ from pipeline.transforms.presets import preset_section
 PROFILE_KEYS = {
     "network_preset", "substitute", "seed", "epochs", "steps_per_epoch", "batch_size", "patch_size",
     "optimizer", "schedule", "grad_clip", "precision", "channels_last", "compile", "workers", "val_every", "max_minutes",
-    "weight_map", "loss", "plan", "overrides",
+    "weight_map", "target", "loss", "plan", "overrides",
 }
+TARGETS = ("labels", "border")
+"""`target`: the dataset's classes, or the border-aware three classes of its instances (cells)."""
 PLAN_KEYS = ("memory_budget_mb", "max_patch_size", "max_batch_size")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "poly", "step", "constant")
@@ -81,6 +83,7 @@ def _validate(cfg: Mapping[str, Any], where: str) -> None:
     check_int(sched["step_epochs"], "schedule.step_epochs", where, minimum=1)
     check_number(sched["gamma"], "schedule.gamma", where, low=0, low_open=True)
     check_choice(cfg["precision"], "precision", PRECISIONS, where)
+    check_choice(cfg["target"], "target", TARGETS, where)
     for key in ("channels_last", "compile", "weight_map"):
         check_bool(cfg[key], key, where)
     for key in ("grad_clip", "max_minutes"):

@@ -51,6 +51,7 @@ def train(
     inference = settings_from_config(load_config("inference"), str(config_path("inference")))
     out_dir = Path(models_dir or settings["models_dir"]) / dataset / network
     prepared = (prepared or open_prepared(dataset, prepared_root(load_data_config(), dataset))).with_fold(settings["fold"])
+    prepared = prepared.with_target(settings["target"])  # border: background / interior / border of the instances
     fingerprint = read_fingerprint(prepared.root, dataset)
     plan = plan_training(fingerprint, settings)
     tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
