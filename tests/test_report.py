@@ -35,7 +35,7 @@ def write_log(models: Path, dataset: str, network: str, seconds: list[float]) ->
 def results(tmp_path: Path) -> Path:
     out = tmp_path / "results"
     write_metrics(out, "u373", "unet", network_used="unet", dice=0.91, iou=0.84, pooled_f1=0.92, seg=0.77,
-                  maxf=0.93, mae=0.02, pooled_auc=0.99, pooled_accuracy=0.97)
+                  ap50=0.81, maxf=0.93, mae=0.02, pooled_auc=0.99, pooled_accuracy=0.97)
     write_metrics(out, "drive", "u2net", network_used="u2netp", dice=0.78, iou=0.64, pooled_f1=0.79,
                   pooled_f1_best=0.80, pooled_auc=0.975, pooled_accuracy=0.955, maxf=0.81, mae=0.05,
                   observer2_pooled_f1=0.7889, observer2_pooled_accuracy=0.9637)
@@ -58,11 +58,12 @@ def test_report_table_and_summary(results: Path) -> None:
     lines = path.read_text().splitlines()
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == ("| dataset | network | checkpoint | Dice | IoU | F1 pooled | F1 pooled @ val t | AUC-ROC | "
-                        "accuracy | SEG | maxFβ | MAE | train min | epochs |")
-    assert table[2] == "| drive | unet | unet | 0.8123 | 0.6800 | 0.8251 | 0.8262 | 0.9812 | 0.9561 | – | 0.8300 | 0.0400 | 3.1 | 3 |"
+                        "accuracy | SEG | AP@0.5 | maxFβ | MAE | train min | epochs |")
+    assert table[2] == ("| drive | unet | unet | 0.8123 | 0.6800 | 0.8251 | 0.8262 | 0.9812 | 0.9561 | – | – | 0.8300 | "
+                        "0.0400 | 3.1 | 3 |")
     assert table[3].startswith("| drive | u2net | u2netp | 0.7800 |") and table[3].endswith("| – | – |")
-    assert table[4] == "| drive | 2nd observer | – | – | – | 0.7889 | – | – | 0.9637 | – | – | – | – | – |"
-    assert table[5].startswith("| u373 | unet | unet | 0.9100 | 0.8400 | 0.9200 | – | 0.9900 | 0.9700 | 0.7700 |")
+    assert table[4] == "| drive | 2nd observer | – | – | – | 0.7889 | – | – | 0.9637 | – | – | – | – | – | – |"
+    assert table[5].startswith("| u373 | unet | unet | 0.9100 | 0.8400 | 0.9200 | – | 0.9900 | 0.9700 | 0.7700 | 0.8100 |")
     assert len(table) == 6
     assert not [p for p in results.iterdir() if p.name.startswith(".")]
 

@@ -41,6 +41,7 @@ REPORT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("pooled_auc", "AUC-ROC"),
     ("pooled_accuracy", "accuracy"),
     ("seg", "SEG"),
+    ("ap50", "AP@0.5"),
     ("maxf", "maxFβ"),
     ("mae", "MAE"),
     ("train_minutes", "train min"),
@@ -177,7 +178,8 @@ def markdown(table: pd.DataFrame, missing: Sequence[tuple[str, str]] = ()) -> st
         "(configs/evaluate.yaml, inside the FOV for DRIVE; more than two classes: the mean over the "
         "foreground classes of the argmax label map); F1/AUC/accuracy: pooled over all test pixels "
         "(\"@ val t\": at the best-F1 threshold picked on validation); SEG: Cell Tracking Challenge SEG "
-        "(the U-Net paper's \"IOU\"); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; train min: training wall "
+        "(the U-Net paper's \"IOU\") of the instance maps segpipe infer writes; AP@0.5: their average "
+        "precision at IoU 0.5 (StarDist, Cellpose); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; train min: training wall "
         "time (elapsed_seconds of models/<dataset>/<network>/log.csv). Every value: results/summary.csv.",
         "",
     ]
