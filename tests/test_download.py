@@ -183,3 +183,19 @@ def test_repacked_archive_is_only_reported_after_a_download_from_zero(
         assert f"got {got} from a download from zero" in message and "re-packed" in message
         assert f"--accept-sha256 {got}" in message
     assert not part.exists() and leftovers(raw(project, "hela")) == []
+
+
+def test_a_later_download_keeps_the_archive_imported_with_from(project: FixtureProject, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """`dvc repro` runs `segpipe download hela` after the user's `--from X --accept-sha256 H`: the imported
+    archive stays (no fetch: the mirror's port is closed), unless it changed on disk."""
+    archive = write_zip(tmp_path / "DIC-C2DH-HeLa.zip", ctc_members("DIC-C2DH-HeLa", seed=9))
+    download_dataset("hela", from_paths=[str(archive)], accept_sha256=[sha256(archive)])
+    before = (raw(project, "hela") / "download.json").read_text()
+    with caplog.at_level(logging.INFO, logger="pipeline.data.download"):
+        download_dataset("hela", mirror=closed_port_url())
+    assert (raw(project, "hela") / "download.json").read_text() == before
+    assert any("kept the archive(s) imported earlier" in r.getMessage() for r in caplog.records)
+    (raw(project, "hela") / "DIC-C2DH-HeLa.zip").write_bytes(b"changed on disk")
+    with pytest.raises(SegpipeError):  # no longer the imported file: a fetch, which fails offline
+        download_dataset("hela", mirror=closed_port_url())

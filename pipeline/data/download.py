@@ -213,6 +213,10 @@ def download_dataset(
     records: list[dict[str, Any]] = []
     if imports:
         records = [import_archive(Path(p), raw_dir, source, accepted) for p in imports]
+    elif (kept := earlier_imports(raw_dir)) is not None:
+        records = kept
+        log.info("%s: kept the archive(s) imported earlier with --from (sha256 verified): %s", raw_dir,
+                 ", ".join(r["name"] for r in kept))
     else:
         for archive in source.archives:
             dest = raw_dir / archive.name
@@ -249,6 +253,24 @@ def record_files(card: DatasetCard, raw_dir: Path, dataset: str) -> Path:
     write_text(raw_dir / RECORD_NAME, json.dumps(record, indent=2) + "\n")
     print(f"{dataset}: recorded the sha256 of {len(files)} file(s) of its source in {raw_dir / RECORD_NAME}")
     return raw_dir
+
+
+def earlier_imports(raw_dir: Path) -> list[dict[str, Any]] | None:
+    """The records of archives an earlier `segpipe download --from` imported into `raw_dir` (its
+    download.json), when every one of them is still there with its recorded sha256: `dvc repro` after
+    `segpipe download DATASET --from X [--accept-sha256 H]` keeps them instead of fetching. None when
+    there is no such record, or one came from a URL, is missing or changed."""
+    try:
+        records = read_record(raw_dir)
+    except SegpipeError:
+        return None
+    for record in records:
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("name", "sha256", "source")):
+            return None
+        path = raw_dir / Path(record["name"]).name
+        if record["source"].startswith(("http://", "https://")) or not path.is_file() or sha256_file(path) != record["sha256"]:
+            return None
+    return records or None
 
 
 def read_record(raw_dir: Path) -> list[dict[str, Any]]:
