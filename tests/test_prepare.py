@@ -113,8 +113,9 @@ def test_prepare_cells_keeps_frames_with_ground_truth(project: FixtureProject) -
     assert sorted(table["case"]) == ["01_000", "01_001", "01_002", "01_003", "01_004", "01_005", "02_001", "02_003"]
     assert table.loc[table.case.str.startswith("02"), "split"].eq("test").all()  # GT only: no 02 silver frame
     split = dict(zip(table["case"], table["split"]))
-    assert [split[c] for c in ("01_001", "01_003", "01_005")] == ["train"] * 3  # silver never validates
-    assert sorted(split[c] for c in ("01_000", "01_002", "01_004")) == ["train", "train", "val"]
+    assert sorted(split[c] for c in split if c.startswith("01")) == ["train"] * 5 + ["val"]  # 20 % of 6 frames
+    inst = {c: read_volume(out / p)[0] for c, p in zip(table["case"], table["instances"])}
+    assert inst["01_001"].max() == 3 and inst["01_001"].dtype == np.uint16  # the silver file, read like GT
     assert json.loads((out / "stats.json").read_text())["silver_cases"] == ["01_001", "01_003", "01_005"]
     row = table.iloc[0]
     inst, label = read_volume(out / row.instances), read_volume(out / row.label)

@@ -13,9 +13,9 @@ position), the image channels and optional facts:
 
 The source is one of (paths relative to the repository root; the user's files are read in place):
   archives: NAME          the dataset's entry in `data_manifests/sources.yaml` (archives, sha256, layout);
-  silver_truth: true      with it, training frames without reference (GT) instances train on the
+  silver_truth: true      with it, the training parts' frames without reference (GT) instances get the
                           archive's `silver` role (the CTC silver truth, 0x_ST/SEG) where it has one;
-                          validation and test frames are GT only
+                          test frames are GT only
   images, labels          folders of 2-D images and labels paired by file stem; optional masks,
                           instances (integer instance ids, 0 = background) and test_images +
                           test_labels (+ test_masks, test_instances)
@@ -135,7 +135,7 @@ class DatasetCard:
     spacing: tuple[float, ...] | None = None
     plan: dict[str, str] = field(default_factory=dict)  # {"channels": "auto", "clahe": "auto"}, either key
     facts: dict[str, Any] = field(default_factory=dict)  # as stats.json records them
-    silver_truth: bool = False  # archives with a `silver` role (CTC 0x_ST/SEG): train on it where no GT is
+    silver_truth: bool = False  # archives with a `silver` role (CTC 0x_ST/SEG): use it where no GT is
 
     @property
     def class_names(self) -> list[str]:

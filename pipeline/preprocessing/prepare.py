@@ -107,15 +107,11 @@ def weight_map_cells(label: np.ndarray, instances: np.ndarray | None) -> np.ndar
 
 
 def assign_splits(cases: pd.DataFrame, train_parts: tuple[str, ...], test_parts: tuple[str, ...], seed: int,
-                  val_fraction: float, val_parts: tuple[str, ...] = (),
-                  always_train: pd.Series | None = None) -> pd.Series:
+                  val_fraction: float, val_parts: tuple[str, ...] = ()) -> pd.Series:
     """Test parts -> test, val parts -> val; the training parts shuffled with `seed`, `val_fraction`
-    -> val (none when the source has val cases of its own); `always_train` cases (silver truth) -> train,
-    never val, and not counted for the fraction."""
+    -> val (none when the source has val cases of its own)."""
     split = pd.Series("test", index=cases.index)
-    fixed = always_train if always_train is not None else pd.Series(False, index=cases.index)
-    split[fixed & cases["part"].isin(train_parts)] = "train"
-    train_idx = cases.index[cases["part"].isin(train_parts) & ~fixed].to_numpy()
+    train_idx = cases.index[cases["part"].isin(train_parts)].to_numpy()
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(np.sort(train_idx))
     own_val = cases["part"].isin(val_parts)
@@ -249,8 +245,7 @@ def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard
         cases = got.table
         seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
         silver = cases["truth"].eq("silver") if "truth" in cases else pd.Series(False, index=cases.index)
-        cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction, got.val_parts,
-                                       always_train=silver)
+        cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction, got.val_parts)
         folds = int(prep_cfg["folds"])
         cases["fold"] = assign_folds(cases["case"], cases["split"], seed, folds)
         out = work / "out"
