@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from fixtures import REPO_ROOT, FixtureProject, Mirror
+from fixtures import REPO_ROOT, FixtureProject, Mirror, ctc_members, sha256, write_zip
 
-DATASETS = {"drive": 8, "hela": 5, "u373": 5}
+DATASETS = {"drive": 8, "hela": 8, "u373": 5}  # hela: 4 GT + 4 silver-truth frames (its card's silver_truth)
 NETWORKS = ("unet", "unetpp", "u2net")
 
 
@@ -41,6 +41,11 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
     env.update(SEGPIPE_MIRROR=mirror.url, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
                DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
     assert _dvc(["init", "--no-scm", "-q"], repo, env).returncode == 0
+    # HeLa imported by hand first (an archive the sources do not know): `dvc repro` keeps it, no edit
+    imported = write_zip(tmp_path / "DIC-C2DH-HeLa.zip", ctc_members("DIC-C2DH-HeLa", seed=5))
+    done = subprocess.run([sys.executable, "-m", "pipeline", "download", "hela", "--from", str(imported),
+                           "--accept-sha256", sha256(imported)], cwd=repo, env=env, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
 
     first = _dvc(["repro"], repo, env)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
@@ -53,6 +58,8 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
             assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["iou"] <= 1.0
     assert (repo / "results" / "report.md").is_file()
     assert (repo / "mlflow.db").is_file()  # the default embedded store at the repo root
+    record = json.loads((repo / "data" / "raw" / "hela" / "download.json").read_text())
+    assert [a["source"] for a in record["archives"]] == [str(imported)]
 
     # MLflow: one experiment per dataset, one run per stage execution, Dice and IoU logged.
     from mlflow.tracking import MlflowClient

@@ -15,7 +15,8 @@ CUDA (fp16 with a grad scaler on CUDA), with fp32 master weights and an fp32 los
 
 Classes: a dataset of 2 classes trains a 1-channel network (sigmoid), one of K > 2 classes a K-channel
 network (softmax cross-entropy with the eq. 2 weight map, soft Dice over the foreground classes); both
-checkpoints record the dataset's class names (`class_names`).
+checkpoints record the dataset's class names (`class_names`) and the `target` (labels, or the border
+target's three classes, `PreparedDataset.with_target`).
 
 Cross-validation: `settings["fold"]` (None: the prepare split) is the fold `prepared` was re-split
 on (`PreparedDataset.with_fold`); best.pt and last.pt record it (`fold`), as do config.json and the
@@ -27,6 +28,8 @@ validation also picks the best-F1 and best mean Dice thresholds on its probabili
 (`pipeline.training.validation.validation_thresholds`), stored as `thresholds` in best.pt (those of
 its epoch; also in thresholds.json, JSON null for K > 2, and the run's MLflow metrics) and in last.pt
 (those of its own epoch if it was validated, else None); `segpipe infer --threshold val` reads them.
+Datasets with reference instances: after the last epoch best.pt's instance settings are chosen on
+the validation images (`pipeline.training.instance_output`) and logged (params instances.*, val_seg).
 `last.pt` is written atomically after every epoch with the optimizer state, the torch RNG state and
 the log, so `--resume` continues a killed run to the same result as an uninterrupted one. last.pt also
 holds the MLflow run id: a resumed training continues its own run (one run per training).
