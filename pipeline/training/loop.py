@@ -30,6 +30,8 @@ its epoch; also in thresholds.json, JSON null for K > 2, and the run's MLflow me
 (those of its own epoch if it was validated, else None); `segpipe infer --threshold val` reads them.
 Datasets with reference instances: after the last epoch best.pt's instance settings are chosen on
 the validation images (`pipeline.training.instance_output`) and logged (params instances.*, val_seg).
+Datasets with reference instances: after the last epoch best.pt's instance settings are chosen on
+the validation images (`pipeline.training.instance_output`) and logged (params instances.*, val_seg).
 `last.pt` is written atomically after every epoch with the optimizer state, the torch RNG state and
 the log, so `--resume` continues a killed run to the same result as an uninterrupted one. last.pt also
 holds the MLflow run id: a resumed training continues its own run (one run per training).
