@@ -48,6 +48,7 @@ class Tally:
         self.thresholds = dict(thresholds)  # suffix -> threshold: "" and, if picked, "_best"
         self.objects = objects  # probabilities -> the instance map `segpipe infer` writes; None: components
         self.matches: list[tuple[int, int, int]] = []  # (TP, predicted, reference) objects at IoU 0.5 per image
+        self.component_jaccards: list[np.ndarray] = []  # with `objects`: the components' SEG Jaccards
         self.rows: list[dict[str, Any]] = []
         self.scores: list[np.ndarray] = []  # valid pixels of each image, 1-D
         self.truth: list[np.ndarray] = []
@@ -81,6 +82,7 @@ class Tally:
                 components = label_instances(scores >= t)
                 _, jaccard = seg_jaccards(components, instances)
                 if suffix == "" and self.objects is not None:
+                    self.component_jaccards.append(jaccard)
                     row["seg_components"] = _mean(jaccard)
                     components = self.objects(scores[None] if probs is None else probs)
                     _, jaccard = seg_jaccards(components, instances)
@@ -125,8 +127,8 @@ class Tally:
         if self.matches:
             out["ap50"] = average_precision(*(int(sum(m[i] for m in self.matches)) for i in range(3)))
             out["mean_ap50"], out["rand_error"], out["vi"] = (table[k].mean() for k in ("ap50", "rand_error", "vi"))
-            if "seg_components" in table:
-                out["seg_components"] = table["seg_components"].mean()
+            if self.component_jaccards:  # pooled over all reference objects, as `seg`
+                out["seg_components"] = _mean(np.concatenate(self.component_jaccards))
         s, g = np.concatenate(self.scores), np.concatenate(self.truth)
         out["mean_auc"] = table["auc"].mean()
         out["pooled_auc"] = roc_auc(s, g)
