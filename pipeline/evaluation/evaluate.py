@@ -87,10 +87,11 @@ from pipeline.errors import SegpipeError
 from pipeline.evaluation.heads import HeadRunner, Reduce, head_metrics, head_runners, heads_table
 from pipeline.evaluation.overlays import write_png
 from pipeline.evaluation.scoring import BinaryScoring, Case, ClassScoring, Scoring, check_classes
+from pipeline.evaluation.summary import summary_text
 from pipeline.inference import (
     InferenceNetwork, InferenceSettings, inference_network, load_settings, predict, settings_from_config,
 )
-from pipeline.metrics import MEAN_FG, best_f1_threshold
+from pipeline.metrics import best_f1_threshold
 from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
 from pipeline.postprocessing.instances import InstanceSettings
 from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run, tracking_settings
@@ -360,45 +361,3 @@ def log_run(tracker: Any, summary: Mapping[str, Any], logged: Mapping[str, float
         tracker.log_artifact(str(out_dir / name))
     if any((out_dir / "overlays").iterdir()):
         tracker.log_artifacts(str(out_dir / "overlays"), "overlays")
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def binary_table(summary: Mapping[str, Any]) -> str:
-    """Two classes: the key scores at the threshold(s), and the threshold-free ones."""
-    columns = [("", f"t = {summary['threshold']:g}")]
-    if "threshold_best" in summary:
-        columns.append(("_best", f"val-best t = {summary['threshold_best']:.3f}"))
-    rows = [("Dice (mean)", "dice"), ("IoU (mean)", "iou"), ("F1 (pooled)", "pooled_f1"),
-            ("accuracy (pooled)", "pooled_accuracy"), ("sensitivity (pooled)", "pooled_sensitivity"),
-            ("specificity (pooled)", "pooled_specificity"), ("SEG", "seg"),
-            ("SEG of connected components", "seg_components"), ("AP at IoU 0.5", "ap50"),
-            ("adapted Rand error (mean)", "rand_error"), ("VI (mean, bits)", "vi")]
-    table = {label: [_fmt(summary.get(key + suffix)) for suffix, _ in columns]
-             for label, key in rows if key in summary}
-    free = [("AUC-ROC (pooled)", "pooled_auc"), ("maxF_beta", "maxf"), ("MAE (mean)", "mae"),
-            ("2nd observer F1 (pooled)", "observer2_pooled_f1")]
-    table.update({label: [_fmt(summary[key])] + [""] * (len(columns) - 1) for label, key in free if key in summary})
-    return pd.DataFrame.from_dict(table, orient="index", columns=[c for _, c in columns]).to_string()
-
-
-def class_table(summary: Mapping[str, Any]) -> str:
-    """K > 2 classes: Dice and IoU of every class and their mean over the foreground classes."""
-    keys = [*summary["classes"], MEAN_FG]
-    table = {key: [_fmt(summary.get(f"{prefix}{name}_{key}")) for prefix in ("", "pooled_") for name in ("dice", "iou")]
-             for key in keys}
-    columns = ["Dice (mean)", "IoU (mean)", "Dice (pooled)", "IoU (pooled)"]
-    return pd.DataFrame.from_dict(table, orient="index", columns=columns).to_string()
-
-
-def summary_text(summary: Mapping[str, Any], timings: Mapping[str, float], heads: pd.DataFrame) -> str:
-    """The short table printed at the end of `segpipe evaluate`."""
-    head = (f"{summary['dataset']}/{summary['network']} ({summary['network_used']}, epoch "
-            f"{summary['checkpoint_epoch']}): {summary['test_images']} test images, "
-            f"{timings['seconds']:.1f} s ({timings['inference_seconds']:.1f} s inference)")
-    parts = [head, class_table(summary) if "classes" in summary else binary_table(summary)]
-    if not heads.empty:
-        parts.append(heads.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    return "\n".join(parts)
