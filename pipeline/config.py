@@ -17,13 +17,15 @@ import difflib
 import math
 import os
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar
 
 import yaml
 
 from pipeline.errors import SegpipeError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CARDS_FOLDER = "datasets"  # configs/datasets/NAME.yaml: the dataset cards
+T = TypeVar("T")
 
 
 class ConfigError(SegpipeError, ValueError):
@@ -44,9 +46,23 @@ def config_path(name: str) -> Path:
     return config_dir() / f"{name}.yaml"
 
 
+def cards_dir() -> Path:
+    """`configs/datasets/`: the dataset cards beside the params files."""
+    return config_dir() / CARDS_FOLDER
+
+
+def read_config(name: str, check: Callable[[Mapping[str, Any], str], T]) -> T:
+    """`configs/<name>.yaml` read and turned into typed settings by `check(cfg, where)` (entries only)."""
+    return check(load_config(name), str(config_path(name)))
+
+
 def load_config(name: str) -> dict[str, Any]:
     """Read `configs/<name>.yaml` as a dict; a clear error names the file when it is wrong."""
-    path = config_path(name)
+    return read_yaml(config_path(name))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML mapping in `path`; a clear error names the file when it is missing or wrong."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (expected a YAML mapping)")
     try:

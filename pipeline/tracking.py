@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from pipeline.config import ConfigError, check_bool, check_keys, check_number, config_dir
+from pipeline.config import ConfigError, check_bool, check_keys, check_number
 from pipeline.torchrun import rank_env
 from pipeline.tracking_store import MARKED_KILLED_TAG, init_store, mark_stale_runs, process_tags
 
@@ -82,7 +82,8 @@ class DataInput:
 
 
 def tracking_settings(cfg: Mapping[str, Any], where: str) -> TrackingSettings:
-    """configs/tracking.yaml (`cfg`) checked; the run group is resolved here (`run_group`)."""
+    """configs/tracking.yaml (`cfg`, read from the file `where`) checked; the run group is resolved here
+    (`run_group` of the params files beside `where`)."""
     cfg = check_keys(cfg, TRACKING_KEYS, where)
     system = check_keys(cfg["system_metrics"], SYSTEM_METRICS_KEYS, f"{where}: system_metrics")
     enabled = check_bool(system["enabled"], "system_metrics.enabled", where)
@@ -93,7 +94,7 @@ def tracking_settings(cfg: Mapping[str, Any], where: str) -> TrackingSettings:
     register = check_bool(cfg["register_model"], "register_model", where)
     if register and not log_model:
         raise ConfigError(f"{where}: register_model: true needs log_model: true (only a logged model is registered)")
-    return TrackingSettings(enabled, float(interval), run_group(config_dir()) if groups else None, log_model, register)
+    return TrackingSettings(enabled, float(interval), run_group(Path(where).parent) if groups else None, log_model, register)
 
 
 def tracking_uri() -> str:

@@ -269,12 +269,12 @@ def build_fixture_project(root: Path) -> FixtureProject:
 
 def prepare_fixture_datasets(project: FixtureProject, datasets: tuple[str, ...] = ("drive",)) -> None:
     """Import the project's archives (`--from`) and prepare them, in the project's working dir."""
-    from pipeline.data.download import download_dataset
-    from pipeline.preprocessing.prepare import prepare_dataset
+    from pipeline.stages.download import download
+    from pipeline.stages.prepare import prepare
 
     for dataset in datasets:
-        download_dataset(dataset, from_paths=[str(p) for p in project.archives[dataset]])
-        prepare_dataset(dataset)
+        download(dataset, from_paths=[str(p) for p in project.archives[dataset]])
+        prepare(dataset)
 
 
 class FlipAveraged(torch.nn.Module):

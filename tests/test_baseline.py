@@ -13,7 +13,7 @@ import torch
 from monai.data import CacheDataset, DataLoader
 
 from pipeline.data.io import write_volume
-from pipeline.bench.baseline import (
+from benchmarks.baseline import (
     baseline_transforms,
     evaluate_probabilities,
     predict_baseline,

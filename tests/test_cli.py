@@ -34,7 +34,7 @@ def test_no_torchvision_in_the_installed_tree() -> None:
 
 def test_a_training_stopped_by_its_time_limit_exits_3(monkeypatch, capsys, tmp_path) -> None:
     """`max_minutes` is a safety net, not a budget: when it fires the stage fails loudly."""
-    import pipeline.training.stage as stage
+    import pipeline.stages.train as stage
     from pipeline.cli import main
     from pipeline.training.loop import TrainResult
 

@@ -18,12 +18,14 @@ import yaml
 
 from fixtures import FixtureProject
 from pipeline.cli import main
-from pipeline.data.cards import DatalistSource, NnunetSource, cards_dir, load_card
-from pipeline.data.download import download_dataset
+from pipeline.config import cards_dir
+from pipeline.data.cards import DatalistSource, NnunetSource, load_card
+from pipeline.stages.download import download
 from pipeline.data.io import read_volume
-from pipeline.data.registry import import_dataset
+from pipeline.commands.dataset import config_files
+from pipeline.data.registry import import_dataset as import_into
 from pipeline.errors import SegpipeError
-from pipeline.preprocessing.prepare import prepare_dataset
+from pipeline.stages.prepare import prepare
 from test_datasets import SHAPE, disk_label, image_of
 
 BACKGROUND, INTERIOR, BORDER, IGNORE = 0, 1, 2, 3
@@ -109,7 +111,7 @@ def test_an_nnunet_folder_is_imported_and_prepared_in_place(project: FixtureProj
     preset = yaml.safe_load((project.root / "configs" / "augment.yaml").read_text())["cells"]
     assert preset["patches"]["fov_key"] == "fov"
 
-    out = prepare_dataset("cells")
+    out = prepare("cells")
     table = manifest(out)
     assert sorted(table.index) == [f"cell_{i:03d}" for i in range(6)]  # imagesTs without labels: unused
     assert table["split"].value_counts().to_dict() == {"train": 4, "val": 1, "test": 1}
@@ -133,12 +135,12 @@ def test_labels_ts_is_the_test_set(project: FixtureProject) -> None:
     assert main(["dataset", "import", str(root), "--name", "cells"]) == 0
     card = load_card(cards_dir(), "cells")
     assert card.test_fraction is None and "test_fraction" not in card.path.read_text()
-    table = manifest(prepare_dataset("cells"))
+    table = manifest(prepare("cells"))
     assert sorted(table.index[table["split"] == "test"]) == ["test_cell_100", "test_cell_101"]
     assert table["split"].value_counts().to_dict() == {"train": 4, "val": 1, "test": 2}
     card.path.write_text(card.path.read_text() + "test_fraction: 0.2\n")
     with pytest.raises(SegpipeError, match=r"cells\.yaml: the source has its own labelled test cases; remove"):
-        prepare_dataset("cells")
+        prepare("cells")
 
 
 def test_a_single_rgb_file_per_case_gives_three_channels(project: FixtureProject) -> None:
@@ -151,8 +153,8 @@ def test_a_single_rgb_file_per_case_gives_three_channels(project: FixtureProject
         iio.imwrite(root / "labelsTr" / f"road_{case}.png", label)
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R", "1": "G", "2": "B"}, "numTraining": 3,
                                                    "labels": {"background": 0, "road": 1}, "file_ending": ".png"}))
-    import_dataset("roads", root)
-    out = prepare_dataset("roads")
+    import_into(config_files(), "roads", root)
+    out = prepare("roads")
     row = manifest(out).loc["road_1"]
     rgb = image_of(disk_label(1, (0, 1)), 1, channels=3)
     np.testing.assert_array_equal(read_volume(out / row.image), np.moveaxis(rgb, -1, 0))
@@ -160,14 +162,14 @@ def test_a_single_rgb_file_per_case_gives_three_channels(project: FixtureProject
 
 def test_the_record_holds_every_file_the_cases_use(project: FixtureProject) -> None:
     root = write_nnunet(project.root / "Dataset001_Cells", n_train=3)
-    import_dataset("cells", root)
-    record = download_dataset("cells") / "download.json"
+    import_into(config_files(), "cells", root)
+    record = download("cells") / "download.json"
     before = json.loads(record.read_text())
     assert before["source"] == {"nnunet": str(root)}
     assert {Path(f["path"]).name for f in before["files"]} == {"dataset.json"} | {
         f"cell_{i:03d}{k}.png" for i in range(3) for k in ("_0000", "_0001", "")}
     iio.imwrite(root / "labelsTr" / "cell_001.png", cell_label(5))
-    changed = [f for f in json.loads(download_dataset("cells").joinpath("download.json").read_text())["files"]
+    changed = [f for f in json.loads(download("cells").joinpath("download.json").read_text())["files"]
                if f not in before["files"]]
     assert [Path(f["path"]).name for f in changed] == ["cell_001.png"]
 
@@ -188,7 +190,7 @@ def test_a_datalist_with_validation_and_test(project: FixtureProject, caplog: py
     assert card.channels == ("channel_0", "channel_1")
 
     caplog.set_level(logging.WARNING)
-    out = prepare_dataset("listed")
+    out = prepare("listed")
     assert "2 of 3 test entries have no label and are left out" in caplog.text
     table = manifest(out)
     assert table["split"].to_dict() == {**{f"cell_00{i}_0000": "train" for i in range(4)},
@@ -201,16 +203,16 @@ def test_a_datalist_with_validation_and_test(project: FixtureProject, caplog: py
 def test_a_datalist_without_test_holds_out_test_fraction(project: FixtureProject) -> None:
     root = write_nnunet(project.root / "cells", n_train=6)
     lists = write_datalist(root / "datalist.json", training=[entry(i) for i in range(6)])  # relative to its folder
-    import_dataset("listed", lists, ignore_value=IGNORE, test_fraction=0.34)
+    import_into(config_files(), "listed", lists, ignore_value=IGNORE, test_fraction=0.34)
     card = load_card(cards_dir(), "listed")
     assert card.test_fraction == 0.34 and card.imported == DatalistSource(lists)
     assert card.classes == {"background": 0, "class_1": 1, "class_2": 2}
-    table = manifest(prepare_dataset("listed"))
+    table = manifest(prepare("listed"))
     assert table["split"].value_counts().to_dict() == {"train": 3, "val": 1, "test": 2}
 
 
 def test_a_binary_datalist_trains(project: FixtureProject) -> None:
-    from pipeline.training.stage import train
+    from pipeline.stages.train import train
 
     tracking = project.root / "configs" / "tracking.yaml"  # the MLflow model is tested elsewhere; skip its cost
     tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
@@ -223,9 +225,9 @@ def test_a_binary_datalist_trains(project: FixtureProject) -> None:
         iio.imwrite(data / "img" / f"s{case}.png", image_of(disk_label(case), case))
     lists = write_datalist(data / "list.json", training=[{"image": f"img/s{c}.png", "label": f"seg/s{c}.png"}
                                                          for c in range(5)])
-    import_dataset("scans", lists)
+    import_into(config_files(), "scans", lists)
     assert load_card(cards_dir(), "scans").classes == {"background": 0, "foreground": 255}
-    out = prepare_dataset("scans")
+    out = prepare("scans")
     assert set(np.unique(read_volume(out / manifest(out).iloc[0].label))) == {0, 1}
     result = train("scans", "unet", profile="smoke")
     assert result.checkpoint.is_file()
@@ -298,30 +300,30 @@ def test_datalist_errors_name_the_file(project: FixtureProject) -> None:
                                                                               "label": "labelsTr/cell_002.png"}])
     missing = re.escape(f"{root / 'imagesTr' / 'nope.png'}: listed in {lists}: training[2] but not found")
     with pytest.raises(SegpipeError, match=missing):
-        import_dataset("listed", lists)
+        import_into(config_files(), "listed", lists)
     write_datalist(lists, training=[entry(0), {"image": "imagesTr/cell_001_0000.png"}])
     with pytest.raises(SegpipeError, match=re.escape(f"{lists}: training[1]: expected")):
-        import_dataset("listed", lists)
+        import_into(config_files(), "listed", lists)
     write_datalist(lists, training=[entry(0), entry(1)], test=[entry(0)])
     with pytest.raises(SegpipeError, match=r"case 'cell_000_0000' twice"):
-        import_dataset("listed", lists)
+        import_into(config_files(), "listed", lists)
     write_datalist(lists, validation=[entry(0)])
     with pytest.raises(SegpipeError, match=re.escape(f"{lists}: expected a MONAI datalist")):
-        import_dataset("listed", lists)
+        import_into(config_files(), "listed", lists)
 
 
 def test_unknown_paths_and_misplaced_options(project: FixtureProject) -> None:
     (project.root / "plain").mkdir()
     with pytest.raises(SegpipeError, match=r"plain: a folder without dataset\.json"):
-        import_dataset("x", project.root / "plain")
+        import_into(config_files(), "x", project.root / "plain")
     (project.root / "notes.txt").write_text("hello")
     with pytest.raises(SegpipeError, match=r"notes\.txt: not an nnU-Net v2 raw dataset folder .* nor a MONAI"):
-        import_dataset("x", project.root / "notes.txt")
+        import_into(config_files(), "x", project.root / "notes.txt")
     root = write_nnunet(project.root / "Dataset001_Cells", n_train=3)
     with pytest.raises(SegpipeError, match=r"--classes and --ignore-value are for datalists"):
-        import_dataset("x", root, class_names=["a", "b", "c"])
+        import_into(config_files(), "x", root, class_names=["a", "b", "c"])
     with pytest.raises(SegpipeError, match=r"datasets/drive\.yaml: dataset 'drive' exists already"):
-        import_dataset("drive", root)
+        import_into(config_files(), "drive", root)
 
 
 def test_card_sources_are_checked(project: FixtureProject) -> None:

@@ -19,12 +19,14 @@ import tifffile
 import torch
 
 from fixtures import FixtureProject
-from pipeline.data.cards import cards_dir, load_card
-from pipeline.data.download import download_dataset
+from pipeline.stages.evaluate import evaluate as run_evaluate
+from pipeline.config import cards_dir
+from pipeline.data.cards import load_card
+from pipeline.stages.download import download
 from pipeline.data.io import read_volume
 from pipeline.errors import SegpipeError
 from pipeline.metrics import label_instances, seg_jaccards
-from pipeline.preprocessing.prepare import prepare_dataset
+from pipeline.stages.prepare import prepare
 from pipeline.transforms.weightmap import instances_from_labels, unet_weight_map
 from test_datasets import SHAPE, add, image_of, prepared, write_card
 
@@ -91,7 +93,7 @@ def test_touching_cells_get_the_border_term_from_their_instances(project: Fixtur
     folders = write_cells(project.root / "cells")
     assert add("cells", folders, "--instances", str(folders["instances"])) == 0
     assert load_card(cards_dir(), "cells").folders.instances == folders["instances"]
-    out = prepare_dataset("cells")
+    out = prepare("cells")
     settings = weight_settings(project, out)
     table = pd.read_csv(out / "manifest.csv")
     assert table["instances"].notna().all() and len(table) == 6
@@ -121,7 +123,7 @@ def test_three_classes_use_the_instances_on_the_foreground(project: FixtureProje
         tifffile.imwrite(folders["instances"] / f"slice_{case:02d}.tif", inst.astype(np.int32))
         (folders["instances"] / f"slice_{case:02d}.png").unlink()
     assert add("three", folders, "--classes", "background,cell,bar", "--instances", str(folders["instances"])) == 0
-    out = prepare_dataset("three")
+    out = prepare("three")
     settings = weight_settings(project, out)
     for case, vols in cases_of(out):
         label, inst = two_cells(case, (0, 1, 2))
@@ -155,7 +157,7 @@ def test_evaluate_gives_the_seg_of_the_instances(project: FixtureProject, monkey
     train, test = write_cells(project.root / "cells", n=4), write_cells(project.root / "cells", n=2, prefix="test_")
     assert add("cells", train, "--instances", str(train["instances"]), "--test-images", str(test["images"]),
                "--test-labels", str(test["labels"]), "--test-instances", str(test["instances"])) == 0
-    out = prepare_dataset("cells")
+    out = prepare("cells")
     config = project.root / "configs" / "evaluate.yaml"
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "overlays": None,
                                       "inference": {"tile": 32, "tta": []}}))
@@ -165,7 +167,7 @@ def test_evaluate_gives_the_seg_of_the_instances(project: FixtureProject, monkey
                     profile="smoke", epoch=1, val_dice=0.5,
                     augment={**load_config("augment")["cells"], "normalize": "zscore"})
     monkeypatch.setattr(ev, "predict", midpoint)
-    m = ev.evaluate("cells", "unet")
+    m = run_evaluate("cells", "unet")
     assert m["dice"] == pytest.approx(1.0)
     jaccards = []
     for case in range(2):
@@ -247,7 +249,7 @@ def test_prepare_names_the_instance_file(project: FixtureProject, breaker: Calla
                "test_fraction: 0.2\n")
     path, message = breaker(folders)
     with pytest.raises(SegpipeError) as error:
-        prepare_dataset("cells")
+        prepare("cells")
     lines = str(error.value).splitlines()
     assert any(str(path) in line and re.search(message, line) for line in lines), str(error.value)
     assert not prepared(project, "cells").exists()
@@ -273,12 +275,12 @@ def test_add_checks_the_instance_folders(project: FixtureProject, capsys: pytest
 def test_a_changed_instance_file_changes_the_scan_record(project: FixtureProject) -> None:
     folders = write_cells(project.root / "cells")
     assert add("cells", folders, "--instances", str(folders["instances"])) == 0
-    record = download_dataset("cells") / "download.json"
+    record = download("cells") / "download.json"
     before = json.loads(record.read_text())
     assert before["folders"]["instances"] == str(folders["instances"])
     inst = two_cells(3)[1]
     inst[inst == 4] = 7  # another id for one cell: the same pixels, another file
     iio.imwrite(folders["instances"] / "slice_03.png", inst)
-    download_dataset("cells")
+    download("cells")
     changed = [f for f in json.loads(record.read_text())["files"] if f not in before["files"]]
     assert [(f["folder"], f["name"]) for f in changed] == [("instances", "slice_03.png")]

@@ -19,12 +19,13 @@ import yaml
 
 from fixtures import REPO_ROOT, FixtureProject
 from pipeline.cli import main
-from pipeline.data.cards import cards_dir, load_card
-from pipeline.data.download import download_dataset
+from pipeline.config import cards_dir
+from pipeline.data.cards import load_card
+from pipeline.stages.download import download
 from pipeline.data.folders import read_plane, read_slice
 from pipeline.data.io import read_volume
 from pipeline.errors import SegpipeError
-from pipeline.preprocessing.prepare import prepare_dataset
+from pipeline.stages.prepare import prepare
 
 SHAPE = (32, 40)
 
@@ -85,8 +86,8 @@ def prepared(project: FixtureProject, name: str) -> Path:
 
 
 def test_add_prepare_train_evaluate_a_png_folder(project: FixtureProject) -> None:
-    from pipeline.evaluation.evaluate import evaluate
-    from pipeline.training.stage import train
+    from pipeline.stages.evaluate import evaluate
+    from pipeline.stages.train import train
 
     tracking = project.root / "configs" / "tracking.yaml"  # the MLflow model is tested elsewhere; skip its cost
     tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
@@ -109,7 +110,7 @@ def test_add_prepare_train_evaluate_a_png_folder(project: FixtureProject) -> Non
     augment = yaml.safe_load((project.root / "configs" / "augment.yaml").read_text())
     assert augment["vessels"] == augment["generic"]
 
-    out = prepare_dataset("vessels")
+    out = prepare("vessels")
     table = pd.read_csv(out / "manifest.csv")
     assert table["split"].value_counts().to_dict() == {"train": 4, "test": 1, "val": 1}
     row = table.iloc[0]
@@ -135,12 +136,12 @@ def test_add_prepare_train_evaluate_a_png_folder(project: FixtureProject) -> Non
 def test_the_test_split_is_seeded(project: FixtureProject) -> None:
     folders = write_folders(project.root / "mine", n=10)
     write_card(project, "mine", folder_card(folders))
-    first = pd.read_csv(prepare_dataset("mine") / "manifest.csv")
-    assert pd.read_csv(prepare_dataset("mine") / "manifest.csv").equals(first)
+    first = pd.read_csv(prepare("mine") / "manifest.csv")
+    assert pd.read_csv(prepare("mine") / "manifest.csv").equals(first)
     cfg = project.data_config()
     cfg["prepare"]["seed"] = 7
     project.set_data_config(cfg)
-    other = pd.read_csv(prepare_dataset("mine") / "manifest.csv")
+    other = pd.read_csv(prepare("mine") / "manifest.csv")
     assert (first["split"] == "test").sum() == 2 and list(other["split"]) != list(first["split"])
 
 
@@ -151,7 +152,7 @@ def test_a_hand_written_card_prepares_the_same(project: FixtureProject) -> None:
                "classes:\n  background: 0\n  vessel: 255\ntest_fraction: 0.2\n"
                f"source:\n  labels: {folders['labels']}\n  images: {folders['images']}\n")
     write_card(project, "by_hand", by_hand)
-    a, b = prepare_dataset("by_command"), prepare_dataset("by_hand")
+    a, b = prepare("by_command"), prepare("by_hand")
     assert (a / "manifest.csv").read_text() == (b / "manifest.csv").read_text()
     for rel in pd.read_csv(a / "manifest.csv")[["image", "label", "weight"]].to_numpy().ravel():
         np.testing.assert_array_equal(read_volume(a / rel), read_volume(b / rel))
@@ -166,7 +167,7 @@ def test_three_classes_keep_their_indices(project: FixtureProject) -> None:
     folders = write_folders(project.root / "mine", values=(0, 100, 200))
     assert add("three", folders, "--classes", "background,disk,bar") == 0
     assert load_card(cards_dir(), "three").classes == {"background": 0, "disk": 100, "bar": 200}
-    out = prepare_dataset("three")
+    out = prepare("three")
     table = pd.read_csv(out / "manifest.csv")
     label = read_volume(out / table.iloc[0].label)[0]
     assert set(np.unique(label)) == {0, 1, 2}
@@ -181,7 +182,7 @@ def test_the_ignore_value_is_left_out_of_the_field_of_view(project: FixtureProje
     assert add("ignoring", folders, "--ignore-value", "9") == 0
     preset = yaml.safe_load((project.root / "configs" / "augment.yaml").read_text())["ignoring"]
     assert preset["patches"]["fov_key"] == "fov"
-    out = prepare_dataset("ignoring")
+    out = prepare("ignoring")
     row = pd.read_csv(out / "manifest.csv").set_index("case").loc["slice_00"]
     fov, stored = read_volume(out / row.fov)[0], read_volume(out / row.label)[0]
     assert not fov[:, :3].any() and fov[:, 3:].all() and not stored[:, :3].any()
@@ -248,7 +249,7 @@ def test_prepare_names_the_file(project: FixtureProject, breaker) -> None:
     write_card(project, "mine", folder_card(folders))
     path, message = breaker(folders)
     with pytest.raises(SegpipeError) as error:
-        prepare_dataset("mine")
+        prepare("mine")
     assert str(path) in str(error.value)
     assert any(str(path) in line and re.search(message, line) for line in str(error.value).splitlines()), str(error.value)
     assert not prepared(project, "mine").exists()
@@ -275,12 +276,12 @@ def test_card_errors_name_the_card_and_key(project: FixtureProject) -> None:
     folders = write_folders(project.root / "mine")
     write_card(project, "mine", folder_card(folders, classes="{background: 0, vessel: 0}"))
     with pytest.raises(SegpipeError, match=r"datasets/mine\.yaml: classes .* two classes share a label value"):
-        prepare_dataset("mine")
+        prepare("mine")
     write_card(project, "nosplit", folder_card(folders).replace("test_fraction: 0.2\n", ""))
     with pytest.raises(SegpipeError, match=r"datasets/nosplit\.yaml: no test_images folder: set test_fraction"):
-        prepare_dataset("nosplit")
+        prepare("nosplit")
     with pytest.raises(SegpipeError, match=r"datasets/absent\.yaml: no dataset card for 'absent'"):
-        prepare_dataset("absent")
+        prepare("absent")
 
 
 # --- formats, test folders and masks ----------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_tiff_float_images_nifti_labels_test_folders_and_masks(project: FixtureP
             sitk.WriteImage(sitk.GetImageFromArray(mask), str(folders[f"{part}masks"] / f"s{case}.mha"))
     source = "".join(f"  {k}: {v}\n" for k, v in folders.items())
     write_card(project, "mixed", f"source:\n{source}classes: {{background: 0, cell: 1}}\nchannels: [dapi, actin]\n")
-    out = prepare_dataset("mixed")
+    out = prepare("mixed")
     table = pd.read_csv(out / "manifest.csv").set_index("case")
     assert sorted(table.index[table["split"] == "test"]) == ["test_s0", "test_s1"]
     image = read_volume(out / table.loc["s1", "image"])
@@ -339,11 +340,11 @@ def test_2d_readers(tmp_path: Path) -> None:
 def test_the_folder_record_changes_with_an_image(project: FixtureProject) -> None:
     folders = write_folders(project.root / "mine")
     assert add("mine", folders) == 0
-    record = download_dataset("mine") / "download.json"
+    record = download("mine") / "download.json"
     before = record.read_bytes()
-    assert download_dataset("mine") and record.read_bytes() == before  # unchanged folder, same record
+    assert download("mine") and record.read_bytes() == before  # unchanged folder, same record
     iio.imwrite(folders["images"] / "slice_03.png", image_of(disk_label(3), 99))
-    download_dataset("mine")
+    download("mine")
     changed = [f for f in json.loads(record.read_text())["files"]
                if f not in json.loads(before)["files"]]
     assert [(f["folder"], f["name"]) for f in changed] == [("images", "slice_03.png")]

@@ -5,12 +5,11 @@ dvc.yaml is expanded with DVC's own resolver (its `vars`, `foreach` and `matrix`
 stage:
 
   code    `cmd` is `segpipe SUB ...`: the console script runs pipeline/__init__.py and
-          pipeline/cli.py, whose handler `_cmd_SUB` imports the stage's entry module(s). The
-          transitive closure over every pipeline import (module level or in a function, relative,
-          `from pipeline.x import y` = pipeline.x.y when y is a module, a package pulls its __init__,
-          a string naming a module as in importlib tables; see tests/test_layers.py) is the stage's
-          code, except imports inside ANOTHER subcommand's handler (a function passed as `handler=`
-          to argparse, in cli.py or e.g. pipeline/bench/commands.py): one command runs one handler.
+          pipeline/cli.py, which imports only SUB's entry module, the one its `COMMANDS` table names
+          for SUB. The transitive closure over every pipeline import (module level or in a function,
+          relative, `from pipeline.x import y` = pipeline.x.y when y is a module, a package pulls its
+          __init__, a string naming a module as in importlib tables; see tests/test_layers.py) is the
+          stage's code; the strings of `COMMANDS` count only for their own command.
     (a)   every code file is covered by a dep (the file, or a folder holding it);
     (b)   every dep under pipeline/ is used: a file dep is a code file, a folder dep holds only code
           files of the stage (no over-broad folder), and folder deps only if .dvcignore ignores
@@ -41,11 +40,10 @@ from typing import Any
 import pytest
 import yaml
 
-from test_layers import PACKAGE, REPO_ROOT, Module, Package, enclosing_handler, load_package
+from test_layers import COMMANDS_TABLE, PACKAGE, REPO_ROOT, Module, Package, command_strings, load_package
 
 CLI_MODULE = f"{PACKAGE}.cli"
-HANDLER_PREFIX = "_cmd_"
-CONFIG_FUNCTION = "load_config"
+CONFIG_FUNCTIONS = ("load_config", "read_config")
 CONFIG_MODULE = f"{PACKAGE}.config"
 
 
@@ -105,7 +103,7 @@ def covers(dep: str, path: str) -> bool:
 @dataclass
 class StageCode:
     subcommand: str
-    handler: str | None
+    entry: str | None  # the entry module COMMANDS names for the subcommand
     modules: set[str] = field(default_factory=set)
     files: set[str] = field(default_factory=set)  # repo-relative posix paths
     configs: dict[str, list[str]] = field(default_factory=dict)  # NAME -> where load_config("NAME") is
@@ -113,10 +111,12 @@ class StageCode:
     why: dict[str, str] = field(default_factory=dict)  # file -> the import that brings it in
 
 
-def _config_calls(module: Module) -> list[tuple[str | None, int, str | None]]:
-    """`load_config(...)` calls of a module: (config name or None when unresolvable, line, the
-    handler function the call is in or None)."""
-    aliases = {CONFIG_FUNCTION}
+def _config_calls(module: Module) -> list[tuple[str | None, int]]:
+    """`load_config(...)` / `read_config(...)` calls of a module: (config name or None when unresolvable,
+    line)."""
+    if module.name == CONFIG_MODULE:
+        return []  # where the readers are defined
+    aliases = set(CONFIG_FUNCTIONS)
     constants: dict[str, str] = {}
     for node in module.tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
@@ -126,9 +126,8 @@ def _config_calls(module: Module) -> list[tuple[str | None, int, str | None]]:
             constants[node.target.id] = node.value.value
     for node in ast.walk(module.tree):
         if isinstance(node, ast.ImportFrom) and node.module == CONFIG_MODULE:
-            aliases.update(a.asname for a in node.names if a.name == CONFIG_FUNCTION and a.asname)
-    inside = enclosing_handler(module.tree)
-    out: list[tuple[str | None, int, str | None]] = []
+            aliases.update(a.asname for a in node.names if a.name in CONFIG_FUNCTIONS and a.asname)
+    out: list[tuple[str | None, int]] = []
     for node in ast.walk(module.tree):
         if not isinstance(node, ast.Call):
             continue
@@ -143,27 +142,28 @@ def _config_calls(module: Module) -> list[tuple[str | None, int, str | None]]:
             name = constants[arg.id]
         else:
             name = None
-        out.append((name, node.lineno, inside.get(id(node))))
+        out.append((name, node.lineno))
     return out
 
 
-def find_handler(pkg: Package, argv: list[str]) -> tuple[str | None, list[str]]:
-    """The handler of `segpipe SUB ...` in cli.py (`_cmd_SUB`, or `_cmd_SUB_WHAT` for `segpipe SUB WHAT`)
-    and the handlers there are."""
+def find_entry(pkg: Package, argv: list[str]) -> tuple[str | None, dict[str, str]]:
+    """The entry module cli.py's `COMMANDS` table names for `segpipe SUB ...`, and the whole table
+    (command -> entry module)."""
     cli = pkg.modules[CLI_MODULE]
-    handlers = sorted(n.name for n in cli.tree.body
-                      if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith(HANDLER_PREFIX))
-    names = [f"{HANDLER_PREFIX}{argv[1]}"] + ([f"{HANDLER_PREFIX}{argv[1]}_{argv[2]}"] if len(argv) > 2 else [])
-    return next((h for h in (n.replace("-", "_") for n in names) if h in handlers), None), handlers
+    table = {}
+    for node_id, command in command_strings(cli.tree).items():
+        for node in ast.walk(cli.tree):
+            if id(node) == node_id and isinstance(node.value, str) and pkg.exists(node.value):
+                table[command] = node.value
+    return table.get(argv[1]), table
 
 
 def stage_code(pkg: Package, cmd: str) -> StageCode:
     """The code files and config files of one `segpipe` command.
 
-    The console script imports pipeline/__init__.py and pipeline/cli.py and runs main(), which calls
-    the subcommand's handler. From there every pipeline import counts, wherever it is, except inside
-    another subcommand's handler (a function passed as `handler=`, in cli.py or elsewhere, e.g. the
-    bench commands): the CLI runs one handler per command.
+    The console script imports pipeline/__init__.py and pipeline/cli.py and runs main(), which imports
+    the entry module of the subcommand (cli.py's `COMMANDS`). From there every pipeline import counts,
+    wherever it is; a string of the table counts only for its own command.
     """
     try:
         argv = shlex.split(cmd)
@@ -171,15 +171,12 @@ def stage_code(pkg: Package, cmd: str) -> StageCode:
         return StageCode("?", None, problems=[f"cmd {cmd!r} cannot be parsed: {exc}"])
     if len(argv) < 2 or os.path.basename(argv[0]) != "segpipe":
         return StageCode("?", None, problems=[f"cmd {cmd!r} is not a `segpipe SUBCOMMAND ...` call"])
-    handler, handlers = find_handler(pkg, argv)
-    code = StageCode(argv[1], handler)
-    if handler is None:
-        code.problems.append(f"cmd {cmd!r}: no handler {HANDLER_PREFIX}{argv[1]} in {PACKAGE}/cli.py "
-                             f"(handlers: {', '.join(handlers)})")
+    entry, table = find_entry(pkg, argv)
+    code = StageCode(argv[1], entry)
+    if entry is None:
+        code.problems.append(f"cmd {cmd!r}: {PACKAGE}/cli.py {COMMANDS_TABLE} names no entry module of {PACKAGE}/ "
+                             f"for {argv[1]!r} (commands: {', '.join(sorted(table))})")
         return code
-
-    def runs(module: str, in_handler: str | None) -> bool:
-        return in_handler is None or (module == CLI_MODULE and in_handler == handler)
 
     todo: list[tuple[str, str]] = [(CLI_MODULE, "the segpipe console script")]
     while todo:
@@ -193,16 +190,15 @@ def stage_code(pkg: Package, cmd: str) -> StageCode:
             code.modules.add(name)
             module = pkg.modules[name]
             code.why.setdefault(module.rel, where)
-            todo.extend((imp.target, f"{module.rel}:{imp.line}") for imp in module.imports if runs(name, imp.handler))
+            todo.extend((imp.target, f"{module.rel}:{imp.line}") for imp in module.imports
+                        if imp.command in (None, code.subcommand))
     code.files = {pkg.modules[m].rel for m in code.modules}
     for name in sorted(code.modules):
         module = pkg.modules[name]
-        for config, line, in_handler in _config_calls(module):
-            if not runs(name, in_handler):
-                continue
+        for config, line in _config_calls(module):
             if config is None:
-                code.problems.append(f"{module.rel}:{line}: {CONFIG_FUNCTION}(...) with an argument that is not a "
-                                     "string literal or a module-level string constant: the test cannot tell the file")
+                code.problems.append(f"{module.rel}:{line}: {'/'.join(CONFIG_FUNCTIONS)}(...) with an argument that is "
+                                     "not a string literal or a module-level string constant: the test cannot tell the file")
             else:
                 code.configs.setdefault(config, []).append(f"{module.rel}:{line}")
     return code
@@ -268,7 +264,7 @@ def check_stage(name: str, stage: dict[str, Any], pkg: Package, *, root: Path = 
         problems += [f"stage {name}: {p}" for p in c.problems]
         for config, where in c.configs.items():
             configs.setdefault(config, []).extend(where)
-    if not any(c.handler for c in codes):
+    if not any(c.entry for c in codes):
         return problems
     # (a) every code file covered
     for f in sorted(files):
@@ -297,8 +293,8 @@ def check_stage(name: str, stage: dict[str, Any], pkg: Package, *, root: Path = 
             problems.append(f"stage {name}: missing params file {f} (load_config at {', '.join(sorted(set(where)))};"
                             f" add `- {f}:` with the keys read, or none for the whole file)")
     for f in sorted(params - set(wanted)):
-        problems.append(f"stage {name}: extra params file {f} (no load_config({PurePosixPath(f).stem!r}) in the "
-                        "stage's code)")
+        problems.append(f"stage {name}: extra params file {f} (no load_config/read_config({PurePosixPath(f).stem!r}) in "
+                        "the stage's code)")
     # every dep exists or is produced by a stage
     if outputs is not None:
         for d in deps:
@@ -435,7 +431,7 @@ def test_checker_catches_a_missing_or_extra_dep(stages: dict[str, dict[str, Any]
     unused folder, dropping a params file or a matrix dep is each reported, naming stage and dep."""
     name, stage = next((n, s) for n, s in stages.items() if str(s.get("cmd", "")).startswith("segpipe "))
     code = stage_code(pkg, stage["cmd"])
-    assert code.handler and not code.problems, code.problems
+    assert code.entry and not code.problems, code.problems
     good = {
         "cmd": stage["cmd"],
         "deps": suggested_code_deps(stage, pkg),

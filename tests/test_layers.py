@@ -13,9 +13,14 @@ with a LOWER rank (`RANKS` below); rank 0 is the base every layer may use:
     rank 5  pipeline/inference/       sliding-window / streamed inference
     rank 6  pipeline/training/        the train stage
     rank 7  pipeline/evaluation/      the evaluate and report stages
-    rank 8  pipeline/bench/           benchmarks (not stages)
-    rank 9  pipeline/cli.py, pipeline/__main__.py, pipeline/__init__.py, pipeline/commands/ (the
-            parsers and handlers of the commands that are tools, not DVC stages)
+    rank 9  pipeline/stages/          the entries of the DVC stages and of infer/export
+            pipeline/commands/        the entries of the tools (dataset, manifest, weightmap)
+            pipeline/cli.py, pipeline/__main__.py, pipeline/__init__.py
+
+Only the entries (rank 9) read configs/: no module below them calls `load_config`, `read_config`,
+`config_path`, `config_dir` or `cards_dir`; they take settings as values. The benchmarks live beside
+the package (`benchmarks/`): no module of pipeline/ imports them; `pipeline.cli.COMMANDS` names
+`benchmarks.cli` as the lazy entry of `segpipe bench`.
 
 Every module under pipeline/ is parsed with `ast` (nothing is imported): every `import` and
 `from ... import` anywhere in the file (module level, inside functions, relative ones), plus string
@@ -50,7 +55,7 @@ RANKS: dict[str, int] = {
     "pipeline.inference": 5,
     "pipeline.training": 6,
     "pipeline.evaluation": 7,
-    "pipeline.bench": 8,
+    "pipeline.stages": 9,
     "pipeline.cli": 9,
     "pipeline.commands": 9,
     "pipeline.__main__": 9,
@@ -68,7 +73,7 @@ class Import:
     target: str
     line: int
     kind: str = "import"  # "import" | "string" (a string constant naming a module)
-    handler: str | None = None  # the subcommand handler function it is in (see `handler_functions`)
+    command: str | None = None  # a string of the `COMMANDS` table: the command whose entry it names
 
 
 @dataclass
@@ -126,30 +131,33 @@ def _is_ours(name: str | None) -> bool:
     return bool(name) and (name == PACKAGE or name.startswith(PACKAGE + "."))
 
 
-def handler_functions(tree: ast.Module) -> dict[str, ast.AST]:
-    """The module's subcommand handlers: functions passed as `handler=` (argparse `set_defaults`).
-    The CLI runs exactly one handler per command, so a handler's body runs only for its command."""
-    names = {kw.value.id for node in ast.walk(tree) if isinstance(node, ast.Call) for kw in node.keywords
-             if kw.arg == "handler" and isinstance(kw.value, ast.Name)}
-    return {node.name: node for node in tree.body
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names}
+COMMANDS_TABLE = "COMMANDS"  # in pipeline/cli.py: command -> (entry module, help)
 
 
-def enclosing_handler(tree: ast.Module) -> dict[int, str]:
-    """id(node) -> name of the handler function the node is in, for every node inside a handler."""
-    return {id(node): name for name, fn in handler_functions(tree).items() for node in ast.walk(fn)}
+def command_strings(tree: ast.Module) -> dict[int, str]:
+    """id(string node) -> command, for every string of a module-level `COMMANDS = {command: ...}` dict:
+    the CLI imports the entry a value names only when that command runs."""
+    out: dict[int, str] = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and target.id == COMMANDS_TABLE and isinstance(node.value, ast.Dict):
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                    out.update({id(n): key.value for n in ast.walk(value) if isinstance(n, ast.Constant)})
+    return out
 
 
 def parse_imports(module: Module, known: set[str]) -> list[Import]:
-    """Every pipeline import of `module`, wherever it is in the file (each tagged with the handler
-    function it is in, if any)."""
+    """Every pipeline import of `module`, wherever it is in the file (a string of the `COMMANDS` table
+    tagged with its command)."""
     out: list[Import] = []
-    inside = enclosing_handler(module.tree)
+    commands = command_strings(module.tree)
     for node in ast.walk(module.tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if _is_ours(alias.name):
-                    out.append(Import(alias.name, node.lineno, handler=inside.get(id(node))))
+                    out.append(Import(alias.name, node.lineno))
         elif isinstance(node, ast.ImportFrom):
             base = _resolve_from(module, node)
             if not _is_ours(base):
@@ -158,11 +166,10 @@ def parse_imports(module: Module, known: set[str]) -> list[Import]:
                 sub = f"{base}.{alias.name}"
                 # `from pipeline.x import y`: y is the submodule pipeline.x.y if there is one,
                 # else a name of pipeline.x (which is imported either way).
-                out.append(Import(sub if alias.name != "*" and sub in known else base, node.lineno,
-                                  handler=inside.get(id(node))))
+                out.append(Import(sub if alias.name != "*" and sub in known else base, node.lineno))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             if node.value != module.name and node.value in known and _is_ours(node.value):
-                out.append(Import(node.value, getattr(node, "lineno", 0), "string", inside.get(id(node))))
+                out.append(Import(node.value, getattr(node, "lineno", 0), "string", commands.get(id(node))))
     return out
 
 
@@ -338,3 +345,64 @@ def test_checker_catches_an_upward_import(tmp_path: Path) -> None:
                    "   at pipeline/data/io.py:4 (import)"], bad
     cycles = folder_cycles(pkg)
     assert len(cycles) == 1 and cycles[0].startswith("cycle between pipeline.data, pipeline.networks:"), cycles
+
+
+# --- entries read configs/, benchmarks stay beside the package -------------------------------------
+
+CONFIG_READERS = {"load_config", "read_config", "config_path", "config_dir", "cards_dir"}
+ENTRY_UNITS = {"pipeline.stages", "pipeline.commands", "pipeline.cli", "pipeline.config"}
+BENCHMARKS = "benchmarks"
+
+
+def config_reads_below_entries(pkg: Package) -> list[str]:
+    """Calls of a configs/ reader (`CONFIG_READERS`) in a module that is not an entry."""
+    bad = []
+    for module in pkg.modules.values():
+        if unit_of(module.name) in ENTRY_UNITS:
+            continue
+        for node in ast.walk(module.tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+                if name in CONFIG_READERS:
+                    bad.append(f"{module.rel}:{node.lineno}: {name}(...)")
+    return sorted(bad)
+
+
+def benchmark_imports(pkg: Package) -> list[str]:
+    """Imports of the `benchmarks` package by a module of pipeline/ (a string of the CLI's COMMANDS
+    table, the lazy entry of `segpipe bench`, is not an import)."""
+    bad = []
+    for module in pkg.modules.values():
+        for node in ast.walk(module.tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{module.rel}:{node.lineno}: imports {n}" for n in names
+                    if n == BENCHMARKS or n.startswith(BENCHMARKS + ".")]
+    return sorted(bad)
+
+
+def test_only_the_entries_read_configs() -> None:
+    bad = config_reads_below_entries(load_package())
+    assert not bad, ("configs/ read below the entries (read it in the command's entry in pipeline/stages/ or "
+                     "pipeline/commands/ and pass the settings down):\n  " + "\n  ".join(bad))
+
+
+def test_the_package_never_imports_the_benchmarks() -> None:
+    bad = benchmark_imports(load_package())
+    assert not bad, "pipeline/ imports the benchmarks (they stay beside the product):\n  " + "\n  ".join(bad)
+
+
+def test_checker_catches_a_config_read_and_a_benchmark_import(tmp_path: Path) -> None:
+    """Self-test: a training module reading configs/ and importing benchmarks is reported; an entry is not."""
+    pkg_dir = tmp_path / PACKAGE
+    for folder in ("training", "stages"):
+        (pkg_dir / folder).mkdir(parents=True)
+        (pkg_dir / folder / "__init__.py").write_text("")
+    (pkg_dir / "__init__.py").write_text("")
+    (pkg_dir / "training" / "loop.py").write_text(
+        "from pipeline.config import load_config\n\ndef f():\n    import benchmarks.peak\n    return load_config('train')\n")
+    (pkg_dir / "stages" / "train.py").write_text("from pipeline.config import read_config\nread_config('train', dict)\n")
+    pkg = load_package(tmp_path)
+    assert config_reads_below_entries(pkg) == ["pipeline/training/loop.py:5: load_config(...)"]
+    assert benchmark_imports(pkg) == ["pipeline/training/loop.py:4: imports benchmarks.peak"]

@@ -24,7 +24,7 @@ from pipeline.inference import predict
 from pipeline.networks import read_checkpoint
 from pipeline.tracking import tracking_settings
 from pipeline.training.mlflow_model import model_signature, read_settings
-from pipeline.training.stage import train
+from pipeline.stages.train import train
 from pipeline.transforms.presets import preprocess
 from test_train import drive_project  # noqa: F401 (fixture)
 

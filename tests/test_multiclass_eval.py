@@ -18,16 +18,17 @@ import torch
 import yaml
 
 from fixtures import FixtureProject
+from pipeline.evaluation import evaluate as ev
+from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.config import load_config
 from pipeline.data.prepared import open_prepared
 from pipeline.errors import SegpipeError
-from pipeline.evaluation import evaluate as ev
 from pipeline.evaluation.overlays import CLASS_PALETTE, OVERLAY_ALPHA, class_colour, class_overlay
-from pipeline.evaluation.report import report
+from pipeline.stages.report import report
 from pipeline.inference import load_settings, predict, settings_from_config
 from pipeline.metrics import ClassTally, class_keys, class_scores, per_class, pixel_accuracy, pooled_per_class
 from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint
-from pipeline.preprocessing.prepare import prepare_dataset
+from pipeline.stages.prepare import prepare
 from pipeline.transforms.presets import preprocess
 from test_datasets import add, disk_label, write_folders
 
@@ -139,7 +140,7 @@ def three_class_dataset(project: FixtureProject) -> Path:
         label[:, :IGNORED_COLUMNS] = IGNORE
         iio.imwrite(path, label)
     assert add("three", folders, "--classes", ",".join(CLASSES), "--ignore-value", str(IGNORE)) == 0
-    out = prepare_dataset("three")
+    out = prepare("three")
     assert json.loads((out / "stats.json").read_text())["classes"] == CLASSES
     return out
 
@@ -195,7 +196,7 @@ def test_evaluate_three_classes_per_class_metrics_mlflow_overlays_report(
     eval_config(project)
     make_checkpoint(project, "unet", "unet", base_width=4, depth=2, padding="same", batch_norm=True)
     monkeypatch.setattr(ev, "predict", fake_predict)
-    m = ev.evaluate("three", "unet")
+    m = run_evaluate("three", "unet")
     out = project.root / "results" / "three" / "unet"
 
     # by hand: the rule's label maps against the references, inside the FOV
@@ -257,7 +258,7 @@ def test_evaluate_three_classes_real_unetpp_with_heads(project: FixtureProject) 
     three_class_dataset(project)
     eval_config(project, overlays=0)  # tile 32, no TTA
     path = make_checkpoint(project, "unetpp", "unetpp", base_width=2, depth=2, batch_norm=True)
-    m = ev.evaluate("three", "unetpp")
+    m = run_evaluate("three", "unetpp")
     table = pd.read_csv(project.root / "results" / "three" / "unetpp" / "per_image.csv")
     model, pruned = load_model(path), load_model(path, prune_level=1, mode="fast")
     base = settings_from_config(load_config("inference"), "configs/inference.yaml")
@@ -286,7 +287,7 @@ def test_checkpoint_must_fit_the_classes(project: FixtureProject) -> None:
     unet = {"base_width": 4, "depth": 2, "padding": "same", "batch_norm": True}
     make_checkpoint(project, "unet", "unet", out_channels=1, **unet)
     with pytest.raises(SegpipeError, match=r"best\.pt: the network has 1 output channel.*3 classes.*need 3"):
-        ev.evaluate("three", "unet")
+        run_evaluate("three", "unet")
     make_checkpoint(project, "unet", "unet", class_names=["background", "cell", "edge"], **unet)
     with pytest.raises(SegpipeError, match=r"best\.pt: trained on the classes .*'cell'.*stats\.json"):
-        ev.evaluate("three", "unet")
+        run_evaluate("three", "unet")

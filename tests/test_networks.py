@@ -15,19 +15,22 @@ from pipeline.config import load_config
 from pipeline.errors import SegpipeError
 from pipeline.networks import (
     CHECKPOINT_FORMAT,
+    SegmentationNetwork,
     average_heads,
     build_network,
     config_keys,
     load_model,
     network_config,
     network_names,
+    register_network,
     save_checkpoint,
     unet_halo,
     unet_input_size,
     unet_output_size,
     unet_valid_output_size,
 )
-from pipeline.bench.networks import count_conv_calls
+from pipeline.networks.unetpp import UNetPlusPlus
+from benchmarks.networks import count_conv_calls
 
 torch.set_num_threads(1)
 
@@ -340,6 +343,56 @@ def test_config_presets_build(preset):
     assert (paper_unet["padding"], paper_unet["base_width"]) == ("valid", 64)
 
 
+class _Tiny(SegmentationNetwork):
+    """A network registered at run time: a 3x3 conv of `width` channels and a 1x1 head."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, width: int = 2) -> None:
+        super().__init__("tiny", {"width": width}, in_channels, out_channels)
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor):
+        return (self.body(x), []) if self.training else self.body(x)
+
+
+def test_a_network_missing_from_a_preset_builds_with_its_registered_defaults(monkeypatch, tmp_path):
+    from pipeline.networks import registry
+
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # the registration ends with the test
+    register_network("tiny", _Tiny, {"width": 3})
+    presets = load_config("networks")
+    assert all("tiny" not in presets[preset] for preset in ("default", "paper"))
+    config = network_config(presets, "tiny", "default", "configs/networks.yaml")
+    assert config == {"width": 3}
+    model = build_network("tiny", 1, 2, **config)
+    assert model.config == {"width": 3} and model.body[0].out_channels == 3
+    assert network_config({"default": {"tiny": {"width": 5}}}, "tiny", "default", "w") == {"width": 5}
+    with pytest.raises(SegpipeError, match="unknown network 'nonet'"):
+        network_config(presets, "nonet", "default", "configs/networks.yaml")
+    with pytest.raises(SegpipeError, match="w: no preset 'nope'"):
+        network_config(presets, "tiny", "nope", "w")
+    path = save_checkpoint(model, tmp_path / "tiny.pt")
+    assert load_model(path).config == {"width": 3}
+    with pytest.raises(SegpipeError, match=r"cannot override \['mode'\] for network 'tiny' "
+                                           r"\(only unetpp takes mode / prune_level at load time\)"):
+        load_model(path, mode="fast")
+
+
+def test_load_time_overrides_follow_the_network_class(tmp_path):
+    assert (SegmentationNetwork.load_overrides, UNetPlusPlus.load_overrides) == ((), ("mode", "prune_level"))
+    unet_path = save_checkpoint(build_network("unet", 1, 1, base_width=2), tmp_path / "u.pt")
+    with pytest.raises(SegpipeError) as refused:
+        load_model(unet_path, prune_level=1)
+    assert str(refused.value) == (f"{unet_path}: cannot override ['prune_level'] for network 'unet' "
+                                  "(only unetpp takes mode / prune_level at load time)")
+    unetpp_path = save_checkpoint(build_network("unetpp", 1, 1, base_width=2, depth=2), tmp_path / "pp.pt")
+    with pytest.raises(SegpipeError, match=r"cannot override \['mode', 'width'\] for network 'unetpp'"):
+        load_model(unetpp_path, mode="fast", width=3)
+    loaded = load_model(unetpp_path, mode="fast")
+    assert (loaded.mode, loaded.prune_level, loaded.training) == ("fast", 2, False)
+
+
 def test_bench_cli_is_registered():
     from pipeline.cli import build_parser
 
@@ -348,7 +401,7 @@ def test_bench_cli_is_registered():
 
 
 def test_bench_measures_in_process():
-    from pipeline.bench.networks import Case, measure
+    from benchmarks.networks import Case, measure
 
     case = Case("tiny", "segpipe", "unet", dict(base_width=2, depth=2))
     result = measure(case, "backward", 16, 1, 1, (1, 2))

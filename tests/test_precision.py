@@ -19,7 +19,7 @@ from pipeline.inference import load_settings, predict
 from pipeline.networks import build_network, read_checkpoint
 from pipeline.networks import precision as precision_module
 from pipeline.networks.precision import PrecisionWarning, check_precision
-from pipeline.training.stage import train
+from pipeline.stages.train import train
 
 PRESETS = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "networks.yaml").read_text())
 ARCHITECTURES = {

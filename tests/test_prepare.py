@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 
 from fixtures import FixtureProject, ctc_members, disk_instances, drive_members, sha256, write_zip
+from pipeline.config import read_config
 from pipeline.data.io import read_volume
 from pipeline.data.manifest import write_file_manifest
-from pipeline.preprocessing.prepare import prepare_dataset, separate_touching
+from pipeline.data.settings import check_data_config
+from pipeline.preprocessing.prepare import separate_touching
+from pipeline.stages.prepare import prepare
 from pipeline.errors import SegpipeError
 
 
@@ -50,7 +53,7 @@ def no_temp_left(project: FixtureProject) -> bool:
 
 def test_prepare_drive_converts_and_splits(project: FixtureProject) -> None:
     install_raw(project, "drive", drive_zips())
-    out = prepare_dataset("drive")
+    out = prepare("drive")
     table = pd.read_csv(out / "manifest.csv")
     assert table["split"].value_counts().to_dict() == {"train": 4, "test": 3, "val": 1}
     assert sorted(table.loc[table.split == "test", "case"]) == ["test_01", "test_02", "test_03"]
@@ -77,7 +80,7 @@ def _runs(dataset: str) -> list:
 
 def test_prepare_is_tracked_in_mlflow(project: FixtureProject) -> None:
     install_raw(project, "u373", {"PhC-C2DH-U373.zip": ctc_members("PhC-C2DH-U373")})
-    prepare_dataset("u373")
+    prepare("u373")
     run = _runs("u373")[0]
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "prepare"
     assert run.data.metrics["cases_train"] == 2 and run.data.metrics["cases_test"] == 2
@@ -87,28 +90,28 @@ def test_prepare_is_tracked_in_mlflow(project: FixtureProject) -> None:
     del members["PhC-C2DH-U373/01/t000.tif"]
     install_raw(project, "u373", {"PhC-C2DH-U373.zip": members})
     with pytest.raises(SegpipeError):
-        prepare_dataset("u373")
+        prepare("u373")
     assert _runs("u373")[0].info.status == "FAILED"
 
 
 def test_split_is_seeded_and_recorded(project: FixtureProject) -> None:
     install_raw(project, "drive", drive_zips())
-    first = pd.read_csv(prepare_dataset("drive") / "manifest.csv")
-    again = pd.read_csv(prepare_dataset("drive") / "manifest.csv")
+    first = pd.read_csv(prepare("drive") / "manifest.csv")
+    again = pd.read_csv(prepare("drive") / "manifest.csv")
     pd.testing.assert_frame_equal(first, again)
     cfg = project.data_config()
     cfg["prepare"]["seed"] = 7
     project.set_data_config(cfg)
-    other = pd.read_csv(prepare_dataset("drive") / "manifest.csv")
+    other = pd.read_csv(prepare("drive") / "manifest.csv")
     assert list(other["split"]) != list(first["split"])  # 5 training cases: 5 choices of the val case
 
 
 def test_prepare_cells_keeps_frames_with_ground_truth(project: FixtureProject) -> None:
     install_raw(project, "u373", {"PhC-C2DH-U373.zip": ctc_members("PhC-C2DH-U373")})
-    table = pd.read_csv(prepare_dataset("u373") / "manifest.csv")  # the u373 card: GT frames only
+    table = pd.read_csv(prepare("u373") / "manifest.csv")  # the u373 card: GT frames only
     assert sorted(table["case"]) == ["01_000", "01_002", "01_004", "02_001", "02_003"]
     install_raw(project, "hela", {"DIC-C2DH-HeLa.zip": ctc_members("DIC-C2DH-HeLa")})
-    out = prepare_dataset("hela")  # the hela card: silver_truth, sequence 01's other frames train on 01_ST
+    out = prepare("hela")  # the hela card: silver_truth, sequence 01's other frames train on 01_ST
     table = pd.read_csv(out / "manifest.csv")
     assert sorted(table["case"]) == ["01_000", "01_001", "01_002", "01_003", "01_004", "01_005", "02_001", "02_003"]
     assert table.loc[table.case.str.startswith("02"), "split"].eq("test").all()  # GT only: no 02 silver frame
@@ -143,7 +146,7 @@ def test_corrupt_zip_names_the_archive(project: FixtureProject) -> None:
     data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64  # damage a member's bytes (not zeros: a stored member may hold zeros there)
     archive.write_bytes(bytes(data))
     with pytest.raises(SegpipeError, match=r"DIC-C2DH-HeLa\.zip: .*(corrupt|not a readable zip)"):
-        prepare_dataset("hela")
+        prepare("hela")
     assert not prepared(project, "hela").exists() and no_temp_left(project)
 
 
@@ -152,13 +155,13 @@ def test_truncated_zip_names_the_archive(project: FixtureProject) -> None:
     archive = project.root / "data/raw/hela/DIC-C2DH-HeLa.zip"
     archive.write_bytes(archive.read_bytes()[:5000])
     with pytest.raises(SegpipeError, match=r"DIC-C2DH-HeLa\.zip: not a readable zip"):
-        prepare_dataset("hela")
+        prepare("hela")
 
 
 def test_missing_file_is_named(project: FixtureProject) -> None:
     install_raw(project, "drive", drive_zips({"test/1st_manual/02_manual1.gif": None}))
     with pytest.raises(SegpipeError, match=r"test/1st_manual/02_manual1\.gif: missing"):
-        prepare_dataset("drive")
+        prepare("drive")
     assert not prepared(project, "drive").exists() and no_temp_left(project)
 
 
@@ -166,7 +169,7 @@ def test_extra_and_unknown_files_are_named(project: FixtureProject) -> None:
     extra = drive_members()["training/images/21_training.tif"]
     install_raw(project, "drive", drive_zips({"training/images/39_training.tif": extra, "training/notes.txt": b"hi"}))
     with pytest.raises(SegpipeError) as err:
-        prepare_dataset("drive")
+        prepare("drive")
     assert "training/notes.txt: unexpected file" in str(err.value)
 
 
@@ -174,21 +177,21 @@ def test_extra_file_matching_the_layout_is_named(project: FixtureProject) -> Non
     extra = drive_members()["training/images/21_training.tif"]
     install_raw(project, "drive", drive_zips({"training/images/39_training.tif": extra}))
     with pytest.raises(SegpipeError, match=r"training/images/39_training\.tif: extra file"):
-        prepare_dataset("drive")
+        prepare("drive")
 
 
 def test_changed_file_fails_its_sha256(project: FixtureProject) -> None:
     other = drive_members(seed=5)["training/images/22_training.tif"]
     install_raw(project, "drive", drive_zips({"training/images/22_training.tif": other}))
     with pytest.raises(SegpipeError, match=r"22_training\.tif: sha256 [0-9a-f]{64}, expected [0-9a-f]{64}"):
-        prepare_dataset("drive")
+        prepare("drive")
 
 
 def test_wrong_shape_against_the_manifest(project: FixtureProject) -> None:
     small = drive_members(shape=(32, 40))["training/images/22_training.tif"]
     install_raw(project, "drive", drive_zips({"training/images/22_training.tif": small}))
     with pytest.raises(SegpipeError, match=r"22_training\.tif: shape 32x40x3, expected 48x40x3"):
-        prepare_dataset("drive")
+        prepare("drive")
 
 
 def _ctc_with(path: str, array: np.ndarray) -> dict[str, dict[str, bytes]]:
@@ -202,13 +205,13 @@ def _ctc_with(path: str, array: np.ndarray) -> dict[str, dict[str, bytes]]:
 def test_wrong_shape_against_the_layout(project: FixtureProject) -> None:
     install_raw(project, "hela", _ctc_with("DIC-C2DH-HeLa/01/t003.tif", np.zeros((32, 64), np.uint16)))
     with pytest.raises(SegpipeError, match=r"01/t003\.tif: shape \(32, 64\), expected \(64, 64\)"):
-        prepare_dataset("hela")
+        prepare("hela")
 
 
 def test_wrong_dtype_against_the_layout(project: FixtureProject) -> None:
     install_raw(project, "hela", _ctc_with("DIC-C2DH-HeLa/02_GT/SEG/man_seg003.tif", np.zeros((64, 64), np.float32)))
     with pytest.raises(SegpipeError, match=r"man_seg003\.tif: dtype float32, expected one of \['uint16'\]"):
-        prepare_dataset("hela")
+        prepare("hela")
 
 
 def test_wrong_count_against_the_layout(project: FixtureProject) -> None:
@@ -216,23 +219,23 @@ def test_wrong_count_against_the_layout(project: FixtureProject) -> None:
     del members["DIC-C2DH-HeLa/02/t005.tif"]
     install_raw(project, "hela", {"DIC-C2DH-HeLa.zip": members})
     with pytest.raises(SegpipeError, match=r"02/image: 5 files, expected exactly 6"):
-        prepare_dataset("hela")
+        prepare("hela")
 
 
 def test_failed_prepare_keeps_the_previous_output(project: FixtureProject) -> None:
     install_raw(project, "drive", drive_zips())
-    out = prepare_dataset("drive")
+    out = prepare("drive")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     install_raw(project, "drive", drive_zips({"test/mask/01_test_mask.gif": None}))
     with pytest.raises(SegpipeError):
-        prepare_dataset("drive")
+        prepare("drive")
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert before == after and no_temp_left(project)
 
 
 def test_prepare_without_download_says_what_to_run(project: FixtureProject) -> None:
     with pytest.raises(SegpipeError, match="run `segpipe download u373` first"):
-        prepare_dataset("u373")
+        prepare("u373")
 
 
 def test_manifest_command_matches_an_independent_manifest(project: FixtureProject, tmp_path: Path) -> None:
@@ -242,7 +245,7 @@ def test_manifest_command_matches_an_independent_manifest(project: FixtureProjec
         for name, data in members.items():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes(data)
-    out = write_file_manifest("drive", str(source), str(tmp_path / "drive_files.csv"))
+    out = write_file_manifest("drive", str(source), read_config("data", check_data_config), str(tmp_path / "drive_files.csv"))
     ours = pd.read_csv(out).sort_values("path").reset_index(drop=True)
     reference = pd.read_csv(project.root / "data_manifests/drive_files.csv").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(ours, reference, check_dtype=False)

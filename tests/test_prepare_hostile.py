@@ -26,7 +26,7 @@ from test_archives import DATA_LIMITS, MIB, crc_of_zeros, deflated_zeros, make_z
 from test_prepare import install_raw, no_temp_left, prepared
 from pipeline.data.io import read_raster
 from pipeline.errors import SegpipeError
-from pipeline.preprocessing.prepare import prepare_dataset
+from pipeline.stages.prepare import prepare
 
 HELA = "DIC-C2DH-HeLa"
 LIMIT = DATA_LIMITS["max_image_values"]
@@ -51,7 +51,7 @@ def test_prepare_refuses_a_zip_bomb_before_unpacking(project: FixtureProject) ->
     install_zip(project, "hela", archive)
     with pytest.raises(SegpipeError, match=rf"data/raw/hela/{HELA}\.zip: member {bomb}: declares 1468006400 bytes "
                                            r"from 14\d{5} compressed .*refused before unpacking"):
-        prepare_dataset("hela")
+        prepare("hela")
     assert not prepared(project, "hela").exists() and no_temp_left(project)
 
 
@@ -62,7 +62,7 @@ def test_prepare_refuses_duplicate_members(project: FixtureProject) -> None:
     install_zip(project, "hela", archive)
     expected = rf"raw/hela/{HELA}\.zip: refused before unpacking anything .*\n  - {name}: duplicate"
     with pytest.raises(SegpipeError, match=expected):
-        prepare_dataset("hela")
+        prepare("hela")
     assert not prepared(project, "hela").exists() and no_temp_left(project)
 
 
@@ -113,7 +113,7 @@ def test_prepare_refuses_an_image_header_claiming_35000x35000(project: FixturePr
     install_raw(project, "hela", {f"{HELA}.zip": members})
     start = time.perf_counter()
     with pytest.raises(SegpipeError, match=rf"{frame}: the header declares a 35000x35000 image .*refused before decod"):
-        prepare_dataset("hela")
+        prepare("hela")
     assert time.perf_counter() - start < 60 and no_temp_left(project)
 
 
@@ -140,11 +140,11 @@ def test_stale_temp_folders_of_the_dataset_are_removed_at_the_next_start(project
         (folder / name / "unpacked").mkdir(parents=True)
         (folder / name / "unpacked" / "t000.tif").write_bytes(b"half-written")
     with pytest.raises(SegpipeError, match="run `segpipe download hela` first"):
-        prepare_dataset("hela")  # a failing start cleans up too
+        prepare("hela")  # a failing start cleans up too
     left = sorted(p.name for p in folder.iterdir())
     assert left == sorted(n for k, n in names.items() if k != "killed")
     install_raw(project, "hela", {f"{HELA}.zip": ctc_members(HELA)})
-    prepare_dataset("hela")
+    prepare("hela")
     assert sorted(p.name for p in folder.iterdir()) == sorted([*left, "hela"])
 
 
@@ -168,11 +168,12 @@ def test_prepare_killed_with_sigkill_is_cleaned_at_the_next_start(project: Fixtu
     child = (
         "import time\n"
         "import pipeline.preprocessing.prepare as prepare\n"
+        "from pipeline.stages.prepare import prepare as run\n"
         "def hold(*args, **kwargs):\n"
         "    print('unpacked', flush=True)\n"
         "    time.sleep(600)\n"
         "prepare.validate = hold\n"
-        "prepare.prepare_dataset('hela')\n"
+        "run('hela')\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", child], cwd=project.root, env=dict(os.environ),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -186,5 +187,5 @@ def test_prepare_killed_with_sigkill_is_cleaned_at_the_next_start(project: Fixtu
         proc.stdout.close()
         proc.stderr.close()
     assert stale[0].exists()  # SIGKILL: no finally clause ran
-    prepare_dataset("hela")
+    prepare("hela")
     assert not stale[0].exists() and no_temp_left(project)

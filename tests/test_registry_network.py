@@ -12,9 +12,9 @@ from torch import nn
 
 from fixtures import FixtureProject, prepare_fixture_datasets
 from pipeline.errors import SegpipeError
-from pipeline.evaluation.evaluate import evaluate
+from pipeline.stages.evaluate import evaluate
 from pipeline.networks import HeadView, SegmentationNetwork, build_network, network_names, register_network
-from pipeline.training.stage import train
+from pipeline.stages.train import train
 from pipeline.training.supervision import build_loss
 
 

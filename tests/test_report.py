@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import REPO_ROOT
-from pipeline.evaluation.report import report
+from pipeline.stages.report import report
 from pipeline.errors import SegpipeError
 
 

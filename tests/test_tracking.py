@@ -15,14 +15,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from fixtures import FixtureProject
-from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import evaluate as ev
-from pipeline.evaluation.report import report
+from pipeline.stages.evaluate import evaluate as run_evaluate
+from pipeline.config import ConfigError, load_config
+from pipeline.stages.report import report
 from pipeline.tracking import (
     EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, PARENT_STAGE, RUN_GROUP_TAG, TrackingSettings, data_digest, parent_run,
     run_group, stage_run, tracking_settings, tracking_uri,
 )
-from pipeline.training.stage import train
+from pipeline.stages.train import train
 from test_evaluate import UNET, drive_case, fake_predict, make_checkpoint, make_prepared, work  # noqa: F401 (fixture)
 from test_train import drive_project  # noqa: F401 (fixture)
 
@@ -103,7 +104,7 @@ def test_evaluate_run_has_test_and_val_inputs_system_metrics_and_mlflow_json(
         return (x[0] > 0).astype(np.float32)
 
     monkeypatch.setattr(ev, "predict", fake_predict(slow_oracle))
-    ev.evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
+    run_evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
     run = latest("drive", "evaluate", "unet")
     manifest = work / "data" / "prepared" / "drive" / "manifest.csv"
     assert inputs_of(run) == {"drive-test": expected(manifest, "test", "testing"),
@@ -135,7 +136,7 @@ def test_evaluate_without_val_threshold_logs_only_the_test_split(work: Path) -> 
     config = yaml.safe_load((work / "configs" / "evaluate.yaml").read_text())
     config.update(val_threshold=False, overlays=0)
     (work / "configs" / "evaluate.yaml").write_text(yaml.safe_dump(config))
-    ev.evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
+    run_evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
     run = latest("drive", "evaluate", "unet")
     assert set(inputs_of(run)) == {"drive-test"}
     assert not any(key.startswith("system/") for key in run.data.metrics)  # system_metrics.enabled: false

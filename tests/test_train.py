@@ -18,7 +18,7 @@ from fixtures import FixtureProject, prepare_fixture_datasets
 from pipeline.training.loader import PatchDataset, StepSampler
 from pipeline.training.optim import learning_rate
 from pipeline.training.settings import resolve_settings
-from pipeline.training.stage import load_train_configs, train
+from pipeline.stages.train import load_train_configs, train
 from pipeline.errors import SegpipeError
 from pipeline.networks import load_model, read_checkpoint
 
@@ -357,7 +357,7 @@ def test_the_border_target_trains_three_classes_and_is_scored_as_cells(project: 
     """target: border on the CTC fixture: background / interior / border from the instances, a 3-channel
     network whose instance settings may use the border method, evaluated as 1 - P(background) with
     instance maps from its three channels; DRIVE (no instances) refuses the target."""
-    from pipeline.evaluation.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
     from pipeline.postprocessing.instances import BORDER_CLASSES
     from pipeline.postprocessing.planning import candidates
 

@@ -36,7 +36,7 @@ def test_bench_quality_on_cells_at_equal_steps_reports_seg(project, capsys: pyte
     import yaml
 
     from fixtures import prepare_fixture_datasets
-    from pipeline.bench.training import run_quality
+    from benchmarks.training import run_quality
 
     prepare_fixture_datasets(project, ("hela",))
     cfg_path = project.root / "configs" / "train.yaml"

@@ -24,7 +24,7 @@ from pipeline.data.prepared import open_prepared
 from pipeline.inference import export_onnx, inference_network, load_settings, onnx_network, settings_from_config
 from pipeline.inference.onnx_meta import PREFIX, read_meta
 from pipeline.inference.resume import open_log, run_key
-from pipeline.inference.stage import config_settings
+from pipeline.stages.infer import config_settings
 from pipeline.metrics import best_f1_threshold, confusion, histogram_best_f1, histogram_best_mean_dice, score_histogram
 from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint
 from pipeline.training.validation import validate, validation_cases, validation_settings, validation_thresholds

@@ -1,3 +1,2 @@
-"""Parsers and handlers of the `segpipe` commands that are tools rather than DVC stages (the stages'
-handlers stay in `pipeline/cli.py`, where tests/test_dvc_deps.py finds them); `pipeline.bench.commands`
-holds the benchmarks'."""
+"""The entries of the `segpipe` commands that are tools rather than DVC stages (`dataset`, `manifest`,
+`weightmap`): one module each, mapped by `pipeline.cli.COMMANDS`; the stages' are in `pipeline.stages`."""

@@ -1,7 +1,8 @@
 """`segpipe dataset add` / `segpipe dataset import`: folders of images and labels, an nnU-Net v2 raw
 folder or a MONAI datalist becomes a dataset (tools, not DVC stages).
 
-Heavy modules are imported inside the handler so that `segpipe --help` stays fast.
+The entry names the files a dataset is registered in (configs/data.yaml, configs/augment.yaml,
+configs/datasets/) and calls `pipeline.data.registry`.
 """
 from __future__ import annotations
 
@@ -9,23 +10,27 @@ import argparse
 import math
 from pathlib import Path
 
+from pipeline.config import cards_dir, config_path
+from pipeline.data.cards import FolderSource
+from pipeline.data.registry import ConfigFiles, add_dataset, import_dataset
+
+
+def config_files() -> ConfigFiles:
+    """Where `segpipe dataset add/import` registers a dataset."""
+    return ConfigFiles(config_path("data"), config_path("augment"), cards_dir())
+
 
 def _cmd_dataset_add(args: argparse.Namespace) -> int:
-    from pipeline.data.cards import FolderSource
-    from pipeline.data.registry import add_dataset
-
     source = FolderSource(args.images, args.labels, masks=args.masks, instances=args.instances,
                           test_images=args.test_images, test_labels=args.test_labels, test_masks=args.test_masks,
                           test_instances=args.test_instances)
-    add_dataset(args.name, source, class_names=None if args.classes is None else args.classes.split(","),
+    add_dataset(config_files(), args.name, source, class_names=None if args.classes is None else args.classes.split(","),
                 ignore_value=args.ignore_value, test_fraction=args.test_fraction)
     return 0
 
 
 def _cmd_dataset_import(args: argparse.Namespace) -> int:
-    from pipeline.data.registry import import_dataset
-
-    import_dataset(args.name, args.path, base_dir=args.base_dir,
+    import_dataset(config_files(), args.name, args.path, base_dir=args.base_dir,
                    class_names=None if args.classes is None else args.classes.split(","),
                    ignore_value=args.ignore_value, test_fraction=args.test_fraction)
     return 0
@@ -41,9 +46,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def add_dataset_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dataset", help="add a dataset from folders, an nnU-Net raw folder or a MONAI datalist "
-                       "(writes its card)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = what.add_parser(
         "add",

@@ -41,10 +41,9 @@ from typing import Any, ClassVar, Union
 
 import yaml
 
-from pipeline.config import ConfigError, check_bool, check_keys, check_list, check_number, check_str, config_dir
+from pipeline.config import ConfigError, check_bool, check_keys, check_list, check_number, check_str
 from pipeline.errors import SegpipeError
 
-CARDS_FOLDER = "datasets"
 CARD_KEYS = ("source", "classes", "ignore_value", "channels", "test_fraction", "modality", "spacing", "plan")
 OPTIONAL_KEYS = ("ignore_value", "test_fraction", "modality", "spacing", "plan")
 PLAN_REQUESTS = ("channels", "clahe")  # the card's `plan:` keys; each takes only "auto"
@@ -144,11 +143,6 @@ class DatasetCard:
     @property
     def label_values(self) -> list[int]:
         return list(self.classes.values())
-
-
-def cards_dir() -> Path:
-    """`configs/datasets/` beside the params files (for the stages' entries)."""
-    return config_dir() / CARDS_FOLDER
 
 
 def card_path(folder: Path, name: str) -> Path:

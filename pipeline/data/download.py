@@ -24,10 +24,9 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.data.cards import DatasetCard, cards_dir, load_card
+from pipeline.data.cards import DatasetCard
 from pipeline.data import folders, importers
 from pipeline.data.io import atomic_path, sha256_file, write_text
-from pipeline.data.settings import load_data_config
 from pipeline.data.sources import Archive, DatasetSource, get_source
 from pipeline.errors import SegpipeError
 
@@ -186,17 +185,16 @@ def import_archive(path: Path, raw_dir: Path, source: DatasetSource, accepted: s
 
 
 def download_dataset(
-    dataset: str,
+    card: DatasetCard,
+    cfg: Mapping[str, Any],
     *,
     from_paths: Sequence[str] | None = None,
     accept_sha256: Sequence[str] | None = None,
     mirror: str | None = None,
 ) -> Path:
-    """Fetch or import every archive of `dataset` (a folder dataset: record its files); returns the
-    raw folder. CLI flags win over config."""
-    cfg = load_data_config()
-    dl_cfg = cfg["download"]
-    card = load_card(cards_dir(), dataset)
+    """Fetch or import every archive of the dataset of `card` (a folder dataset: record its files) as
+    configs/data.yaml (`cfg`, checked) says; returns the raw folder. Arguments win over `cfg`."""
+    dataset, dl_cfg = card.name, cfg["download"]
     raw_dir = Path(cfg["raw_dir"]) / dataset
     raw_dir.mkdir(parents=True, exist_ok=True)
     if card.archives is None:

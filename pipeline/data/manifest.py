@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,6 @@ from tqdm import tqdm
 
 from pipeline.data.archives import UnpackLimits, unpack
 from pipeline.data.io import read_raster, sha256_file, write_text
-from pipeline.data.settings import load_data_config
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError, raise_problems
 
@@ -130,11 +130,12 @@ def read_file_manifest(path: Path) -> pd.DataFrame:
     return table
 
 
-def write_file_manifest(dataset: str, source_path: str, output: str | None = None) -> Path:
-    """`segpipe manifest`: hash and describe every file of a verified copy (folder or archive) into a CSV."""
+def write_file_manifest(dataset: str, source_path: str | Path, cfg: Mapping[str, Any],
+                        output: str | None = None) -> Path:
+    """`segpipe manifest`: hash and describe every file of a verified copy (folder or archive) into a
+    CSV; `cfg`: configs/data.yaml, checked."""
     import tempfile
 
-    cfg = load_data_config()
     limits = cfg["prepare"]["limits"]
     manifests_dir = Path(cfg["manifests_dir"])
     source = get_source(manifests_dir, dataset)

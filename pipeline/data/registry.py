@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from pipeline.config import config_path
+from pipeline.config import read_yaml
 from pipeline.data.cards import (
-    FolderSource, ImportedSource, NnunetSource, card_path, card_text, cards_dir, check_folders, parse_card,
+    FolderSource, ImportedSource, NnunetSource, card_path, card_text, check_folders, parse_card,
 )
 from pipeline.data.folders import FolderCase, pair_cases, read_channels, read_plane
 from pipeline.data.importers import detect_source, list_cases, read_dataset_json
 from pipeline.data.io import write_text
-from pipeline.data.settings import check_data_config, load_data_config
+from pipeline.data.settings import check_data_config
 from pipeline.errors import SegpipeError
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_]*")
@@ -34,22 +35,32 @@ CHANNEL_NAMES = {1: ["gray"], 3: ["red", "green", "blue"], 4: ["red", "green", "
 AUGMENT_BASE = "generic"
 
 
-def add_dataset(name: str, source: FolderSource, class_names: list[str] | None = None,
+@dataclass(frozen=True)
+class ConfigFiles:
+    """The files a new dataset is registered in: configs/data.yaml, configs/augment.yaml and the cards folder."""
+
+    data: Path
+    augment: Path
+    cards: Path
+
+
+def add_dataset(files: ConfigFiles, name: str, source: FolderSource, class_names: list[str] | None = None,
                 ignore_value: int | None = None, test_fraction: float = 0.2) -> Path:
     """Write NAME's card for folders and register it in configs/data.yaml and configs/augment.yaml;
     returns the card."""
-    limit = _new_name(name)
+    limit = _new_name(files, name)
     cases = pair_cases(check_folders(source, "segpipe dataset add"))
     classes = infer_classes(label_values(cases, ignore_value, limit), class_names, source.labels)
     names = channel_names(read_channels(cases[0].images, limit).shape[-1])
-    return _register(name, source, cases, classes, names, None if source.has_test else test_fraction, ignore_value)
+    return _register(files, name, source, cases, classes, names, None if source.has_test else test_fraction,
+                     ignore_value)
 
 
-def import_dataset(name: str, path: Path, base_dir: Path | None = None, class_names: list[str] | None = None,
+def import_dataset(files: ConfigFiles, name: str, path: Path, base_dir: Path | None = None, class_names: list[str] | None = None,
                    ignore_value: int | None = None, test_fraction: float = 0.2) -> Path:
     """Write NAME's card for an nnU-Net v2 raw folder or a MONAI datalist (read in place) and register
     it; an nnU-Net dataset.json gives the classes, ignore label and channel names. Returns the card."""
-    limit = _new_name(name)
+    limit = _new_name(files, name)
     source = detect_source(path, base_dir)
     cases = list_cases(source)
     channels = read_channels(cases[0].images, limit).shape[-1]
@@ -66,17 +77,17 @@ def import_dataset(name: str, path: Path, base_dir: Path | None = None, class_na
         classes = infer_classes(label_values(cases, ignore_value, limit), class_names, source.file)
         names = channel_names(channels)
     has_test = any(case.part == "test" for case in cases)
-    return _register(name, source, cases, classes, names, None if has_test else test_fraction, ignore_value)
+    return _register(files, name, source, cases, classes, names, None if has_test else test_fraction, ignore_value)
 
 
-def _new_name(name: str) -> int:
+def _new_name(files: ConfigFiles, name: str) -> int:
     """Check that NAME is a new, well-formed dataset name; returns prepare.limits.max_image_values."""
-    cfg = load_data_config()
-    path = card_path(cards_dir(), name)
+    cfg = check_data_config(read_yaml(files.data), str(files.data))
+    path = card_path(files.cards, name)
     if not NAME_PATTERN.fullmatch(name):
         raise SegpipeError(f"dataset name {name!r}: expected lower-case letters, digits and _ (e.g. my_vessels)")
     if path.exists() or name in cfg["datasets"]:
-        raise SegpipeError(f"{path}: dataset {name!r} exists already ({config_path('data')} datasets: "
+        raise SegpipeError(f"{path}: dataset {name!r} exists already ({files.data} datasets: "
                            f"{cfg['datasets']}); edit its card, or choose another name")
     return int(cfg["prepare"]["limits"]["max_image_values"])
 
@@ -86,10 +97,10 @@ def channel_names(count: int) -> list[str]:
     return CHANNEL_NAMES.get(count, [f"channel_{i}" for i in range(count)])
 
 
-def _register(name: str, source: FolderSource | ImportedSource, cases: list[FolderCase], classes: dict[str, int],
+def _register(files: ConfigFiles, name: str, source: FolderSource | ImportedSource, cases: list[FolderCase], classes: dict[str, int],
               channels: list[str], test_fraction: float | None, ignore_value: int | None) -> Path:
     """Write the card, add NAME to configs/data.yaml and its preset to configs/augment.yaml."""
-    data_path, augment_path, path = config_path("data"), config_path("augment"), card_path(cards_dir(), name)
+    data_path, augment_path, path = files.data, files.augment, card_path(files.cards, name)
     text = card_text(name, source, classes, channels, test_fraction, ignore_value)
     card = parse_card(yaml.safe_load(text), name, path)  # what `prepare` will read
     fov = "fov" in cases[0].files or ignore_value is not None

@@ -1,4 +1,4 @@
-"""configs/data.yaml, checked once by the data stages' entries (download, manifest, prepare).
+"""configs/data.yaml, checked by the entries that read it (`read_config("data", check_data_config)`).
 
 Every key is required (the file is the one place its defaults live); errors name the file and the
 key. `download.from.<dataset>` lists archives to import instead of downloading.
@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.config import (
-    ConfigError, check_int, check_keys, check_list, check_number, check_str, config_path, load_config,
+    ConfigError, check_int, check_keys, check_list, check_number, check_str,
 )
 
 TOP_KEYS = ("datasets", "cell_datasets", "folder_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download", "prepare")
@@ -51,8 +51,3 @@ def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
         check_int(limits[key], f"prepare.limits.{key}", where, minimum=1)
     check_number(limits["max_compression_ratio"], "prepare.limits.max_compression_ratio", where, low=1)
     return cfg
-
-
-def load_data_config() -> dict[str, Any]:
-    """configs/data.yaml, read and checked (for the data stages' entries)."""
-    return check_data_config(load_config("data"), str(config_path("data")))

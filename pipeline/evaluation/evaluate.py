@@ -77,24 +77,21 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import (
-    check_bool, check_int, check_keys, check_number, check_str, config_path, load_config,
-)
+from pipeline.config import check_bool, check_int, check_keys, check_number, check_str
 from pipeline.data.io import atomic_path, write_text
-from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
-from pipeline.data.settings import load_data_config
+from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.evaluation.heads import HeadRunner, Reduce, head_metrics, head_runners, heads_table
 from pipeline.evaluation.overlays import write_png
 from pipeline.evaluation.scoring import BinaryScoring, Case, ClassScoring, Scoring, check_classes
 from pipeline.evaluation.summary import summary_text
 from pipeline.inference import (
-    InferenceNetwork, InferenceSettings, inference_network, load_settings, predict, settings_from_config,
+    InferenceNetwork, InferenceSettings, inference_network, predict,
 )
 from pipeline.metrics import best_f1_threshold
 from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
 from pipeline.postprocessing.instances import InstanceSettings
-from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run, tracking_settings
+from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run
 from pipeline.transforms.presets import preprocess
 
 CONFIG_KEYS = ("results_dir", "threshold", "val_threshold", "overlays", "curve_points", "per_head", "inference")
@@ -200,31 +197,6 @@ def pick_threshold(predictor: _Predictor, data: PreparedDataset, desc: str) -> t
         return best_f1_threshold(np.concatenate(scores), np.concatenate(truth))
     except SegpipeError as exc:
         raise SegpipeError(f"{data.manifest_path}: validation split: {exc}") from exc
-
-
-def evaluate(
-    dataset: str,
-    network: str,
-    *,
-    models_dir: Path | None = None,
-    results_dir: Path | None = None,
-    precision: str | None = None,
-) -> dict[str, Any]:
-    """The `evaluate` stage: models/<dataset>/<network>/best.pt on the test split.
-
-    Reads configs/evaluate.yaml, configs/inference.yaml (with evaluate.yaml's `inference`
-    overrides, then `precision` when given), configs/train.yaml (models_dir), configs/data.yaml (prepared_dir) and
-    configs/tracking.yaml (MLflow). Returns metrics.json's dict with the timings of timings.json added.
-    """
-    cfg = evaluate_config(load_config("evaluate"), str(config_path("evaluate")))
-    base = settings_from_config(load_config("inference"), str(config_path("inference")))
-    settings = load_settings(load_settings(base, **cfg["inference"], intensity="none"), precision=precision)
-    models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
-    data = open_prepared(dataset, prepared_root(load_data_config(), dataset))
-    out_dir = Path(results_dir if results_dir is not None else cfg["results_dir"]) / dataset / network
-    tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
-    return evaluate_checkpoint(models / dataset / network / "best.pt", data, network, cfg, settings, out_dir,
-                               tracking=tracking)
 
 
 def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Mapping[str, Any],

@@ -22,9 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from pipeline.config import check_list, check_str, config_path, load_config
 from pipeline.data.io import atomic_path, write_text
-from pipeline.data.settings import load_data_config
 from pipeline.errors import SegpipeError
 from pipeline.metrics import MEAN_FG
 
@@ -142,15 +140,6 @@ def mlflow_record(path: Path) -> dict[str, Any]:
     return {f"mlflow_{key}": record.get(key) for key in ("run_id", "experiment_id", "tracking_uri")}
 
 
-def configured_matrix() -> list[tuple[str, str]]:
-    """The (dataset, network) pairs of the DVC train/evaluate matrix: configs/data.yaml `datasets` x
-    configs/train.yaml `networks`."""
-    where = str(config_path("train"))
-    networks = check_list(load_config("train").get("networks"), "networks", where, nonempty=True)
-    return [(dataset, check_str(network, "networks[]", where))
-            for dataset in load_data_config()["datasets"] for network in networks]
-
-
 def cell(key: str, value: Any) -> str:
     """A report.md cell of the summary.csv column `key`."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -244,26 +233,16 @@ def csv_cells(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(classes=[json.dumps(v) if isinstance(v, list) else v for v in table["classes"]])
 
 
-def report(
-    results_dir: Path | None = None,
-    datasets: Iterable[str] | None = None,
-    networks: Iterable[str] | None = None,
-    *,
-    models_dir: Path | None = None,
-    matrix: Iterable[tuple[str, str]] | None = None,
-) -> Path:
-    """Collect results/*/*/metrics.json into results/summary.csv and results/report.md.
-
-    results_dir: configs/evaluate.yaml; models_dir (training logs): configs/train.yaml; matrix (the
-    (dataset, network) pairs report.md lists as not evaluated yet when they have no metrics.json):
-    `configured_matrix()`. Returns the path of report.md; SegpipeError when no metrics.json matches.
-    """
-    results_dir = Path(results_dir if results_dir is not None else load_config("evaluate")["results_dir"])
-    models_dir = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
+def write_report(results_dir: Path, models_dir: Path, matrix: Iterable[tuple[str, str]], *,
+                 datasets: Iterable[str] | None = None, networks: Iterable[str] | None = None) -> Path:
+    """Collect results_dir/*/*/metrics.json (and the training facts of models_dir/*/*/log.csv) into
+    results_dir/summary.csv and results_dir/report.md; the pairs of `matrix` (dataset, network) without
+    a metrics.json are listed as not evaluated yet. Returns the path of report.md; SegpipeError when no
+    metrics.json matches."""
     keep_ds = None if datasets is None else set(datasets)
     keep_net = None if networks is None else set(networks)
     table = collect(results_dir, models_dir, keep_ds, keep_net)
-    missing = [(d, n) for d, n in (configured_matrix() if matrix is None else matrix)
+    missing = [(d, n) for d, n in matrix
                if (keep_ds is None or d in keep_ds) and (keep_net is None or n in keep_net)
                and not (results_dir / d / n / "metrics.json").is_file()]
     with atomic_path(results_dir / "summary.csv") as tmp:

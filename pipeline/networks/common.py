@@ -101,13 +101,18 @@ class SegmentationNetwork(nn.Module):
     the network), `in_channels`, `out_channels`, `padding` ("valid" or "same"), `halo` (pixels
     lost per side, (input - output) / 2). A network with deep supervision overrides `head_names`,
     `deep_supervision_mode` and `head_views`; losses and evaluation read them, nothing else needs
-    to know the network.
+    to know the network. A network with settings that may change after training (UNet++'s `mode`
+    and `prune_level`) lists them in `load_overrides` and applies them in `with_overrides`.
     """
 
     deep_supervision_mode: str = "mean"
     """How the training loss combines the heads of the train() output: "mean" (UNet++, Zhou et al.
     2018: the loss averaged over the heads) or "sum" (U2-Net, Qin et al. 2020 eq. 1). With a single
     head both are the main head's loss."""
+
+    load_overrides: tuple[str, ...] = ()
+    """The config keys `load_model(path, **overrides)` may change on a trained network (inference-only
+    settings, applied by `with_overrides`); none by default, so any override is refused."""
 
     def __init__(
         self,
@@ -149,6 +154,14 @@ class SegmentationNetwork(nn.Module):
     def head_views(self) -> list[HeadView]:
         """The heads `segpipe evaluate` scores one by one (per_head); none for a single-head network."""
         return []
+
+    def with_overrides(self, **overrides: Any) -> SegmentationNetwork:
+        """This network with load-time `overrides` applied (keys of `load_overrides`, checked by
+        `load_model`). A network that declares `load_overrides` implements it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} lists load_overrides {self.load_overrides} but does not implement "
+            f"with_overrides (asked for {sorted(overrides)})"
+        )
 
     def extra_repr(self) -> str:
         return f"network_name={self.network_name!r}, config={self.config}"

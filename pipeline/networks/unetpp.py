@@ -13,7 +13,8 @@ supervision: 1x1 heads on X^{0,1}, ..., X^{0,depth}; at inference "accurate" ave
 
 Pruning (Sec. 2, Fig. 1c-d): UNet++ L_p is the sub-network of the nodes X^{i,j} with i + j <= p,
 ending in head X^{0,p}. `prune_level=p` builds only those nodes, so a pruned forward computes less;
-`UNetPlusPlus.pruned(p)` cuts a trained network down, keeping its weights.
+`UNetPlusPlus.pruned(p)` cuts a trained network down, keeping its weights, and `load_model(path,
+prune_level=p, mode=...)` does it at load time (`load_overrides`, `with_overrides`).
 
 "Same" padding: inputs divisible by 2**prune_level keep their size.
 """
@@ -76,6 +77,7 @@ class UNetPlusPlus(SegmentationNetwork):
         "prune_level": None,
         "widths": None,
     }
+    load_overrides: tuple[str, ...] = ("mode", "prune_level")
 
     def __init__(
         self,
@@ -176,6 +178,11 @@ class UNetPlusPlus(SegmentationNetwork):
         if self.training:
             return outs[-1], outs[:-1]
         return average_heads(outs) if len(outs) > 1 else outs[0]
+
+    def with_overrides(self, **overrides: Any) -> UNetPlusPlus:
+        """`pruned` at `overrides["prune_level"]` (default: this network's level) in
+        `overrides["mode"]` (default: this network's mode)."""
+        return self.pruned(overrides.get("prune_level", self.prune_level), overrides.get("mode"))
 
     def pruned(self, prune_level: int, mode: str | None = None) -> "UNetPlusPlus":
         """A new UNet++ L_`prune_level` holding this network's weights for the nodes it keeps.

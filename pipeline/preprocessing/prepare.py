@@ -38,26 +38,24 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from pipeline.config import config_path, load_config
 from pipeline.data.archives import UnpackLimits, unpack
-from pipeline.data.cards import DatasetCard, cards_dir, load_card, split_fraction
+from pipeline.data.cards import DatasetCard, split_fraction
 from pipeline.data.download import read_record
 from pipeline.data.folders import file_rows, load_cases, map_labels, pair_cases
 from pipeline.data.importers import list_cases
-from pipeline.data.settings import load_data_config
 from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, validate
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
 from pipeline.preprocessing.fingerprint import FINGERPRINT_NAME, dataset_fingerprint, write_fingerprint
-from pipeline.tracking import DataInput, log_datasets, stage_run, tracking_settings
+from pipeline.tracking import DataInput, TrackingSettings, log_datasets, stage_run
 from pipeline.tracking_store import pid_alive
 
 log = logging.getLogger(__name__)
@@ -176,17 +174,14 @@ def _cases(files: list[FoundFile], layout: Layout, silver: bool = False) -> pd.D
     return complete.sort_values("case").reset_index(drop=True)
 
 
-def prepare_dataset(dataset: str) -> Path:
-    """Run the prepare stage for one dataset (its card: configs/datasets/DATASET.yaml); returns
-    `data/prepared/<dataset>`."""
-    cfg = load_data_config()
-    prep_cfg = cfg["prepare"]
-    card = load_card(cards_dir(), dataset)
+def prepare_dataset(card: DatasetCard, cfg: Mapping[str, Any], tracking: TrackingSettings | None = None) -> Path:
+    """Run the prepare stage for the dataset of `card` with configs/data.yaml (`cfg`, checked) and MLflow
+    `tracking`; returns `data/prepared/<dataset>`."""
+    dataset, prep_cfg = card.name, cfg["prepare"]
     final = Path(cfg["prepared_dir"]) / dataset
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work_dirs(final)
     manifest, read = _reader(cfg, card, dataset)
-    tracking = tracking_settings(load_config("tracking"), str(config_path("tracking")))
     with stage_run("prepare", dataset, params={"prepare": prep_cfg}, manifest=manifest, tracking=tracking) as tracker:
         stats = _prepare_into(final, read, card, prep_cfg)
         if tracker is not None:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.arguments import nonnegative
+from pipeline.stages.arguments import nonnegative
+from pipeline.transforms.weightmap import write_weight_map_file
 
 
 def _cmd_weightmap(args: argparse.Namespace) -> int:
-    from pipeline.transforms.weightmap import write_weight_map_file
-
     output, preview = write_weight_map_file(
         args.label_image,
         output=args.output,
@@ -35,13 +34,11 @@ def _class_weights_arg(text: str) -> str | tuple[float, float]:
             f"expected auto, none or W_BG,W_FG (finite numbers >= 0), got {text!r}") from None
 
 
-def add_transforms_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "weightmap",
-        help="U-Net eq. 2 weight map of a label image (NIfTI or TIFF) with a PNG preview",
-        description="Write the U-Net loss weight map w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2)) of "
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Write the U-Net loss weight map w = w_c + w0 exp(-(d1 + d2)^2 / (2 sigma^2)) of "
         "one label image (instance ids, or a binary mask split into connected components), and a "
-        "PNG heat map over the image beside it.",
+        "PNG heat map over the image beside it."
     )
     p.add_argument("label_image", help="label image: NIfTI, TIFF, PNG, GIF ...")
     p.add_argument(

@@ -12,7 +12,7 @@ Ours runs the model in the profile's memory layout (`channels_last`), as `segpip
 each precision asked for (default fp32 and bf16, side by side); the MONAI-standard loop in
 PyTorch's default (NCHW) and fp32. Every rate is also given as achieved GFLOP/s (the FLOPs of one
 step, forward and backward, counted by torch's flop counter) and as a fraction of the machine's
-conv peak in that precision, measured by a probe in the same run (`pipeline.bench.peak`).
+conv peak in that precision, measured by a probe in the same run (`benchmarks.peak`).
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ from monai.data import CacheDataset, DataLoader, list_data_collate, set_track_me
 from monai.transforms import Compose, EnsureTyped, Rand2DElasticd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
 
 from pipeline.data.io import write_volume
-from pipeline.config import config_path, load_config
+from pipeline.config import config_path, load_config, read_config
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
-from pipeline.data.settings import load_data_config
+from pipeline.data.settings import check_data_config
 from pipeline.errors import SegpipeError
-from pipeline.bench.peak import conv_peak, count_flops, peak_line
+from benchmarks.peak import conv_peak, count_flops, peak_line
 from pipeline.networks import build_network
 from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.preprocessing.fingerprint import read_fingerprint
@@ -42,7 +42,7 @@ from pipeline.training.loader import build_loader, patch_keys
 from pipeline.training.optim import build_optimizer
 from pipeline.training.planning import plan_training
 from pipeline.training.settings import resolve_settings
-from pipeline.training.stage import load_train_configs
+from pipeline.stages.train import load_train_configs
 from pipeline.training.supervision import build_loss
 from pipeline.transforms.presets import preprocess, preset_section
 
@@ -127,7 +127,7 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
                  if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            prepared = open_prepared(dataset, prepared_root(load_data_config(), dataset))
+            prepared = open_prepared(dataset, prepared_root(read_config("data", check_data_config), dataset))
             source = f"prepared {dataset}"
         except SegpipeError:
             prepared = synthetic_prepared(Path(tmp) / "synthetic")
@@ -201,7 +201,7 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     """`segpipe bench quality`: issue 6's quality bar, side by side in one run.
 
     (a) `segpipe train DATASET NETWORK` with the current profile (its step count),
-    (b) the MONAI-standard baseline (`pipeline.bench.baseline`) for `baseline_seconds` of wall time
+    (b) the MONAI-standard baseline (`benchmarks.baseline`) for `baseline_seconds` of wall time
         (default: the time (a) took),
     both scored by `evaluate_probabilities` (test split; pixels pooled inside the FOV; F1 at 0.5 and
     at the best-F1 threshold of the validation split). Ours is predicted with the inference settings
@@ -219,17 +219,17 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     import copy
     import os
 
-    from pipeline.bench.baseline import evaluate_probabilities, predict_baseline, train_baseline
+    from benchmarks.baseline import evaluate_probabilities, predict_baseline, train_baseline
     from pipeline.evaluation.evaluate import evaluate_config
     from pipeline.inference import inference_network, load_settings, predict, settings_from_config
     from pipeline.networks import read_checkpoint
     from pipeline.postprocessing.instances import InstanceSettings
     from pipeline.training.instance_output import median_object_area
-    from pipeline.training.stage import train
+    from pipeline.stages.train import train
 
     if threads:
         torch.set_num_threads(threads)
-    prepared = open_prepared(dataset, prepared_root(load_data_config(), dataset))
+    prepared = open_prepared(dataset, prepared_root(read_config("data", check_data_config), dataset))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(workdir or tmp)
         old_uri = os.environ.get("MLFLOW_TRACKING_URI")

@@ -11,13 +11,13 @@ never whole in memory), then each measurement runs in its own subprocess so that
     the memory available now (it holds the image, its float copy, the float output and count map);
 (c) segpipe `predict_file` with the valid-padding U-Net of the same preset: overlap-tile throughput;
 (d) MONAI's streaming path, disk to disk: `PatchInferer` + `WSISlidingWindowSplitter` (OpenSlide)
-    + `ZarrAvgMerger`, labels written to a tiled TIFF (`pipeline.bench.monai_streaming`).
+    + `ZarrAvgMerger`, labels written to a tiled TIFF (`benchmarks.monai_streaming`).
 
 (a) and (c) run in each precision asked for (default fp32 and bf16), MONAI in fp32, and (unless
 skipped) once more on ONNX Runtime (the network's `segpipe export`, fp32); (a) writes each output
 format asked for (default `tiff`). Prints Mpx/s, peak RSS (and RSS above the process's baseline
 after imports and model load) and the ratios ours / MONAI, ours / MONAI streaming (every backend
-and format of (a)) and onnxruntime / torch fp32; and against the machine's limit (`pipeline.bench.peak`: the probe
+and format of (a)) and onnxruntime / torch fp32; and against the machine's limit (`benchmarks.peak`: the probe
 runs at the start and again in each row's worker right after its measurement, so the load of a
 shared machine at that moment weighs on both): the FLOPs of every window (torch's flop counter on
 one window x the windows of the plan) per wall second as GFLOP/s and as a fraction of the conv peak of that
@@ -27,6 +27,7 @@ pixels / image pixels: the overlap's cost). The CPU may be shared: numbers vary 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,7 +43,7 @@ import torch
 ORT = "onnxruntime"
 """The ONNX Runtime rows' method suffix."""
 STREAMING = "MONAI PatchInferer + ZarrAvgMerger (streaming)"
-"""MONAI's streaming row (`pipeline.bench.monai_streaming`)."""
+"""MONAI's streaming row (`benchmarks.monai_streaming`)."""
 _MONAI_BYTES_PER_PIXEL = 3 + 4 * 3 + 4 * 2 + 4 + 8 + 1
 """MONAI's peak per pixel: uint8 image, float32 input (3 ch), float32 output (2 ch), count map,
 int64 argmax, uint8 labels."""
@@ -93,7 +94,7 @@ def _checkpoints(workdir: Path, config: dict[str, Any], onnx: bool) -> dict[str,
 
 
 def _run_worker(args: list[str], timeout: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pipeline.bench.infer_worker", *args]
+    cmd = [sys.executable, "-m", "benchmarks.infer_worker", *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -135,12 +136,15 @@ def run_benchmark(
 
     if not formats or any(fmt not in FORMATS for fmt in formats):
         raise SegpipeError(f"--formats {','.join(formats)}: give a comma-separated list of {', '.join(FORMATS)}")
+    if monai_streaming and importlib.util.find_spec("openslide") is None:
+        raise SegpipeError("MONAI's streaming row reads through OpenSlide, which is not installed: "
+                           "pip install -e '.[bench]' (or --skip-monai-streaming)")
 
     import psutil
 
     from pipeline.config import config_path, load_config
     from pipeline.inference import load_settings
-    from pipeline.inference.stage import config_settings
+    from pipeline.stages.infer import config_settings
     from pipeline.networks import network_config
 
     settings = load_settings(config_settings(), tile=tile, overlap=overlap, blend=blend, batch_size=batch_size)

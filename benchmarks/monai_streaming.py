@@ -81,9 +81,9 @@ def run_patch_inferer(model: torch.nn.Module, image: str | Path, out: str | Path
 
 
 def worker(argv: Sequence[str]) -> None:
-    """One measurement in this (fresh) process, as `python -m pipeline.bench.infer_worker monai-streaming
-    ...`; prints a JSON line like the other measurements of `pipeline.bench.infer_worker`."""
-    p = argparse.ArgumentParser(prog="pipeline.bench.infer_worker monai-streaming")
+    """One measurement in this (fresh) process, as `python -m benchmarks.infer_worker monai-streaming
+    ...`; prints a JSON line like the other measurements of `benchmarks.infer_worker`."""
+    p = argparse.ArgumentParser(prog="benchmarks.infer_worker monai-streaming")
     for name in ("--checkpoint", "--image", "--out", "--blend"):
         p.add_argument(name, required=True)
     p.add_argument("--tile", type=int, required=True)
@@ -98,7 +98,7 @@ def worker(argv: Sequence[str]) -> None:
     import tifffile
     import zarr  # noqa: F401
 
-    from pipeline.bench.infer_worker import Timed
+    from benchmarks.timing import Timed
     from pipeline.inference import peak_rss_mb, reset_peak_rss
     from pipeline.networks import load_model
 

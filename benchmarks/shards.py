@@ -68,7 +68,7 @@ def _config_dir(root: Path, threads: int) -> Path:
 
 
 def _command(processes: int, model: Path, pattern: str, output: Path) -> list[str]:
-    infer = ["-m", __name__.split(".")[0], "infer", "--model", str(model), "--input", pattern, "--output", str(output),
+    infer = ["-m", "pipeline", "infer", "--model", str(model), "--input", pattern, "--output", str(output),
              "--no-progress"]
     if processes == 1:
         return [sys.executable, *infer]
@@ -135,8 +135,8 @@ def run_benchmark(
     timeout: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run the layouts and print the table and efficiencies; returns one dict per layout."""
-    from pipeline.bench.inference import synthetic_image
-    from pipeline.inference.stage import config_settings
+    from benchmarks.inference import synthetic_image
+    from pipeline.stages.infer import config_settings
 
     if images < 1 or size < 1:
         raise ValueError(f"images and size must be >= 1, got {images} and {size}")

@@ -1,7 +1,7 @@
-"""One measurement of `segpipe bench infer` (`pipeline.bench.inference`) in this fresh process, so
+"""One measurement of `segpipe bench infer` (`benchmarks.inference`) in this fresh process, so
 that its peak RSS is its own: `ours` (predict_file, torch or ONNX Runtime), `monai` (the in-memory
-SlidingWindowInferer), `monai-streaming` (`pipeline.bench.monai_streaming`) or `peak` (the conv
-probe, `pipeline.bench.peak`). Prints one JSON line."""
+SlidingWindowInferer), `monai-streaming` (`benchmarks.monai_streaming`) or `peak` (the conv
+probe, `benchmarks.peak`). Prints one JSON line."""
 from __future__ import annotations
 
 import argparse
@@ -13,17 +13,17 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline.bench.inference import FORMATS
+from benchmarks.inference import FORMATS
 
 
 def main(argv: Sequence[str]) -> None:
     """One measurement in this (fresh) process; prints a JSON line."""
-    p = argparse.ArgumentParser(prog="pipeline.bench.infer_worker")
+    p = argparse.ArgumentParser(prog="benchmarks.infer_worker")
     if argv[0] == "peak":
         _peak_worker(argv[1:])
         return
     if argv[0] == "monai-streaming":
-        from pipeline.bench.monai_streaming import worker as streaming_worker
+        from benchmarks.monai_streaming import worker as streaming_worker
 
         streaming_worker(argv[1:])
         return
@@ -53,6 +53,7 @@ def main(argv: Sequence[str]) -> None:
     if a.kind == "ours":
         import shutil
 
+        from benchmarks.timing import Timed
         from pipeline.inference import inference_network, load_settings, predict_file
         from pipeline.inference.outputs import output_paths
 
@@ -80,7 +81,7 @@ def main(argv: Sequence[str]) -> None:
         net_seconds = net.module.seconds
         flops = _window_flops(counted, tile_in, a)
         # the machine's peak right after the row, so a shared machine's load of the moment weighs on both
-        from pipeline.bench.peak import conv_peak
+        from benchmarks.peak import conv_peak
 
         row_peak = conv_peak(a.precision)
         seconds, pixels = report.seconds, report.megapixels
@@ -113,26 +114,12 @@ def main(argv: Sequence[str]) -> None:
                       "baseline_mb": baseline, "notes": notes, **extra}))
 
 
-class Timed(torch.nn.Module):
-    """The network's module, adding up the wall time of its forward calls."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module, self.seconds = module, 0.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        out = self.module(x)
-        self.seconds += time.perf_counter() - start
-        return out
-
-
 def _window_flops(net: Any, tile_in: int, a: argparse.Namespace) -> dict[str, float]:
     """GFLOP of all the windows of the image (one window counted x the plan's windows) and the
     windows' redundancy (window output pixels / image pixels)."""
     import tifffile
 
-    from pipeline.bench.peak import count_flops
+    from benchmarks.peak import count_flops
     from pipeline.inference.tiling import plan_tiles
 
     with tifffile.TiffFile(a.image) as tif:
@@ -144,7 +131,7 @@ def _window_flops(net: Any, tile_in: int, a: argparse.Namespace) -> dict[str, fl
 
 def _peak_worker(argv: Sequence[str]) -> None:
     """The conv peak of each precision in `argv` (optionally `--threads N`); prints a JSON line."""
-    from pipeline.bench.peak import conv_peak, peak_line
+    from benchmarks.peak import conv_peak, peak_line
 
     args = list(argv)
     if "--threads" in args:
@@ -155,7 +142,7 @@ def _peak_worker(argv: Sequence[str]) -> None:
     print(json.dumps({**peaks, "line": peak_line(peaks)}))
 
 
-__all__ = ["Timed", "main"]
+__all__ = ["main"]
 
 
 if __name__ == "__main__":

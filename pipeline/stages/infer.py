@@ -1,18 +1,63 @@
-"""`segpipe infer` and `segpipe export`: streamed inference and the ONNX export (tools, not DVC stages).
+"""`segpipe infer`: the entry of streamed inference, the one place it reads `configs/inference.yaml`.
 
-Heavy modules are imported inside the handlers so that `segpipe --help` stays fast.
+`run_infer` reads the file (DVC params) once into `InferenceSettings`, applies the command line's
+overrides and passes the settings down to `infer_files`; everything below takes values. Under
+torchrun (WORLD_SIZE > 1) each process runs its share of the inputs (`pipeline.inference.shards`).
 """
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any, Sequence
 
-from pipeline.commands.arguments import finite, precision_arg
+from pipeline.config import config_path, load_config
+from pipeline.inference.optimize import InferenceNetwork, ModelLike
+from pipeline.inference.settings import InferenceSettings, load_settings, parse_threshold, settings_from_config
+from pipeline.inference.streaming import InferenceReport, infer_files
+from pipeline.stages.arguments import finite, precision_arg
+from pipeline.torchrun import rank_env
+
+CONFIG_NAME = "inference"
+
+
+def config_settings() -> InferenceSettings:
+    """`configs/inference.yaml` as validated settings (errors name the file and the key)."""
+    return settings_from_config(load_config(CONFIG_NAME), str(config_path(CONFIG_NAME)))
+
+
+def run_infer(
+    model: ModelLike | InferenceNetwork,
+    inputs: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    save_probabilities: bool | None = None,
+    show_progress: bool = True,
+    nonfinite: float | None = None,
+    class_names: Sequence[str] | None = None,
+    **overrides: Any,
+) -> list[InferenceReport]:
+    """`segpipe infer`: `infer_files` with the settings of `configs/inference.yaml`, the non-None
+    `overrides` (`InferenceSettings` fields: tile, overlap, tta, ...) applied on top.
+
+    `save_probabilities` None keeps the file's `save_probabilities`. `nonfinite` replaces non-finite
+    input values (None: they are an error). `class_names`: see `infer_files`.
+    A failed input is reported and the others still run; SegpipeError at the end lists the failures.
+    Under torchrun every process takes its share of the inputs (`pipeline.inference.shards.run_shard`)
+    and returns the reports of its share.
+    """
+    settings = load_settings(config_settings(), **overrides)
+    env = rank_env()
+    if env.distributed:
+        from pipeline.inference.shards import run_shard
+
+        return run_shard(model, inputs, output_dir, settings=settings, env=env, show_progress=show_progress,
+                         save_probabilities=save_probabilities, nonfinite=nonfinite, class_names=class_names)
+    return infer_files(model, inputs, output_dir, settings=settings, save_probabilities=save_probabilities,
+                       show_progress=show_progress, nonfinite=nonfinite,
+                       class_names=class_names)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from pipeline.inference.settings import parse_threshold
-    from pipeline.inference.stage import run_infer
-
     run_infer(
         args.model,
         args.input,
@@ -39,24 +84,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.inference import export_onnx
-
-    path = export_onnx(args.model, args.output, opset=args.opset)
-    print(f"segpipe export: {args.model} -> {path} ({path.stat().st_size / 2**20:.1f} MB)")
-    return 0
-
-
-def add_inference_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "infer",
-        help="segment images of any size, streamed from disk to disk (sliding window)",
-        description="Run a trained checkpoint on TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any "
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Run a trained checkpoint on TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any "
         "SimpleITK image, band by band: memory is bounded by the tile band, not the image. Writes "
         "DIR/NAME_seg.* (uint8 label map; by default a tiled BigTIFF, NIfTI for NIfTI input, OME-TIFF for "
         "OME-TIFF input; see --format), with --save-probabilities DIR/NAME_prob.*, and for models "
         "that record instance settings DIR/NAME_inst.* (object ids; see --instances). "
-        "Defaults: configs/inference.yaml.",
+        "Defaults: configs/inference.yaml."
     )
     p.add_argument("--model", required=True, metavar="CKPT",
                    help="segpipe checkpoint (.pt) or its `segpipe export` (.onnx, runs on ONNX Runtime)")
@@ -104,18 +139,3 @@ def add_inference_commands(sub: argparse._SubParsersAction) -> None:
                    help="replace NaN, +-Inf and floats beyond float32 in the input by VALUE (default: such an "
                    "input is an error naming the file and the count of bad pixels)")
     p.set_defaults(handler=_cmd_infer)
-
-    p = sub.add_parser(
-        "export",
-        help="a checkpoint's inference graph as an ONNX model carrying its preprocessing and size contract",
-        description="Export the inference graph of a checkpoint (eval mode, batch norm folded, fp32) with "
-        "dynamic batch, height and width, its training preprocessing, network, size contract, class names "
-        "and training precision in the model's metadata, checked with onnx.checker and against torch on "
-        "ONNX Runtime. `segpipe infer --model MODEL.onnx` runs it.",
-    )
-    p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default onnx)")
-    p.add_argument("--opset", type=int, default=None, metavar="N",
-                   help="ONNX opset (default: torch's exporter default)")
-    p.add_argument("--output", default=None, metavar="PATH", help="output file (default: CKPT with .onnx)")
-    p.set_defaults(handler=_cmd_export)

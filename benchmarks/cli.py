@@ -12,7 +12,7 @@ from pipeline.config import setting_argument
 
 
 def _cmd_bench_networks(args: argparse.Namespace) -> int:
-    from pipeline.bench.networks import run_benchmark
+    from benchmarks.networks import run_benchmark
 
     run_benchmark(
         size=args.size,
@@ -37,7 +37,7 @@ def _bench_networks_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench_transforms(args: argparse.Namespace) -> int:
-    from pipeline.bench.transforms import run
+    from benchmarks.transforms import run
 
     return run(
         halo=args.halo,
@@ -66,7 +66,7 @@ def _bench_transforms_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench_infer(args: argparse.Namespace) -> int:
-    from pipeline.bench.inference import run_benchmark
+    from benchmarks.inference import run_benchmark
 
     run_benchmark(
         sizes=args.size,
@@ -128,7 +128,7 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench_shards(args: argparse.Namespace) -> int:
-    from pipeline.bench.shards import run_benchmark
+    from benchmarks.shards import run_benchmark
 
     run_benchmark(images=args.images, size=args.size, preset=args.preset, workdir=args.workdir,
                   single_thread=not args.skip_single_thread, timeout=args.timeout)
@@ -151,7 +151,7 @@ def _bench_shards_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from pipeline.bench.training import run_benchmark
+    from benchmarks.training import run_benchmark
 
     run_benchmark(args.network, steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size,
                   workers=args.workers, threads=args.threads, dataset=args.dataset, precisions=tuple(args.precision))
@@ -179,7 +179,7 @@ def _bench_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> int:
-    from pipeline.bench.training import run_quality
+    from benchmarks.training import run_quality
     from pipeline.training.settings import deep_merge
 
     overrides: dict = {}
@@ -227,8 +227,8 @@ BENCHES: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 }
 
 
-def add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks side by side with MONAI (not tests)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """`segpipe bench`'s arguments (pipeline.cli runs this entry lazily, as it does the stages')."""
     bench_sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, add_args in BENCHES.items():
         add_args(bench_sub.add_parser(name, help=f"benchmark: {name}"))

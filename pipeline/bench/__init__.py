@@ -1,1 +1,0 @@
-"""`segpipe bench ...`: benchmarks side by side with their anchors (MONAI, torch eager); not tests."""
