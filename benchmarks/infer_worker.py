@@ -44,7 +44,7 @@ def main(argv: Sequence[str]) -> None:
 
     import psutil
 
-    from pipeline.inference import peak_rss_mb, reset_peak_rss
+    from pipeline.inference.engine.memory import peak_rss_mb, reset_peak_rss
     from pipeline.networks import load_model
 
     if a.threads:
@@ -55,7 +55,7 @@ def main(argv: Sequence[str]) -> None:
 
         from benchmarks.timing import Timed
         from pipeline.inference import inference_network, load_settings, predict_file
-        from pipeline.inference.outputs import output_paths
+        from pipeline.inference.writers.formats import output_paths
 
         settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
                                  tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads,
@@ -120,7 +120,7 @@ def _window_flops(net: Any, tile_in: int, a: argparse.Namespace) -> dict[str, fl
     import tifffile
 
     from benchmarks.peak import count_flops
-    from pipeline.inference.tiling import plan_tiles
+    from pipeline.inference.engine.tiling import plan_tiles
 
     with tifffile.TiffFile(a.image) as tif:
         h, w = tif.pages[0].shape[:2]

@@ -99,7 +99,7 @@ def worker(argv: Sequence[str]) -> None:
     import zarr  # noqa: F401
 
     from benchmarks.timing import Timed
-    from pipeline.inference import peak_rss_mb, reset_peak_rss
+    from pipeline.inference.engine.memory import peak_rss_mb, reset_peak_rss
     from pipeline.networks import load_model
 
     if a.threads:

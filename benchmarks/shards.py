@@ -7,7 +7,7 @@ then `segpipe infer` runs on all the images, each layout in its own fresh comman
 
 - 1 process x 2 threads (`threads: 2`),
 - `torchrun --standalone --nproc_per_node 2` x 1 thread each (`threads: 1`; the inputs shared by
-  `pipeline.inference.shards`),
+  `pipeline.inference.run.shards`),
 - 1 process x 1 thread (reference for the speed-up; `--skip-single-thread` drops it).
 
 The thread counts go in through a copy of the configs with `threads` set (`SEGPIPE_CONFIG_DIR`);
@@ -85,7 +85,7 @@ def _pixels_digest(path: Path) -> str:
 def _run_layout(name: str, processes: int, threads: int, root: Path, model: Path, inputs: list[Path],
                 timeout: float | None) -> dict[str, Any]:
     """One `segpipe infer` command over every input; wall seconds and the outputs' pixel digests."""
-    from pipeline.inference import output_paths
+    from pipeline.inference.writers.formats import output_paths
 
     output = root / f"out-{processes}x{threads}"
     if output.exists():

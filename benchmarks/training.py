@@ -221,7 +221,8 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
 
     from benchmarks.baseline import evaluate_probabilities, predict_baseline, train_baseline
     from pipeline.evaluation.evaluate import evaluate_config
-    from pipeline.inference import inference_network, load_settings, predict, settings_from_config
+    from pipeline.inference import inference_network, load_settings, predict
+    from pipeline.inference.settings import settings_from_config
     from pipeline.networks import read_checkpoint
     from pipeline.postprocessing.instances import InstanceSettings
     from pipeline.training.instance_output import median_object_area

@@ -2,7 +2,7 @@
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE in every worker; outside torchrun
 the process is rank 0 of 1. Training (`pipeline.training.distributed`) joins a process group on top
-of these; inference (`pipeline.inference.shards`) only needs the numbers.
+of these; inference (`pipeline.inference.run.shards`) only needs the numbers.
 """
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ from torch import nn
 
 from pipeline.transforms.presets import preprocess
 from pipeline.errors import SegpipeError
-from pipeline.inference import load_settings, optimize_network, predict, predict_file
-from pipeline.inference.preprocessing import PreprocessedReader, histogram_percentile
-from pipeline.inference.readers import ArrayReader, ImageReader
+from pipeline.inference import load_settings, predict, predict_file
+from pipeline.inference.backends.torch_graph import optimize_network
+from pipeline.inference.readers.preprocessed import PreprocessedReader, histogram_percentile
+from pipeline.inference.readers.images import ArrayReader, ImageReader
 from pipeline.transforms.presets import SCHEMA
 
 torch.set_num_threads(1)

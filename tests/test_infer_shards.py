@@ -18,8 +18,8 @@ from torch import nn
 from fixtures import REPO_ROOT
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.inputs import check_output_clashes
-from pipeline.inference.shards import (
+from pipeline.inference.run.inputs import check_output_clashes
+from pipeline.inference.run.shards import (
     PrefixedStream,
     assign_shards,
     image_pixels,
@@ -89,7 +89,7 @@ def test_rank_env_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ({"RANK": "2", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "two"}):
         with pytest.raises(SegpipeError):
             rank_env(bad)
-    monkeypatch.setattr("pipeline.inference.shards.available_cores", lambda: 8)
+    monkeypatch.setattr("pipeline.inference.run.shards.available_cores", lambda: 8)
     assert [threads_per_process(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
 
 

@@ -10,17 +10,11 @@ from torch import nn
 
 from fixtures import FlipAveraged
 from pipeline.errors import SegpipeError
-from pipeline.inference import (
-    InferenceSettings,
-    load_settings,
-    optimize_network,
-    output_period,
-    plan_tiles,
-    predict,
-    settings_from_config,
-    source_index,
-)
-from pipeline.inference.optimize import count_batch_norm, fold_batch_norm, inplace_activations
+from pipeline.inference import InferenceSettings, load_settings, predict
+from pipeline.inference.backends.torch_graph import optimize_network
+from pipeline.inference.engine.tiling import output_period, plan_tiles, source_index
+from pipeline.inference.settings import settings_from_config
+from pipeline.inference.backends.torch_graph import count_batch_norm, fold_batch_norm, inplace_activations
 
 torch.set_num_threads(1)
 

@@ -15,8 +15,9 @@ import zarr
 from torch import nn
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import inference_network, infer_files, load_settings, output_paths, predict_file
-from pipeline.inference.outputs import instance_path
+from pipeline.inference import infer_files, inference_network, load_settings, predict_file
+from pipeline.inference.writers.formats import output_paths
+from pipeline.inference.writers.formats import instance_path
 from pipeline.networks import build_network, save_checkpoint
 from pipeline.postprocessing.instances import InstanceSettings, extract_instances
 from pipeline.postprocessing.stitching import instances_of

@@ -132,20 +132,38 @@ def _is_ours(name: str | None) -> bool:
 
 
 COMMANDS_TABLE = "COMMANDS"  # in pipeline/cli.py: command -> (entry module, help)
+LAZY_TABLE = "_API"  # in a package's __init__.py: public name -> the module it is loaded from on first use
+LAZY = "(lazy)"
+
+
+def _tables(tree: ast.Module) -> dict[str, ast.Dict]:
+    out = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and isinstance(node.value, ast.Dict):
+            out[target.id] = node.value
+    return out
 
 
 def command_strings(tree: ast.Module) -> dict[int, str]:
     """id(string node) -> command, for every string of a module-level `COMMANDS = {command: ...}` dict:
-    the CLI imports the entry a value names only when that command runs."""
+    the CLI imports the entry a value names only when that command runs. The strings of a lazy
+    `_API` table get LAZY: a module loaded only when its name is used (never by the package itself)."""
     out: dict[int, str] = {}
-    for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
-            node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(target, ast.Name) and target.id == COMMANDS_TABLE and isinstance(node.value, ast.Dict):
-            for key, value in zip(node.value.keys, node.value.values):
-                if isinstance(key, ast.Constant) and isinstance(key.value, str):
-                    out.update({id(n): key.value for n in ast.walk(value) if isinstance(n, ast.Constant)})
+    tables = _tables(tree)
+    for key, value in zip(tables[COMMANDS_TABLE].keys, tables[COMMANDS_TABLE].values) if COMMANDS_TABLE in tables else ():
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            out.update({id(n): key.value for n in ast.walk(value) if isinstance(n, ast.Constant)})
+    if LAZY_TABLE in tables:
+        out.update({id(n): LAZY for n in ast.walk(tables[LAZY_TABLE]) if isinstance(n, ast.Constant)})
     return out
+
+
+def lazy_names(tree: ast.Module) -> set[str]:
+    """The public names of a module's lazy `_API` table."""
+    table = _tables(tree).get(LAZY_TABLE)
+    return {k.value for k in table.keys if isinstance(k, ast.Constant)} if table is not None else set()
 
 
 def parse_imports(module: Module, known: set[str]) -> list[Import]:
@@ -393,6 +411,26 @@ def test_the_package_never_imports_the_benchmarks() -> None:
     assert not bad, "pipeline/ imports the benchmarks (they stay beside the product):\n  " + "\n  ".join(bad)
 
 
+def facade_imports(pkg: Package) -> list[str]:
+    """Imports, by a module of pipeline/, of a name a package loads lazily (its `_API`): the package's
+    own code imports the module that defines it, so its deps show (the facade is for users)."""
+    bad = []
+    for module in pkg.modules.values():
+        for node in ast.walk(module.tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve_from(module, node)
+                if base in pkg.modules:
+                    names = lazy_names(pkg.modules[base].tree) & {a.name for a in node.names}
+                    bad += [f"{module.rel}:{node.lineno}: from {base} import {n}" for n in sorted(names)]
+    return sorted(bad)
+
+
+def test_the_package_imports_no_lazy_public_name() -> None:
+    bad = facade_imports(load_package())
+    assert not bad, ("import these from the module that defines them (the package's lazy public API is for "
+                     "users, and hides the module from tests/test_dvc_deps.py):\n  " + "\n  ".join(bad))
+
+
 def test_checker_catches_a_config_read_and_a_benchmark_import(tmp_path: Path) -> None:
     """Self-test: a training module reading configs/ and importing benchmarks is reported; an entry is not."""
     pkg_dir = tmp_path / PACKAGE
@@ -406,3 +444,6 @@ def test_checker_catches_a_config_read_and_a_benchmark_import(tmp_path: Path) ->
     pkg = load_package(tmp_path)
     assert config_reads_below_entries(pkg) == ["pipeline/training/loop.py:5: load_config(...)"]
     assert benchmark_imports(pkg) == ["pipeline/training/loop.py:4: imports benchmarks.peak"]
+    (pkg_dir / "stages" / "__init__.py").write_text('_API = {"run": "pipeline.stages.train"}\n')
+    (pkg_dir / "training" / "epochs.py").write_text("from pipeline.stages import run, other\n")
+    assert facade_imports(load_package(tmp_path)) == ["pipeline/training/epochs.py:1: from pipeline.stages import run"]

@@ -25,7 +25,8 @@ from pipeline.data.prepared import open_prepared
 from pipeline.errors import SegpipeError
 from pipeline.evaluation.overlays import CLASS_PALETTE, OVERLAY_ALPHA, class_colour, class_overlay
 from pipeline.stages.report import report
-from pipeline.inference import load_settings, predict, settings_from_config
+from pipeline.inference import load_settings, predict
+from pipeline.inference.settings import settings_from_config
 from pipeline.metrics import ClassTally, class_keys, class_scores, per_class, pixel_accuracy, pooled_per_class
 from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint
 from pipeline.stages.prepare import prepare

@@ -120,7 +120,8 @@ def test_an_ignore_value_needs_the_fov_in_the_loss(three: Path) -> None:
 
 def test_the_pyfunc_model_gives_argmax_label_maps(project: FixtureProject, three: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.inference import load_settings, predict, settings_from_config
+    from pipeline.inference import load_settings, predict
+    from pipeline.inference.settings import settings_from_config
     from pipeline.training.mlflow_model import write_settings
     from pipeline.training.pyfunc_model import SegmentationModel
     from pipeline.transforms.presets import preprocess

@@ -19,12 +19,13 @@ from torch import nn
 from fixtures import Exploding
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import load_settings, output_paths, predict, predict_file
-from pipeline.inference.ngff import OmeZarrWriter
-from pipeline.inference.ome_meta import PixelSize, name_classes, pixel_size
-from pipeline.inference.ome_tiff import LABEL_VALUES_NAMESPACE, OmeTiffWriter
-from pipeline.inference.pyramid import Pyramid, halve, level_shapes
-from pipeline.inference.readers import ImageMeta
+from pipeline.inference import load_settings, predict, predict_file
+from pipeline.inference.writers.formats import output_paths
+from pipeline.inference.writers.ome_zarr import OmeZarrWriter
+from pipeline.inference.writers.ome_meta import PixelSize, name_classes, pixel_size
+from pipeline.inference.writers.ome_tiff import LABEL_VALUES_NAMESPACE, OmeTiffWriter
+from pipeline.inference.writers.pyramid import Pyramid, halve, level_shapes
+from pipeline.inference.readers.images import ImageMeta
 
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")  # ome_zarr import
 torch.set_num_threads(1)
@@ -381,7 +382,7 @@ def _label_names(path: Path) -> list[str]:
 
 
 def test_chunk_spool_gives_back_every_block_and_removes_its_file(tmp_path):
-    from pipeline.inference.spool import ChunkSpool
+    from pipeline.inference.writers.spool import ChunkSpool
 
     rng = np.random.default_rng(5)
     blocks = {(k, c, y): rng.random((7 if y else 32, 45)).astype(np.float32) for k in range(2) for c in range(2)

@@ -13,15 +13,10 @@ import torch
 from torch import nn
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import (
-    export_onnx,
-    load_settings,
-    onnx_network,
-    optimize_network,
-    predict,
-    recorded_preprocessing,
-)
-from pipeline.inference.onnx_meta import PREFIX, read_meta
+from pipeline.inference import export_onnx, load_settings, predict
+from pipeline.inference.backends.onnx_runtime import onnx_network
+from pipeline.inference.backends.torch_graph import optimize_network, recorded_preprocessing
+from pipeline.inference.backends.onnx_meta import PREFIX, read_meta
 from pipeline.networks import build_network, load_model, save_checkpoint
 from pipeline.transforms.presets import SCHEMA
 

@@ -1,4 +1,4 @@
-"""Resume of an interrupted or killed `segpipe infer` (`pipeline.inference.resume`): the outputs of a
+"""Resume of an interrupted or killed `segpipe infer` (`pipeline.inference.run.resume`): the outputs of a
 resumed run equal those of an uninterrupted one bit for bit, in every output format and window
 strategy; a changed input, model or setting starts over and says why; SIGKILL at random moments."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.errors import SegpipeError
 from pipeline.inference import inference_network, load_settings, predict_file
-from pipeline.inference.resume import RECORD, progress_folder
+from pipeline.inference.run.resume import RECORD, progress_folder
 from pipeline.networks import build_network, save_checkpoint
 
 torch.set_num_threads(1)
@@ -243,7 +243,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
 
 
 def test_stale_temps_of_killed_processes_are_removed(tmp_path):
-    from pipeline.inference.writers import remove_stale_temps, temp_prefix
+    from pipeline.inference.writers.base import remove_stale_temps, temp_prefix
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -21,8 +21,9 @@ from torch import nn
 from fixtures import Exploding
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import load_settings, output_paths, predict, predict_file
-from pipeline.inference.readers import open_image
+from pipeline.inference import load_settings, predict, predict_file
+from pipeline.inference.writers.formats import output_paths
+from pipeline.inference.readers.images import open_image
 
 torch.set_num_threads(1)
 H, W = 70, 90
@@ -260,7 +261,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np, tifffile, torch
     torch.set_num_threads(1)
-    from pipeline.inference import load_settings, peak_rss_mb, predict, predict_file, reset_peak_rss
+    from pipeline.inference import load_settings, predict, predict_file
+    from pipeline.inference.engine.memory import peak_rss_mb, reset_peak_rss
     from pipeline.networks import build_network
 
     mode, folder = sys.argv[1], sys.argv[2]

@@ -16,14 +16,16 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import pipeline.inference.streaming as streaming
+import pipeline.inference.run.predict as streaming
 from fixtures import FixtureProject
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.data.prepared import open_prepared
-from pipeline.inference import export_onnx, inference_network, load_settings, onnx_network, settings_from_config
-from pipeline.inference.onnx_meta import PREFIX, read_meta
-from pipeline.inference.resume import open_log, run_key
+from pipeline.inference import export_onnx, inference_network, load_settings
+from pipeline.inference.backends.onnx_runtime import onnx_network
+from pipeline.inference.settings import settings_from_config
+from pipeline.inference.backends.onnx_meta import PREFIX, read_meta
+from pipeline.inference.run.resume import open_log, run_key
 from pipeline.stages.infer import config_settings
 from pipeline.metrics import best_f1_threshold, confusion, histogram_best_f1, histogram_best_mean_dice, score_histogram
 from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint

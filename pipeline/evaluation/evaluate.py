@@ -85,9 +85,9 @@ from pipeline.evaluation.heads import HeadRunner, Reduce, head_metrics, head_run
 from pipeline.evaluation.overlays import write_png
 from pipeline.evaluation.scoring import BinaryScoring, Case, ClassScoring, Scoring, check_classes
 from pipeline.evaluation.summary import summary_text
-from pipeline.inference import (
-    InferenceNetwork, InferenceSettings, inference_network, predict,
-)
+from pipeline.inference.backends.torch_graph import InferenceNetwork, torch_network
+from pipeline.inference.engine.sliding_window import predict
+from pipeline.inference.settings import InferenceSettings
 from pipeline.metrics import best_f1_threshold
 from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
 from pipeline.postprocessing.instances import InstanceSettings
@@ -229,7 +229,7 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     with stage_run("evaluate", dataset, params=params, manifest=data.manifest_path, network=network,
                    datasets=inputs, tracking=tracking) as tracker:
         reduce = (ClassScoring if multiclass else BinaryScoring).reduce
-        predictor = _Predictor(dataset, inference_network(model, settings), ckpt["augment"], settings, reduce)
+        predictor = _Predictor(dataset, torch_network(model, settings), ckpt["augment"], settings, reduce)
         scoring, scoring_facts = _scoring(predictor, data, cfg, classes, tag, ckpt.get("instances"), str(path))
         predictor.seconds = 0.0
         runners = head_runners(model, replace(settings, tta=()), reduce) if cfg["per_head"] else []  # heads: no TTA

@@ -20,7 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.inference import InferenceNetwork, InferenceSettings, inference_network, predict, probabilities, tta_logits
+from pipeline.inference.backends.torch_graph import InferenceNetwork, torch_network
+from pipeline.inference.engine.sliding_window import predict, probabilities
+from pipeline.inference.engine.tta import tta_logits
+from pipeline.inference.settings import InferenceSettings
 from pipeline.metrics import foreground
 from pipeline.networks import HeadView, SegmentationNetwork
 
@@ -63,10 +66,10 @@ def head_runners(model: SegmentationNetwork, settings: InferenceSettings, reduce
     for view in model.head_views():
         separate = len(view.labels) == 1
         if separate:
-            net = inference_network(view.network, settings)
+            net = torch_network(view.network, settings)
             run = lambda x, net=net: reduce(predict(net, x, settings=settings))[None]  # noqa: E731
         else:
-            net = inference_network(view.network, replace(settings, compile=False))
+            net = torch_network(view.network, replace(settings, compile=False))
             run = lambda x, net=net, n=len(view.labels): multi_head_scores(net, x, settings, n, reduce)  # noqa: E731
         runners.append(HeadRunner(view, run, separate, sum(p.numel() for p in view.network.parameters())))
     return runners

@@ -1,67 +1,56 @@
 """Sliding-window inference on images of any size, streamed from disk to disk: the public API.
 
 `predict(model, image, ...)` -> probabilities (K, H, W) float32 for an image in memory;
-`predict_file(model, input_path, output_path, ...)` -> the same result streamed band by band from
-a TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any SimpleITK format into a tiled BigTIFF, NIfTI,
-pyramidal OME-TIFF or OME-Zarr (`OUTPUT_FORMATS`).
-The network's padding picks the strategy: "same" -> MONAI-identical blended windows, "valid" -> the
-U-Net paper's overlap-tile. `model` is a `pipeline.networks` module, a checkpoint path or its
-`export_onnx` (.onnx, run by ONNX Runtime: `onnx_network`).
-Settings are values (`InferenceSettings`, defaults equal to `configs/inference.yaml`); only the
-`segpipe infer` entry (`pipeline.inference.stage`) reads that file. Other packages import from
-here, not from the submodules.
-"""
-from pipeline.inference.export import export_onnx, onnx_model
-from pipeline.inference.onnx_backend import onnx_network
-from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network, recorded_preprocessing
-from pipeline.inference.outputs import FORMATS as OUTPUT_FORMATS
-from pipeline.inference.outputs import output_paths
-from pipeline.inference.settings import (
-    InferenceSettings,
-    load_settings,
-    parse_threshold,
-    resolve_threshold,
-    settings_from_config,
-)
-from pipeline.inference.sliding import RowStream, inference_network, predict, probabilities, stream_probabilities
-from pipeline.inference.memory import peak_rss_mb, reset_peak_rss
-from pipeline.inference.inputs import expand_inputs
-from pipeline.inference.streaming import InferenceReport, infer_files, predict_file
-from pipeline.inference.tiling import TilePlan, output_period, plan_tiles, source_index
-from pipeline.inference.tta import TTA_TRANSFORMS, tta_logits
-from pipeline.inference.writers import to_labels
+`predict_file(model, input_path, output_path, ...)` / `infer_files(...)` -> the same streamed band by
+band from a TIFF/BigTIFF/OME-TIFF, NIfTI, PNG/JPEG or any SimpleITK format into a tiled BigTIFF,
+NIfTI, pyramidal OME-TIFF or OME-Zarr (`OUTPUT_FORMATS`). A model is a `pipeline.networks` module, a
+checkpoint path, or an `InferenceNetwork` from `inference_network` (which runs a .onnx export of
+`export_onnx` on ONNX Runtime). Settings are values (`InferenceSettings`, `load_settings`; defaults
+equal to configs/inference.yaml, which only the `segpipe infer` entry reads).
 
-__all__ = [
-    "OUTPUT_FORMATS",
-    "TTA_TRANSFORMS",
-    "InferenceNetwork",
-    "InferenceReport",
-    "InferenceSettings",
-    "ModelLike",
-    "RowStream",
-    "TilePlan",
-    "expand_inputs",
-    "export_onnx",
-    "infer_files",
-    "inference_network",
-    "load_settings",
-    "onnx_model",
-    "onnx_network",
-    "optimize_network",
-    "output_paths",
-    "output_period",
-    "parse_threshold",
-    "peak_rss_mb",
-    "plan_tiles",
-    "predict",
-    "predict_file",
-    "probabilities",
-    "recorded_preprocessing",
-    "reset_peak_rss",
-    "resolve_threshold",
-    "settings_from_config",
-    "source_index",
-    "stream_probabilities",
-    "to_labels",
-    "tta_logits",
-]
+The subpackages, each importing only those before it:
+
+    readers/   images in (TIFF, NIfTI, SimpleITK, arrays) and the checkpoint's preprocessing on the fly
+    backends/  the network: torch graph (torch_graph), ONNX export, metadata and runtime, the choice (select)
+    engine/    tiling, sliding-window blending, TTA, memory checks, probabilities -> labels
+    writers/   tiled TIFF, OME-TIFF, OME-Zarr, NIfTI, their OME metadata, pyramids, spools; formats.py
+    run/       predict_file / infer_files (run/predict.py), predict on any backend (run/in_memory.py),
+               resume, torchrun shards, input globs
+
+The names below load their module on first use, so `import pipeline.inference.engine.tiling` runs no
+writer. The package's own modules import from the subpackages, never from here (tests/test_layers.py).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> its module
+_API: dict[str, str] = {
+    "InferenceSettings": "pipeline.inference.settings",
+    "load_settings": "pipeline.inference.settings",
+    "InferenceNetwork": "pipeline.inference.backends.torch_graph",
+    "inference_network": "pipeline.inference.backends.select",
+    "export_onnx": "pipeline.inference.backends.onnx_export",
+    "predict": "pipeline.inference.run.in_memory",
+    "to_labels": "pipeline.inference.engine.labels",
+    "OUTPUT_FORMATS": "pipeline.inference.writers.formats",
+    "predict_file": "pipeline.inference.run.predict",
+    "infer_files": "pipeline.inference.run.predict",
+    "InferenceReport": "pipeline.inference.run.predict",
+}
+_ATTRIBUTE = {"OUTPUT_FORMATS": "FORMATS"}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), _ATTRIBUTE.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -26,7 +26,7 @@ from pipeline.config import (
     check_number,
 )
 from pipeline.errors import SegpipeError
-from pipeline.inference.tta import TTA_TRANSFORMS
+from pipeline.inference.engine.tta import TTA_TRANSFORMS
 from pipeline.networks.precision import PRECISIONS
 
 BLENDS = ("gaussian", "constant")
@@ -36,9 +36,9 @@ PREPROCESSING = ("checkpoint", "intensity")
 PROBABILITY_DTYPES = ("uint8", "float16", "float32")
 COMPRESSIONS = ("zlib", "zstd", "lzw", "lzma", "none")
 BACKENDS = ("torch", "onnxruntime")
-"""`backend`: the torch graph of `optimize_network`, or ONNX Runtime (`pipeline.inference.onnx_backend`)."""
+"""`backend`: the torch graph of `optimize_network`, or ONNX Runtime (`pipeline.inference.backends.onnx_runtime`)."""
 OUTPUT_FORMATS = ("auto", "tiff", "ome-tiff", "ome-zarr", "nifti")
-"""`output_format`: `auto` = like the input (see `pipeline.inference.outputs`)."""
+"""`output_format`: `auto` = like the input (see `pipeline.inference.writers.formats`)."""
 INSTANCE_OUTPUTS = ("auto", "off")
 """`instances`: `auto` writes NAME_inst.* when the model records instance settings (`segpipe train` on a
 dataset with reference instances), `off` never."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.inference.export import export_onnx
+from pipeline.inference.backends.onnx_export import export_onnx
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 `run_infer` reads the file (DVC params) once into `InferenceSettings`, applies the command line's
 overrides and passes the settings down to `infer_files`; everything below takes values. Under
-torchrun (WORLD_SIZE > 1) each process runs its share of the inputs (`pipeline.inference.shards`).
+torchrun (WORLD_SIZE > 1) each process runs its share of the inputs (`pipeline.inference.run.shards`).
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import os
 from typing import Any, Sequence
 
 from pipeline.config import config_path, load_config
-from pipeline.inference.optimize import InferenceNetwork, ModelLike
+from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
 from pipeline.inference.settings import InferenceSettings, load_settings, parse_threshold, settings_from_config
-from pipeline.inference.streaming import InferenceReport, infer_files
+from pipeline.inference.run.predict import InferenceReport, infer_files
 from pipeline.stages.arguments import finite, precision_arg
 from pipeline.torchrun import rank_env
 
@@ -42,13 +42,13 @@ def run_infer(
     `save_probabilities` None keeps the file's `save_probabilities`. `nonfinite` replaces non-finite
     input values (None: they are an error). `class_names`: see `infer_files`.
     A failed input is reported and the others still run; SegpipeError at the end lists the failures.
-    Under torchrun every process takes its share of the inputs (`pipeline.inference.shards.run_shard`)
+    Under torchrun every process takes its share of the inputs (`pipeline.inference.run.shards.run_shard`)
     and returns the reports of its share.
     """
     settings = load_settings(config_settings(), **overrides)
     env = rank_env()
     if env.distributed:
-        from pipeline.inference.shards import run_shard
+        from pipeline.inference.run.shards import run_shard
 
         return run_shard(model, inputs, output_dir, settings=settings, env=env, show_progress=show_progress,
                          save_probabilities=save_probabilities, nonfinite=nonfinite, class_names=class_names)

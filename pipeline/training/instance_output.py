@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from pipeline.data.io import write_text
 from pipeline.data.prepared import PreparedDataset
-from pipeline.inference import InferenceSettings, inference_network, predict
+from pipeline.inference.backends.torch_graph import torch_network
+from pipeline.inference.engine.sliding_window import predict
+from pipeline.inference.settings import InferenceSettings
 from pipeline.networks import load_model, read_checkpoint, save_checkpoint
 from pipeline.postprocessing.planning import InstancePlan, plan_instances
 from pipeline.transforms.presets import preprocess
@@ -41,7 +43,7 @@ def choose_instances(best: Path, prepared: PreparedDataset, settings: Mapping[st
     names = [c for c in prepared.cases("val") if "instances" in prepared.load(c)]
     if not names or median_area is None:
         return None
-    net = inference_network(load_model(best), inference)
+    net = torch_network(load_model(best), inference)
     cases = []
     for name in tqdm(names, desc=f"{settings['dataset']} instances", unit="image", leave=False):
         arrays = prepared.load(name)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 from pipeline.data.io import write_text
 from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
-from pipeline.inference import InferenceSettings
+from pipeline.inference.settings import InferenceSettings
 from pipeline.networks import SegmentationNetwork, build_network, read_checkpoint, save_checkpoint
 from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.tracking import DataInput, TrackingSettings, stage_run

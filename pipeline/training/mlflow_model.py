@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import InferenceSettings, load_settings
+from pipeline.inference.settings import InferenceSettings, load_settings
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature

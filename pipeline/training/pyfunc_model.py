@@ -24,7 +24,10 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from pipeline.errors import SegpipeError
-from pipeline.inference import inference_network, parse_threshold, predict, resolve_threshold, to_labels
+from pipeline.inference.backends.torch_graph import torch_network
+from pipeline.inference.engine.labels import to_labels
+from pipeline.inference.engine.sliding_window import predict
+from pipeline.inference.settings import parse_threshold, resolve_threshold
 from pipeline.networks import read_checkpoint
 from pipeline.training.mlflow_model import (
     CHECKPOINT_ARTIFACT,
@@ -50,7 +53,7 @@ class SegmentationModel(PythonModel):
         self.dataset = str(state.get("dataset", "the checkpoint"))
         self.augment = dict(state["augment"])
         self.settings = read_settings(context.artifacts[SETTINGS_ARTIFACT])
-        self.net = inference_network(checkpoint, self.settings)
+        self.net = torch_network(checkpoint, self.settings)
 
     def predict(self, context: PythonModelContext, model_input: np.ndarray,
                 params: dict[str, Any] | None = None) -> np.ndarray:

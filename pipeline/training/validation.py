@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from pipeline.data.prepared import PreparedDataset
-from pipeline.inference import InferenceSettings, inference_network, load_settings, predict
+from pipeline.inference.backends.torch_graph import torch_network
+from pipeline.inference.engine.sliding_window import predict
+from pipeline.inference.settings import InferenceSettings, load_settings
 from pipeline.metrics import (
     confusion,
     histogram_best_f1,
@@ -72,7 +74,7 @@ def validate(model: SegmentationNetwork, cases: list[dict[str, Any]], settings: 
     """Whole validation images through `predict`: their scores and, one channel, histograms."""
     if not cases:
         return Validation(float("nan"), float("nan"))
-    net = inference_network(model, settings)
+    net = torch_network(model, settings)
     scores, histograms = [], []
     for case in cases:
         probs = predict(net, case["image"], settings=settings)

@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.readers import ImageReader
+from pipeline.inference.readers.images import ImageReader
 
 PERCENTILES = (0.5, 99.5)
 """The percentiles `build_preprocess_transforms` maps to 0 and 1 (normalize: percentile)."""

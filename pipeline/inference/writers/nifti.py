@@ -17,8 +17,8 @@ from typing import BinaryIO
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.readers import ImageMeta, has_suffix
-from pipeline.inference.writers import RowWriter, temp_beside
+from pipeline.inference.readers.images import ImageMeta, has_suffix
+from pipeline.inference.writers.base import RowWriter, temp_beside
 
 
 class NiftiRowWriter(RowWriter):

@@ -18,7 +18,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.errors import SegpipeError
 from pipeline.networks.precision import autocast, check_precision
+
+if TYPE_CHECKING:
+    from pipeline.inference.settings import InferenceSettings
 
 ModelLike = nn.Module | str | os.PathLike[str]
 
@@ -129,7 +132,7 @@ def resolve_model(model: ModelLike) -> nn.Module:
 
 def recorded_preprocessing(model: ModelLike) -> dict[str, Any] | None:
     """The training preprocessing a checkpoint path records (its `augment` dict, see
-    `pipeline.inference.preprocessing`); None for a module or a checkpoint without one."""
+    `pipeline.inference.readers.preprocessed`); None for a module or a checkpoint without one."""
     return _checkpoint_facts(model)[0]
 
 
@@ -290,3 +293,14 @@ def optimize_network(
         thresholds=thresholds,
         instances=instances,
     )
+
+
+def torch_network(model: ModelLike | InferenceNetwork, settings: InferenceSettings) -> InferenceNetwork:
+    """The torch backend: `optimize_network` with the graph settings of `settings` (an
+    InferenceNetwork passes through). A .onnx file runs on ONNX Runtime (`backends.select`)."""
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx":
+        raise SegpipeError(f"{model}: an ONNX model runs on ONNX Runtime; build it with "
+                           "pipeline.inference.inference_network(path, settings)")
+    return optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
+                            inplace_act=settings.inplace_activations, channels_last=settings.channels_last,
+                            compile=settings.compile, threads=settings.threads, precision=settings.precision)

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.optimize import InferenceNetwork
+from pipeline.inference.backends.torch_graph import InferenceNetwork
 from pipeline.inference.settings import InferenceSettings
 from pipeline.tracking_store import pid_alive
 

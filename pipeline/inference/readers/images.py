@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.tiff_checks import check_segments, check_series
+from pipeline.inference.readers.tiff_checks import check_segments, check_series
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.optimize import InferenceNetwork
-from pipeline.inference.readers import ImageReader
+from pipeline.inference.backends.torch_graph import InferenceNetwork
+from pipeline.inference.readers.images import ImageReader
 
 
 @dataclass(frozen=True)

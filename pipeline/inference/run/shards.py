@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.optimize import InferenceNetwork, ModelLike
-from pipeline.inference.readers import NIFTI_SUFFIXES, has_suffix, open_image
+from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
+from pipeline.inference.readers.images import NIFTI_SUFFIXES, has_suffix, open_image
 from pipeline.inference.settings import InferenceSettings
-from pipeline.inference.inputs import check_output_clashes, expand_inputs
-from pipeline.inference.streaming import InferenceReport, infer_files
+from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
+from pipeline.inference.run.predict import InferenceReport, infer_files
 from pipeline.torchrun import RankEnv
 
 STORE_TIMEOUT = timedelta(minutes=10)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.outputs import output_paths
+from pipeline.inference.writers.formats import output_paths
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[Path]:

@@ -1,9 +1,9 @@
 """ONNX Runtime as the inference backend: an `InferenceNetwork` whose module is an ONNX Runtime session.
 
 `onnx_network` builds it from a `segpipe export` file (.onnx) or, exporting in memory
-(`pipeline.inference.export`), from a checkpoint or a contract network. The contract facts the
+(`pipeline.inference.backends.onnx_export`), from a checkpoint or a contract network. The contract facts the
 tiler reads (padding, halo, channels, size helpers) and the preprocessing record come from the
-model's segpipe metadata (`pipeline.inference.onnx_meta`), so `stream_probabilities`, `predict`,
+model's segpipe metadata (`pipeline.inference.backends.onnx_meta`), so `stream_probabilities`, `predict`,
 `predict_file` and `infer_files` run it unchanged: the same windows, blending, test-time
 augmentation, preprocessing and outputs as the torch backend.
 
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.onnx_meta import read_meta
-from pipeline.inference.optimize import InferenceNetwork, ModelLike
+from pipeline.inference.backends.onnx_meta import read_meta
+from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
 from pipeline.inference.settings import InferenceSettings
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def onnx_network(model: ModelLike, settings: InferenceSettings) -> InferenceNetw
             raise SegpipeError(f"{where}: ONNX model file not found")
         session = _session(str(path), settings, where)
     else:
-        from pipeline.inference.export import onnx_model
+        from pipeline.inference.backends.onnx_export import onnx_model
 
         session = _session(onnx_model(model).SerializeToString(), settings, where)
         notes.append("exported in memory")

@@ -14,7 +14,7 @@ Failures: every error of one file (unreadable or truncated data, non-finite pixe
 output that is not finite, an unwritable output, sizes beyond the memory) is a SegpipeError naming
 the file, raised before anything appears under an output name; `infer_files` reports it and goes on
 with the next input. A killed (or interrupted) run resumes when run again (`resume` setting,
-`pipeline.inference.resume`): the rows it finished are replayed into the writers and the engine goes
+`pipeline.inference.run.resume`): the rows it finished are replayed into the writers and the engine goes
 on from the next row, giving the outputs of an uninterrupted run bit for bit.
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ import torch
 
 from pipeline.config import check_number
 from pipeline.errors import SegpipeError
-from pipeline.inference.inputs import check_output_clashes, expand_inputs
-from pipeline.inference.memory import check_memory, peak_rss_mb, reset_peak_rss
-from pipeline.inference.ome_meta import name_classes
-from pipeline.inference.optimize import InferenceNetwork, ModelLike
-from pipeline.inference.outputs import (
+from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
+from pipeline.inference.engine.memory import check_memory, peak_rss_mb, reset_peak_rss
+from pipeline.inference.writers.ome_meta import name_classes
+from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
+from pipeline.inference.writers.formats import (
     instance_path,
     instance_writer,
     label_writer,
@@ -45,17 +45,18 @@ from pipeline.inference.outputs import (
     probability_writer,
     resolve_format,
 )
-from pipeline.inference.preprocessing import CheckedReader, PreprocessedReader
-from pipeline.inference.readers import ImageReader, open_image
-from pipeline.inference.resume import RowLog, open_log, output_uuid, run_key
+from pipeline.inference.readers.preprocessed import CheckedReader, PreprocessedReader
+from pipeline.inference.readers.images import ImageReader, open_image
+from pipeline.inference.run.resume import RowLog, open_log, output_uuid, run_key
 from pipeline.inference.settings import THRESHOLD_NAMES, InferenceSettings, load_settings, resolve_threshold
-from pipeline.inference.sliding import inference_network, stream_probabilities
-from pipeline.inference.writers import (
+from pipeline.inference.backends.select import inference_network
+from pipeline.inference.engine.labels import to_labels
+from pipeline.inference.engine.sliding_window import stream_probabilities
+from pipeline.inference.writers.base import (
     RowWriter,
     check_output_path,
     encode_probabilities,
     remove_stale_temps,
-    to_labels,
 )
 from pipeline.postprocessing.instances import InstanceSettings
 from pipeline.postprocessing.stitching import InstanceStream
@@ -163,14 +164,14 @@ def predict_file(
     `val-dice`: the checkpoint's validation threshold, `with_threshold`) as a tiled
     BigTIFF (`.tif`), NIfTI (`.nii`, `.nii.gz`, header taken from a NIfTI input) or OME-Zarr
     (`.ome.zarr`); `output_format="ome-tiff"` makes a `.ome.tif` a pyramidal OME-TIFF (see
-    `pipeline.inference.outputs`). With `probabilities_path` the class probabilities are written too
+    `pipeline.inference.writers.formats`). With `probabilities_path` the class probabilities are written too
     (K channels; uint8 scaled by 255, float16 or float32). `class_names` name the label values 0, 1,
     ... in the OME outputs (default: the names the checkpoint or ONNX model records, else "class 0", ...). Arguments left at None come from `settings` (default:
     `InferenceSettings()`). `progress` is called after each band with (pixels finished, total
     pixels). With `instances_path` the objects are written too, as a uint32 instance map (0
     background, 1..n) made with the instance settings the model records (`pipeline.postprocessing`:
     blocks with a halo, stitched into image-wide ids; such a run does not resume, see
-    `pipeline.inference.resume`). Outputs appear under their final names only when complete; any
+    `pipeline.inference.run.resume`). Outputs appear under their final names only when complete; any
     failure leaves nothing behind. Bad input raises SegpipeError naming the file.
     With `preprocess="checkpoint"` and a checkpoint that records its training preprocessing
     (`augment`), the image gets exactly that preprocessing (`PreprocessedReader`, as `segpipe
@@ -304,7 +305,7 @@ def _predict(
 
 def _open_row_log(key: dict[str, Any], reader: ImageReader, targets: list[tuple[Path, str]], channels: int,
                   settings: InferenceSettings) -> tuple[RowLog | None, str | None]:
-    """The resume log of this run (`pipeline.inference.resume`), None with `resume: false`; and its note."""
+    """The resume log of this run (`pipeline.inference.run.resume`), None with `resume: false`; and its note."""
     if not settings.resume:
         return None, None
     _, h, w = reader.shape
@@ -345,7 +346,7 @@ def infer_files(
     `preprocess: checkpoint` every image gets the checkpoint's recorded training preprocessing (see
     `predict_file`).
     Outputs go to `output_dir` as NAME_seg.* (and NAME_prob.*) in the `output_format` setting
-    (`auto`: like the input; see `pipeline.inference.outputs`), `class_names` naming the classes in the
+    (`auto`: like the input; see `pipeline.inference.writers.formats`), `class_names` naming the classes in the
     OME formats. A progress bar per image shows
     Mpx/s and the ETA; a summary line per image is printed. An input that fails is reported and
     the others still run; SegpipeError at the end names every failed input. `nonfinite`: see

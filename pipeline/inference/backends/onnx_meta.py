@@ -1,7 +1,7 @@
 """The segpipe metadata of an exported ONNX model: what the .onnx file alone tells the pipeline.
 
-`segpipe export` (`pipeline.inference.export`) writes it into the model's `metadata_props`, one JSON
-value per key; `pipeline.inference.onnx_backend` reads it back (ONNX Runtime shows `metadata_props`
+`segpipe export` (`pipeline.inference.backends.onnx_export`) writes it into the model's `metadata_props`, one JSON
+value per key; `pipeline.inference.backends.onnx_runtime` reads it back (ONNX Runtime shows `metadata_props`
 as the session's custom metadata map):
 
     segpipe.format       "segpipe-onnx/1"

@@ -1,10 +1,10 @@
 """Sliding-window inference: the streaming engine and `predict` for images held in memory.
 
-`stream_probabilities` plans the windows of an image (`pipeline.inference.tiling`), visits them in
-raster order, runs them in batches (with test-time augmentation, `pipeline.inference.tta`),
+`stream_probabilities` plans the windows of an image (`pipeline.inference.engine.tiling`), visits them in
+raster order, runs them in batches (with test-time augmentation, `pipeline.inference.engine.tta`),
 accumulates their logits in a band a few tiles high, and yields image rows as soon as no later
 window touches them: memory is bounded by the band, not by the image
-(`pipeline.inference.streaming` feeds it from disk).
+(`pipeline.inference.run.predict` feeds it from disk).
 
 "same" padding: the windows' logits are blended with MONAI's importance map
 (`monai.data.utils.compute_importance_map`) as sum_w(w * logits) / sum_w(w), so `predict` equals
@@ -20,27 +20,15 @@ import numpy as np
 import torch
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.memory import release_freed_memory
-from pipeline.inference.onnx_backend import is_onnx_file, onnx_network
-from pipeline.inference.optimize import InferenceNetwork, ModelLike, optimize_network
-from pipeline.inference.readers import ArrayReader, ImageReader
+from pipeline.inference.engine.memory import release_freed_memory
+from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike, torch_network
+from pipeline.inference.readers.images import ArrayReader, ImageReader
 from pipeline.inference.settings import InferenceSettings, load_settings
-from pipeline.inference.tiling import LogitBand, PaddedRows, TilePlan, plan_tiles, window_batches
-from pipeline.inference.tta import tta_logits
+from pipeline.inference.engine.tiling import LogitBand, PaddedRows, TilePlan, plan_tiles, window_batches
+from pipeline.inference.engine.tta import tta_logits
 
 _EMIT_ROWS = 64
 """Final rows are normalised and handed to the writers this many at a time (bounds temporaries)."""
-
-
-def inference_network(model: ModelLike | InferenceNetwork, settings: InferenceSettings) -> InferenceNetwork:
-    """`optimize_network` with the graph settings of `settings` (an InferenceNetwork passes through);
-    ONNX Runtime's (`onnx_network`) for `backend: onnxruntime` or a .onnx file."""
-    if not isinstance(model, InferenceNetwork) and (settings.backend == "onnxruntime" or is_onnx_file(model)):
-        return onnx_network(model, settings)
-    return optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
-                            inplace_act=settings.inplace_activations, channels_last=settings.channels_last,
-                            compile=settings.compile, threads=settings.threads,
-                            precision=settings.precision)
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
@@ -77,7 +65,7 @@ def stream_probabilities(
     `progress(pixels, total_pixels)` is called after each band with the pixels it finished. With
     `start_row` the stream begins at the first batch holding a window that touches that row and
     yields rows from `start_row` on: every such row gets the same windows, batches and blending order
-    as in a stream from row 0, so its values are equal bit for bit (`pipeline.inference.resume`).
+    as in a stream from row 0, so its values are equal bit for bit (`pipeline.inference.run.resume`).
     """
     c, h, w = reader.shape
     if c != net.in_channels:
@@ -166,7 +154,8 @@ def predict(
 ) -> np.ndarray:
     """Class probabilities of an in-memory image (C, H, W): float32 (K, H, W).
 
-    `model` is a contract network, a checkpoint path, or an `InferenceNetwork`. Arguments left at
+    `model` is a contract network, a checkpoint path (run in torch), or an `InferenceNetwork` (e.g. an
+    ONNX model's, from `pipeline.inference.inference_network`). Arguments left at
     None come from `settings` (default: `InferenceSettings()`). Sigmoid for one output channel,
     softmax otherwise.
     `intensity="scale"` divides integer images by their dtype's maximum (floats pass unchanged).
@@ -176,7 +165,7 @@ def predict(
     """
     settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
                              tta=tta, batch_size=batch_size, device=device, intensity=intensity)
-    net = inference_network(model, settings)
+    net = torch_network(model, settings)
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     reader = ArrayReader(array, "<image array>")
     stream = stream_probabilities(net, reader, settings)
@@ -188,7 +177,6 @@ def predict(
 
 __all__ = [
     "RowStream",
-    "inference_network",
     "predict",
     "probabilities",
     "stream_probabilities",

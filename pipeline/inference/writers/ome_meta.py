@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.readers import ImageMeta
+from pipeline.inference.readers.images import ImageMeta
 
 _METRES = {"Å": 1e-10, "pm": 1e-12, "nm": 1e-9, "µm": 1e-6, "mm": 1e-3, "cm": 1e-2, "m": 1.0, "in": 0.0254}
 """OME UnitsLength symbols (the ones images use) in metres."""

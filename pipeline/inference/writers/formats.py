@@ -20,14 +20,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.ngff import OmeZarrWriter
-from pipeline.inference.nifti_writer import NiftiRowWriter
-from pipeline.inference.ome_meta import INSTANCE_CHANNEL, LABEL_CHANNEL, probability_names
-from pipeline.inference.ome_tiff import OmeTiffWriter
-from pipeline.inference.readers import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix
+from pipeline.inference.writers.ome_zarr import OmeZarrWriter
+from pipeline.inference.writers.nifti import NiftiRowWriter
+from pipeline.inference.writers.ome_meta import INSTANCE_CHANNEL, LABEL_CHANNEL, probability_names
+from pipeline.inference.writers.ome_tiff import OmeTiffWriter
+from pipeline.inference.readers.images import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix
 from pipeline.inference.settings import OUTPUT_FORMATS as FORMATS
 from pipeline.inference.settings import InferenceSettings
-from pipeline.inference.writers import RowWriter, TiffRowWriter
+from pipeline.inference.writers.base import RowWriter, TiffRowWriter
 
 _SUFFIXES = {"tiff": ".tif", "ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr", "nifti": ".nii.gz"}
 _OME_TIFF = (".ome.tif", ".ome.tiff")

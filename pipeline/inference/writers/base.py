@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.readers import ImageMeta, has_suffix
+from pipeline.inference.readers.images import ImageMeta, has_suffix
 from pipeline.tracking_store import pid_alive
 
 _TEMP_NAME = re.compile(r"\.segpipe-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-")
@@ -43,19 +43,6 @@ _ABORT = object()
 
 class WriteAborted(Exception):
     """Raised inside the writer thread to stop tifffile when the run is abandoned."""
-
-
-def to_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Label map (1, n, W) uint8: argmax over classes, or probability >= threshold for one channel."""
-    if probs.shape[0] == 1:
-        return (probs >= threshold).astype(np.uint8)
-    labels = np.zeros((1, *probs.shape[1:]), np.uint8)  # argmax (first maximum), without int64 temporaries
-    best = probs[0].copy()
-    for k in range(1, probs.shape[0]):
-        higher = probs[k] > best
-        labels[0][higher] = k
-        np.maximum(best, probs[k], out=best)
-    return labels
 
 
 def encode_probabilities(probs: np.ndarray, dtype: str) -> np.ndarray:

@@ -17,7 +17,7 @@ whose Sigmoid saturates: log(sigmoid(-15)) comes out as -14.84, and -inf from ab
 logits, whose blend can be NaN).
 
 The model's `metadata_props` carry what the pipeline needs besides the graph
-(`pipeline.inference.onnx_meta`: preprocessing record, network, size contract, class names,
+(`pipeline.inference.backends.onnx_meta`: preprocessing record, network, size contract, class names,
 training precision, validation thresholds). Files are written to a temporary name and renamed.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.onnx_meta import OnnxMeta, SizeRule
-from pipeline.inference.optimize import optimize_network, resolve_model
+from pipeline.inference.backends.onnx_meta import OnnxMeta, SizeRule
+from pipeline.inference.backends.torch_graph import optimize_network, resolve_model
 
 if TYPE_CHECKING:
     import onnx
