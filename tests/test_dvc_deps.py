@@ -476,3 +476,28 @@ def test_checker_catches_a_missing_or_extra_dep(stages: dict[str, dict[str, Any]
         f"stage report: extra dep {stale} (not in the dataset x network matrix)"]
     folders = sorted({PurePosixPath(p).parts[0] for p in matrix})  # results, models: hold every combination
     assert check_report({**others, "report": {"cmd": "segpipe report", "deps": folders}}) == []
+
+
+# what a stage must not run: the code of other stages and of the user's inference runs
+NOT_IN = {
+    "train": ("pipeline/inference/writers/", "pipeline/inference/run/", "pipeline/inference/backends/onnx_",
+              "pipeline/inference/backends/select.py", "pipeline/stages/evaluate.py", "pipeline/stages/infer.py",
+              "pipeline/commands/", "benchmarks/"),
+    "evaluate": ("pipeline/inference/writers/", "pipeline/inference/run/", "pipeline/inference/backends/onnx_",
+                 "pipeline/inference/backends/select.py", "pipeline/stages/train.py", "pipeline/training/",
+                 "pipeline/commands/", "benchmarks/"),
+    "prepare": ("pipeline/inference/", "pipeline/networks/", "pipeline/training/", "pipeline/stages/train.py"),
+    "download": ("pipeline/preprocessing/", "pipeline/transforms/", "pipeline/inference/", "pipeline/stages/prepare.py"),
+}
+
+
+@pytest.mark.parametrize("subcommand", sorted(NOT_IN))
+def test_a_stage_runs_no_writer_export_resume_shard_or_benchmark(subcommand: str, stages: dict[str, dict[str, Any]],
+                                                                  pkg: Package) -> None:
+    """Editing an output writer, the ONNX export, resume, shards, another stage's entry or a benchmark
+    leaves `dvc status` clean for the stages that do not run it."""
+    name, stage = next((n, s) for n, s in stages.items() if _subcommands(s) == [subcommand])
+    files = set().union(*(stage_code(pkg, c).files for c in [stage["cmd"]]))
+    assert files, name
+    bad = sorted(f for f in files if f.startswith(NOT_IN[subcommand]))
+    assert not bad, f"stage {name} runs (so DVC reruns it when they change): {bad}"

@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from pipeline.data.cards import DatasetCard
 from pipeline.data import folders, importers
-from pipeline.data.io import atomic_path, sha256_file, write_text
+from pipeline.data.io import sha256_file, write_text
 from pipeline.data.sources import Archive, DatasetSource, get_source
 from pipeline.errors import SegpipeError
+from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
 

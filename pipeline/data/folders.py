@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.cards import DatasetCard, FolderSource
-from pipeline.data.io import NIFTI_SUFFIXES, TIFF_SUFFIXES, read_raster, sha256_file
+from pipeline.data.io import read_raster, sha256_file
 from pipeline.errors import SegpipeError, raise_problems
+from pipeline.files import NIFTI_SUFFIXES, SITK_SUFFIXES, TIFF_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".mha", ".nrrd") + NIFTI_SUFFIXES
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", *TIFF_SUFFIXES, *SITK_SUFFIXES, *NIFTI_SUFFIXES)
 LABEL_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".jpg", ".jpeg"))
-SITK_SUFFIXES = (".mha", ".nrrd")
 CHANNEL_AXES = "CSQ"  # a TIFF axis before YX read as channels (tifffile: planes, samples, unknown)
 ROLE_NAMES = {"image": "an image", "label": "a label", "fov": "a mask", "instances": "an instance mask"}
 PARTS = (("train", "images", {"label": "labels", "fov": "masks", "instances": "instances"}),

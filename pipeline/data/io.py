@@ -5,22 +5,15 @@ nibabel, anything else through SimpleITK.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from pipeline.errors import SegpipeError
-
-TIFF_SUFFIXES = {".tif", ".tiff"}
-IMAGEIO_SUFFIXES = {".gif", ".png", ".jpg", ".jpeg", ".bmp"}
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
+from pipeline.files import IMAGEIO_SUFFIXES, NIFTI_SUFFIXES, TIFF_SUFFIXES, atomic_path
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
@@ -102,25 +95,6 @@ def read_volume(path: Path) -> np.ndarray:
         return np.asarray(img.dataobj)
     except Exception as exc:
         raise SegpipeError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
-
-
-@contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any new file
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def write_volume(path: Path, array: np.ndarray) -> None:

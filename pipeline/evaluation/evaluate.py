@@ -78,13 +78,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline.config import check_bool, check_int, check_keys, check_number, check_str
-from pipeline.data.io import atomic_path, write_text
+from pipeline.data.io import write_text
 from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.evaluation.heads import HeadRunner, Reduce, head_metrics, head_runners, heads_table
 from pipeline.evaluation.overlays import write_png
 from pipeline.evaluation.scoring import BinaryScoring, Case, ClassScoring, Scoring, check_classes
 from pipeline.evaluation.summary import summary_text
+from pipeline.files import atomic_path
 from pipeline.inference.backends.torch_graph import InferenceNetwork, torch_network
 from pipeline.inference.engine.sliding_window import predict
 from pipeline.inference.settings import InferenceSettings

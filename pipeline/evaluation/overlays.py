@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.io import atomic_path
+from pipeline.files import atomic_path
 
 OVERLAY_COLOURS = {"tp": (0, 200, 0), "fp": (230, 0, 0), "fn": (0, 90, 255)}
 OVERLAY_ALPHA = 0.6

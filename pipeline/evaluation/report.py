@@ -22,7 +22,8 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from pipeline.data.io import atomic_path, write_text
+from pipeline.data.io import write_text
+from pipeline.files import atomic_path
 from pipeline.errors import SegpipeError
 from pipeline.metrics import MEAN_FG
 

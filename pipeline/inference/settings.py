@@ -2,7 +2,7 @@
 
 The library takes settings as values and never reads `configs/`. `InferenceSettings()` holds the
 defaults, equal to the values shipped in `configs/inference.yaml` (the DVC params; a test keeps the
-two equal). The `segpipe infer` stage entry (`pipeline.inference.stage`) reads that file and builds
+two equal). The `segpipe infer` stage entry (`pipeline.stages.infer`) reads that file and builds
 its settings with `settings_from_config`; `load_settings` applies keyword overrides. Validation
 uses the shared helpers of `pipeline.config`: errors name where the value came from and the key.
 

@@ -9,13 +9,13 @@ ONNX export read). Loading rebuilds the network through the registry from the fi
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import SegpipeError
+from pipeline.files import atomic_path
 from pipeline.networks.common import SegmentationNetwork
 from pipeline.networks.registry import build_network, load_time_overrides
 
@@ -23,7 +23,7 @@ CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
 
 
 def save_checkpoint(model: SegmentationNetwork, path: str | os.PathLike[str], **extra: Any) -> Path:
-    """Write `model` and `extra` atomically (temp file + os.replace) as a self-describing checkpoint.
+    """Write `model` and `extra` atomically (`pipeline.files.atomic_path`) as a self-describing checkpoint.
 
     Extra keys must not collide with the checkpoint's own keys.
     """
@@ -42,18 +42,8 @@ def save_checkpoint(model: SegmentationNetwork, path: str | os.PathLike[str], **
     if clash:
         raise SegpipeError(f"{path}: extra checkpoint keys clash with reserved ones: {clash}")
     payload.update(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

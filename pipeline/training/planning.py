@@ -169,10 +169,9 @@ def estimate_memory(network: SegmentationNetwork, patch_size: int, precision: st
     x ELEMENT_BYTES[precision] x ACTIVATION_FACTOR. Per training: STATE_BYTES_PER_PARAMETER per
     parameter. Approximate: in-place activations are counted as new tensors, the temporaries of
     the backward kernels, the allocator's caching and autocast's fp32 copies are not; the input and
-    target patches and the loss are left out. Checked once on this CPU (torch 2, one optimizer step
-    in a fresh process, peak RSS over the RSS before it): the estimate was 1.2-1.6x the measured
-    increase for U-Net and UNet++ (bf16, fp32) and U2-Net-lite (fp32) at 96-128 px. Treat it as an
-    order of magnitude, not a bound; the libraries' own memory (~0.6 GB here) is not in the budget.
+    target patches and the loss are left out. Treat it as an order of magnitude, not a bound (its
+    check against the peak RSS of one optimizer step is in docs/training.md); the libraries' own
+    memory is not in the budget.
     """
     if precision not in ELEMENT_BYTES:
         raise SegpipeError(f"memory estimate: precision must be one of {sorted(ELEMENT_BYTES)}, got {precision!r}")

@@ -49,7 +49,7 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
 
 @dataclass(frozen=True)
 class TrainConfigs:
-    """The params files a training reads, as loaded by the stage entry (`pipeline.training.stage`)."""
+    """The params files a training reads, as loaded by the stage entry (`pipeline.stages.train`)."""
 
     train: Mapping[str, Any]
     networks: Mapping[str, Any]

@@ -304,7 +304,8 @@ def write_weight_map_file(
     ((H, W)); default beside the label. The preview (heat map over `image_path`, else over the
     label) goes to the output path with .png. Both written atomically. Returns (output, preview).
     """
-    from pipeline.data.io import atomic_path, write_volume
+    from pipeline.data.io import write_volume
+    from pipeline.files import atomic_path
 
     w0, sigma = check_parameters(w0, sigma, "weightmap")
     label_path = Path(label_path)
@@ -360,7 +361,7 @@ def _write_preview(path: Path, background: np.ndarray, weight: np.ndarray, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.data.io import atomic_path
+    from pipeline.files import atomic_path
 
     bg = background.astype(np.float64)
     bg = (bg - bg.min()) / max(float(bg.max() - bg.min()), 1e-12)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import SegpipeError
+from pipeline.files import atomic_path
 from pipeline.inference.backends.onnx_meta import OnnxMeta, SizeRule
 from pipeline.inference.backends.torch_graph import optimize_network, resolve_model
 
@@ -163,22 +163,11 @@ def export_onnx(
     if output.is_dir():
         raise SegpipeError(f"{output}: is a directory; give the .onnx file's path")
     proto = onnx_model(model, opset=opset)
-    tmp = None
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(proto.SerializeToString())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the model is an ordinary file
-        os.replace(tmp, output)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SegpipeError(f"{output}: cannot write the ONNX model ({exc.strerror or exc})") from exc
-        raise
+        with atomic_path(output) as tmp:
+            tmp.write_bytes(proto.SerializeToString())
+    except OSError as exc:
+        raise SegpipeError(f"{output}: cannot write the ONNX model ({exc.strerror or exc})") from exc
     return output
 
 

@@ -1,13 +1,13 @@
 """An inference-only graph of a contract network (see `pipeline.networks`).
 
-What helps on CPU, measured in `segpipe bench infer`: batch norm folded into the preceding
+What helps on CPU (`segpipe bench infer` measures it; docs/benchmarks.md has the figures): batch norm folded into the preceding
 convolution (eval-mode BN is an affine map per channel, so it merges into the conv's weights:
 W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta), channels-last
 tensors (oneDNN's native NHWC layout: no reorders around every conv), in-place ReLU after a conv
 (one activation tensor less to allocate and fill per layer), explicit thread settings,
 optionally `torch.compile` (inductor, fixed shapes, with inductor's `freezing`: the weights become
 constants, pre-packed into oneDNN's blocked layout and folded, instead of being re-laid out on every
-call; measured 1.6x (fp32) and 1.9x (bf16) the eager network's speed here). The forward runs in the `precision` asked for
+call). The forward runs in the `precision` asked for
 (`pipeline.networks.precision`: fp32, or bf16/fp16 autocast) and returns fp32 logits.
 The contract facts the tiler needs (padding, halo, sizes, channels) are kept beside the graph.
 """

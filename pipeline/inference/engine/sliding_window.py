@@ -14,7 +14,7 @@ the U-Net paper's overlap-tile (Ronneberger et al. 2015), each output pixel from
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,29 +142,21 @@ def predict(
     model: ModelLike | InferenceNetwork,
     image: np.ndarray | torch.Tensor,
     *,
-    tile: int | None = None,
-    overlap: float | None = None,
-    blend: str | None = None,
-    sigma_scale: float | None = None,
-    tta: Sequence[str] | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    intensity: str | None = None,
     settings: InferenceSettings | None = None,
+    **overrides: Any,
 ) -> np.ndarray:
     """Class probabilities of an in-memory image (C, H, W): float32 (K, H, W).
 
     `model` is a contract network, a checkpoint path (run in torch), or an `InferenceNetwork` (e.g. an
-    ONNX model's, from `pipeline.inference.inference_network`). Arguments left at
-    None come from `settings` (default: `InferenceSettings()`). Sigmoid for one output channel,
-    softmax otherwise.
+    ONNX model's, from `pipeline.inference.inference_network`). `settings` (default:
+    `InferenceSettings()`) with the non-None `overrides` (its fields: tile, overlap, blend, tta, ...)
+    applied says how. Sigmoid for one output channel, softmax otherwise.
     `intensity="scale"` divides integer images by their dtype's maximum (floats pass unchanged).
     The checkpoint's recorded training preprocessing (`preprocess` setting) is NOT applied here:
     `image` is taken as the network's input, so callers preprocess it themselves (`segpipe
     evaluate` uses `pipeline.transforms.presets.preprocess`); `predict_file` applies it to files.
     """
-    settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale,
-                             tta=tta, batch_size=batch_size, device=device, intensity=intensity)
+    settings = load_settings(settings, **overrides)
     net = torch_network(model, settings)
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     reader = ArrayReader(array, "<image array>")

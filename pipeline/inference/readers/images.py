@@ -32,17 +32,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SegpipeError
+from pipeline.files import NIFTI_SUFFIXES, PNG_JPEG_SUFFIXES, TIFF_SUFFIXES, has_suffix
 from pipeline.inference.readers.tiff_checks import check_segments, check_series
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-WHOLE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _CHANNEL_AXES = "CQI"
 """Series axes tifffile uses for a stack of 2-D planes that we read as channels."""
-
-
-def has_suffix(path: str | os.PathLike[str], suffixes: tuple[str, ...]) -> bool:
-    return str(path).lower().endswith(suffixes)
 
 
 @dataclass
@@ -371,7 +365,7 @@ def open_image(path: str | os.PathLike[str]) -> ImageReader:
             return TiffReader(path)
         if has_suffix(path, NIFTI_SUFFIXES):
             return NiftiReader(path)
-        if has_suffix(path, WHOLE_SUFFIXES):
+        if has_suffix(path, PNG_JPEG_SUFFIXES):
             return WholeReader(path)
         return SitkReader(path)
     except SegpipeError:

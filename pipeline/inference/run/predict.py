@@ -138,25 +138,13 @@ def predict_file(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     *,
-    probabilities_path: str | os.PathLike[str] | None = None,
-    tile: int | None = None,
-    overlap: float | None = None,
-    blend: str | None = None,
-    sigma_scale: float | None = None,
-    tta: Sequence[str] | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    intensity: str | None = None,
-    preprocess: str | None = None,
-    probabilities_dtype: str | None = None,
-    threshold: float | str | None = None,
-    compression: str | None = None,
-    nonfinite: float | None = None,
     settings: InferenceSettings | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    output_format: str | None = None,
-    class_names: Sequence[str] | None = None,
+    probabilities_path: str | os.PathLike[str] | None = None,
     instances_path: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    nonfinite: float | None = None,
+    class_names: Sequence[str] | None = None,
+    **overrides: Any,
 ) -> InferenceReport:
     """Segment the image at `input_path` into a label map at `output_path`, streaming.
 
@@ -166,8 +154,9 @@ def predict_file(
     (`.ome.zarr`); `output_format="ome-tiff"` makes a `.ome.tif` a pyramidal OME-TIFF (see
     `pipeline.inference.writers.formats`). With `probabilities_path` the class probabilities are written too
     (K channels; uint8 scaled by 255, float16 or float32). `class_names` name the label values 0, 1,
-    ... in the OME outputs (default: the names the checkpoint or ONNX model records, else "class 0", ...). Arguments left at None come from `settings` (default:
-    `InferenceSettings()`). `progress` is called after each band with (pixels finished, total
+    ... in the OME outputs (default: the names the checkpoint or ONNX model records, else "class 0", ...).
+    `settings` (default: `InferenceSettings()`) with the non-None `overrides` (its fields: tile,
+    overlap, threshold, output_format, ...) applied says how. `progress` is called after each band with (pixels finished, total
     pixels). With `instances_path` the objects are written too, as a uint32 instance map (0
     background, 1..n) made with the instance settings the model records (`pipeline.postprocessing`:
     blocks with a halo, stitched into image-wide ids; such a run does not resume, see
@@ -179,10 +168,7 @@ def predict_file(
     Non-finite input values (NaN, +-Inf, floats beyond float32) are an error, or with `nonfinite`
     replaced by that value; a non-finite network output is always an error.
     """
-    settings = load_settings(settings, tile=tile, overlap=overlap, blend=blend, sigma_scale=sigma_scale, tta=tta,
-                             batch_size=batch_size, device=device, intensity=intensity, preprocess=preprocess,
-                             probabilities_dtype=probabilities_dtype, threshold=threshold,
-                             compression=compression, output_format=output_format)
+    settings = load_settings(settings, **overrides)
     check_device(settings.device)
     nonfinite = check_nonfinite(nonfinite)
     input_path, output_path = Path(input_path), Path(output_path)
@@ -339,7 +325,7 @@ def infer_files(
     **overrides: Any,
 ) -> list[InferenceReport]:
     """Every input through `predict_file` with the model loaded once (the work of `segpipe infer`,
-    whose entry `pipeline.inference.stage.run_infer` passes the settings of configs/inference.yaml).
+    whose entry `pipeline.stages.infer.run_infer` passes the settings of configs/inference.yaml).
 
     `overrides` are `InferenceSettings` fields (tile, overlap, blend, tta, batch_size, device,
     preprocess, ...) replacing the values of `settings` (default: `InferenceSettings()`). With

@@ -33,7 +33,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.readers.images import ImageMeta, has_suffix
+from pipeline.files import file_mode, has_suffix
+from pipeline.inference.readers.images import ImageMeta
 from pipeline.tracking_store import pid_alive
 
 _TEMP_NAME = re.compile(r"\.segpipe-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-")
@@ -125,13 +126,6 @@ def temp_beside(final: Path, suffix: str, *, directory: bool = False) -> Path:
         raise SegpipeError(f"{final.parent}: output directory is not writable ({exc.strerror or exc})") from exc
     os.close(fd)
     return Path(tmp)
-
-
-def file_mode(directory: bool = False) -> int:
-    """The mode of a new ordinary file (0666), or `directory` (0777), minus the process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
 
 
 class RowWriter:

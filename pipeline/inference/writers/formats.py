@@ -24,7 +24,8 @@ from pipeline.inference.writers.ome_zarr import OmeZarrWriter
 from pipeline.inference.writers.nifti import NiftiRowWriter
 from pipeline.inference.writers.ome_meta import INSTANCE_CHANNEL, LABEL_CHANNEL, probability_names
 from pipeline.inference.writers.ome_tiff import OmeTiffWriter
-from pipeline.inference.readers.images import NIFTI_SUFFIXES, TIFF_SUFFIXES, ImageReader, has_suffix
+from pipeline.files import NIFTI_SUFFIXES, TIFF_SUFFIXES, has_suffix
+from pipeline.inference.readers.images import ImageReader
 from pipeline.inference.settings import OUTPUT_FORMATS as FORMATS
 from pipeline.inference.settings import InferenceSettings
 from pipeline.inference.writers.base import RowWriter, TiffRowWriter

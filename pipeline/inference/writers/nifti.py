@@ -17,7 +17,8 @@ from typing import BinaryIO
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.readers.images import ImageMeta, has_suffix
+from pipeline.files import has_suffix
+from pipeline.inference.readers.images import ImageMeta
 from pipeline.inference.writers.base import RowWriter, temp_beside
 
 
