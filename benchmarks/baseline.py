@@ -44,7 +44,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import RandomSampler
 from monai.data import CacheDataset, DataLoader, get_track_meta, set_track_meta
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
@@ -58,6 +57,7 @@ from monai.transforms import (
     RandFlipd,
     RandRotate90d,
 )
+from torch.utils.data import RandomSampler
 
 from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError

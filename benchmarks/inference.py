@@ -144,8 +144,8 @@ def run_benchmark(
 
     from pipeline.config import config_path, load_config
     from pipeline.inference import load_settings
-    from pipeline.stages.infer import config_settings
     from pipeline.networks import network_config
+    from pipeline.stages.infer import config_settings
 
     settings = load_settings(config_settings(), tile=tile, overlap=overlap, blend=blend, batch_size=batch_size)
     config = network_config(load_config("networks"), "unet", preset, str(config_path("networks")))
@@ -192,7 +192,8 @@ def run_benchmark(
             if monai_streaming:
                 need = size * size * _MONAI_STREAMING_DISK_PER_PIXEL / 2**30
                 free = shutil.disk_usage(root).free / 2**30
-                runs.append((STREAMING, ["monai-streaming", "--checkpoint", str(ckpts["same"])], "") if need < 0.8 * free
+                runs.append((STREAMING, ["monai-streaming", "--checkpoint", str(ckpts["same"])], "")
+                            if need < 0.8 * free
                             else (STREAMING, None, f"skipped: needs up to {need:.1f} GB of disk, {free:.1f} GB free"))
             if valid:
                 runs += [(f"segpipe predict_file, valid (overlap-tile){_tag(p, precisions)}",
@@ -274,10 +275,11 @@ def _print_ratio(size: int, results: list[dict[str, Any]], precisions: Sequence[
         ours = rows.get(f"segpipe predict_file, same{_tag(precision, precisions)}")
         if not (ours and peer):
             continue
+        above = (ours["peak_rss_mb"] - ours["baseline_mb"]) / max(peer["peak_rss_mb"] - peer["baseline_mb"], 1)
         print(f"  {size:>6}  ratio segpipe{_tag(precision, precisions)} / MONAI: throughput "
               f"{ours['mpx_s'] / peer['mpx_s']:.2f}x, "
               f"peak RSS {ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x "
-              f"(above baseline {(ours['peak_rss_mb'] - ours['baseline_mb']) / max(peer['peak_rss_mb'] - peer['baseline_mb'], 1):.2f}x)",
+              f"(above baseline {above:.2f}x)",
               flush=True)
     peer, same = rows.get(STREAMING), "segpipe predict_file, same"
     for name, ours in rows.items() if peer else ():

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+
 def window_starts(size: int, tile: int, overlap: float) -> list[int]:
     """Window starts of MONAI's `SlidingWindowSplitter` along one axis (end padded to whole steps)."""
     step = round(tile - tile * overlap)

@@ -28,21 +28,21 @@ import torch
 from monai.data import CacheDataset, DataLoader, list_data_collate, set_track_meta
 from monai.transforms import Compose, EnsureTyped, Rand2DElasticd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d
 
-from pipeline.data.io import write_volume
+from benchmarks.peak import conv_peak, count_flops, peak_line
 from pipeline.config import config_path, load_config, read_config
+from pipeline.data.io import write_volume
 from pipeline.data.prepared import PreparedDataset, open_prepared, prepared_root
 from pipeline.data.settings import check_data_config
 from pipeline.errors import SegpipeError
-from benchmarks.peak import conv_peak, count_flops, peak_line
 from pipeline.networks import build_network
 from pipeline.networks.precision import autocast, check_precision, fp32_output
 from pipeline.preprocessing.fingerprint import read_fingerprint
+from pipeline.stages.train import load_train_configs
 from pipeline.training.distributed import Dist
 from pipeline.training.loader import build_loader, patch_keys
 from pipeline.training.optim import build_optimizer
 from pipeline.training.planning import plan_training
 from pipeline.training.settings import resolve_settings
-from pipeline.stages.train import load_train_configs
 from pipeline.training.supervision import build_loss
 from pipeline.transforms.presets import preprocess, preset_section
 
@@ -100,7 +100,8 @@ def _monai_loader(prepared: PreparedDataset, settings: dict[str, Any], in_size: 
     transforms = Compose([
         RandCropByPosNegLabeld(keys, "label", (in_size, in_size), pos=1, neg=1, num_samples=num),
         Rand2DElasticd(keys, spacing=(in_size // 3, in_size // 3), magnitude_range=(1, 2),
-                       prob=float(aug["elastic"]["prob"]), mode=["bilinear", "nearest", "bilinear", "nearest"][: len(keys)],
+                       prob=float(aug["elastic"]["prob"]),
+                       mode=["bilinear", "nearest", "bilinear", "nearest"][: len(keys)],
                        padding_mode="reflection"),
         RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
         RandRotate90d(keys, prob=0.5, max_k=3),
@@ -225,8 +226,8 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     from pipeline.inference.settings import settings_from_config
     from pipeline.networks import read_checkpoint
     from pipeline.postprocessing.instances import InstanceSettings
-    from pipeline.training.instance_output import median_object_area
     from pipeline.stages.train import train
+    from pipeline.training.instance_output import median_object_area
 
     if threads:
         torch.set_num_threads(threads)
@@ -277,7 +278,8 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
     table = pd.DataFrame(rows)
     print(f"bench quality: {dataset} test split, pixels pooled inside the FOV, {torch.get_num_threads()} threads")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"ratios ours/baseline: AUC {rows[0]['auc'] / rows[1]['auc']:.4f}, F1@val {rows[0]['f1@val'] / rows[1]['f1@val']:.4f}, "
+    print(f"ratios ours/baseline: AUC {rows[0]['auc'] / rows[1]['auc']:.4f}, "
+          f"F1@val {rows[0]['f1@val'] / rows[1]['f1@val']:.4f}, "
           f"training time {rows[0]['train_s'] / rows[1]['train_s']:.2f}"
           + (f", SEG {rows[0]['seg'] / rows[1]['seg']:.4f}" if "seg" in rows[0] and "seg" in rows[1] else ""))
     return table

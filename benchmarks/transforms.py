@@ -41,8 +41,8 @@ def _disks(shape: tuple[int, int], n: int, radius: tuple[int, int], rng: np.rand
 
 def synthetic_case(kind: str, seed: int = 0) -> dict[str, np.ndarray]:
     """A prepared-data dict: "drive" 3x584x565 vessels-like lines in a FOV disk, "ctc" 1x512x512 cells."""
-    from skimage.draw import line
     from scipy import ndimage as ndi
+    from skimage.draw import line
 
     rng = np.random.default_rng(seed)
     if kind == "drive":

@@ -14,4 +14,5 @@ def raise_problems(problems: list[str], header: str, hint: str = "") -> None:
     if problems:
         listed = "\n  - ".join(problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise SegpipeError(f"{header} ({len(problems)} problem(s)):\n  - {listed}{more}" + (f"\n{hint}" if hint else ""))
+        tail = f"\n{hint}" if hint else ""
+        raise SegpipeError(f"{header} ({len(problems)} problem(s)):\n  - {listed}{more}{tail}")

@@ -94,7 +94,8 @@ def tracking_settings(cfg: Mapping[str, Any], where: str) -> TrackingSettings:
     register = check_bool(cfg["register_model"], "register_model", where)
     if register and not log_model:
         raise ConfigError(f"{where}: register_model: true needs log_model: true (only a logged model is registered)")
-    return TrackingSettings(enabled, float(interval), run_group(Path(where).parent) if groups else None, log_model, register)
+    return TrackingSettings(enabled, float(interval), run_group(Path(where).parent) if groups else None, log_model,
+                            register)
 
 
 def tracking_uri() -> str:

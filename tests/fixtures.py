@@ -48,7 +48,8 @@ def disk_instances(shape: tuple[int, int], centres: list[tuple[int, int]], radiu
     return inst
 
 
-def drive_members(n_train: int = 5, n_test: int = 3, shape: tuple[int, int] = (48, 40), seed: int = 0) -> dict[str, bytes]:
+def drive_members(n_train: int = 5, n_test: int = 3, shape: tuple[int, int] = (48, 40),
+                  seed: int = 0) -> dict[str, bytes]:
     """DRIVE's folder layout with RGB TIFF images and 0/255 GIF vessel and FOV masks."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
@@ -236,7 +237,8 @@ def build_fixture_project(root: Path) -> FixtureProject:
     for name, zips in archives.items():
         entry = sources["datasets"][name]
         entry["archives"] = [
-            {"name": z.name, "url": f"http://unreachable.invalid/{z.name}", "sha256": sha256(z), "size": z.stat().st_size}
+            {"name": z.name, "url": f"http://unreachable.invalid/{z.name}", "sha256": sha256(z),
+             "size": z.stat().st_size}
             for z in zips
         ]
         layout = entry["layout"]
@@ -283,7 +285,8 @@ class FlipAveraged(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, flips: list[tuple[int, ...]]) -> None:
         super().__init__()
         self.net, self.flips = net, flips
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
+        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size",
+                     "valid_output_size"):
             setattr(self, attr, getattr(net, attr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +302,8 @@ class Exploding(nn.Module):
     def __init__(self, net: nn.Module, after: int) -> None:
         super().__init__()
         self.net, self.after, self.calls = net, after, 0
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
+        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size",
+                     "valid_output_size"):
             setattr(self, attr, getattr(net, attr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, event, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
-from fixtures import REPO_ROOT, _tif_bytes
 from pipeline.data.archives import UnpackLimits, copy_capped, unpack
 from pipeline.data.settings import check_data_config
 from pipeline.data.sources import get_source
 from pipeline.errors import SegpipeError
+
+from fixtures import REPO_ROOT, _tif_bytes
 
 LAYOUT = get_source(REPO_ROOT / "data_manifests", "hela").layout
 DATA_LIMITS = check_data_config(yaml.safe_load((REPO_ROOT / "configs" / "data.yaml").read_text()),

@@ -12,7 +12,6 @@ import pytest
 import torch
 from monai.data import CacheDataset, DataLoader
 
-from pipeline.data.io import write_volume
 from benchmarks.baseline import (
     baseline_transforms,
     evaluate_probabilities,
@@ -20,9 +19,10 @@ from benchmarks.baseline import (
     train_baseline,
 )
 from pipeline.config import load_config
+from pipeline.data.io import write_volume
 from pipeline.data.prepared import PreparedDataset, open_prepared
-from pipeline.transforms.presets import preprocess
 from pipeline.errors import SegpipeError
+from pipeline.transforms.presets import preprocess
 
 SHAPE = (72, 68)  # not a multiple of 16, smaller than the 128² inference window
 
@@ -171,10 +171,12 @@ def test_cells_get_seg_of_components_and_of_the_chosen_instance_maps(tmp_path: P
     inst[((yy - 32) ** 2 + (xx - 58) ** 2 < 16**2) & (inst == 0)] = 2
     rows = []
     for split in ("train", "val", "test"):
-        for role, array in {"image": (200 * (inst > 0)).astype(np.uint8)[None], "label": (inst > 0).astype(np.uint8)[None],
+        for role, array in {"image": (200 * (inst > 0)).astype(np.uint8)[None],
+                            "label": (inst > 0).astype(np.uint8)[None],
                             "weight": np.ones((1, 64, 96), np.float32), "instances": inst[None]}.items():
             write_volume(tmp_path / role / f"{split}.nii.gz", array)
-        rows.append({"case": split, "split": split, **{r: f"{r}/{split}.nii.gz" for r in ("image", "label", "weight", "instances")}})
+        rows.append({"case": split, "split": split,
+                     **{r: f"{r}/{split}.nii.gz" for r in ("image", "label", "weight", "instances")}})
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     (tmp_path / "stats.json").write_text(json.dumps({"splits": {"train": 1, "val": 1, "test": 1}}))
     cells = open_prepared("hela", root=tmp_path)
@@ -262,7 +264,8 @@ def test_softmax_and_channel_outputs_are_read_as_foreground(prepared: PreparedDa
     border = {case: np.stack([1.0 - label, 0.7 * label, 0.3 * label]).astype(np.float32)  # 1 - P(background)
               for case, label in labels.items()}
     for maps in (two, one, border):
-        out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False, augment=_augment())
+        out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False,
+                                     augment=_augment())
         assert out["at_0.5"]["f1"] == 1.0 and out["auc"] == 1.0
 
 

@@ -7,7 +7,14 @@ import math
 import pytest
 
 from pipeline.config import (
-    ConfigError, check_bool, check_choice, check_int, check_keys, check_list, check_number, load_config,
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_keys,
+    check_list,
+    check_number,
+    load_config,
 )
 from pipeline.data.settings import check_data_config
 from pipeline.training.settings import TrainConfigs, resolve_settings
@@ -63,7 +70,8 @@ def test_data_config_is_checked_before_any_work() -> None:
     ({"optimizer": {"lr": "abc"}}, "optimizer.lr must be a finite number > 0"),
     ({"schedule": {"warmup_steps": -5}}, "schedule.warmup_steps must be an integer >= 0"),
     ({"max_minutes": 0}, "max_minutes must be null or a finite number > 0"),
-    ({"loss": {"dice_wieght": 1}}, r"loss: unknown keys \['dice_wieght'\] \('dice_wieght': did you mean 'dice_weight'\?\); expected"),
+    ({"loss": {"dice_wieght": 1}},
+     r"loss: unknown keys \['dice_wieght'\] \('dice_wieght': did you mean 'dice_weight'\?\); expected"),
     ({"substitute": {"segnet": "unet"}}, r"substitute: unknown keys \['segnet'\]; expected"),
 ])
 def test_training_settings_are_checked_up_front(override: dict, message: str) -> None:

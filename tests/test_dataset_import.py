@@ -16,16 +16,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from fixtures import FixtureProject
 from pipeline.cli import main
+from pipeline.commands.dataset import config_files
 from pipeline.config import cards_dir
 from pipeline.data.cards import DatalistSource, NnunetSource, load_card
-from pipeline.stages.download import download
 from pipeline.data.io import read_volume
-from pipeline.commands.dataset import config_files
 from pipeline.data.registry import import_dataset as import_into
 from pipeline.errors import SegpipeError
+from pipeline.stages.download import download
 from pipeline.stages.prepare import prepare
+
+from fixtures import FixtureProject
 from test_datasets import SHAPE, disk_label, image_of
 
 BACKGROUND, INTERIOR, BORDER, IGNORE = 0, 1, 2, 3

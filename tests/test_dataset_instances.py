@@ -18,16 +18,17 @@ import pytest
 import tifffile
 import torch
 
-from fixtures import FixtureProject
-from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.config import cards_dir
 from pipeline.data.cards import load_card
-from pipeline.stages.download import download
 from pipeline.data.io import read_volume
 from pipeline.errors import SegpipeError
 from pipeline.metrics import label_instances, seg_jaccards
+from pipeline.stages.download import download
+from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.stages.prepare import prepare
 from pipeline.transforms.weightmap import instances_from_labels, unet_weight_map
+
+from fixtures import FixtureProject
 from test_datasets import SHAPE, add, image_of, prepared, write_card
 
 RADIUS = 5

@@ -12,9 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imageio.v3 as iio
 import pandas as pd
 import pytest
-import imageio.v3 as iio
 import yaml
 
 from fixtures import REPO_ROOT

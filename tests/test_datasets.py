@@ -17,15 +17,16 @@ import SimpleITK as sitk
 import tifffile
 import yaml
 
-from fixtures import REPO_ROOT, FixtureProject
 from pipeline.cli import main
 from pipeline.config import cards_dir
 from pipeline.data.cards import load_card
-from pipeline.stages.download import download
 from pipeline.data.folders import read_plane, read_slice
 from pipeline.data.io import read_volume
 from pipeline.errors import SegpipeError
+from pipeline.stages.download import download
 from pipeline.stages.prepare import prepare
+
+from fixtures import REPO_ROOT, FixtureProject
 
 SHAPE = (32, 40)
 
@@ -59,7 +60,8 @@ def write_folders(root: Path, n: int = 6, values: tuple[int, ...] = (0, 255), pr
 
 
 def add(name: str, folders: dict[str, Path], *extra: str) -> int:
-    return main(["dataset", "add", name, "--images", str(folders["images"]), "--labels", str(folders["labels"]), *extra])
+    return main(["dataset", "add", name, "--images", str(folders["images"]), "--labels", str(folders["labels"]),
+                 *extra])
 
 
 def write_card(project: FixtureProject, name: str, text: str) -> None:
@@ -251,12 +253,14 @@ def test_prepare_names_the_file(project: FixtureProject, breaker) -> None:
     with pytest.raises(SegpipeError) as error:
         prepare("mine")
     assert str(path) in str(error.value)
-    assert any(str(path) in line and re.search(message, line) for line in str(error.value).splitlines()), str(error.value)
+    assert any(str(path) in line and re.search(message, line)
+               for line in str(error.value).splitlines()), str(error.value)
     assert not prepared(project, "mine").exists()
     assert not list((project.root / "data" / "prepared").glob(".mine.tmp-*"))
 
 
-def test_add_refuses_unpaired_folders_and_writes_nothing(project: FixtureProject, capsys: pytest.CaptureFixture) -> None:
+def test_add_refuses_unpaired_folders_and_writes_nothing(project: FixtureProject,
+                                                         capsys: pytest.CaptureFixture) -> None:
     folders = write_folders(project.root / "mine")
     (folders["labels"] / "slice_02.png").unlink()
     data_before = (project.root / "configs" / "data.yaml").read_text()
@@ -317,7 +321,8 @@ def test_2d_readers(tmp_path: Path) -> None:
     rgb = np.arange(SHAPE[0] * SHAPE[1] * 3, dtype=np.uint16).reshape(*SHAPE, 3)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb)
     np.testing.assert_array_equal(read_slice(tmp_path / "rgb.tif"), rgb)
-    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, *SHAPE), np.uint8), photometric="minisblack", metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, *SHAPE), np.uint8), photometric="minisblack",
+                     metadata={"axes": "ZYX"})
     with pytest.raises(SegpipeError, match=r"stack\.tif: a TIFF with axes ZYX"):
         read_slice(tmp_path / "stack.tif")
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, *SHAPE), np.uint8)), str(tmp_path / "volume.nrrd"))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import FixtureProject, Mirror, closed_port_url, ctc_members, sha256, write_zip
 from pipeline.cli import main
-from pipeline.stages.download import download
 from pipeline.errors import SegpipeError
+from pipeline.stages.download import download
+
+from fixtures import FixtureProject, Mirror, closed_port_url, ctc_members, sha256, write_zip
 
 HELA = "/hela/DIC-C2DH-HeLa.zip"
 

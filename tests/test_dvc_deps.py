@@ -198,7 +198,8 @@ def stage_code(pkg: Package, cmd: str) -> StageCode:
         for config, line in _config_calls(module):
             if config is None:
                 code.problems.append(f"{module.rel}:{line}: {'/'.join(CONFIG_FUNCTIONS)}(...) with an argument that is "
-                                     "not a string literal or a module-level string constant: the test cannot tell the file")
+                                     "not a string literal or a module-level string constant: "
+                                     "the test cannot tell the file")
             else:
                 code.configs.setdefault(config, []).append(f"{module.rel}:{line}")
     return code
@@ -293,8 +294,8 @@ def check_stage(name: str, stage: dict[str, Any], pkg: Package, *, root: Path = 
             problems.append(f"stage {name}: missing params file {f} (load_config at {', '.join(sorted(set(where)))};"
                             f" add `- {f}:` with the keys read, or none for the whole file)")
     for f in sorted(params - set(wanted)):
-        problems.append(f"stage {name}: extra params file {f} (no load_config/read_config({PurePosixPath(f).stem!r}) in "
-                        "the stage's code)")
+        problems.append(f"stage {name}: extra params file {f} "
+                        f"(no load_config/read_config({PurePosixPath(f).stem!r}) in the stage's code)")
     # every dep exists or is produced by a stage
     if outputs is not None:
         for d in deps:
@@ -487,7 +488,8 @@ NOT_IN = {
                  "pipeline/inference/backends/select.py", "pipeline/stages/train.py", "pipeline/training/",
                  "pipeline/commands/", "benchmarks/"),
     "prepare": ("pipeline/inference/", "pipeline/networks/", "pipeline/training/", "pipeline/stages/train.py"),
-    "download": ("pipeline/preprocessing/", "pipeline/transforms/", "pipeline/inference/", "pipeline/stages/prepare.py"),
+    "download": ("pipeline/preprocessing/", "pipeline/transforms/", "pipeline/inference/",
+                 "pipeline/stages/prepare.py"),
 }
 
 

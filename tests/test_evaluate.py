@@ -16,20 +16,14 @@ import pytest
 import torch
 import yaml
 
-from fixtures import FlipAveraged
-from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.config import REPO_ROOT, load_config
 from pipeline.data.io import write_volume
-from pipeline.preprocessing.prepare import separate_touching
-from pipeline.evaluation import evaluate as ev
 from pipeline.data.prepared import open_prepared
+from pipeline.errors import SegpipeError
+from pipeline.evaluation import evaluate as ev
 from pipeline.evaluation.heads import multi_head_scores
 from pipeline.evaluation.overlays import overlay
-from pipeline.inference import inference_network
-from pipeline.networks.u2net import U2NetSides
-from pipeline.transforms.presets import preprocess
-from pipeline.errors import SegpipeError
-from pipeline.inference import load_settings, predict
+from pipeline.inference import inference_network, load_settings, predict
 from pipeline.metrics import (
     best_f1_threshold,
     confusion,
@@ -42,6 +36,12 @@ from pipeline.metrics import (
     seg_jaccards,
 )
 from pipeline.networks import build_network, load_model, save_checkpoint
+from pipeline.networks.u2net import U2NetSides
+from pipeline.preprocessing.prepare import separate_touching
+from pipeline.stages.evaluate import evaluate as run_evaluate
+from pipeline.transforms.presets import preprocess
+
+from fixtures import FlipAveraged
 
 SIZE = 64
 SPLITS = {"train": 2, "val": 2, "test": 3}

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from torch import nn
 
 from pipeline.errors import SegpipeError

@@ -12,18 +12,18 @@ import tifffile
 import torch
 from torch import nn
 
-from pipeline.transforms.presets import preprocess
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, predict, predict_file
 from pipeline.inference.backends.torch_graph import optimize_network
-from pipeline.inference.readers.preprocessed import PreprocessedReader, histogram_percentile
 from pipeline.inference.readers.images import ArrayReader, ImageReader
-from pipeline.transforms.presets import SCHEMA
+from pipeline.inference.readers.preprocessed import PreprocessedReader, histogram_percentile
+from pipeline.transforms.presets import SCHEMA, preprocess
 
 torch.set_num_threads(1)
 
 
-def _augment(channels: list[int] | None = None, clahe: float | None = None, normalize: str = "zscore") -> dict[str, Any]:
+def _augment(channels: list[int] | None = None, clahe: float | None = None,
+             normalize: str = "zscore") -> dict[str, Any]:
     """A recorded `augment` section: every schema key, the three preprocessing keys set."""
 
     def fill(schema: dict[str, Any]) -> dict[str, Any]:

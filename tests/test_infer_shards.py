@@ -15,8 +15,6 @@ import tifffile
 import torch
 from torch import nn
 
-from fixtures import REPO_ROOT
-
 from pipeline.errors import SegpipeError
 from pipeline.inference.run.inputs import check_output_clashes
 from pipeline.inference.run.shards import (
@@ -26,6 +24,8 @@ from pipeline.inference.run.shards import (
     threads_per_process,
 )
 from pipeline.torchrun import RankEnv, rank_env
+
+from fixtures import REPO_ROOT
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT")
@@ -117,8 +117,8 @@ def _network() -> nn.Module:
 def test_torchrun_two_processes_share_the_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 ranks: every good input written once, bit for bit as one process writes it; a corrupt input
     fails its rank, which waits for the other rank (torchrun would stop it) and exits naming it."""
-    from pipeline.stages.infer import run_infer
     from pipeline.networks import save_checkpoint
+    from pipeline.stages.infer import run_infer
 
     for name in TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)

@@ -8,13 +8,18 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from fixtures import FlipAveraged
 from pipeline.errors import SegpipeError
 from pipeline.inference import InferenceSettings, load_settings, predict
-from pipeline.inference.backends.torch_graph import optimize_network
+from pipeline.inference.backends.torch_graph import (
+    count_batch_norm,
+    fold_batch_norm,
+    inplace_activations,
+    optimize_network,
+)
 from pipeline.inference.engine.tiling import output_period, plan_tiles, source_index
 from pipeline.inference.settings import settings_from_config
-from pipeline.inference.backends.torch_graph import count_batch_norm, fold_batch_norm, inplace_activations
+
+from fixtures import FlipAveraged
 
 torch.set_num_threads(1)
 
@@ -95,7 +100,8 @@ def _unet(padding: str, cout: int = 2, seed: int = 0, depth: int = 2) -> nn.Modu
     return net.eval()
 
 
-def _monai(net: nn.Module, image: np.ndarray, tile: int, overlap: float, mode: str, bs: int, sigma: float = 0.125) -> np.ndarray:
+def _monai(net: nn.Module, image: np.ndarray, tile: int, overlap: float, mode: str, bs: int,
+           sigma: float = 0.125) -> np.ndarray:
     inferer = SlidingWindowInferer(roi_size=tile, sw_batch_size=bs, overlap=overlap, mode=mode, sigma_scale=sigma)
     with torch.inference_mode():
         logits = inferer(torch.from_numpy(image)[None], net)[0]
@@ -184,7 +190,8 @@ def test_valid_unet_overlap_tile_equals_whole_mirror_padded_image(h, w, tile, de
 def test_valid_toy_net_overlap_tile(h, w, tile):
     net = _net(ValidNet, 2, 1, seed=3)
     image = _rand((2, h, w), seed=4)
-    np.testing.assert_allclose(predict(net, image, tile=tile, batch_size=4), _whole_mirror_padded(net, image), atol=1e-6)
+    np.testing.assert_allclose(predict(net, image, tile=tile, batch_size=4), _whole_mirror_padded(net, image),
+                               atol=1e-6)
 
 
 def test_overlap_tile_plan_covers_each_output_pixel_once():

@@ -13,7 +13,8 @@ def test_bench_infer_smoke(tmp_path, capsys):
     rows = run_benchmark([64], tile=32, overlap=0.25, blend="gaussian", batch_size=2, threads=1, workdir=tmp_path,
                          precisions=("fp32", "bf16"))
     assert [r["method"] for r in rows] == [
-        "segpipe predict_file, same, fp32", "segpipe predict_file, same, bf16", "segpipe predict_file, same, onnxruntime",
+        "segpipe predict_file, same, fp32", "segpipe predict_file, same, bf16",
+        "segpipe predict_file, same, onnxruntime",
         "MONAI SlidingWindowInferer", STREAMING, "segpipe predict_file, valid (overlap-tile), fp32",
         "segpipe predict_file, valid (overlap-tile), bf16", "segpipe predict_file, valid (overlap-tile), onnxruntime"]
     for row in rows:

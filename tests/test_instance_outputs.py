@@ -16,8 +16,7 @@ from torch import nn
 
 from pipeline.errors import SegpipeError
 from pipeline.inference import infer_files, inference_network, load_settings, predict_file
-from pipeline.inference.writers.formats import output_paths
-from pipeline.inference.writers.formats import instance_path
+from pipeline.inference.writers.formats import instance_path, output_paths
 from pipeline.networks import build_network, save_checkpoint
 from pipeline.postprocessing.instances import InstanceSettings, extract_instances
 from pipeline.postprocessing.stitching import instances_of
@@ -33,7 +32,8 @@ class Oracle(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         net = build_network("unet", 1, 1, base_width=4, depth=2, padding="same")
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size", "valid_output_size"):
+        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size",
+                     "valid_output_size"):
             setattr(self, attr, getattr(net, attr))
         self.scale = nn.Parameter(torch.tensor(20.0))
 

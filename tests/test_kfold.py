@@ -14,8 +14,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from fixtures import FixtureProject, prepare_fixture_datasets
-from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.data.prepared import PreparedDataset, open_prepared
@@ -24,7 +22,10 @@ from pipeline.data.sources import get_source
 from pipeline.errors import SegpipeError
 from pipeline.networks import read_checkpoint
 from pipeline.preprocessing.prepare import assign_folds, assign_splits
+from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.training.settings import TrainConfigs, resolve_settings
+
+from fixtures import FixtureProject, prepare_fixture_datasets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,8 @@ def test_folds_are_seeded_balanced_and_leave_test_cases_out() -> None:
     assert sorted(sizes.index) == ["0", "1", "2", "3", "4"] and sorted(sizes) == [2, 2, 3, 3, 3]
     # the fold of a case depends on the set of cases, not on the table's row order
     shuffled = np.random.default_rng(0).permutation(len(cases))
-    again = assign_folds(cases.iloc[shuffled].reset_index(drop=True), split.iloc[shuffled].reset_index(drop=True), 2015, 5)
+    again = assign_folds(cases.iloc[shuffled].reset_index(drop=True), split.iloc[shuffled].reset_index(drop=True),
+                         2015, 5)
     assert dict(zip(cases.iloc[shuffled], again)) == dict(zip(cases, first))
 
 
@@ -77,7 +79,8 @@ def test_with_fold_validates_on_fold_k_and_trains_on_the_rest(k: int) -> None:
 def test_with_fold_errors_name_the_file_and_the_fix() -> None:
     data = _dataset()
     old = PreparedDataset("toy", data.root, data.manifest.drop(columns="fold"), {})
-    with pytest.raises(SegpipeError, match=r"manifest\.csv: no cross-validation folds .*run `segpipe prepare toy` again"):
+    with pytest.raises(SegpipeError,
+                       match=r"manifest\.csv: no cross-validation folds .*run `segpipe prepare toy` again"):
         old.with_fold(0)
     for k in (5, -1):
         with pytest.raises(SegpipeError, match=rf"stats\.json: 5 folds .*must be 0\.\.4, got {k}"):
@@ -167,9 +170,10 @@ def test_a_fold_trains_with_eq2_class_weights_of_its_own_training_cases(drive: P
 
 def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow.tracking import MlflowClient
+
     import pipeline.evaluation.evaluate as ev
     import pipeline.training.loop as loop
-    from mlflow.tracking import MlflowClient
 
     seen: dict[str, list[str]] = {}
     build_loader, validation_cases, pick_threshold = loop.build_loader, loop.validation_cases, ev.pick_threshold
@@ -212,7 +216,8 @@ def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeyp
     assert main(["train", "drive", "unet", *smoke, "--fold", "2", "--resume"]) == 2
     assert "cannot resume with fold 2: this checkpoint trained fold 1;" in capsys.readouterr().err
     assert main(["train", "drive", "unet", *smoke, "--resume"]) == 2  # configs/train.yaml fold: null
-    assert "cannot resume with fold null (the prepare split): this checkpoint trained fold 1;" in capsys.readouterr().err
+    assert ("cannot resume with fold null (the prepare split): this checkpoint trained fold 1;"
+            in capsys.readouterr().err)
 
     metrics = run_evaluate("drive", "unet")
     assert seen["threshold"] == fold_1

@@ -153,7 +153,8 @@ def command_strings(tree: ast.Module) -> dict[int, str]:
     `_API` table get LAZY: a module loaded only when its name is used (never by the package itself)."""
     out: dict[int, str] = {}
     tables = _tables(tree)
-    for key, value in zip(tables[COMMANDS_TABLE].keys, tables[COMMANDS_TABLE].values) if COMMANDS_TABLE in tables else ():
+    for key, value in (zip(tables[COMMANDS_TABLE].keys, tables[COMMANDS_TABLE].values)
+                       if COMMANDS_TABLE in tables else ()):
         if isinstance(key, ast.Constant) and isinstance(key.value, str):
             out.update({id(n): key.value for n in ast.walk(value) if isinstance(n, ast.Constant)})
     if LAZY_TABLE in tables:
@@ -355,7 +356,8 @@ def test_checker_catches_an_upward_import(tmp_path: Path) -> None:
         (pkg_dir / folder).mkdir(parents=True)
     (pkg_dir / "__init__.py").write_text("")
     (pkg_dir / "errors.py").write_text("")
-    (pkg_dir / "data" / "io.py").write_text("from pipeline.errors import x\n\ndef f():\n    from ..networks import unet\n")
+    (pkg_dir / "data" / "io.py").write_text("from pipeline.errors import x\n\ndef f():\n"
+                                            "    from ..networks import unet\n")
     (pkg_dir / "networks" / "__init__.py").write_text("")
     (pkg_dir / "networks" / "unet.py").write_text("import pipeline.data.io\n")
     pkg = load_package(tmp_path)
@@ -440,8 +442,10 @@ def test_checker_catches_a_config_read_and_a_benchmark_import(tmp_path: Path) ->
         (pkg_dir / folder / "__init__.py").write_text("")
     (pkg_dir / "__init__.py").write_text("")
     (pkg_dir / "training" / "loop.py").write_text(
-        "from pipeline.config import load_config\n\ndef f():\n    import benchmarks.peak\n    return load_config('train')\n")
-    (pkg_dir / "stages" / "train.py").write_text("from pipeline.config import read_config\nread_config('train', dict)\n")
+        "from pipeline.config import load_config\n\ndef f():\n    import benchmarks.peak\n"
+        "    return load_config('train')\n")
+    (pkg_dir / "stages" / "train.py").write_text("from pipeline.config import read_config\n"
+                                                 "read_config('train', dict)\n")
     pkg = load_package(tmp_path)
     assert config_reads_below_entries(pkg) == ["pipeline/training/loop.py:5: load_config(...)"]
     assert benchmark_imports(pkg) == ["pipeline/training/loop.py:4: imports benchmarks.peak"]

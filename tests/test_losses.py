@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.losses import DiceLoss
 
+from pipeline.errors import SegpipeError
 from pipeline.networks import build_network
 from pipeline.training.losses import LOSS_DEFAULTS, SegmentationLoss, SoftDiceLoss, weighted_cross_entropy
 from pipeline.training.supervision import DeepSupervisionLoss, build_loss
-from pipeline.errors import SegpipeError
 
 torch.set_num_threads(1)
 
@@ -206,10 +206,10 @@ def test_head_weights_main_mode_and_plain_outputs():
     weights = [2.0, 1.0, 0.5]
     output = (heads[0], heads[1:])
     assert build_loss({"head_weights": weights, "deep_supervision": "sum"})(output, target).item() == pytest.approx(
-        sum(w * l for w, l in zip(weights, single))
+        sum(w * head_loss for w, head_loss in zip(weights, single))
     )
     assert build_loss({"head_weights": weights})(output, target).item() == pytest.approx(
-        sum(w * l for w, l in zip(weights, single)) / sum(weights)
+        sum(w * head_loss for w, head_loss in zip(weights, single)) / sum(weights)
     )
     main_only = build_loss({"deep_supervision": "main"}, network=_net("unetpp"))
     loss = main_only(output, target)
@@ -235,7 +235,8 @@ def test_build_loss_config_validation():
         "ce_weight", "dice_weight", "ce_normalization", "dice_include_background", "dice_batch",
         "dice_smooth", "deep_supervision", "head_weights",
     }
-    with pytest.raises(SegpipeError, match=r"configs/x.yaml: loss: unknown keys \['dice_wieght'\] \('dice_wieght': did you mean 'dice_weight'\?\)"):
+    with pytest.raises(SegpipeError, match=r"configs/x.yaml: loss: unknown keys \['dice_wieght'\] "
+                                           r"\('dice_wieght': did you mean 'dice_weight'\?\)"):
         build_loss({"dice_wieght": 1}, source="configs/x.yaml: loss")
     bad = [
         {"ce_weight": -1},

@@ -38,7 +38,6 @@ from pipeline.metrics import (
 )
 
 
-
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

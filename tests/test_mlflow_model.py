@@ -16,16 +16,17 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fixtures import FixtureProject
 from pipeline.config import ConfigError
 from pipeline.data.prepared import open_prepared
 from pipeline.errors import SegpipeError
 from pipeline.inference import predict
 from pipeline.networks import read_checkpoint
+from pipeline.stages.train import train
 from pipeline.tracking import tracking_settings
 from pipeline.training.mlflow_model import model_signature, read_settings
-from pipeline.stages.train import train
 from pipeline.transforms.presets import preprocess
+
+from fixtures import FixtureProject
 from test_train import drive_project  # noqa: F401 (fixture)
 
 NAME = "segpipe-drive-unet"
@@ -128,7 +129,8 @@ def test_the_registered_model_loads_in_a_fresh_process(store: MlflowClient, driv
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip().splitlines()[-1]).parts[-3:] == ("code", "pipeline", "__init__.py")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
-    probs = expected_probabilities(local / "artifacts" / "best.pt", image, local / "artifacts" / "inference_settings.json")
+    probs = expected_probabilities(local / "artifacts" / "best.pt", image,
+                                   local / "artifacts" / "inference_settings.json")
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), (probs[0] >= 0.5).astype(np.uint8))
 
 

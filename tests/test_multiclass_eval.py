@@ -17,21 +17,22 @@ import pytest
 import torch
 import yaml
 
-from fixtures import FixtureProject
-from pipeline.evaluation import evaluate as ev
-from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.config import load_config
 from pipeline.data.prepared import open_prepared
 from pipeline.errors import SegpipeError
+from pipeline.evaluation import evaluate as ev
 from pipeline.evaluation.overlays import CLASS_PALETTE, OVERLAY_ALPHA, class_colour, class_overlay
-from pipeline.stages.report import report
 from pipeline.inference import load_settings, predict
 from pipeline.inference.settings import settings_from_config
 from pipeline.metrics import ClassTally, class_keys, class_scores, per_class, pixel_accuracy, pooled_per_class
 from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint
+from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.stages.prepare import prepare
+from pipeline.stages.report import report
 from pipeline.transforms.presets import preprocess
-from test_datasets import add, disk_label, write_folders
+
+from fixtures import FixtureProject
+from test_datasets import add, write_folders
 
 CLASSES = ["background", "disk", "bar"]
 IGNORE = 9

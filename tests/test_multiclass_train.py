@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import torch
 
-from fixtures import FixtureProject
 from pipeline.cli import main
 from pipeline.data.io import read_volume
 from pipeline.data.prepared import open_prepared
@@ -31,6 +30,8 @@ from pipeline.transforms.weightmap import (
     unet_weight_map,
     unet_weight_map_reference,
 )
+
+from fixtures import FixtureProject
 from test_datasets import add, disk_label, write_folders
 
 CLASSES = ["background", "disk", "bar"]
@@ -126,7 +127,8 @@ def test_the_pyfunc_model_gives_argmax_label_maps(project: FixtureProject, three
     from pipeline.training.pyfunc_model import SegmentationModel
     from pipeline.transforms.presets import preprocess
 
-    assert main(["train", "three", "unet", "--profile", "smoke", "--set", "epochs=1", "--set", "steps_per_epoch=1"]) == 0
+    assert main(["train", "three", "unet", "--profile", "smoke", "--set", "epochs=1",
+                 "--set", "steps_per_epoch=1"]) == 0
     checkpoint = project.root / "models" / "three" / "unet" / "best.pt"
     settings_file = project.root / "inference_settings.json"
     inference = settings_from_config(load_config("inference"), "configs/inference.yaml")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.networks import count_conv_calls
 from pipeline.config import load_config
 from pipeline.errors import SegpipeError
 from pipeline.networks import (
@@ -30,7 +31,6 @@ from pipeline.networks import (
     unet_valid_output_size,
 )
 from pipeline.networks.unetpp import UNetPlusPlus
-from benchmarks.networks import count_conv_calls
 
 torch.set_num_threads(1)
 

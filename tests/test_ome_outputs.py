@@ -16,16 +16,16 @@ import tifffile
 import torch
 from torch import nn
 
-from fixtures import Exploding
-
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, predict, predict_file
+from pipeline.inference.readers.images import ImageMeta
 from pipeline.inference.writers.formats import output_paths
-from pipeline.inference.writers.ome_zarr import OmeZarrWriter
 from pipeline.inference.writers.ome_meta import PixelSize, name_classes, pixel_size
 from pipeline.inference.writers.ome_tiff import LABEL_VALUES_NAMESPACE, OmeTiffWriter
+from pipeline.inference.writers.ome_zarr import OmeZarrWriter
 from pipeline.inference.writers.pyramid import Pyramid, halve, level_shapes
-from pipeline.inference.readers.images import ImageMeta
+
+from fixtures import Exploding
 
 pytestmark = pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")  # ome_zarr import
 torch.set_num_threads(1)

@@ -14,9 +14,9 @@ from torch import nn
 
 from pipeline.errors import SegpipeError
 from pipeline.inference import export_onnx, load_settings, predict
+from pipeline.inference.backends.onnx_meta import PREFIX, read_meta
 from pipeline.inference.backends.onnx_runtime import onnx_network
 from pipeline.inference.backends.torch_graph import optimize_network, recorded_preprocessing
-from pipeline.inference.backends.onnx_meta import PREFIX, read_meta
 from pipeline.networks import build_network, load_model, save_checkpoint
 from pipeline.transforms.presets import SCHEMA
 
@@ -254,7 +254,8 @@ def test_export_failures_name_the_file_and_leave_nothing(tmp_path, monkeypatch):
         export_onnx(ckpt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "dir.onnx", "m.pt"]
     monkeypatch.undo()
-    with pytest.raises(SegpipeError, match="m.pt: ONNX export failed .RuntimeError: Unsupported onnx_opset_version: 99"):
+    with pytest.raises(SegpipeError,
+                       match="m.pt: ONNX export failed .RuntimeError: Unsupported onnx_opset_version: 99"):
         export_onnx(ckpt, opset=99)
 
 

@@ -14,18 +14,22 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fixtures import FixtureProject
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.data.cards import parse_card
 from pipeline.errors import SegpipeError
 from pipeline.networks import read_checkpoint
 from pipeline.preprocessing.fingerprint import (
-    FINGERPRINT_NAME, dataset_fingerprint, read_fingerprint, write_fingerprint,
+    FINGERPRINT_NAME,
+    dataset_fingerprint,
+    read_fingerprint,
+    write_fingerprint,
 )
 from pipeline.training.planning import CLAHE_CLIP, estimate_memory, meta_network, plan_training
 from pipeline.training.settings import TrainConfigs, resolve_settings
 from pipeline.transforms.presets import build_preprocess_transforms
+
+from fixtures import FixtureProject
 from test_multiclass_train import CLASSES, _three_class_dataset
 
 FACTS = {"classes": ["background", "disk", "bar"], "channels": ["gray"], "spacing": [0.5, 0.5], "modality": None}

@@ -13,13 +13,14 @@ import yaml
 from scipy import ndimage
 from torch import nn
 
-from fixtures import FixtureProject, prepare_fixture_datasets
 from pipeline.config import ConfigError
 from pipeline.inference import load_settings, predict
 from pipeline.networks import build_network, read_checkpoint
 from pipeline.networks import precision as precision_module
 from pipeline.networks.precision import PrecisionWarning, check_precision
 from pipeline.stages.train import train
+
+from fixtures import FixtureProject, prepare_fixture_datasets
 
 PRESETS = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "networks.yaml").read_text())
 ARCHITECTURES = {

@@ -8,14 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fixtures import FixtureProject, ctc_members, disk_instances, drive_members, sha256, write_zip
 from pipeline.config import read_config
 from pipeline.data.io import read_volume
 from pipeline.data.manifest import write_file_manifest
 from pipeline.data.settings import check_data_config
+from pipeline.errors import SegpipeError
 from pipeline.preprocessing.prepare import separate_touching
 from pipeline.stages.prepare import prepare
-from pipeline.errors import SegpipeError
+
+from fixtures import FixtureProject, ctc_members, disk_instances, drive_members, sha256, write_zip
 
 
 def install_raw(project: FixtureProject, dataset: str, zips: dict[str, dict[str, bytes]]) -> None:
@@ -143,7 +144,8 @@ def test_corrupt_zip_names_the_archive(project: FixtureProject) -> None:
     install_raw(project, "hela", {"DIC-C2DH-HeLa.zip": ctc_members("DIC-C2DH-HeLa")})
     archive = project.root / "data/raw/hela/DIC-C2DH-HeLa.zip"
     data = bytearray(archive.read_bytes())
-    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64  # damage a member's bytes (not zeros: a stored member may hold zeros there)
+    # damage a member's bytes (not zeros: a stored member may hold zeros there)
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64
     archive.write_bytes(bytes(data))
     with pytest.raises(SegpipeError, match=r"DIC-C2DH-HeLa\.zip: .*(corrupt|not a readable zip)"):
         prepare("hela")
@@ -245,7 +247,8 @@ def test_manifest_command_matches_an_independent_manifest(project: FixtureProjec
         for name, data in members.items():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes(data)
-    out = write_file_manifest("drive", str(source), read_config("data", check_data_config), str(tmp_path / "drive_files.csv"))
+    out = write_file_manifest("drive", str(source), read_config("data", check_data_config),
+                              str(tmp_path / "drive_files.csv"))
     ours = pd.read_csv(out).sort_values("path").reset_index(drop=True)
     reference = pd.read_csv(project.root / "data_manifests/drive_files.csv").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(ours, reference, check_dtype=False)

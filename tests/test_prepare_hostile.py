@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from fixtures import FixtureProject, _tif_bytes, ctc_members, sha256
-from test_archives import DATA_LIMITS, MIB, crc_of_zeros, deflated_zeros, make_zip, patch_zip
-from test_prepare import install_raw, no_temp_left, prepared
 from pipeline.data.io import read_raster
 from pipeline.errors import SegpipeError
 from pipeline.stages.prepare import prepare
+
+from fixtures import FixtureProject, ctc_members, sha256
+from test_archives import DATA_LIMITS, MIB, crc_of_zeros, deflated_zeros, make_zip, patch_zip
+from test_prepare import install_raw, no_temp_left, prepared
 
 HELA = "DIC-C2DH-HeLa"
 LIMIT = DATA_LIMITS["max_image_values"]

@@ -10,9 +10,8 @@ from monai.data import CacheDataset, DataLoader, Dataset
 
 from pipeline.config import load_config
 from pipeline.errors import SegpipeError
-from pipeline.transforms.presets import preprocess
 from pipeline.transforms import build_preprocess_transforms, build_train_transforms
-from pipeline.transforms.presets import preset_section
+from pipeline.transforms.presets import preprocess, preset_section
 
 torch.set_num_threads(1)
 
@@ -123,7 +122,8 @@ def test_green_channel_and_clahe() -> None:
 def test_config_errors_name_the_problem() -> None:
     cfg = copy.deepcopy(load_config("augment")["drive"])
     cfg["elastic"]["sigmaa"] = 3
-    with pytest.raises(SegpipeError, match=r"drive.elastic: unknown keys \['sigmaa'\] \('sigmaa': did you mean 'sigma'\?\)"):
+    with pytest.raises(SegpipeError,
+                       match=r"drive.elastic: unknown keys \['sigmaa'\] \('sigmaa': did you mean 'sigma'\?\)"):
         build_train_transforms("drive", 0, 16, config=cfg)
     del cfg["elastic"]["sigmaa"]
     cfg["normalize"] = "minmax"

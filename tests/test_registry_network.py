@@ -10,12 +10,13 @@ import torch
 import yaml
 from torch import nn
 
-from fixtures import FixtureProject, prepare_fixture_datasets
 from pipeline.errors import SegpipeError
-from pipeline.stages.evaluate import evaluate
 from pipeline.networks import HeadView, SegmentationNetwork, build_network, network_names, register_network
+from pipeline.stages.evaluate import evaluate
 from pipeline.stages.train import train
 from pipeline.training.supervision import build_loss
+
+from fixtures import FixtureProject, prepare_fixture_datasets
 
 
 class TwoHeads(SegmentationNetwork):

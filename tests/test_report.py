@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from pipeline.config import REPO_ROOT
-from pipeline.stages.report import report
 from pipeline.errors import SegpipeError
+from pipeline.stages.report import report
 
 
 def write_metrics(results: Path, dataset: str, network: str, **metrics: Any) -> None:
@@ -50,7 +50,8 @@ def test_report_table_and_summary(results: Path) -> None:
     path = report(results, models_dir=results.parent / "models")
     assert path == results / "report.md"
     summary = pd.read_csv(results / "summary.csv")
-    assert list(zip(summary["dataset"], summary["network"])) == [("drive", "unet"), ("drive", "u2net"), ("u373", "unet")]
+    assert list(zip(summary["dataset"], summary["network"])) == [("drive", "unet"), ("drive", "u2net"),
+                                                                 ("u373", "unet")]
     assert summary.loc[0, "train_minutes"] == pytest.approx(185.0 / 60) and summary.loc[0, "epochs"] == 3
     assert summary["train_minutes"].isna().tolist() == [False, True, True]
     assert summary.loc[2, "seg"] == pytest.approx(0.77)
@@ -59,11 +60,12 @@ def test_report_table_and_summary(results: Path) -> None:
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == ("| dataset | network | checkpoint | Dice | IoU | F1 pooled | F1 pooled @ val t | AUC-ROC | "
                         "accuracy | SEG | AP@0.5 | maxFβ | MAE | train min | epochs |")
-    assert table[2] == ("| drive | unet | unet | 0.8123 | 0.6800 | 0.8251 | 0.8262 | 0.9812 | 0.9561 | – | – | 0.8300 | "
-                        "0.0400 | 3.1 | 3 |")
+    assert table[2] == ("| drive | unet | unet | 0.8123 | 0.6800 | 0.8251 | 0.8262 | 0.9812 | 0.9561 | – | – | "
+                        "0.8300 | 0.0400 | 3.1 | 3 |")
     assert table[3].startswith("| drive | u2net | u2netp | 0.7800 |") and table[3].endswith("| – | – |")
     assert table[4] == "| drive | 2nd observer | – | – | – | 0.7889 | – | – | 0.9637 | – | – | – | – | – | – |"
-    assert table[5].startswith("| u373 | unet | unet | 0.9100 | 0.8400 | 0.9200 | – | 0.9900 | 0.9700 | 0.7700 | 0.8100 |")
+    assert table[5].startswith("| u373 | unet | unet | 0.9100 | 0.8400 | 0.9200 | – | 0.9900 | 0.9700 | "
+                               "0.7700 | 0.8100 |")
     assert len(table) == 6
     assert not [p for p in results.iterdir() if p.name.startswith(".")]
 
@@ -106,7 +108,8 @@ def test_report_lists_mlflow_runs_and_pairs_not_evaluated(results: Path) -> None
     matrix = [(d, n) for d in ("drive", "u373") for n in ("unet", "u2net")]
     path = report(results, models_dir=results.parent / "models", matrix=matrix)
     summary = pd.read_csv(results / "summary.csv")
-    assert summary.loc[0, "mlflow_run_id"] == "0a1b2c" and summary["mlflow_run_id"].isna().tolist() == [False, True, True]
+    assert (summary.loc[0, "mlflow_run_id"] == "0a1b2c"
+            and summary["mlflow_run_id"].isna().tolist() == [False, True, True])
     assert summary.loc[0, "mlflow_tracking_uri"] == "sqlite:///mlflow.db"
     text = path.read_text()
     table = [line for line in text.splitlines() if line.startswith("|")]
@@ -116,7 +119,8 @@ def test_report_lists_mlflow_runs_and_pairs_not_evaluated(results: Path) -> None
     assert "## Not evaluated yet" in text and "failed to load some metrics" in text
     assert [line for line in text.splitlines() if line.startswith("- ")] == [
         "- drive: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning",
-        "- u373 × u2net: `dvc repro evaluate@u373-u2net` (or `segpipe train u373 u2net && segpipe evaluate u373 u2net`)"]
+        "- u373 × u2net: `dvc repro evaluate@u373-u2net` "
+        "(or `segpipe train u373 u2net && segpipe evaluate u373 u2net`)"]
     report(results, datasets=["drive"], models_dir=results.parent / "models", matrix=matrix)
     assert "Not evaluated yet" not in (results / "report.md").read_text()  # filtered to drive: nothing missing
     (results / "drive" / "unet" / "mlflow.json").write_text("{oops")

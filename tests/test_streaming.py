@@ -18,12 +18,12 @@ import tifffile
 import torch
 from torch import nn
 
-from fixtures import Exploding
-
 from pipeline.errors import SegpipeError
 from pipeline.inference import load_settings, predict, predict_file
-from pipeline.inference.writers.formats import output_paths
 from pipeline.inference.readers.images import open_image
+from pipeline.inference.writers.formats import output_paths
+
+from fixtures import Exploding
 
 torch.set_num_threads(1)
 H, W = 70, 90
@@ -54,14 +54,22 @@ def _hwc(a: np.ndarray) -> np.ndarray:
 
 # (file name, channels, dtype, writer) -- each writer stores a (C, H, W) array in one layout
 WRITERS: list[tuple[str, int, type, Callable[[Path, np.ndarray], None]]] = [
-    ("tiled_zlib.tif", 3, np.uint8, lambda p, a: tifffile.imwrite(p, _hwc(a), tile=(32, 32), compression="zlib", photometric="rgb")),
+    ("tiled_zlib.tif", 3, np.uint8,
+     lambda p, a: tifffile.imwrite(p, _hwc(a), tile=(32, 32), compression="zlib", photometric="rgb")),
     ("contiguous.tif", 3, np.uint8, lambda p, a: tifffile.imwrite(p, _hwc(a), photometric="rgb")),
-    ("strips_lzw.tif", 3, np.uint8, lambda p, a: tifffile.imwrite(p, _hwc(a), rowsperstrip=7, compression="lzw", photometric="rgb")),
-    ("planar.tif", 3, np.uint8, lambda p, a: tifffile.imwrite(p, a, planarconfig="separate", photometric="rgb", rowsperstrip=16, compression="zlib")),
-    ("bigtiff_tiles.tif", 3, np.uint8, lambda p, a: tifffile.imwrite(p, _hwc(a), bigtiff=True, tile=(16, 48), photometric="rgb")),
-    ("channels.ome.tif", 3, np.uint8, lambda p, a: tifffile.imwrite(p, a, metadata={"axes": "CYX"}, tile=(32, 32), compression="zlib")),
+    ("strips_lzw.tif", 3, np.uint8,
+     lambda p, a: tifffile.imwrite(p, _hwc(a), rowsperstrip=7, compression="lzw", photometric="rgb")),
+    ("planar.tif", 3, np.uint8,
+     lambda p, a: tifffile.imwrite(p, a, planarconfig="separate", photometric="rgb", rowsperstrip=16,
+                                   compression="zlib")),
+    ("bigtiff_tiles.tif", 3, np.uint8,
+     lambda p, a: tifffile.imwrite(p, _hwc(a), bigtiff=True, tile=(16, 48), photometric="rgb")),
+    ("channels.ome.tif", 3, np.uint8,
+     lambda p, a: tifffile.imwrite(p, a, metadata={"axes": "CYX"}, tile=(32, 32), compression="zlib")),
     ("bigendian16.tif", 1, np.uint16, lambda p, a: tifffile.imwrite(p, a[0], byteorder=">", tile=(32, 32))),
-    ("float.tif", 2, np.float32, lambda p, a: tifffile.imwrite(p, _hwc(a), photometric="minisblack", planarconfig="contig", predictor=3, compression="zlib")),
+    ("float.tif", 2, np.float32,
+     lambda p, a: tifffile.imwrite(p, _hwc(a), photometric="minisblack", planarconfig="contig", predictor=3,
+                                   compression="zlib")),
     ("image.nii.gz", 3, np.uint8, lambda p, a: nib.save(nib.Nifti1Image(a, np.eye(4)), str(p))),
     ("image.nii", 1, np.float32, lambda p, a: nib.save(nib.Nifti1Image(a[0], np.eye(4)), str(p))),
     ("rgb.png", 3, np.uint8, lambda p, a: iio.imwrite(p, _hwc(a))),
@@ -102,7 +110,8 @@ def test_jpeg_round_trip(tmp_path):
     iio.imwrite(src, _hwc(_image(3, seed=1)))
     decoded = np.moveaxis(iio.imread(src), -1, 0)
     net = _unet()
-    predict_file(net, src, tmp_path / "seg.tif", probabilities_path=tmp_path / "prob.tif", tile=32, probabilities_dtype="float32")
+    predict_file(net, src, tmp_path / "seg.tif", probabilities_path=tmp_path / "prob.tif", tile=32,
+                 probabilities_dtype="float32")
     np.testing.assert_array_equal(_read_output(tmp_path / "prob.tif"), predict(net, decoded, tile=32))
 
 
@@ -119,7 +128,8 @@ def test_lossy_and_other_codecs_read_like_tifffile(tmp_path, kwargs):
         np.testing.assert_array_equal(reader.read_rows(17, 50), decoded[:, 17:50])
 
 
-@pytest.mark.parametrize("name", ["tiled_zlib.tif", "strips_lzw.tif", "planar.tif", "channels.ome.tif", "image.nii.gz", "vector.mha"])
+@pytest.mark.parametrize("name", ["tiled_zlib.tif", "strips_lzw.tif", "planar.tif", "channels.ome.tif", "image.nii.gz",
+                                  "vector.mha"])
 def test_readers_give_any_row_band(tmp_path, name):
     _, channels, dtype, write = next(w for w in WRITERS if w[0] == name)
     image = _image(channels, dtype, seed=3)
@@ -165,7 +175,8 @@ def test_probability_encodings_and_threshold(tmp_path):
 def test_spacing_and_metadata_are_kept(tmp_path):
     net = _unet()
     image = _image(3, seed=6)
-    tifffile.imwrite(tmp_path / "res.tif", _hwc(image), photometric="rgb", resolution=(2.5, 4.0), resolutionunit="CENTIMETER")
+    tifffile.imwrite(tmp_path / "res.tif", _hwc(image), photometric="rgb", resolution=(2.5, 4.0),
+                     resolutionunit="CENTIMETER")
     predict_file(net, tmp_path / "res.tif", tmp_path / "res_seg.tif", tile=32)
     with tifffile.TiffFile(tmp_path / "res_seg.tif") as tif:
         page = tif.pages[0]
@@ -174,7 +185,8 @@ def test_spacing_and_metadata_are_kept(tmp_path):
         assert page.tags["XResolution"].value == (5, 2) and page.tags["YResolution"].value == (4, 1)
 
     tifffile.imwrite(tmp_path / "ome.ome.tif", image, metadata={
-        "axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"})
+        "axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"})
     seg, _ = output_paths(tmp_path / "ome.ome.tif", tmp_path)
     assert seg.name == "ome_seg.ome.tif"
     predict_file(net, tmp_path / "ome.ome.tif", seg, tile=32)
@@ -296,7 +308,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 
 def _peak_growth(mode: str, folder: Path) -> float:
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peaks = json.loads(proc.stdout.strip().splitlines()[-1])
     return peaks["large"] - peaks["small"]

@@ -14,16 +14,26 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fixtures import FixtureProject
+from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import evaluate as ev
 from pipeline.stages.evaluate import evaluate as run_evaluate
-from pipeline.config import ConfigError, load_config
 from pipeline.stages.report import report
-from pipeline.tracking import (
-    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, PARENT_STAGE, RUN_GROUP_TAG, TrackingSettings, data_digest, parent_run,
-    run_group, stage_run, tracking_settings, tracking_uri,
-)
 from pipeline.stages.train import train
+from pipeline.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    PARENT_STAGE,
+    RUN_GROUP_TAG,
+    TrackingSettings,
+    data_digest,
+    parent_run,
+    run_group,
+    stage_run,
+    tracking_settings,
+    tracking_uri,
+)
+
+from fixtures import FixtureProject
 from test_evaluate import UNET, drive_case, fake_predict, make_checkpoint, make_prepared, work  # noqa: F401 (fixture)
 from test_train import drive_project  # noqa: F401 (fixture)
 

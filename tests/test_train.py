@@ -14,13 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fixtures import FixtureProject, prepare_fixture_datasets
+from pipeline.errors import SegpipeError
+from pipeline.networks import load_model, read_checkpoint
+from pipeline.stages.train import load_train_configs, train
 from pipeline.training.loader import PatchDataset, StepSampler
 from pipeline.training.optim import learning_rate
 from pipeline.training.settings import resolve_settings
-from pipeline.stages.train import load_train_configs, train
-from pipeline.errors import SegpipeError
-from pipeline.networks import load_model, read_checkpoint
+
+from fixtures import FixtureProject, prepare_fixture_datasets
 
 
 @pytest.fixture
@@ -282,7 +283,8 @@ def test_two_gloo_processes_follow_one_process(drive_project: FixtureProject, tm
     batch-norm statistics differ (per rank), hence the tolerance."""
     root = drive_project.root
     args = ["train", "drive", "unet", "--profile", "smoke", "--set", "epochs=3", "--set", "steps_per_epoch=3",
-            "--set", "val_every=10", "--set", "batch_size=8", "--set", "max_minutes=100"]  # budget path: ranks share one clock
+            "--set", "val_every=10", "--set", "batch_size=8",
+            "--set", "max_minutes=100"]  # budget path: ranks share one clock
     single = _cli(args, root)
     assert single.wait(timeout=600) == 0, single.stdout.read()
     one = pd.read_csv(root / "models/drive/unet/log.csv")
@@ -357,9 +359,9 @@ def test_the_border_target_trains_three_classes_and_is_scored_as_cells(project: 
     """target: border on the CTC fixture: background / interior / border from the instances, a 3-channel
     network whose instance settings may use the border method, evaluated as 1 - P(background) with
     instance maps from its three channels; DRIVE (no instances) refuses the target."""
-    from pipeline.stages.evaluate import evaluate
     from pipeline.postprocessing.instances import BORDER_CLASSES
     from pipeline.postprocessing.planning import candidates
+    from pipeline.stages.evaluate import evaluate
 
     prepare_fixture_datasets(project, ("hela", "drive"))
     train("hela", "unet", profile="smoke", overrides={"target": "border"})

@@ -35,8 +35,9 @@ def test_bench_quality_on_cells_at_equal_steps_reports_seg(project, capsys: pyte
     steps at our batch and patch, both get SEG of the components and of the instance maps."""
     import yaml
 
-    from fixtures import prepare_fixture_datasets
     from benchmarks.training import run_quality
+
+    from fixtures import prepare_fixture_datasets
 
     prepare_fixture_datasets(project, ("hela",))
     cfg_path = project.root / "configs" / "train.yaml"

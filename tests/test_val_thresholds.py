@@ -17,19 +17,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import pipeline.inference.run.predict as streaming
-from fixtures import FixtureProject
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.data.prepared import open_prepared
 from pipeline.inference import export_onnx, inference_network, load_settings
-from pipeline.inference.backends.onnx_runtime import onnx_network
-from pipeline.inference.settings import settings_from_config
 from pipeline.inference.backends.onnx_meta import PREFIX, read_meta
+from pipeline.inference.backends.onnx_runtime import onnx_network
 from pipeline.inference.run.resume import open_log, run_key
-from pipeline.stages.infer import config_settings
+from pipeline.inference.settings import settings_from_config
 from pipeline.metrics import best_f1_threshold, confusion, histogram_best_f1, histogram_best_mean_dice, score_histogram
 from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint
+from pipeline.stages.infer import config_settings
 from pipeline.training.validation import validate, validation_cases, validation_settings, validation_thresholds
+
+from fixtures import FixtureProject
 from test_datasets import add, write_folders
 
 KEYS = {"best_f1", "best_dice", "val_f1", "val_dice", "cases"}
@@ -125,7 +126,8 @@ def test_training_stores_thresholds_that_infer_and_the_pyfunc_model_use(project:
     model.load_context(SimpleNamespace(artifacts={"checkpoint": str(out / "best.pt"), "settings": str(settings_file)}))
     array = prepared.load(prepared.cases("val")[0])["image"].astype(np.float32)
     probs = model.predict(None, array, params={"output": "probabilities"})[0]
-    np.testing.assert_array_equal(model.predict(None, array, params={"threshold": "val"}), probs >= thresholds["best_f1"])
+    np.testing.assert_array_equal(model.predict(None, array, params={"threshold": "val"}),
+                                  probs >= thresholds["best_f1"])
     np.testing.assert_array_equal(model.predict(None, array, params={"threshold": "0.3"}), probs >= 0.3)
     np.testing.assert_array_equal(model.predict(None, array), probs >= 0.5)
     with pytest.raises(MlflowException, match="param threshold: threshold must be a number in"):
@@ -159,7 +161,8 @@ def _outputs(out: Path, stem: str = "image") -> tuple[np.ndarray, np.ndarray]:
     return tifffile.imread(out / f"{stem}_seg.tif"), tifffile.imread(out / f"{stem}_prob.tif")
 
 
-def test_threshold_val_uses_the_checkpoint_threshold_and_keys_the_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_threshold_val_uses_the_checkpoint_threshold_and_keys_the_resume(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     image = _image(tmp_path / "image.tif")
     assert _infer(capsys, _checkpoint(tmp_path / "plain.pt"), image, tmp_path / "plain")[0] == 0

@@ -24,7 +24,8 @@ def _cmd_dataset_add(args: argparse.Namespace) -> int:
     source = FolderSource(args.images, args.labels, masks=args.masks, instances=args.instances,
                           test_images=args.test_images, test_labels=args.test_labels, test_masks=args.test_masks,
                           test_instances=args.test_instances)
-    add_dataset(config_files(), args.name, source, class_names=None if args.classes is None else args.classes.split(","),
+    add_dataset(config_files(), args.name, source,
+                class_names=None if args.classes is None else args.classes.split(","),
                 ignore_value=args.ignore_value, test_fraction=args.test_fraction)
     return 0
 

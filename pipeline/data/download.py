@@ -24,8 +24,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from pipeline.data.cards import DatasetCard
 from pipeline.data import folders, importers
+from pipeline.data.cards import DatasetCard
 from pipeline.data.io import sha256_file, write_text
 from pipeline.data.sources import Archive, DatasetSource, get_source
 from pipeline.errors import SegpipeError
@@ -264,10 +264,12 @@ def earlier_imports(raw_dir: Path) -> list[dict[str, Any]] | None:
     except SegpipeError:
         return None
     for record in records:
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("name", "sha256", "source")):
+        fields = ("name", "sha256", "source")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in fields):
             return None
         path = raw_dir / Path(record["name"]).name
-        if record["source"].startswith(("http://", "https://")) or not path.is_file() or sha256_file(path) != record["sha256"]:
+        remote = record["source"].startswith(("http://", "https://"))
+        if remote or not path.is_file() or sha256_file(path) != record["sha256"]:
             return None
     return records or None
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import SegpipeError
 from pipeline.files import IMAGEIO_SUFFIXES, NIFTI_SUFFIXES, TIFF_SUFFIXES, atomic_path
+
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""

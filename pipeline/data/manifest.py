@@ -49,7 +49,8 @@ def find_files(root: Path, layout: Layout, dataset: str) -> list[FoundFile]:
         item = FoundFile(m.group(0).lstrip("/"), location, m.group("split"), m.group("case"), pattern.role)
         key = (item.split, item.case, item.role)
         if key in found:
-            problems.append(f"{rel}: duplicate of {found[key].location.relative_to(root)} ({item.role} of case {item.case})")
+            problems.append(f"{rel}: duplicate of {found[key].location.relative_to(root)} "
+                            f"({item.role} of case {item.case})")
             continue
         found[key] = item
     raise_problems(problems, f"{dataset}: the archives do not have the expected layout")
@@ -89,7 +90,8 @@ def _validate_manifest(files: list[FoundFile], manifest_path: Path, dataset: str
         want, got = rows[item.path], describe(item, max_values)
         for key in ("shape", "dtype", "sha256"):
             if got[key] != str(getattr(want, key)):
-                problems.append(f"{item.location}: {key} {got[key]}, expected {getattr(want, key)} ({manifest_path.name})")
+                problems.append(f"{item.location}: {key} {got[key]}, expected {getattr(want, key)} "
+                                f"({manifest_path.name})")
                 break
     raise_problems(problems, f"{dataset}: files do not match {manifest_path}")
 
@@ -99,7 +101,8 @@ def _validate_layout(files: list[FoundFile], layout: Layout, dataset: str, max_v
     for f in files:
         counts[f"{f.split}/{f.role}"] = counts.get(f"{f.split}/{f.role}", 0) + 1
     problems = [
-        f"{key}: {counts.get(key, 0)} files, expected exactly {n}" for key, n in layout.counts.items() if counts.get(key, 0) != n
+        f"{key}: {counts.get(key, 0)} files, expected exactly {n}"
+        for key, n in layout.counts.items() if counts.get(key, 0) != n
     ]
     problems += [
         f"{key}: {counts.get(key, 0)} files, expected at least {n}"
@@ -115,7 +118,8 @@ def _validate_layout(files: list[FoundFile], layout: Layout, dataset: str, max_v
         if shape and array.shape != shape:
             problems.append(f"{item.location}: shape {array.shape}, expected {shape} for a {dataset} {item.role}")
         elif dtypes and str(array.dtype) not in dtypes:
-            problems.append(f"{item.location}: dtype {array.dtype}, expected one of {dtypes} for a {dataset} {item.role}")
+            problems.append(f"{item.location}: dtype {array.dtype}, expected one of {dtypes} "
+                            f"for a {dataset} {item.role}")
     raise_problems(problems, f"{dataset}: files do not match the layout in sources.yaml")
 
 

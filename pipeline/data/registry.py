@@ -22,7 +22,13 @@ import yaml
 
 from pipeline.config import read_yaml
 from pipeline.data.cards import (
-    FolderSource, ImportedSource, NnunetSource, card_path, card_text, check_folders, parse_card,
+    FolderSource,
+    ImportedSource,
+    NnunetSource,
+    card_path,
+    card_text,
+    check_folders,
+    parse_card,
 )
 from pipeline.data.folders import FolderCase, pair_cases, read_channels, read_plane
 from pipeline.data.importers import detect_source, list_cases, read_dataset_json
@@ -56,7 +62,8 @@ def add_dataset(files: ConfigFiles, name: str, source: FolderSource, class_names
                      ignore_value)
 
 
-def import_dataset(files: ConfigFiles, name: str, path: Path, base_dir: Path | None = None, class_names: list[str] | None = None,
+def import_dataset(files: ConfigFiles, name: str, path: Path, base_dir: Path | None = None,
+                   class_names: list[str] | None = None,
                    ignore_value: int | None = None, test_fraction: float = 0.2) -> Path:
     """Write NAME's card for an nnU-Net v2 raw folder or a MONAI datalist (read in place) and register
     it; an nnU-Net dataset.json gives the classes, ignore label and channel names. Returns the card."""
@@ -97,7 +104,8 @@ def channel_names(count: int) -> list[str]:
     return CHANNEL_NAMES.get(count, [f"channel_{i}" for i in range(count)])
 
 
-def _register(files: ConfigFiles, name: str, source: FolderSource | ImportedSource, cases: list[FolderCase], classes: dict[str, int],
+def _register(files: ConfigFiles, name: str, source: FolderSource | ImportedSource, cases: list[FolderCase],
+              classes: dict[str, int],
               channels: list[str], test_fraction: float | None, ignore_value: int | None) -> Path:
     """Write the card, add NAME to configs/data.yaml and its preset to configs/augment.yaml."""
     data_path, augment_path, path = files.data, files.augment, card_path(files.cards, name)

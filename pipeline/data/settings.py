@@ -8,10 +8,16 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.config import (
-    ConfigError, check_int, check_keys, check_list, check_number, check_str,
+    ConfigError,
+    check_int,
+    check_keys,
+    check_list,
+    check_number,
+    check_str,
 )
 
-TOP_KEYS = ("datasets", "cell_datasets", "folder_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download", "prepare")
+TOP_KEYS = ("datasets", "cell_datasets", "folder_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download",
+            "prepare")
 DOWNLOAD_KEYS = ("mirror", "from", "accept_sha256", "retries", "backoff_seconds", "timeout_seconds", "chunk_bytes")
 PREPARE_KEYS = ("seed", "val_fraction", "folds", "weight_map", "limits")
 LIMIT_KEYS = ("max_members", "max_unpacked_bytes", "max_compression_ratio", "max_image_values")

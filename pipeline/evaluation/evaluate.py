@@ -330,7 +330,8 @@ def log_run(tracker: Any, summary: Mapping[str, Any], logged: Mapping[str, float
     """MLflow: the `logged` metrics, the thresholds; metrics.json, timings.json, the CSVs, overlays."""
     extra = {k: summary[k] for k in ("threshold_best", "val_best_f1") if isinstance(summary.get(k), float)}
     tracker.log_metrics({**logged, **extra})
-    for name in ("metrics.json", "timings.json", "per_image.csv", "roc.csv", "pr.csv") + (("heads.csv",) if has_heads else ()):
+    heads = ("heads.csv",) if has_heads else ()
+    for name in ("metrics.json", "timings.json", "per_image.csv", "roc.csv", "pr.csv", *heads):
         tracker.log_artifact(str(out_dir / name))
     if any((out_dir / "overlays").iterdir()):
         tracker.log_artifacts(str(out_dir / "overlays"), "overlays")

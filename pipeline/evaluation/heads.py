@@ -27,7 +27,6 @@ from pipeline.inference.settings import InferenceSettings
 from pipeline.metrics import foreground
 from pipeline.networks import HeadView, SegmentationNetwork
 
-
 Reduce = Callable[[np.ndarray], np.ndarray]
 """Probabilities (K, H, W) -> what is scored (H, W): a foreground probability or a label map."""
 

@@ -23,8 +23,8 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from pipeline.data.io import write_text
-from pipeline.files import atomic_path
 from pipeline.errors import SegpipeError
+from pipeline.files import atomic_path
 from pipeline.metrics import MEAN_FG
 
 NETWORK_ORDER = ("unet", "unetpp", "u2net")
@@ -86,7 +86,8 @@ def collect(
         rows.append(row)
     if not rows:
         wanted = "" if keep_ds is None and keep_net is None else (
-            f" for datasets {sorted(keep_ds) if keep_ds else 'any'} and networks {sorted(keep_net) if keep_net else 'any'}")
+            f" for datasets {sorted(keep_ds) if keep_ds else 'any'}"
+            f" and networks {sorted(keep_net) if keep_net else 'any'}")
         raise SegpipeError(f"{results_dir}: no <dataset>/<network>/metrics.json found{wanted}; "
                            "run `segpipe evaluate DATASET NETWORK` first")
     table = sorted_rows(pd.DataFrame(rows))
@@ -169,7 +170,8 @@ def markdown(table: pd.DataFrame, missing: Sequence[tuple[str, str]] = ()) -> st
         "foreground classes of the argmax label map); F1/AUC/accuracy: pooled over all test pixels "
         "(\"@ val t\": at the best-F1 threshold picked on validation); SEG: Cell Tracking Challenge SEG "
         "(the U-Net paper's \"IOU\") of the instance maps segpipe infer writes; AP@0.5: their average "
-        "precision at IoU 0.5 (StarDist, Cellpose); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; train min: training wall "
+        "precision at IoU 0.5 (StarDist, Cellpose); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; "
+        "train min: training wall "
         "time (elapsed_seconds of models/<dataset>/<network>/log.csv). Every value: results/summary.csv.",
         "",
     ]

@@ -106,7 +106,8 @@ class InferenceSettings:
             raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")
         for name in self.tta:
             check_choice(name, "tta", tuple(TTA_TRANSFORMS), where)
-        for key in ("resume", "fold_batch_norm", "inplace_activations", "channels_last", "compile", "save_probabilities"):
+        for key in ("resume", "fold_batch_norm", "inplace_activations", "channels_last", "compile",
+                    "save_probabilities"):
             check_bool(getattr(self, key), key, where)
         return self
 

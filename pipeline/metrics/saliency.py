@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.metrics.segmentation import ArrayLike, as_binary, valid_pixels, to_numpy
+from pipeline.metrics.segmentation import ArrayLike, as_binary, to_numpy, valid_pixels
 
 N_THRESHOLDS = 255
 BETA2 = 0.3

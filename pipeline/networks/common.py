@@ -28,7 +28,8 @@ def level_widths(widths: Any, base_width: int, depth: int, *, owner: str) -> lis
     if widths is None:
         return [base_width * 2**level for level in range(depth + 1)]
     if not isinstance(widths, (list, tuple)) or len(widths) != depth + 1:
-        raise SegpipeError(f"{owner}: widths must be null or a list of depth + 1 = {depth + 1} integers, got {widths!r}")
+        raise SegpipeError(f"{owner}: widths must be null or a list of depth + 1 = {depth + 1} integers, "
+                           f"got {widths!r}")
     return [check_int(w, "widths[]", owner, minimum=1) for w in widths]
 
 

@@ -50,7 +50,8 @@ def candidates(median_area: float, channels: int) -> list[InstanceSettings]:
     out = [InstanceSettings("components", t, **sizes) for t in THRESHOLDS]
     distances = sorted({max(1, int(round(f * diameter))) for f in DISTANCE_FRACTIONS})
     out += [InstanceSettings("watershed", t, min_distance=d, **sizes) for t in THRESHOLDS for d in distances]
-    out += [InstanceSettings("cores", t, core_threshold=c, **sizes) for t in THRESHOLDS for c in CORE_THRESHOLDS if c > t]
+    out += [InstanceSettings("cores", t, core_threshold=c, **sizes)
+            for t in THRESHOLDS for c in CORE_THRESHOLDS if c > t]
     if channels == len(BORDER_CLASSES):
         out += [InstanceSettings("border", t, **sizes) for t in THRESHOLDS]
     return out

@@ -122,7 +122,8 @@ def assign_splits(cases: pd.DataFrame, train_parts: tuple[str, ...], test_parts:
     split[own_val] = "val"
     unknown = ~cases["part"].isin(train_parts + test_parts + val_parts)
     if unknown.any():
-        raise SegpipeError(f"parts {sorted(cases.loc[unknown, 'part'].unique())} are neither train nor test parts in sources.yaml")
+        parts = sorted(cases.loc[unknown, "part"].unique())
+        raise SegpipeError(f"parts {parts} are neither train nor test parts in sources.yaml")
     return split
 
 

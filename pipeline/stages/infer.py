@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 from pipeline.config import config_path, load_config
 from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
-from pipeline.inference.settings import InferenceSettings, load_settings, parse_threshold, settings_from_config
 from pipeline.inference.run.predict import InferenceReport, infer_files
+from pipeline.inference.settings import InferenceSettings, load_settings, parse_threshold, settings_from_config
 from pipeline.stages.arguments import finite, precision_arg
 from pipeline.torchrun import rank_env
 
@@ -122,7 +122,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-probabilities", action="store_true", help="also write NAME_prob.*")
     p.add_argument("--probabilities-dtype", choices=("uint8", "float16", "float32"), default=None)
     p.add_argument("--format", choices=("auto", "tiff", "ome-tiff", "ome-zarr", "nifti"), default=None,
-                   help="default: configs/inference.yaml (auto: like the input); tiff: flat tiled BigTIFF; ome-tiff: pyramidal tiled "
+                   help="default: configs/inference.yaml (auto: like the input); tiff: flat tiled BigTIFF; "
+                   "ome-tiff: pyramidal tiled "
                    "OME-TIFF (.ome.tif); ome-zarr: OME-NGFF multiscale image (.ome.zarr); nifti: .nii.gz")
     p.add_argument("--instances", choices=("auto", "off"), default=None,
                    help="auto: also write NAME_inst.* (uint32 object ids, same format) when the model records "

@@ -52,7 +52,8 @@ def epoch_summary(row: Mapping[str, Any], epochs: int) -> str:
     """The console line of an epoch."""
     val = f" | val Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f}" if row["val_dice"] != "" else ""
     return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}{val} | lr {row['lr']:.2e}  "
-            f"{row['patches_per_s']:.0f} patches/s  data wait {100 * row['data_wait_share']:.0f}%  {row['seconds']:.0f} s")
+            f"{row['patches_per_s']:.0f} patches/s  data wait {100 * row['data_wait_share']:.0f}%  "
+            f"{row['seconds']:.0f} s")
 
 
 __all__ = ["LOG_COLUMNS", "epoch_metrics", "epoch_summary", "log_epochs", "log_text", "logged_epochs"]

@@ -143,7 +143,8 @@ def build_loader(
             f"batch_size {batch} must be a multiple of patches.num_samples ({num_samples}, configs/augment.yaml) "
             f"x the number of processes ({ctx.world})"
         )
-    out_size = model.valid_output_size(int(settings["patch_size"])) if model.padding == "valid" else int(settings["patch_size"])
+    patch = int(settings["patch_size"])
+    out_size = model.valid_output_size(patch) if model.padding == "valid" else patch
     try:
         model.input_size(out_size)
     except SegpipeError as exc:

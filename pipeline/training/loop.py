@@ -150,7 +150,8 @@ def _build(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) ->
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings["precision"] == "fp16")
     net: torch.nn.Module = model
     if ctx.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        devices = [ctx.device.index] if ctx.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=devices)
     forward = torch.compile(net) if settings["compile"] else net
     return _Trainer(settings, ctx, model, forward, loader, sampler, patches_per_rank, loss_fn, optimizer, scaler,
                     layout, prepared.class_names, patch_keys(settings))
@@ -201,7 +202,8 @@ def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
         t_wait = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t_wait
-        lr = learning_rate(epoch * steps + step_in_epoch, epochs * steps, steps, float(s["optimizer"]["lr"]), s["schedule"])
+        lr = learning_rate(epoch * steps + step_in_epoch, epochs * steps, steps, float(s["optimizer"]["lr"]),
+                           s["schedule"])
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         data = {k: torch.as_tensor(batch[k]).to(ctx.device, non_blocking=True) for k in t.keys}

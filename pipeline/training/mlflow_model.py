@@ -116,7 +116,8 @@ def _log_pyfunc(checkpoint: Path, inference: InferenceSettings, tags: Mapping[st
             return mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=str(PYFUNC_CODE), code_paths=[str(PACKAGE_DIR)],
                 artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), SETTINGS_ARTIFACT: str(settings_file)},
-                signature=model_signature(inference.threshold), pip_requirements=pinned_requirements(), tags=dict(tags)).model_uri
+                signature=model_signature(inference.threshold), pip_requirements=pinned_requirements(),
+                tags=dict(tags)).model_uri
 
 
 def log_best_model(checkpoint: Path, settings: Mapping[str, Any], inference: InferenceSettings,

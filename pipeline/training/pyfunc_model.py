@@ -63,7 +63,8 @@ class SegmentationModel(PythonModel):
         if output not in OUTPUTS:
             raise MlflowException.invalid_parameter_value(f"{OUTPUT_PARAM} must be one of {', '.join(OUTPUTS)}, "
                                                           f"got {output!r}")
-        threshold = self._threshold(params.get(THRESHOLD_PARAM, self.settings.threshold)) if output == "labels" else None
+        asked = params.get(THRESHOLD_PARAM, self.settings.threshold)
+        threshold = self._threshold(asked) if output == "labels" else None
         image = np.asarray(model_input)
         if image.ndim != 3:
             raise MlflowException.invalid_parameter_value(f"expected one image (C, H, W), got shape {image.shape}")

@@ -24,7 +24,8 @@ from pipeline.transforms.presets import preset_section
 
 PROFILE_KEYS = {
     "network_preset", "substitute", "seed", "epochs", "steps_per_epoch", "batch_size", "patch_size",
-    "optimizer", "schedule", "grad_clip", "precision", "channels_last", "compile", "workers", "val_every", "max_minutes",
+    "optimizer", "schedule", "grad_clip", "precision", "channels_last", "compile", "workers", "val_every",
+    "max_minutes",
     "weight_map", "target", "loss", "plan", "overrides",
 }
 TARGETS = ("labels", "border")

@@ -102,7 +102,7 @@ class DeepSupervisionLoss(nn.Module):
                 f"loss: head_weights has {len(weights)} entries but the network output has "
                 f"{len(losses)} heads (main + {len(losses) - 1} auxiliary)"
             )
-        total = sum(w * l for w, l in zip(weights, losses))
+        total = sum(w * loss for w, loss in zip(weights, losses))
         return total / sum(weights) if self.mode == "mean" else total
 
     def forward(

@@ -1,7 +1,7 @@
 """An inference-only graph of a contract network (see `pipeline.networks`).
 
-What helps on CPU (`segpipe bench infer` measures it; docs/benchmarks.md has the figures): batch norm folded into the preceding
-convolution (eval-mode BN is an affine map per channel, so it merges into the conv's weights:
+What helps on CPU (`segpipe bench infer` measures it; docs/benchmarks.md has the figures): batch norm
+folded into the preceding convolution (eval-mode BN is an affine map per channel, so it merges into the conv's weights:
 W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta), channels-last
 tensors (oneDNN's native NHWC layout: no reorders around every conv), in-place ReLU after a conv
 (one activation tensor less to allocate and fill per layer), explicit thread settings,

@@ -10,9 +10,9 @@ from typing import Callable
 
 from pipeline.errors import SegpipeError
 from pipeline.inference.backends.torch_graph import InferenceNetwork
+from pipeline.inference.engine.tiling import plan_tiles
 from pipeline.inference.readers.images import ImageReader
 from pipeline.inference.settings import InferenceSettings
-from pipeline.inference.engine.tiling import plan_tiles
 
 _ACTIVATION_FLOATS = 64
 """A rough count of the network's activations per window pixel, for the memory estimate."""

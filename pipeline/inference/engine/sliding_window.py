@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.engine.memory import release_freed_memory
 from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike, torch_network
-from pipeline.inference.readers.images import ArrayReader, ImageReader
-from pipeline.inference.settings import InferenceSettings, load_settings
+from pipeline.inference.engine.memory import release_freed_memory
 from pipeline.inference.engine.tiling import LogitBand, PaddedRows, TilePlan, plan_tiles, window_batches
 from pipeline.inference.engine.tta import tta_logits
+from pipeline.inference.readers.images import ArrayReader, ImageReader
+from pipeline.inference.settings import InferenceSettings, load_settings
 
 _EMIT_ROWS = 64
 """Final rows are normalised and handed to the writers this many at a time (bounds temporaries)."""

@@ -207,7 +207,8 @@ class LogitBand:
                 self.wsum = wsum
         self.used = max(self.used, need)
 
-    def add(self, logits: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], weight: torch.Tensor | None) -> None:
+    def add(self, logits: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
+            weight: torch.Tensor | None) -> None:
         """Add (blend) or copy `logits` (K, r, c), already cut to the kept range, at `rows` x `cols`."""
         self._ensure(rows[1])
         r = slice(rows[0] - self.top, rows[1] - self.top)

@@ -190,7 +190,8 @@ class PreprocessedReader(ImageReader):
                 f"{reader.path}: the image has {c} channel(s), but the preprocessing recorded in {where} "
                 f"selects channels {list(channels)} (augment.channels at training)"
             )
-        self.channels: list[int] | None = None if channels is None or list(channels) == list(range(c)) else list(channels)
+        identity = channels is None or list(channels) == list(range(c))
+        self.channels: list[int] | None = None if identity else list(channels)
         self.shape = (len(channels) if channels is not None else c, h, w)
         self.dtype = np.dtype(np.float32)
         if self.augment["clahe"] is None and self.augment["normalize"] == "zscore":

@@ -33,10 +33,22 @@ import torch
 
 from pipeline.config import check_number
 from pipeline.errors import SegpipeError
-from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
-from pipeline.inference.engine.memory import check_memory, peak_rss_mb, reset_peak_rss
-from pipeline.inference.writers.ome_meta import name_classes
+from pipeline.inference.backends.select import inference_network
 from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
+from pipeline.inference.engine.labels import to_labels
+from pipeline.inference.engine.memory import check_memory, peak_rss_mb, reset_peak_rss
+from pipeline.inference.engine.sliding_window import stream_probabilities
+from pipeline.inference.readers.images import ImageReader, open_image
+from pipeline.inference.readers.preprocessed import CheckedReader, PreprocessedReader
+from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
+from pipeline.inference.run.resume import RowLog, open_log, output_uuid, run_key
+from pipeline.inference.settings import THRESHOLD_NAMES, InferenceSettings, load_settings, resolve_threshold
+from pipeline.inference.writers.base import (
+    RowWriter,
+    check_output_path,
+    encode_probabilities,
+    remove_stale_temps,
+)
 from pipeline.inference.writers.formats import (
     instance_path,
     instance_writer,
@@ -45,19 +57,7 @@ from pipeline.inference.writers.formats import (
     probability_writer,
     resolve_format,
 )
-from pipeline.inference.readers.preprocessed import CheckedReader, PreprocessedReader
-from pipeline.inference.readers.images import ImageReader, open_image
-from pipeline.inference.run.resume import RowLog, open_log, output_uuid, run_key
-from pipeline.inference.settings import THRESHOLD_NAMES, InferenceSettings, load_settings, resolve_threshold
-from pipeline.inference.backends.select import inference_network
-from pipeline.inference.engine.labels import to_labels
-from pipeline.inference.engine.sliding_window import stream_probabilities
-from pipeline.inference.writers.base import (
-    RowWriter,
-    check_output_path,
-    encode_probabilities,
-    remove_stale_temps,
-)
+from pipeline.inference.writers.ome_meta import name_classes
 from pipeline.postprocessing.instances import InstanceSettings
 from pipeline.postprocessing.stitching import InstanceStream
 
@@ -156,8 +156,8 @@ def predict_file(
     (K channels; uint8 scaled by 255, float16 or float32). `class_names` name the label values 0, 1,
     ... in the OME outputs (default: the names the checkpoint or ONNX model records, else "class 0", ...).
     `settings` (default: `InferenceSettings()`) with the non-None `overrides` (its fields: tile,
-    overlap, threshold, output_format, ...) applied says how. `progress` is called after each band with (pixels finished, total
-    pixels). With `instances_path` the objects are written too, as a uint32 instance map (0
+    overlap, threshold, output_format, ...) applied says how. `progress` is called after each band with
+    (pixels finished, total pixels). With `instances_path` the objects are written too, as a uint32 instance map (0
     background, 1..n) made with the instance settings the model records (`pipeline.postprocessing`:
     blocks with a halo, stitched into image-wide ids; such a run does not resume, see
     `pipeline.inference.run.resume`). Outputs appear under their final names only when complete; any
@@ -235,7 +235,8 @@ def _predict(
             stitched = None
             if instance_target is not None and objects is not None:
                 stitched = (InstanceStream(objects, reader.shape[1]),
-                            instance_writer(*instance_target, reader, settings, uuid=output_uuid(key, instance_target[0])))
+                            instance_writer(*instance_target, reader, settings,
+                                            uuid=output_uuid(key, instance_target[0])))
                 writers.append(stitched[1])
             if rowlog is not None:
                 _replay(rowlog, writers, reader.shape, progress)
@@ -347,7 +348,8 @@ def infer_files(
     paths = expand_inputs(inputs)
     check_output_clashes(paths, output_dir, output_format)
     net = inference_network(model, settings)
-    name_classes(net.out_channels, class_names if class_names is not None else net.class_names)  # fails once, not per input
+    # fails once, not per input
+    name_classes(net.out_channels, class_names if class_names is not None else net.class_names)
     named, settings = settings.threshold, with_threshold(settings, net)
     if isinstance(named, str):
         facts = net.thresholds or {}

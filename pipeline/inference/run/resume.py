@@ -165,7 +165,8 @@ def open_log(label_path: Path, key: dict[str, Any], layouts: Sequence[tuple[int,
     old = _read_record(folder)
     note = None
     if old is not None:
-        if old.get("host") == socket.gethostname() and old.get("pid") != os.getpid() and pid_alive(int(old.get("pid", 0))):
+        other = old.get("host") == socket.gethostname() and old.get("pid") != os.getpid()
+        if other and pid_alive(int(old.get("pid", 0))):
             raise SegpipeError(f"{label_path}: another segpipe infer (process {old['pid']}) is writing this output")
         layouts_now = [[k, w, np.dtype(d).str] for k, w, d in layouts]
         reason = None

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
 from pipeline.files import NIFTI_SUFFIXES, has_suffix
+from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
 from pipeline.inference.readers.images import open_image
-from pipeline.inference.settings import InferenceSettings
 from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
 from pipeline.inference.run.predict import InferenceReport, infer_files
+from pipeline.inference.settings import InferenceSettings
 from pipeline.torchrun import RankEnv
 
 STORE_TIMEOUT = timedelta(minutes=10)

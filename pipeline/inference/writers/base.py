@@ -185,7 +185,8 @@ class TiffRowWriter(RowWriter):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         kwargs = self._tiff_kwargs(meta or ImageMeta(), compression)
-        self._thread = threading.Thread(target=self._run, args=(kwargs,), name=f"tiff-writer {self.path.name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(kwargs,), name=f"tiff-writer {self.path.name}",
+                                        daemon=True)
         self._thread.start()
 
     def _tiff_kwargs(self, meta: ImageMeta, compression: str) -> dict[str, Any]:

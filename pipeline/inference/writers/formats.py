@@ -20,15 +20,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.inference.writers.ome_zarr import OmeZarrWriter
-from pipeline.inference.writers.nifti import NiftiRowWriter
-from pipeline.inference.writers.ome_meta import INSTANCE_CHANNEL, LABEL_CHANNEL, probability_names
-from pipeline.inference.writers.ome_tiff import OmeTiffWriter
 from pipeline.files import NIFTI_SUFFIXES, TIFF_SUFFIXES, has_suffix
 from pipeline.inference.readers.images import ImageReader
 from pipeline.inference.settings import OUTPUT_FORMATS as FORMATS
 from pipeline.inference.settings import InferenceSettings
 from pipeline.inference.writers.base import RowWriter, TiffRowWriter
+from pipeline.inference.writers.nifti import NiftiRowWriter
+from pipeline.inference.writers.ome_meta import INSTANCE_CHANNEL, LABEL_CHANNEL, probability_names
+from pipeline.inference.writers.ome_tiff import OmeTiffWriter
+from pipeline.inference.writers.ome_zarr import OmeZarrWriter
 
 _SUFFIXES = {"tiff": ".tif", "ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr", "nifti": ".nii.gz"}
 _OME_TIFF = (".ome.tif", ".ome.tiff")

@@ -24,11 +24,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import SegpipeError
+from pipeline.inference.readers.images import ImageMeta
+from pipeline.inference.writers.base import TiffRowWriter, WriteAborted, strip_tiles, temp_beside
 from pipeline.inference.writers.ome_meta import image_name, pixel_size
 from pipeline.inference.writers.pyramid import Pyramid, Sink, level_shapes
-from pipeline.inference.readers.images import ImageMeta
 from pipeline.inference.writers.spool import ChunkSpool
-from pipeline.inference.writers.base import TiffRowWriter, WriteAborted, strip_tiles, temp_beside
 
 LABEL_VALUES_NAMESPACE = "segpipe.label-values"
 """Namespace of the OME MapAnnotation whose keys are a label map's values and whose values are class names."""
