@@ -1,4 +1,5 @@
-# Quick start: `make repro` (run the DVC pipeline) and `make test` (run the test suite and build the docs).
+# Quick start: `make repro` (run the DVC pipeline) and `make test` (lint and format check, the test suite,
+# and the docs build).
 # Both create .venv if needed and install torch first, so a CPU-only machine gets the
 # CPU wheel (TORCH_SPEC) and never the CUDA wheels a bare `pip install torch` would pull.
 VENV       ?= .venv
@@ -22,6 +23,8 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(VENV)/bin/mkdocs build --strict --site-dir $(SITE_DIR)
 

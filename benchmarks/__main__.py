@@ -1,4 +1,5 @@
 """`python -m benchmarks NAME ...`: the same benchmarks as `segpipe bench NAME ...`."""
+
 from pipeline.cli import main
 
 if __name__ == "__main__":

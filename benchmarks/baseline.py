@@ -36,6 +36,7 @@ view pooled over all test images; AUC-ROC, and F1, accuracy, sensitivity, specif
 at threshold 0.5 and at the best-F1 threshold picked on the (pooled) validation split; plus the
 mean per-image Dice. Datasets without a field of view use every pixel.
 """
+
 from __future__ import annotations
 
 import time
@@ -171,8 +172,13 @@ def train_baseline(
     dataset = CacheDataset(items, baseline_transforms(patch, samples_per_image), progress=False, copy_cache=False)
     # fewer training images than a batch draws (the 7 HeLa frames): images drawn with replacement
     few = len(items) < images_per_batch
-    sampler = RandomSampler(dataset, replacement=True, num_samples=images_per_batch * 64,
-                            generator=torch.Generator().manual_seed(seed)) if few else None
+    sampler = (
+        RandomSampler(
+            dataset, replacement=True, num_samples=images_per_batch * 64, generator=torch.Generator().manual_seed(seed)
+        )
+        if few
+        else None
+    )
     loader = DataLoader(
         dataset,
         batch_size=images_per_batch,
@@ -207,13 +213,17 @@ def train_baseline(
                 elapsed = time.perf_counter() - start
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}", patches_s=f"{steps * batch_size / elapsed:.0f}",
-                                    left_s=f"{max(seconds - elapsed, 0):.0f}")
+                    bar.set_postfix(
+                        loss=f"{losses[-1]:.3f}",
+                        patches_s=f"{steps * batch_size / elapsed:.0f}",
+                        left_s=f"{max(seconds - elapsed, 0):.0f}",
+                    )
                 if elapsed >= seconds or (max_steps is not None and steps >= max_steps):
                     wall = time.perf_counter() - start
                     model.eval()
-                    return BaselineResult(model, steps, steps * batch_size, wall, cache_seconds,
-                                          float(np.mean(losses[-20:])), augment)
+                    return BaselineResult(
+                        model, steps, steps * batch_size, wall, cache_seconds, float(np.mean(losses[-20:])), augment
+                    )
     finally:
         set_track_meta(track_meta)
         if bar is not None:
@@ -270,17 +280,30 @@ def _predict_split(
         raw = np.asarray(predict_fn(preprocess(dataset.name, arrays["image"], augment)))
         probs = _foreground(raw, label.shape, case)
         fov = arrays.get("fov")
-        out.append({"case": case, "probs": probs, "label": label, "mask": None if fov is None else fov[0] > 0,
-                    "instances": arrays["instances"][0].astype(np.int64) if "instances" in arrays else None,
-                    "channels": raw if raw.ndim == 3 else probs[None]})
+        out.append(
+            {
+                "case": case,
+                "probs": probs,
+                "label": label,
+                "mask": None if fov is None else fov[0] > 0,
+                "instances": arrays["instances"][0].astype(np.int64) if "instances" in arrays else None,
+                "channels": raw if raw.ndim == 3 else probs[None],
+            }
+        )
     return out
 
 
 def _seg(results: list[dict[str, Any]], objects: InstanceSettings | None) -> float:
     """Pooled SEG of the cases with reference instances: `objects`' instance maps, or (None) the
     connected components at 0.5."""
-    return pooled_seg((label_instances(r["probs"] >= 0.5) if objects is None else instances_of(r["channels"], objects),
-                       r["instances"]) for r in results if r["instances"] is not None)
+    return pooled_seg(
+        (
+            label_instances(r["probs"] >= 0.5) if objects is None else instances_of(r["channels"], objects),
+            r["instances"],
+        )
+        for r in results
+        if r["instances"] is not None
+    )
 
 
 def _pooled(results: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -344,8 +367,9 @@ def evaluate_probabilities(
     if any(r["instances"] is not None for r in results):  # cells: SEG of the components, and of `objects`
         out["seg_components"] = _seg(results, None)
         if objects is None and any(r["instances"] is not None for r in val_results):
-            objects = plan_instances([(r["channels"], r["instances"]) for r in val_results
-                                      if r["instances"] is not None], median_area).settings
+            objects = plan_instances(
+                [(r["channels"], r["instances"]) for r in val_results if r["instances"] is not None], median_area
+            ).settings
         if objects is not None:
             out["seg"], out["instances"] = _seg(results, objects), objects.describe()
     return out

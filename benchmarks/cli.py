@@ -3,6 +3,7 @@
 Every benchmark measures ours side by side with its anchor (MONAI, torch eager) in the same run and
 prints ratios; the work lives in the sibling modules, imported when the command runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,23 +116,41 @@ def _bench_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-monai", action="store_true")
     p.add_argument("--skip-valid", action="store_true")
     p.add_argument("--skip-onnxruntime", action="store_true", help="no ONNX Runtime rows")
-    p.add_argument("--skip-monai-streaming", action="store_true",
-                   help="no row for MONAI's PatchInferer + ZarrAvgMerger streaming path")
-    p.add_argument("--formats", type=_formats, default=["tiff"], metavar="FMT[,FMT...]",
-                   help="output formats of our same-padding rows, each its own row: tiff, ome-tiff, "
-                        "ome-zarr (default: tiff)")
+    p.add_argument(
+        "--skip-monai-streaming",
+        action="store_true",
+        help="no row for MONAI's PatchInferer + ZarrAvgMerger streaming path",
+    )
+    p.add_argument(
+        "--formats",
+        type=_formats,
+        default=["tiff"],
+        metavar="FMT[,FMT...]",
+        help="output formats of our same-padding rows, each its own row: tiff, ome-tiff, ome-zarr (default: tiff)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile our graph too")
     p.add_argument("--timeout", type=float, default=None, help="seconds per measurement (default none)")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
-                   help="precisions of ours, side by side (default: fp32 bf16; MONAI runs fp32)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32", "bf16"],
+        help="precisions of ours, side by side (default: fp32 bf16; MONAI runs fp32)",
+    )
     p.set_defaults(handler=_cmd_bench_infer)
 
 
 def _cmd_bench_shards(args: argparse.Namespace) -> int:
     from benchmarks.shards import run_benchmark
 
-    run_benchmark(images=args.images, size=args.size, preset=args.preset, workdir=args.workdir,
-                  single_thread=not args.skip_single_thread, timeout=args.timeout)
+    run_benchmark(
+        images=args.images,
+        size=args.size,
+        preset=args.preset,
+        workdir=args.workdir,
+        single_thread=not args.skip_single_thread,
+        timeout=args.timeout,
+    )
     return 0
 
 
@@ -153,8 +172,16 @@ def _bench_shards_args(p: argparse.ArgumentParser) -> None:
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     from benchmarks.training import run_benchmark
 
-    run_benchmark(args.network, steps=args.steps, batch_size=args.batch_size, patch_size=args.patch_size,
-                  workers=args.workers, threads=args.threads, dataset=args.dataset, precisions=tuple(args.precision))
+    run_benchmark(
+        args.network,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        patch_size=args.patch_size,
+        workers=args.workers,
+        threads=args.threads,
+        dataset=args.dataset,
+        precisions=tuple(args.precision),
+    )
     return 0
 
 
@@ -173,8 +200,13 @@ def _bench_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (both loaders)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--dataset", default="drive", help="prepared dataset to read (synthetic images if absent)")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
-                   help="precisions of our training, side by side (default: fp32 bf16)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32", "bf16"],
+        help="precisions of our training, side by side (default: fp32 bf16)",
+    )
     p.set_defaults(handler=_cmd_bench_train)
 
 
@@ -186,9 +218,16 @@ def _cmd_bench_quality(args: argparse.Namespace) -> int:
     for item in args.set or []:
         overrides = deep_merge(overrides, item)
 
-    run_quality(args.dataset, args.network, baseline_seconds=args.baseline_seconds,
-                baseline_input=args.baseline_input, threads=args.threads, workdir=args.workdir,
-                equal_steps=args.equal_steps, overrides=overrides)
+    run_quality(
+        args.dataset,
+        args.network,
+        baseline_seconds=args.baseline_seconds,
+        baseline_input=args.baseline_input,
+        threads=args.threads,
+        workdir=args.workdir,
+        equal_steps=args.equal_steps,
+        overrides=overrides,
+    )
     return 0
 
 
@@ -202,15 +241,31 @@ def _bench_quality_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dataset", default="drive")
     p.add_argument("--network", default="unet")
-    p.add_argument("--baseline-seconds", type=float, default=None,
-                   help="the baseline's training budget (default: the wall time of our training)")
-    p.add_argument("--baseline-input", choices=("monai", "ours"), default="monai",
-                   help="monai: RGB z-scored per channel; ours: our preprocessing (green, CLAHE)")
-    p.add_argument("--equal-steps", action="store_true",
-                   help="train the baseline for our step count with our batch and patch size (default: for "
-                   "our wall time with its own batch 32 of 64x64)")
-    p.add_argument("--set", action="append", type=setting_argument, metavar="KEY=VALUE",
-                   help="override a setting of our training, as `segpipe train --set` (repeatable)")
+    p.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=None,
+        help="the baseline's training budget (default: the wall time of our training)",
+    )
+    p.add_argument(
+        "--baseline-input",
+        choices=("monai", "ours"),
+        default="monai",
+        help="monai: RGB z-scored per channel; ours: our preprocessing (green, CLAHE)",
+    )
+    p.add_argument(
+        "--equal-steps",
+        action="store_true",
+        help="train the baseline for our step count with our batch and patch size (default: for "
+        "our wall time with its own batch 32 of 64x64)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        type=setting_argument,
+        metavar="KEY=VALUE",
+        help="override a setting of our training, as `segpipe train --set` (repeatable)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--workdir", default=None, help="keep checkpoints here (default: a temp dir)")
     p.set_defaults(handler=_cmd_bench_quality)
@@ -232,5 +287,3 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     bench_sub = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, add_args in BENCHES.items():
         add_args(bench_sub.add_parser(name, help=f"benchmark: {name}"))
-
-

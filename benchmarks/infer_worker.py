@@ -2,6 +2,7 @@
 that its peak RSS is its own: `ours` (predict_file, torch or ONNX Runtime), `monai` (the in-memory
 SlidingWindowInferer), `monai-streaming` (`benchmarks.monai_streaming`) or `peak` (the conv
 probe, `benchmarks.peak`). Prints one JSON line."""
+
 from __future__ import annotations
 
 import argparse
@@ -57,9 +58,19 @@ def main(argv: Sequence[str]) -> None:
         from pipeline.inference import inference_network, load_settings, predict_file
         from pipeline.inference.writers.formats import output_paths
 
-        settings = load_settings(None, tile=a.tile, overlap=a.overlap, blend=a.blend, batch_size=a.batch_size,
-                                 tta=(), intensity="scale", device="cpu", compile=a.compile, threads=a.threads,
-                                 precision=a.precision)
+        settings = load_settings(
+            None,
+            tile=a.tile,
+            overlap=a.overlap,
+            blend=a.blend,
+            batch_size=a.batch_size,
+            tta=(),
+            intensity="scale",
+            device="cpu",
+            compile=a.compile,
+            threads=a.threads,
+            precision=a.precision,
+        )
         model = Path(a.checkpoint).with_suffix(".onnx") if a.onnxruntime else a.checkpoint
         net = inference_network(model, settings)
         tile_in = net.input_size(net.valid_output_size(a.tile)) if net.padding == "valid" else a.tile
@@ -98,8 +109,9 @@ def main(argv: Sequence[str]) -> None:
         reset_peak_rss()
         image = tifffile.imread(a.image)  # (H, W, 3) uint8
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255)
-        inferer = SlidingWindowInferer(roi_size=a.tile, sw_batch_size=a.batch_size, overlap=a.overlap,
-                                       mode=a.blend, sigma_scale=0.125)
+        inferer = SlidingWindowInferer(
+            roi_size=a.tile, sw_batch_size=a.batch_size, overlap=a.overlap, mode=a.blend, sigma_scale=0.125
+        )
         cpu0 = sum(proc.cpu_times()[:2])
         start = time.perf_counter()
         with torch.inference_mode():
@@ -110,8 +122,19 @@ def main(argv: Sequence[str]) -> None:
         pixels = labels.numel() / 1e6
         notes = "inferer + argmax timed (image load not)"
         extra = {}
-    print(json.dumps({"seconds": seconds, "mpx_s": pixels / seconds, "cpu_s": cpu, "peak_rss_mb": peak,
-                      "baseline_mb": baseline, "notes": notes, **extra}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "mpx_s": pixels / seconds,
+                "cpu_s": cpu,
+                "peak_rss_mb": peak,
+                "baseline_mb": baseline,
+                "notes": notes,
+                **extra,
+            }
+        )
+    )
 
 
 def _window_flops(net: Any, tile_in: int, a: argparse.Namespace) -> dict[str, float]:

@@ -25,6 +25,7 @@ precision, the share of the wall time spent in the network's forward (the rest: 
 preprocessing, blending, writing), the network's own GFLOP/s, and the windows' redundancy (window
 pixels / image pixels: the overlap's cost). The CPU may be shared: numbers vary between runs.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -71,8 +72,17 @@ def synthetic_image(path: Path, size: int, tile: int = 256, seed: int = 0) -> Pa
                 yield np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
 
     tmp = path.with_suffix(".tmp.tif")
-    tifffile.imwrite(tmp, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile),
-                     bigtiff=True, photometric="rgb", compression="zlib", metadata=None)
+    tifffile.imwrite(
+        tmp,
+        tiles(),
+        shape=(size, size, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        bigtiff=True,
+        photometric="rgb",
+        compression="zlib",
+        metadata=None,
+    )
     os.replace(tmp, path)
     return path
 
@@ -137,8 +147,10 @@ def run_benchmark(
     if not formats or any(fmt not in FORMATS for fmt in formats):
         raise SegpipeError(f"--formats {','.join(formats)}: give a comma-separated list of {', '.join(FORMATS)}")
     if monai_streaming and importlib.util.find_spec("openslide") is None:
-        raise SegpipeError("MONAI's streaming row reads through OpenSlide, which is not installed: "
-                           "pip install -e '.[bench]' (or --skip-monai-streaming)")
+        raise SegpipeError(
+            "MONAI's streaming row reads through OpenSlide, which is not installed: "
+            "pip install -e '.[bench]' (or --skip-monai-streaming)"
+        )
 
     import psutil
 
@@ -157,50 +169,84 @@ def run_benchmark(
     results: list[dict[str, Any]] = []
     try:
         ckpts = _checkpoints(root, config, onnxruntime)
-        print(f"segpipe bench infer: U-Net preset {preset!r} {config}, RGB -> 2 classes; tile {tile}, "
-              f"overlap {overlap}, {blend}, batch {batch_size}, torch threads {threads or 'default'}, "
-              f"{os.cpu_count()} CPUs (shared: timings vary); workdir {root}", flush=True)
-        common = ["--tile", str(tile), "--overlap", str(overlap), "--blend", blend,
-                  "--batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
-        peaks = _run_worker(["peak", *dict.fromkeys(("fp32", *precisions)),
-                             *(["--threads", str(threads)] if threads else [])], timeout)
+        print(
+            f"segpipe bench infer: U-Net preset {preset!r} {config}, RGB -> 2 classes; tile {tile}, "
+            f"overlap {overlap}, {blend}, batch {batch_size}, torch threads {threads or 'default'}, "
+            f"{os.cpu_count()} CPUs (shared: timings vary); workdir {root}",
+            flush=True,
+        )
+        common = ["--tile", str(tile), "--overlap", str(overlap), "--blend", blend, "--batch-size", str(batch_size)] + (
+            ["--threads", str(threads)] if threads else []
+        )
+        peaks = _run_worker(
+            ["peak", *dict.fromkeys(("fp32", *precisions)), *(["--threads", str(threads)] if threads else [])], timeout
+        )
         print(f"  {peaks.pop('line', peaks.get('error'))}", flush=True)
         for size in sizes:
             image = root / f"synthetic_{size}.tif"
             if not image.exists():
                 t0 = time.perf_counter()
                 synthetic_image(image, size)
-                print(f"  wrote {image.name} ({image.stat().st_size / 2**20:.0f} MB) in "
-                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+                print(
+                    f"  wrote {image.name} ({image.stat().st_size / 2**20:.0f} MB) in {time.perf_counter() - t0:.0f} s",
+                    flush=True,
+                )
             ours = ["--compile"] if compile else []
             runs: list[tuple[str, list[str] | None, str]] = []
             for fmt in formats:
                 to = ["--format", fmt]
-                runs += [(f"segpipe predict_file, same{_tag(p, precisions)}{_fmt(fmt)}",
-                          ["ours", "--checkpoint", str(ckpts["same"]), "--precision", p, *ours, *to], "")
-                         for p in precisions]
-                runs += [(f"segpipe predict_file, same, {ORT}{_fmt(fmt)}",
-                          ["ours", "--checkpoint", str(ckpts["same"]), "--onnxruntime", *to], "")] * onnxruntime
+                runs += [
+                    (
+                        f"segpipe predict_file, same{_tag(p, precisions)}{_fmt(fmt)}",
+                        ["ours", "--checkpoint", str(ckpts["same"]), "--precision", p, *ours, *to],
+                        "",
+                    )
+                    for p in precisions
+                ]
+                runs += [
+                    (
+                        f"segpipe predict_file, same, {ORT}{_fmt(fmt)}",
+                        ["ours", "--checkpoint", str(ckpts["same"]), "--onnxruntime", *to],
+                        "",
+                    )
+                ] * onnxruntime
             if monai:
                 need = size * size * _MONAI_BYTES_PER_PIXEL / 2**30 + 1.0
                 avail = psutil.virtual_memory().available / 2**30
                 if need > 0.8 * avail:
-                    runs.append(("MONAI SlidingWindowInferer", None,
-                                 f"skipped: needs about {need:.1f} GB in memory, {avail:.1f} GB available"))
+                    runs.append(
+                        (
+                            "MONAI SlidingWindowInferer",
+                            None,
+                            f"skipped: needs about {need:.1f} GB in memory, {avail:.1f} GB available",
+                        )
+                    )
                 else:
                     runs.append(("MONAI SlidingWindowInferer", ["monai", "--checkpoint", str(ckpts["same"])], ""))
             if monai_streaming:
                 need = size * size * _MONAI_STREAMING_DISK_PER_PIXEL / 2**30
                 free = shutil.disk_usage(root).free / 2**30
-                runs.append((STREAMING, ["monai-streaming", "--checkpoint", str(ckpts["same"])], "")
-                            if need < 0.8 * free
-                            else (STREAMING, None, f"skipped: needs up to {need:.1f} GB of disk, {free:.1f} GB free"))
+                runs.append(
+                    (STREAMING, ["monai-streaming", "--checkpoint", str(ckpts["same"])], "")
+                    if need < 0.8 * free
+                    else (STREAMING, None, f"skipped: needs up to {need:.1f} GB of disk, {free:.1f} GB free")
+                )
             if valid:
-                runs += [(f"segpipe predict_file, valid (overlap-tile){_tag(p, precisions)}",
-                          ["ours", "--checkpoint", str(ckpts["valid"]), "--precision", p, *ours], "")
-                         for p in precisions]
-                runs += [(f"segpipe predict_file, valid (overlap-tile), {ORT}",
-                          ["ours", "--checkpoint", str(ckpts["valid"]), "--onnxruntime"], "")] * onnxruntime
+                runs += [
+                    (
+                        f"segpipe predict_file, valid (overlap-tile){_tag(p, precisions)}",
+                        ["ours", "--checkpoint", str(ckpts["valid"]), "--precision", p, *ours],
+                        "",
+                    )
+                    for p in precisions
+                ]
+                runs += [
+                    (
+                        f"segpipe predict_file, valid (overlap-tile), {ORT}",
+                        ["ours", "--checkpoint", str(ckpts["valid"]), "--onnxruntime"],
+                        "",
+                    )
+                ] * onnxruntime
             for name, worker, reason in runs:
                 row: dict[str, Any] = {"size": size, "method": name}
                 if worker is None:
@@ -244,16 +290,22 @@ def _print_row(row: dict[str, Any]) -> None:
     if "error" in row:
         print(f"  {row['size']:>6}  {row['method']:<44} {row['error']}", flush=True)
         return
-    print(f"  {row['size']:>6}  {row['method']:<44} {row['mpx_s']:7.3f} Mpx/s  {row['seconds']:8.1f} s "
-          f"(CPU {row['cpu_s']:.0f} s)  "
-          f"peak RSS {row['peak_rss_mb']:7.0f} MB  (+{row['peak_rss_mb'] - row['baseline_mb']:.0f} MB over "
-          f"baseline {row['baseline_mb']:.0f})  {row.get('notes', '')}", flush=True)
+    print(
+        f"  {row['size']:>6}  {row['method']:<44} {row['mpx_s']:7.3f} Mpx/s  {row['seconds']:8.1f} s "
+        f"(CPU {row['cpu_s']:.0f} s)  "
+        f"peak RSS {row['peak_rss_mb']:7.0f} MB  (+{row['peak_rss_mb'] - row['baseline_mb']:.0f} MB over "
+        f"baseline {row['baseline_mb']:.0f})  {row.get('notes', '')}",
+        flush=True,
+    )
     if "gflop_s" in row:
-        print(f"  {'':>6}  {'':<44} {row['gflop_s']:7.1f} GFLOP/s = {100 * row.get('of_peak', float('nan')):.0f}% "
-              f"of the {row['precision']} peak ({_gflops(row['peak'])} GFLOP/s, probed after the row); "
-              f"network {100 * row['net_seconds'] / row['seconds']:.0f}% of the wall "
-              f"time at {row['net_gflop_s']:.1f} GFLOP/s ({100 * row.get('net_of_peak', float('nan')):.0f}% of peak); "
-              f"windows cover the image {row['redundancy']:.2f}x", flush=True)
+        print(
+            f"  {'':>6}  {'':<44} {row['gflop_s']:7.1f} GFLOP/s = {100 * row.get('of_peak', float('nan')):.0f}% "
+            f"of the {row['precision']} peak ({_gflops(row['peak'])} GFLOP/s, probed after the row); "
+            f"network {100 * row['net_seconds'] / row['seconds']:.0f}% of the wall "
+            f"time at {row['net_gflop_s']:.1f} GFLOP/s ({100 * row.get('net_of_peak', float('nan')):.0f}% of peak); "
+            f"windows cover the image {row['redundancy']:.2f}x",
+            flush=True,
+        )
 
 
 def _gflops(peak: Any) -> str:
@@ -264,30 +316,40 @@ def _gflops(peak: Any) -> str:
 def _print_ratio(size: int, results: list[dict[str, Any]], precisions: Sequence[str]) -> None:
     rows = {r["method"]: r for r in results if r["size"] == size and "error" not in r}
     for kind in ("same", "valid (overlap-tile)"):
-        torch_row, ort_row = rows.get(f"segpipe predict_file, {kind}{_tag('fp32', precisions)}"), rows.get(
-            f"segpipe predict_file, {kind}, {ORT}")
+        torch_row, ort_row = (
+            rows.get(f"segpipe predict_file, {kind}{_tag('fp32', precisions)}"),
+            rows.get(f"segpipe predict_file, {kind}, {ORT}"),
+        )
         if torch_row and ort_row:
-            print(f"  {size:>6}  ratio {ORT} / torch fp32, {kind}: throughput "
-                  f"{ort_row['mpx_s'] / torch_row['mpx_s']:.2f}x, peak RSS "
-                  f"{ort_row['peak_rss_mb'] / torch_row['peak_rss_mb']:.2f}x", flush=True)
+            print(
+                f"  {size:>6}  ratio {ORT} / torch fp32, {kind}: throughput "
+                f"{ort_row['mpx_s'] / torch_row['mpx_s']:.2f}x, peak RSS "
+                f"{ort_row['peak_rss_mb'] / torch_row['peak_rss_mb']:.2f}x",
+                flush=True,
+            )
     peer = rows.get("MONAI SlidingWindowInferer")
     for precision in precisions:
         ours = rows.get(f"segpipe predict_file, same{_tag(precision, precisions)}")
         if not (ours and peer):
             continue
         above = (ours["peak_rss_mb"] - ours["baseline_mb"]) / max(peer["peak_rss_mb"] - peer["baseline_mb"], 1)
-        print(f"  {size:>6}  ratio segpipe{_tag(precision, precisions)} / MONAI: throughput "
-              f"{ours['mpx_s'] / peer['mpx_s']:.2f}x, "
-              f"peak RSS {ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x "
-              f"(above baseline {above:.2f}x)",
-              flush=True)
+        print(
+            f"  {size:>6}  ratio segpipe{_tag(precision, precisions)} / MONAI: throughput "
+            f"{ours['mpx_s'] / peer['mpx_s']:.2f}x, "
+            f"peak RSS {ours['peak_rss_mb'] / peer['peak_rss_mb']:.2f}x "
+            f"(above baseline {above:.2f}x)",
+            flush=True,
+        )
     peer, same = rows.get(STREAMING), "segpipe predict_file, same"
     for name, ours in rows.items() if peer else ():
         if name.startswith(same):  # every backend and output format of the same-padding network
             speed, rss = ours["mpx_s"] / peer["mpx_s"], ours["peak_rss_mb"] / peer["peak_rss_mb"]
             bar = "met" if speed >= 3 and rss <= 1 else "MISSED"
-            print(f"  {size:>6}  ratio segpipe{name[len(same):]} / MONAI streaming: throughput {speed:.2f}x, "
-                  f"peak RSS {rss:.2f}x (issue 17's bar, >= 3x at <= 1x: {bar})", flush=True)
+            print(
+                f"  {size:>6}  ratio segpipe{name[len(same) :]} / MONAI streaming: throughput {speed:.2f}x, "
+                f"peak RSS {rss:.2f}x (issue 17's bar, >= 3x at <= 1x: {bar})",
+                flush=True,
+            )
 
 
 __all__ = ["FORMATS", "ORT", "STREAMING", "run_benchmark", "synthetic_image"]

@@ -18,6 +18,7 @@ Where it differs from ours by design of MONAI's classes, not by choice here (the
   of the step (e.g. 1024 or 16384 with tile 256, overlap 0.25).
 Everything else is MONAI's defaults (zarr's guessed chunks and codec, no prefetch buffer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,16 @@ def _label_tiles(merged: Any, tile: int) -> Iterator[np.ndarray]:
                 yield rows[:, tx : tx + tile]
 
 
-def run_patch_inferer(model: torch.nn.Module, image: str | Path, out: str | Path, workdir: str | Path, *,
-                      tile: int, overlap: float, batch_size: int) -> dict[str, Any]:
+def run_patch_inferer(
+    model: torch.nn.Module,
+    image: str | Path,
+    out: str | Path,
+    workdir: str | Path,
+    *,
+    tile: int,
+    overlap: float,
+    batch_size: int,
+) -> dict[str, Any]:
     """Segment `image` with MONAI's streaming path into the tiled BigTIFF `out` (uint8 labels),
     its zarr stores under `workdir` (removed at the end); returns facts for the row's notes."""
     import tifffile
@@ -68,13 +77,28 @@ def run_patch_inferer(model: torch.nn.Module, image: str | Path, out: str | Path
     stores = {k: workdir / f"monai_{k}.zarr" for k in ("merged", "values", "counts")}
     try:
         splitter = WSISlidingWindowSplitter(patch_size=tile, overlap=overlap, reader="OpenSlide")
-        inferer = PatchInferer(splitter=splitter, merger_cls=ZarrAvgMerger, batch_size=batch_size,
-                               preprocessing=lambda x: x.float().div_(255), store=str(stores["merged"]),
-                               value_store=str(stores["values"]), count_store=str(stores["counts"]))
+        inferer = PatchInferer(
+            splitter=splitter,
+            merger_cls=ZarrAvgMerger,
+            batch_size=batch_size,
+            preprocessing=lambda x: x.float().div_(255),
+            store=str(stores["merged"]),
+            value_store=str(stores["values"]),
+            count_store=str(stores["counts"]),
+        )
         with torch.inference_mode():
             merged = inferer(str(image), model)  # zarr array (1, C, H, W) of averaged logits
-        tifffile.imwrite(out, _label_tiles(merged, tile), shape=merged.shape[2:], dtype=np.uint8, tile=(tile, tile),
-                         bigtiff=True, photometric="minisblack", compression="zlib", metadata=None)
+        tifffile.imwrite(
+            out,
+            _label_tiles(merged, tile),
+            shape=merged.shape[2:],
+            dtype=np.uint8,
+            tile=(tile, tile),
+            bigtiff=True,
+            photometric="minisblack",
+            compression="zlib",
+            metadata=None,
+        )
         return {"shape": tuple(merged.shape), "chunks": tuple(merged.chunks)}
     finally:
         for path in stores.values():
@@ -123,11 +147,23 @@ def worker(argv: Sequence[str]) -> None:
     out.unlink()
     ys, xs = (window_starts(n, a.tile, a.overlap) for n in (h, w))
     padded = (ys[-1] + a.tile - h, xs[-1] + a.tile - w)
-    notes = (f"OpenSlide reader, {len(ys) * len(xs)} windows, blending constant (merger average"
-             f"{'' if a.blend == 'constant' else f'; ours {a.blend}'}), "
-             + (f"image padded by {padded[0]}x{padded[1]} px (ours shifts its last windows inside), " if any(padded)
-                else "") +
-             f"zarr chunks {facts['chunks'][2:]}; network {100 * model.seconds / seconds:.0f}% of the wall time; "
-             "end to end: read, infer, merge on disk, labels to a tiled TIFF")
-    print(json.dumps({"seconds": seconds, "mpx_s": h * w / 1e6 / seconds, "cpu_s": cpu, "peak_rss_mb": peak,
-                      "baseline_mb": baseline, "notes": notes, "net_seconds": model.seconds}))
+    notes = (
+        f"OpenSlide reader, {len(ys) * len(xs)} windows, blending constant (merger average"
+        f"{'' if a.blend == 'constant' else f'; ours {a.blend}'}), "
+        + (f"image padded by {padded[0]}x{padded[1]} px (ours shifts its last windows inside), " if any(padded) else "")
+        + f"zarr chunks {facts['chunks'][2:]}; network {100 * model.seconds / seconds:.0f}% of the wall time; "
+        "end to end: read, infer, merge on disk, labels to a tiled TIFF"
+    )
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "mpx_s": h * w / 1e6 / seconds,
+                "cpu_s": cpu,
+                "peak_rss_mb": peak,
+                "baseline_mb": baseline,
+                "notes": notes,
+                "net_seconds": model.seconds,
+            }
+        )
+    )

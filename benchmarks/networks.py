@@ -12,6 +12,7 @@ MONAI's ready networks with the same widths run side by side (BasicUNet for the 
 Then UNet++ L1..L4 ("fast" mode, pruned from one network) inference times and conv calls.
 Not a test: numbers depend on the (shared) machine.
 """
+
 from __future__ import annotations
 
 import gc
@@ -53,14 +54,21 @@ def default_cases() -> list[Case]:
         Case("unet paper (valid, 64)", "segpipe", "unet", {}),
         Case("unet same 64 +BN", "segpipe", "unet", unet_twin, compare_to="monai BasicUNet 64"),
         Case("monai BasicUNet 64", "monai", "BasicUNet", {"features": (64, 128, 256, 512, 1024, 64)}),
-        Case("unet default (same, 16)", "segpipe", "unet", dict(padding="same", base_width=16,
-                                                                 batch_norm=True, dropout=0.0)),
+        Case(
+            "unet default (same, 16)",
+            "segpipe",
+            "unet",
+            dict(padding="same", base_width=16, batch_norm=True, dropout=0.0),
+        ),
         Case("unetpp paper (32)", "segpipe", "unetpp", {}),
         Case("unetpp 32 +BN", "segpipe", "unetpp", unetpp_twin, compare_to="monai BasicUNet++ 32"),
-        Case("monai BasicUNet++ 32", "monai", "BasicUNetPlusPlus",
-             {"features": (32, 64, 128, 256, 512, 32), "deep_supervision": True}),
-        Case("unetpp default (16)", "segpipe", "unetpp", dict(base_width=16, batch_norm=True,
-                                                              dropout=0.0)),
+        Case(
+            "monai BasicUNet++ 32",
+            "monai",
+            "BasicUNetPlusPlus",
+            {"features": (32, 64, 128, 256, 512, 32), "deep_supervision": True},
+        ),
+        Case("unetpp default (16)", "segpipe", "unetpp", dict(base_width=16, batch_norm=True, dropout=0.0)),
         Case("u2net", "segpipe", "u2net"),
         Case("u2netp", "segpipe", "u2netp"),
     ]
@@ -117,9 +125,7 @@ def _reset_peak_rss() -> None:
         raise SegpipeError(f"{_CLEAR_REFS}: cannot reset the peak RSS ({exc})") from exc
 
 
-def measure(
-    case: Case, phase: str, size: int, repeats: int, threads: int, channels: tuple[int, int]
-) -> dict[str, Any]:
+def measure(case: Case, phase: str, size: int, repeats: int, threads: int, channels: tuple[int, int]) -> dict[str, Any]:
     """Time and peak memory of one phase ("forward" or "backward" = forward+backward).
 
     Meant to run in a fresh process. Returns params, input/output sizes, `seconds` (median),
@@ -174,11 +180,7 @@ def count_conv_calls(model: nn.Module, x: torch.Tensor) -> int:
         nonlocal calls
         calls += 1
 
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
-    ]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
     try:
         with torch.inference_mode():
             model(x)
@@ -188,9 +190,7 @@ def count_conv_calls(model: nn.Module, x: torch.Tensor) -> int:
     return calls
 
 
-def measure_pruning(
-    size: int, repeats: int, threads: int, channels: tuple[int, int]
-) -> list[dict[str, Any]]:
+def measure_pruning(size: int, repeats: int, threads: int, channels: tuple[int, int]) -> list[dict[str, Any]]:
     """UNet++ (paper widths) L1..L4 in "fast" mode, pruned from one network: time and conv calls."""
     from pipeline.networks import build_network
 
@@ -264,8 +264,7 @@ def run_benchmark(
         if case.compare_to is not None and case.compare_to in results:
             ref = results[case.compare_to]
             ratio = (
-                f"{fwd['seconds'] / ref['forward']['seconds']:.2f}x, "
-                f"{bwd['seconds'] / ref['backward']['seconds']:.2f}x"
+                f"{fwd['seconds'] / ref['forward']['seconds']:.2f}x, {bwd['seconds'] / ref['backward']['seconds']:.2f}x"
             )
         echo(
             f"| {case.label:<24} | {fwd['params']:>11,} | {fwd['mb']:>6.1f} | "

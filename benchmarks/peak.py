@@ -7,6 +7,7 @@ busy machine lowers both alike. `count_flops` counts what a call computes with t
 products; element-wise work is not counted), so every figure can be given as achieved GFLOP/s and
 as a fraction of the peak of its precision.
 """
+
 from __future__ import annotations
 
 import time
@@ -54,8 +55,10 @@ def peak_line(peaks: dict[str, float]) -> str:
     """One line naming the probe and its GFLOP/s per precision."""
     c, s, n = PROBE["channels"], PROBE["side"], PROBE["batch"]
     figures = ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items())
-    return (f"conv peak (3x3 conv {c}->{c}, {s}x{s}, batch {n}, channels-last, {torch.get_num_threads()} "
-            f"threads, best of 5): {figures}")
+    return (
+        f"conv peak (3x3 conv {c}->{c}, {s}x{s}, batch {n}, channels-last, {torch.get_num_threads()} "
+        f"threads, best of 5): {figures}"
+    )
 
 
 __all__ = ["PROBE", "conv_peak", "count_flops", "peak_line"]

@@ -15,6 +15,7 @@ everything else is the shipped `configs/inference.yaml`. Prints Mpx/s per layout
 efficiency: throughput(2 x 1) / throughput(1 x 2), and the speed-up of 2 x 1 over 1 x 1 (ideal 2).
 Checks that every layout wrote every output with the same pixels. Not a test: the CPU may be shared.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,12 +69,21 @@ def _config_dir(root: Path, threads: int) -> Path:
 
 
 def _command(processes: int, model: Path, pattern: str, output: Path) -> list[str]:
-    infer = ["-m", "pipeline", "infer", "--model", str(model), "--input", pattern, "--output", str(output),
-             "--no-progress"]
+    infer = [
+        "-m",
+        "pipeline",
+        "infer",
+        "--model",
+        str(model),
+        "--input",
+        pattern,
+        "--output",
+        str(output),
+        "--no-progress",
+    ]
     if processes == 1:
         return [sys.executable, *infer]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            *infer]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *infer]
 
 
 def _pixels_digest(path: Path) -> str:
@@ -82,8 +92,9 @@ def _pixels_digest(path: Path) -> str:
     return hashlib.sha256(tifffile.imread(path).tobytes()).hexdigest()
 
 
-def _run_layout(name: str, processes: int, threads: int, root: Path, model: Path, inputs: list[Path],
-                timeout: float | None) -> dict[str, Any]:
+def _run_layout(
+    name: str, processes: int, threads: int, root: Path, model: Path, inputs: list[Path], timeout: float | None
+) -> dict[str, Any]:
     """One `segpipe infer` command over every input; wall seconds and the outputs' pixel digests."""
     from pipeline.inference.writers.formats import output_paths
 
@@ -155,10 +166,13 @@ def run_benchmark(
             stale.unlink()  # a previous run's other images would be inputs too
         megapixels = images * size * size / 1e6
         s = config_settings()
-        print(f"segpipe bench shards: {images} synthetic RGB images of {size}² ({megapixels:.1f} Mpx, written in "
-              f"{time.perf_counter() - start:.0f} s), U-Net preset {preset!r} {config} -> 2 classes; tile {s.tile}, "
-              f"overlap {s.overlap}, {s.precision}, {s.backend}; {os.cpu_count()} CPUs (shared: timings vary); "
-              f"wall clock of each `segpipe infer` command, startup included; workdir {root}", flush=True)
+        print(
+            f"segpipe bench shards: {images} synthetic RGB images of {size}² ({megapixels:.1f} Mpx, written in "
+            f"{time.perf_counter() - start:.0f} s), U-Net preset {preset!r} {config} -> 2 classes; tile {s.tile}, "
+            f"overlap {s.overlap}, {s.precision}, {s.backend}; {os.cpu_count()} CPUs (shared: timings vary); "
+            f"wall clock of each `segpipe infer` command, startup included; workdir {root}",
+            flush=True,
+        )
         for name, (processes, threads) in LAYOUTS.items():
             if processes == threads == 1 and not single_thread:
                 continue
@@ -183,8 +197,11 @@ def _print_efficiency(results: list[dict[str, Any]]) -> None:
     if len(rows) > 1:
         same = len({tuple(r["digests"]) for r in rows.values()}) == 1
         print(f"  outputs identical across layouts: {'yes' if same else 'NO'}", flush=True)
-    for (a, b, what) in (((2, 1), (1, 2), "scaling efficiency"), ((2, 1), (1, 1), "speed-up"),
-                         ((1, 2), (1, 1), "speed-up")):
+    for a, b, what in (
+        ((2, 1), (1, 2), "scaling efficiency"),
+        ((2, 1), (1, 1), "speed-up"),
+        ((1, 2), (1, 1), "speed-up"),
+    ):
         if a not in rows or b not in rows:
             continue
         ratios = [rows[a]["mpx_s"] / rows[b]["mpx_s"]]
@@ -192,8 +209,10 @@ def _print_efficiency(results: list[dict[str, Any]]) -> None:
             ratios.append(rows[b]["busy_seconds"] / rows[a]["busy_seconds"])
         said = " (end to end)" + (f", {ratios[1]:.2f} (images alone)" if len(ratios) > 1 else "")
         ideal = "" if b == (1, 2) else f"; ideal 2.00, efficiency {50 * ratios[0]:.0f} %"
-        print(f"  {what}, {a[0]} x {a[1]} / {b[0]} x {b[1]} (processes x threads): {ratios[0]:.2f}{said}{ideal}",
-              flush=True)
+        print(
+            f"  {what}, {a[0]} x {a[1]} / {b[0]} x {b[1]} (processes x threads): {ratios[0]:.2f}{said}{ideal}",
+            flush=True,
+        )
 
 
 __all__ = ["LAYOUTS", "run_benchmark"]

@@ -1,4 +1,5 @@
 """The wall time a network spends in its forward calls, for the inference benchmarks' rows."""
+
 from __future__ import annotations
 
 import time

@@ -14,6 +14,7 @@ PyTorch's default (NCHW) and fp32. Every rate is also given as achieved GFLOP/s 
 step, forward and backward, counted by torch's flop counter) and as a fraction of the machine's
 conv peak in that precision, measured by a probe in the same run (`benchmarks.peak`).
 """
+
 from __future__ import annotations
 
 import json
@@ -95,27 +96,52 @@ def _monai_loader(prepared: PreparedDataset, settings: dict[str, Any], in_size: 
     data = []
     for case in prepared.cases("train"):
         arrays = prepared.load(case)
-        data.append({"image": preprocess(prepared.name, arrays["image"], aug),
-                     **{k: arrays[k].astype(np.float32) for k in keys[1:]}})
-    transforms = Compose([
-        RandCropByPosNegLabeld(keys, "label", (in_size, in_size), pos=1, neg=1, num_samples=num),
-        Rand2DElasticd(keys, spacing=(in_size // 3, in_size // 3), magnitude_range=(1, 2),
-                       prob=float(aug["elastic"]["prob"]),
-                       mode=["bilinear", "nearest", "bilinear", "nearest"][: len(keys)],
-                       padding_mode="reflection"),
-        RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandRotate90d(keys, prob=0.5, max_k=3),
-        EnsureTyped(keys, track_meta=False),
-    ])
+        data.append(
+            {
+                "image": preprocess(prepared.name, arrays["image"], aug),
+                **{k: arrays[k].astype(np.float32) for k in keys[1:]},
+            }
+        )
+    transforms = Compose(
+        [
+            RandCropByPosNegLabeld(keys, "label", (in_size, in_size), pos=1, neg=1, num_samples=num),
+            Rand2DElasticd(
+                keys,
+                spacing=(in_size // 3, in_size // 3),
+                magnitude_range=(1, 2),
+                prob=float(aug["elastic"]["prob"]),
+                mode=["bilinear", "nearest", "bilinear", "nearest"][: len(keys)],
+                padding_mode="reflection",
+            ),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys, prob=0.5, max_k=3),
+            EnsureTyped(keys, track_meta=False),
+        ]
+    )
     dataset = CacheDataset(data * max(1, batches * num // len(data) + 1), transforms, progress=False)
     workers = int(settings["workers"])
-    return DataLoader(dataset, batch_size=int(settings["batch_size"]) // num, shuffle=True, num_workers=workers,
-                      collate_fn=list_data_collate, persistent_workers=workers > 0)
+    return DataLoader(
+        dataset,
+        batch_size=int(settings["batch_size"]) // num,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=list_data_collate,
+        persistent_workers=workers > 0,
+    )
 
 
-def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | None = None,
-                  patch_size: int | None = None, workers: int | None = None, threads: int | None = None,
-                  dataset: str = "drive", precisions: tuple[str, ...] = ("fp32", "bf16")) -> pd.DataFrame:
+def run_benchmark(
+    networks: list[str],
+    *,
+    steps: int = 20,
+    batch_size: int | None = None,
+    patch_size: int | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    dataset: str = "drive",
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+) -> pd.DataFrame:
     """Print and return the table: per network, ours (per precision) vs MONAI-standard patches/s,
     data wait, GFLOP/s and the fraction of the conv peak."""
     if threads:
@@ -124,8 +150,11 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
         check_precision(precision, "cpu", "segpipe bench train --precision")
     peaks = {p: conv_peak(p) for p in dict.fromkeys(("fp32", *precisions))}
     set_track_meta(False)
-    overrides = {k: v for k, v in {"batch_size": batch_size, "patch_size": patch_size, "workers": workers}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"batch_size": batch_size, "patch_size": patch_size, "workers": workers}.items()
+        if v is not None
+    }
     with tempfile.TemporaryDirectory() as tmp:
         try:
             prepared = open_prepared(dataset, prepared_root(read_config("data", check_data_config), dataset))
@@ -140,8 +169,12 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
                 settings = plan_training(read_fingerprint(prepared.root, dataset), settings).settings
             torch.manual_seed(0)
             channels = settings["augment"]["channels"]
-            model = build_network(settings["network"], len(channels) if channels else prepared.in_channels, 1,
-                                  **settings["network_config"])
+            model = build_network(
+                settings["network"],
+                len(channels) if channels else prepared.in_channels,
+                1,
+                **settings["network_config"],
+            )
             loss_fn = build_loss(settings["loss"], network=model)
             optimizer = build_optimizer(model, settings["optimizer"])
             keys = patch_keys(settings)
@@ -156,12 +189,17 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
                     mask = torch.as_tensor(batch[keys[3]]) if len(keys) > 3 else None
                     with autocast(precision, image.device):
                         output = model(image)
-                    loss = loss_fn(fp32_output(output), torch.as_tensor(batch["label"]).long(),
-                                   torch.as_tensor(batch["weight"]), mask)
+                    loss = loss_fn(
+                        fp32_output(output),
+                        torch.as_tensor(batch["label"]).long(),
+                        torch.as_tensor(batch["weight"]),
+                        mask,
+                    )
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
                     return int(image.shape[0])
+
                 return step
 
             layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
@@ -172,33 +210,59 @@ def run_benchmark(networks: list[str], *, steps: int = 20, batch_size: int | Non
             probe = {k: torch.zeros(batch, 1, in_size, in_size) for k in keys}
             probe["image"] = torch.zeros(batch, model.in_channels, in_size, in_size)
             flops = count_flops(lambda: stepper(layout, "fp32")(probe)) / batch  # per patch
-            row: dict[str, Any] = {"network": settings["network"], "patch": in_size, "batch": batch,
-                                   "GFLOP_per_patch": flops / 1e9}
+            row: dict[str, Any] = {
+                "network": settings["network"],
+                "patch": in_size,
+                "batch": batch,
+                "GFLOP_per_patch": flops / 1e9,
+            }
             for precision in precisions:  # as `segpipe train` runs
-                loader, _, _ = build_loader(prepared, {**settings, "steps_per_epoch": steps + 1}, model,
-                                            Dist(0, 1, torch.device("cpu")))
+                loader, _, _ = build_loader(
+                    prepared, {**settings, "steps_per_epoch": steps + 1}, model, Dist(0, 1, torch.device("cpu"))
+                )
                 rate, wait = _timed(loader, steps, stepper(layout, precision))
-                row.update({f"{precision}_patches_s": rate, f"{precision}_wait": wait,
-                            f"{precision}_GFLOP_s": rate * flops / 1e9,
-                            f"{precision}_of_peak": rate * flops / 1e9 / peaks[precision]})
-            monai = _timed(_monai_loader(prepared, settings, in_size, steps + 1), steps,
-                           stepper(torch.contiguous_format, "fp32"))
-            row.update({"monai_fp32_patches_s": monai[0], "monai_wait": monai[1],
-                        "monai_of_peak": monai[0] * flops / 1e9 / peaks["fp32"]})
+                row.update(
+                    {
+                        f"{precision}_patches_s": rate,
+                        f"{precision}_wait": wait,
+                        f"{precision}_GFLOP_s": rate * flops / 1e9,
+                        f"{precision}_of_peak": rate * flops / 1e9 / peaks[precision],
+                    }
+                )
+            monai = _timed(
+                _monai_loader(prepared, settings, in_size, steps + 1), steps, stepper(torch.contiguous_format, "fp32")
+            )
+            row.update(
+                {
+                    "monai_fp32_patches_s": monai[0],
+                    "monai_wait": monai[1],
+                    "monai_of_peak": monai[0] * flops / 1e9 / peaks["fp32"],
+                }
+            )
             row.update({f"{p}/monai": row[f"{p}_patches_s"] / monai[0] for p in precisions})
             rows.append(row)
     table = pd.DataFrame(rows)
-    print(f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}, "
-          f"workers {settings['workers']}, channels-last {settings['channels_last']}")
+    print(
+        f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}, "
+        f"workers {settings['workers']}, channels-last {settings['channels_last']}"
+    )
     print(peak_line(peaks))
     print(table.T.to_string(header=False, float_format=lambda v: f"{v:.3f}"))
     return table
 
 
-def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_seconds: float | None = None,
-                baseline_input: str = "monai", threads: int | None = None, seed: int = 0,
-                workdir: Path | None = None, equal_steps: bool = False,
-                overrides: dict[str, Any] | None = None) -> pd.DataFrame:
+def run_quality(
+    dataset: str = "drive",
+    network: str = "unet",
+    *,
+    baseline_seconds: float | None = None,
+    baseline_input: str = "monai",
+    threads: int | None = None,
+    seed: int = 0,
+    workdir: Path | None = None,
+    equal_steps: bool = False,
+    overrides: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """`segpipe bench quality`: issue 6's quality bar, side by side in one run.
 
     (a) `segpipe train DATASET NETWORK` with the current profile (its step count),
@@ -251,35 +315,60 @@ def run_quality(dataset: str = "drive", network: str = "unet", *, baseline_secon
         recorded = ckpt.get("instances")
         objects = InstanceSettings.from_dict(recorded["settings"], str(ours.checkpoint)) if recorded else None
         median_area = median_object_area(read_fingerprint(prepared.root, dataset)) or 1.0
-        ours_scores = evaluate_probabilities(prepared, lambda img: predict(net, img, settings=settings),
-                                             augment=ckpt["augment"], objects=objects, median_area=median_area)
+        ours_scores = evaluate_probabilities(
+            prepared,
+            lambda img: predict(net, img, settings=settings),
+            augment=ckpt["augment"],
+            objects=objects,
+            median_area=median_area,
+        )
         base_augment = copy.deepcopy(dict(preset_section(load_config("augment"), dataset)))
         if baseline_input == "monai":
             base_augment.update(channels=None, clahe=None, normalize="zscore")
         budget = ours.wall_seconds if baseline_seconds is None else baseline_seconds
         if equal_steps:
             config = json.loads((ours.checkpoint.parent / "config.json").read_text())
-            baseline = train_baseline(prepared, float("inf"), seed=seed, augment=base_augment, max_steps=ours.steps,
-                                      batch_size=int(config["batch_size"]), patch=int(config["patch_size"]))
+            baseline = train_baseline(
+                prepared,
+                float("inf"),
+                seed=seed,
+                augment=base_augment,
+                max_steps=ours.steps,
+                batch_size=int(config["batch_size"]),
+                patch=int(config["patch_size"]),
+            )
         else:
             baseline = train_baseline(prepared, budget, seed=seed, augment=base_augment)
-        base_scores = evaluate_probabilities(prepared, lambda img: predict_baseline(baseline.model, img),
-                                             augment=base_augment, median_area=median_area)
+        base_scores = evaluate_probabilities(
+            prepared, lambda img: predict_baseline(baseline.model, img), augment=base_augment, median_area=median_area
+        )
     rows = []
     for name, wall, patches, scores in (
         (f"segpipe {network} ({ckpt['network']})", ours.wall_seconds, None, ours_scores),
         (f"MONAI BasicUNet baseline (input: {baseline_input})", baseline.wall_seconds, baseline.patches, base_scores),
     ):
-        rows.append({"model": name, "train_s": wall, "patches": patches, "auc": scores["auc"],
-                     "f1@0.5": scores["at_0.5"]["f1"], "f1@val": scores["at_val"]["f1"],
-                     "threshold": scores["at_val"]["threshold"], "acc@val": scores["at_val"]["accuracy"],
-                     "sens@val": scores["at_val"]["sensitivity"], "spec@val": scores["at_val"]["specificity"],
-                     **{k: scores[k] for k in ("seg_components", "seg", "instances") if k in scores}})
+        rows.append(
+            {
+                "model": name,
+                "train_s": wall,
+                "patches": patches,
+                "auc": scores["auc"],
+                "f1@0.5": scores["at_0.5"]["f1"],
+                "f1@val": scores["at_val"]["f1"],
+                "threshold": scores["at_val"]["threshold"],
+                "acc@val": scores["at_val"]["accuracy"],
+                "sens@val": scores["at_val"]["sensitivity"],
+                "spec@val": scores["at_val"]["specificity"],
+                **{k: scores[k] for k in ("seg_components", "seg", "instances") if k in scores},
+            }
+        )
     table = pd.DataFrame(rows)
     print(f"bench quality: {dataset} test split, pixels pooled inside the FOV, {torch.get_num_threads()} threads")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"ratios ours/baseline: AUC {rows[0]['auc'] / rows[1]['auc']:.4f}, "
-          f"F1@val {rows[0]['f1@val'] / rows[1]['f1@val']:.4f}, "
-          f"training time {rows[0]['train_s'] / rows[1]['train_s']:.2f}"
-          + (f", SEG {rows[0]['seg'] / rows[1]['seg']:.4f}" if "seg" in rows[0] and "seg" in rows[1] else ""))
+    print(
+        f"ratios ours/baseline: AUC {rows[0]['auc'] / rows[1]['auc']:.4f}, "
+        f"F1@val {rows[0]['f1@val'] / rows[1]['f1@val']:.4f}, "
+        f"training time {rows[0]['train_s'] / rows[1]['train_s']:.2f}"
+        + (f", SEG {rows[0]['seg'] / rows[1]['seg']:.4f}" if "seg" in rows[0] and "seg" in rows[1] else "")
+    )
     return table

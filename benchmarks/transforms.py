@@ -14,6 +14,7 @@ Three measurements, on synthetic data, torch on one thread, best of `rounds` int
 3. The U-Net eq. 2 weight map: windowed exact version vs the brute force (one full-image distance
    transform per cell), with the largest difference between the two.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,12 +96,22 @@ def monai_chain(cfg: Mapping[str, Any], halo: int, patch: int, keys: list[str], 
     random = Compose(
         [
             RandCropByPosNegLabeld(
-                keys, "label", spatial_size=size, pos=pc["pos"], neg=pc["neg"], num_samples=pc["num_samples"],
-                image_key=fov_key, image_threshold=0.0,
+                keys,
+                "label",
+                spatial_size=size,
+                pos=pc["pos"],
+                neg=pc["neg"],
+                num_samples=pc["num_samples"],
+                image_key=fov_key,
+                image_threshold=0.0,
             ),
             Rand2DElasticd(
-                keys, spacing=(size / 2, size / 2), magnitude_range=(ec["sigma"], ec["sigma"]), prob=ec["prob"],
-                spatial_size=(size, size), padding_mode="reflection",
+                keys,
+                spacing=(size / 2, size / 2),
+                magnitude_range=(ec["sigma"], ec["sigma"]),
+                prob=ec["prob"],
+                spatial_size=(size, size),
+                padding_mode="reflection",
                 mode=[ec["image_mode"], "nearest", "bilinear"] + ["nearest"] * (len(keys) - 3),
             ),
             CenterSpatialCropd(labels, roi_size=patch),
@@ -184,8 +195,13 @@ def bench_elastic(size: int, repeat: int, rounds: int, sigma: float = 10.0) -> t
     keys, modes = list(data), ["bilinear", "nearest", "bilinear"]
     ours = RandElasticd(keys, sigma=sigma, mode=modes).set_random_state(0)
     theirs = Rand2DElasticd(
-        keys, spacing=(size / 2, size / 2), magnitude_range=(sigma, sigma), prob=1.0, spatial_size=(size, size),
-        mode=modes, padding_mode="reflection",
+        keys,
+        spacing=(size / 2, size / 2),
+        magnitude_range=(sigma, sigma),
+        prob=1.0,
+        spatial_size=(size, size),
+        mode=modes,
+        padding_mode="reflection",
     ).set_random_state(0)
     t = _best({"ours": lambda: ours(data), "monai": lambda: theirs(data)}, repeat, rounds)
     return 1000 * t["ours"], 1000 * t["monai"]

@@ -7,6 +7,7 @@ reads the command's configs into typed settings and calls the library with value
 only the entry of the command it runs, so a stage runs (and DVC hashes) only its own code, and
 `segpipe --help` imports no entry at all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,20 +19,30 @@ from typing import Iterable, Sequence
 # command -> (entry module, one-line help), in data-flow order
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("pipeline.stages.download", "fetch (or import) a dataset's archives, verified by sha256"),
-    "manifest": ("pipeline.commands.manifest",
-                 "(maintainers) write a per-file manifest CSV from a verified copy of a dataset"),
-    "dataset": ("pipeline.commands.dataset",
-                "add a dataset from folders, an nnU-Net raw folder or a MONAI datalist (writes its card)"),
+    "manifest": (
+        "pipeline.commands.manifest",
+        "(maintainers) write a per-file manifest CSV from a verified copy of a dataset",
+    ),
+    "dataset": (
+        "pipeline.commands.dataset",
+        "add a dataset from folders, an nnU-Net raw folder or a MONAI datalist (writes its card)",
+    ),
     "prepare": ("pipeline.stages.prepare", "validate, convert to NIfTI, split and compute weight maps"),
-    "weightmap": ("pipeline.commands.weightmap",
-                  "U-Net eq. 2 weight map of a label image (NIfTI or TIFF) with a PNG preview"),
+    "weightmap": (
+        "pipeline.commands.weightmap",
+        "U-Net eq. 2 weight map of a label image (NIfTI or TIFF) with a PNG preview",
+    ),
     "train": ("pipeline.stages.train", "train a network on a prepared dataset (DVC stage train@DATASET-NETWORK)"),
-    "evaluate": ("pipeline.stages.evaluate",
-                 "test-set metrics, curves and overlays of a trained network (DVC stage evaluate@...)"),
+    "evaluate": (
+        "pipeline.stages.evaluate",
+        "test-set metrics, curves and overlays of a trained network (DVC stage evaluate@...)",
+    ),
     "report": ("pipeline.stages.report", "one table of every evaluated dataset x network (results/report.md)"),
     "infer": ("pipeline.stages.infer", "segment images of any size, streamed from disk to disk (sliding window)"),
-    "export": ("pipeline.stages.export",
-               "a checkpoint's inference graph as an ONNX model carrying its preprocessing and size contract"),
+    "export": (
+        "pipeline.stages.export",
+        "a checkpoint's inference graph as an ONNX model carrying its preprocessing and size contract",
+    ),
     "bench": ("benchmarks.cli", "benchmarks side by side with MONAI and torch eager (not tests)"),
 }
 

@@ -10,6 +10,7 @@ The helpers take a value, the key it came from and `where` (the file and section
 "configs/train.yaml: profiles.default"), and raise `ConfigError` naming all three. Numbers must be
 finite: NaN and infinities are refused everywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,20 +96,27 @@ def check_keys(section: Any, expected: Collection[str], where: str, optional: Co
     unknown = sorted(set(section) - set(expected))
     if missing or unknown:
         problems = ([f"missing keys {missing}"] if missing else []) + ([f"unknown keys {unknown}"] if unknown else [])
-        hint = "; ".join(f"{key!r}: did you mean {close[0]!r}?" for key in unknown
-                         if (close := difflib.get_close_matches(str(key), [str(k) for k in expected], n=1, cutoff=0.8)))
+        hint = "; ".join(
+            f"{key!r}: did you mean {close[0]!r}?"
+            for key in unknown
+            if (close := difflib.get_close_matches(str(key), [str(k) for k in expected], n=1, cutoff=0.8))
+        )
         detail = ", ".join(problems) + (f" ({hint})" if hint else "")
         raise ConfigError(f"{where}: {detail}; expected {sorted(expected)}")
     return dict(section)
 
 
-def check_int(value: Any, key: str, where: str, *, minimum: int | None = None, maximum: int | None = None,
-              optional: bool = False) -> int | None:
+def check_int(
+    value: Any, key: str, where: str, *, minimum: int | None = None, maximum: int | None = None, optional: bool = False
+) -> int | None:
     """An integer (not a bool) in [minimum, maximum]; None passes when `optional`."""
     if value is None and optional:
         return None
-    bounds = " ".join(part for part in (f">= {minimum}" if minimum is not None else "",
-                                        f"<= {maximum}" if maximum is not None else "") if part)
+    bounds = " ".join(
+        part
+        for part in (f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else "")
+        if part
+    )
     expected = ("null or " if optional else "") + f"an integer {bounds}".rstrip()
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(where, key, expected, value)
@@ -117,16 +125,29 @@ def check_int(value: Any, key: str, where: str, *, minimum: int | None = None, m
     return value
 
 
-def check_number(value: Any, key: str, where: str, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> float | None:
+def check_number(
+    value: Any,
+    key: str,
+    where: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> float | None:
     """A finite number in the interval given by low/high (closed unless `*_open`); None passes when
     `optional`."""
     if value is None and optional:
         return None
     left = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
     right = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-    expected = ("null or " if optional else "") + "a finite number" + (f" {left}" if left else "") + (
-        f"{' and' if left else ''} {right}" if right else "")
+    expected = (
+        ("null or " if optional else "")
+        + "a finite number"
+        + (f" {left}" if left else "")
+        + (f"{' and' if left else ''} {right}" if right else "")
+    )
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _bad(where, key, expected, value)
     if low is not None and (value <= low if low_open else value < low):
@@ -178,4 +199,3 @@ def setting_argument(text: str) -> dict:
         node = node.setdefault(part, {})
     node[parts[-1]] = yaml.safe_load(value)
     return out
-

@@ -1,4 +1,5 @@
 """The one exception type the CLI turns into a one-line message (exit code 2)."""
+
 from __future__ import annotations
 
 MAX_LISTED = 20

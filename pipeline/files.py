@@ -6,6 +6,7 @@ the mode of any new file (0666 minus the umask). The streamed inference outputs,
 files published together, keep their own temp names and publish step (`pipeline.inference.writers`)
 with the same file mode.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE in every worker;
 the process is rank 0 of 1. Training (`pipeline.training.distributed`) joins a process group on top
 of these; inference (`pipeline.inference.run.shards`) only needs the numbers.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,10 @@ def rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
     local_world = values.get("LOCAL_WORLD_SIZE", world)
     local_rank = values.get("LOCAL_RANK", rank if local_world == world else 0)
     if not (world >= 1 and 0 <= rank < world and 1 <= local_world <= world and 0 <= local_rank < local_world):
-        raise SegpipeError(f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} "
-                           f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world}")
+        raise SegpipeError(
+            f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} "
+            f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world}"
+        )
     return RankEnv(rank, world, local_rank, local_world)
 
 

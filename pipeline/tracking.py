@@ -22,6 +22,7 @@ What a user sees in the UI:
 - the best model of a training as an MLflow model, registered as `segpipe-DATASET-NETWORK`, when
   configs/tracking.yaml says so (`log_model`, `register_model`; `pipeline.training.mlflow_model`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,15 +88,17 @@ def tracking_settings(cfg: Mapping[str, Any], where: str) -> TrackingSettings:
     cfg = check_keys(cfg, TRACKING_KEYS, where)
     system = check_keys(cfg["system_metrics"], SYSTEM_METRICS_KEYS, f"{where}: system_metrics")
     enabled = check_bool(system["enabled"], "system_metrics.enabled", where)
-    interval = check_number(system["sampling_interval_seconds"], "system_metrics.sampling_interval_seconds", where,
-                            low=0, low_open=True)
+    interval = check_number(
+        system["sampling_interval_seconds"], "system_metrics.sampling_interval_seconds", where, low=0, low_open=True
+    )
     groups = check_bool(cfg["run_groups"], "run_groups", where)
     log_model = check_bool(cfg["log_model"], "log_model", where)
     register = check_bool(cfg["register_model"], "register_model", where)
     if register and not log_model:
         raise ConfigError(f"{where}: register_model: true needs log_model: true (only a logged model is registered)")
-    return TrackingSettings(enabled, float(interval), run_group(Path(where).parent) if groups else None, log_model,
-                            register)
+    return TrackingSettings(
+        enabled, float(interval), run_group(Path(where).parent) if groups else None, log_model, register
+    )
 
 
 def tracking_uri() -> str:
@@ -144,7 +147,8 @@ def run_group(params_dir: Path) -> str:
     and the hash of the params files, `<commit[:8]>+<params[:8]>`, the same for every stage of one
     `dvc repro` (and for a re-run of the same commit and params)."""
     explicit = os.environ.get("SEGPIPE_RUN_GROUP") or (
-        f"exp:{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
+        f"exp:{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else ""
+    )
     if not explicit:
         commit = git_commit()
         explicit = f"{commit[:8] if commit != 'unknown' else 'nogit'}+{params_digest(params_dir)[:8]}"
@@ -200,16 +204,23 @@ def log_datasets(tracker: Any, inputs: Iterable[DataInput]) -> None:
             continue
         with warnings.catch_warnings():  # MLflow registers its local source for "" and "file:" alike
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
-            dataset = from_pandas(rows, source=Path(item.manifest).as_posix(), name=item.name,
-                                  digest=data_digest(item.manifest, item.split, rows))
+            dataset = from_pandas(
+                rows,
+                source=Path(item.manifest).as_posix(),
+                name=item.name,
+                digest=data_digest(item.manifest, item.split, rows),
+            )
         tracker.log_input(dataset, context=item.context, tags={"split": item.split or "all", "dataset": item.dataset})
 
 
 def run_record(tracker: Any) -> dict[str, str | None]:
     """{"run_id", "experiment_id", "tracking_uri"} of the active run (ids None without a tracker)."""
     run = tracker.active_run() if tracker is not None else None
-    return {"run_id": run.info.run_id if run else None, "experiment_id": run.info.experiment_id if run else None,
-            "tracking_uri": tracking_uri()}
+    return {
+        "run_id": run.info.run_id if run else None,
+        "experiment_id": run.info.experiment_id if run else None,
+        "tracking_uri": tracking_uri(),
+    }
 
 
 def use_experiment(tracker: Any, client: Any, name: str) -> str:
@@ -219,8 +230,9 @@ def use_experiment(tracker: Any, client: Any, name: str) -> str:
 
     if client.get_experiment_by_name(name) is None:
         try:
-            client.create_experiment(name, artifact_location=_artifact_location(name),
-                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            client.create_experiment(
+                name, artifact_location=_artifact_location(name), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:  # created meanwhile by a concurrent stage: set_experiment finds it
             pass
     experiment = tracker.set_experiment(name)  # a deleted experiment of that name is an error, as before
@@ -244,17 +256,25 @@ def parent_run(client: Any, experiment_id: str, group: str, tags: Mapping[str, s
     is none. Two stages racing to create it keep the oldest one; the other is deleted."""
 
     def parents() -> list[Any]:
-        found = client.search_runs([experiment_id], filter_string=(
-            f"tags.`{RUN_GROUP_TAG}` = '{group}' and tags.stage = '{PARENT_STAGE}'"), max_results=100)
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=(f"tags.`{RUN_GROUP_TAG}` = '{group}' and tags.stage = '{PARENT_STAGE}'"),
+            max_results=100,
+        )
         return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
 
     existing = parents()
     if existing:
         return existing[0].info.run_id
-    note = (f"One pipeline execution (run group {group}): the stage runs are nested below. "
-            "Created by segpipe; FINISHED from the start, its end time follows the last stage run.")
-    run = client.create_run(experiment_id, run_name=f"pipeline {group}", tags={
-        **tags, "stage": PARENT_STAGE, RUN_GROUP_TAG: group, "mlflow.note.content": note})
+    note = (
+        f"One pipeline execution (run group {group}): the stage runs are nested below. "
+        "Created by segpipe; FINISHED from the start, its end time follows the last stage run."
+    )
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline {group}",
+        tags={**tags, "stage": PARENT_STAGE, RUN_GROUP_TAG: group, "mlflow.note.content": note},
+    )
     client.set_terminated(run.info.run_id, "FINISHED")
     oldest = parents()[0].info.run_id
     if oldest != run.info.run_id:
@@ -329,14 +349,20 @@ def stage_run(
         "git_commit": commit,
         "data_manifest_sha256": file_digest(manifest),
     }
-    tags.update({key: os.environ[env] for key, env in (("segpipe.dvc_stage", "DVC_STAGE"),
-                                                      ("segpipe.dvc_exp", "DVC_EXP_NAME")) if os.environ.get(env)})
+    tags.update(
+        {
+            key: os.environ[env]
+            for key, env in (("segpipe.dvc_stage", "DVC_STAGE"), ("segpipe.dvc_exp", "DVC_EXP_NAME"))
+            if os.environ.get(env)
+        }
+    )
     parent = None
     if settings.group:
         tags[RUN_GROUP_TAG] = settings.group
     reopen = _reopenable(client, run_id, experiment_id)
-    mark_stale_runs(client, experiment_id, tags, ("network", RUN_GROUP_TAG),
-                    keep=reopen.info.run_id if reopen is not None else None)
+    mark_stale_runs(
+        client, experiment_id, tags, ("network", RUN_GROUP_TAG), keep=reopen.info.run_id if reopen is not None else None
+    )
     if reopen is not None:  # keeps its parent and run group; the data and params are the checkpoint's
         parent = reopen.data.tags.get("mlflow.parentRunId")
         tags.pop(RUN_GROUP_TAG, None)
@@ -350,8 +376,9 @@ def stage_run(
         if reopen is not None:
             mlflow.start_run(run_id=reopen.info.run_id, tags=tags, log_system_metrics=settings.system_metrics)
         else:
-            mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent,
-                             log_system_metrics=settings.system_metrics)
+            mlflow.start_run(
+                run_name=run_name, tags=tags, parent_run_id=parent, log_system_metrics=settings.system_metrics
+            )
     try:
         if reopen is None:
             mlflow.log_params(flatten(params))

@@ -8,6 +8,7 @@ and stale RUNNING runs of killed stages marked KILLED.
   whose process is gone on this host (killed with SIGKILL, a power cut) are marked KILLED with
   the tag `segpipe.marked_killed`. Runs of other hosts or without those tags are left alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///PATH` URI (None for other stores and in-memory SQLite)."""
     if not uri.startswith(SQLITE_PREFIX):
         return None
-    path = uri[len(SQLITE_PREFIX):].split("?", 1)[0]
+    path = uri[len(SQLITE_PREFIX) :].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
 
 
@@ -70,16 +71,21 @@ def pid_alive(pid: int) -> bool:
     return pid > 0 and psutil.pid_exists(pid)
 
 
-def mark_stale_runs(client: Any, experiment_id: str, tags: Mapping[str, str], same: Iterable[str],
-                    keep: str | None = None) -> list[str]:
+def mark_stale_runs(
+    client: Any, experiment_id: str, tags: Mapping[str, str], same: Iterable[str], keep: str | None = None
+) -> list[str]:
     """Mark KILLED the RUNNING runs of the experiment with the same `stage` tag as `tags` and the
     same values of the tags `same` (a missing tag counts as empty) whose pid tag names a process
     gone on this host; `keep` (a run id) is never touched. Returns the ids marked."""
     keys = ("stage", *same)
     host = socket.gethostname()
-    found = client.search_runs([experiment_id], filter_string=(
-        f"attributes.status = 'RUNNING' and tags.stage = '{tags['stage']}' and tags.`{HOST_TAG}` = '{host}'"),
-        max_results=1000)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"attributes.status = 'RUNNING' and tags.stage = '{tags['stage']}' and tags.`{HOST_TAG}` = '{host}'"
+        ),
+        max_results=1000,
+    )
     marked = []
     for run in found:
         run_tags = run.data.tags
@@ -88,8 +94,9 @@ def mark_stale_runs(client: Any, experiment_id: str, tags: Mapping[str, str], sa
         if run.info.run_id == keep or not matches or not pid.isdigit() or pid_alive(int(pid)):
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
-        client.set_tag(run.info.run_id, MARKED_KILLED_TAG,
-                       f"stale RUNNING run found when the stage started again at {when}")
+        client.set_tag(
+            run.info.run_id, MARKED_KILLED_TAG, f"stale RUNNING run found when the stage started again at {when}"
+        )
         client.set_terminated(run.info.run_id, "KILLED")
         marked.append(run.info.run_id)
     return marked

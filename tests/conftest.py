@@ -1,4 +1,5 @@
 """Shared fixtures: a project folder wired to small datasets in the real layouts and a local mirror."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,9 @@ def project(fixture_template: FixtureProject, tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(root)
     monkeypatch.setenv("SEGPIPE_CONFIG_DIR", str(root / "configs"))
     monkeypatch.delenv("SEGPIPE_MIRROR", raising=False)
-    archives = {k: [root / p.relative_to(fixture_template.root) for p in v]
-                for k, v in fixture_template.archives.items()}
+    archives = {
+        k: [root / p.relative_to(fixture_template.root) for p in v] for k, v in fixture_template.archives.items()
+    }
     return FixtureProject(root, archives)
 
 

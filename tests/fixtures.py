@@ -3,6 +3,7 @@
 Nothing here downloads anything: the mirror serves files from a temporary folder on 127.0.0.1,
 supports HTTP Range, and can be told to cut a transfer after N bytes or to answer 500.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,12 +49,13 @@ def disk_instances(shape: tuple[int, int], centres: list[tuple[int, int]], radiu
     return inst
 
 
-def drive_members(n_train: int = 5, n_test: int = 3, shape: tuple[int, int] = (48, 40),
-                  seed: int = 0) -> dict[str, bytes]:
+def drive_members(
+    n_train: int = 5, n_test: int = 3, shape: tuple[int, int] = (48, 40), seed: int = 0
+) -> dict[str, bytes]:
     """DRIVE's folder layout with RGB TIFF images and 0/255 GIF vessel and FOV masks."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    fov = (((yy - shape[0] / 2) / (shape[0] / 2)) ** 2 + ((xx - shape[1] / 2) / (shape[1] / 2)) ** 2 <= 1.0)
+    fov = ((yy - shape[0] / 2) / (shape[0] / 2)) ** 2 + ((xx - shape[1] / 2) / (shape[1] / 2)) ** 2 <= 1.0
     members: dict[str, bytes] = {}
     cases = [("training", f"{21 + i:02d}") for i in range(n_train)] + [("test", f"{1 + i:02d}") for i in range(n_test)]
     for split, case in cases:
@@ -77,8 +79,14 @@ def drive_members(n_train: int = 5, n_test: int = 3, shape: tuple[int, int] = (4
     return members
 
 
-def ctc_members(root: str, n_frames: int = 6, seg_frames: dict[str, list[int]] | None = None,
-                shape: tuple[int, int] = (64, 64), seed: int = 0, published: bool = True) -> dict[str, bytes]:
+def ctc_members(
+    root: str,
+    n_frames: int = 6,
+    seg_frames: dict[str, list[int]] | None = None,
+    shape: tuple[int, int] = (64, 64),
+    seed: int = 0,
+    published: bool = True,
+) -> dict[str, bytes]:
     """A Cell Tracking Challenge 2D training set in the published layout: 16-bit frames, GT/SEG instance
     masks, GT/TRA, and (`published`) the ERR_SEG and ST (silver truth) folders of today's archives."""
     rng = np.random.default_rng(seed)
@@ -237,14 +245,25 @@ def build_fixture_project(root: Path) -> FixtureProject:
     for name, zips in archives.items():
         entry = sources["datasets"][name]
         entry["archives"] = [
-            {"name": z.name, "url": f"http://unreachable.invalid/{z.name}", "sha256": sha256(z),
-             "size": z.stat().st_size}
+            {
+                "name": z.name,
+                "url": f"http://unreachable.invalid/{z.name}",
+                "sha256": sha256(z),
+                "size": z.stat().st_size,
+            }
             for z in zips
         ]
         layout = entry["layout"]
         if name == "drive":
-            layout["counts"] = {"training/image": 5, "training/label": 5, "training/fov": 5,
-                                "test/image": 3, "test/label": 3, "test/label2": 3, "test/fov": 3}
+            layout["counts"] = {
+                "training/image": 5,
+                "training/label": 5,
+                "training/fov": 5,
+                "test/image": 3,
+                "test/label": 3,
+                "test/label2": 3,
+                "test/fov": 3,
+            }
             layout["expect"] = {"image": {"shape": [48, 40, 3], "dtype": ["uint8"]}}
         else:
             layout["counts"] = {"01/image": 6, "02/image": 6}
@@ -257,9 +276,18 @@ def build_fixture_project(root: Path) -> FixtureProject:
         split, folder, fname = path.split("/")
         role = {"images": "image", "1st_manual": "label", "2nd_manual": "label2", "mask": "fov"}[folder]
         array = tifffile.imread(io.BytesIO(data)) if fname.endswith(".tif") else iio.imread(data, index=0)
-        rows.append({"path": path, "dataset": "drive", "split": split, "role": role, "case": fname[:2],
-                     "sha256": hashlib.sha256(data).hexdigest(), "shape": "x".join(map(str, array.shape)),
-                     "dtype": str(array.dtype)})
+        rows.append(
+            {
+                "path": path,
+                "dataset": "drive",
+                "split": split,
+                "role": role,
+                "case": fname[:2],
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "shape": "x".join(map(str, array.shape)),
+                "dtype": str(array.dtype),
+            }
+        )
     pd.DataFrame(rows).to_csv(manifests / "drive_files.csv", index=False)
     configs = root / "configs"
     shutil.copytree(REPO_ROOT / "configs", configs)
@@ -285,8 +313,15 @@ class FlipAveraged(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, flips: list[tuple[int, ...]]) -> None:
         super().__init__()
         self.net, self.flips = net, flips
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size",
-                     "valid_output_size"):
+        for attr in (
+            "padding",
+            "halo",
+            "in_channels",
+            "out_channels",
+            "output_size",
+            "input_size",
+            "valid_output_size",
+        ):
             setattr(self, attr, getattr(net, attr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,8 +337,15 @@ class Exploding(nn.Module):
     def __init__(self, net: nn.Module, after: int) -> None:
         super().__init__()
         self.net, self.after, self.calls = net, after, 0
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size",
-                     "valid_output_size"):
+        for attr in (
+            "padding",
+            "halo",
+            "in_channels",
+            "out_channels",
+            "output_size",
+            "input_size",
+            "valid_output_size",
+        ):
             setattr(self, attr, getattr(net, attr))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

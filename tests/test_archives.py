@@ -2,6 +2,7 @@
 compression methods the stdlib lacks, encryption, corrupt deflate, duplicates and unsafe names are
 refused with a SegpipeError naming the archive and the member, before anything is written; a
 hypothesis fuzz over damaged zips never gets another exception."""
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,9 @@ from pipeline.errors import SegpipeError
 from fixtures import REPO_ROOT, _tif_bytes
 
 LAYOUT = get_source(REPO_ROOT / "data_manifests", "hela").layout
-DATA_LIMITS = check_data_config(yaml.safe_load((REPO_ROOT / "configs" / "data.yaml").read_text()),
-                                "configs/data.yaml")["prepare"]["limits"]  # the shipped defaults
+DATA_LIMITS = check_data_config(yaml.safe_load((REPO_ROOT / "configs" / "data.yaml").read_text()), "configs/data.yaml")[
+    "prepare"
+]["limits"]  # the shipped defaults
 LIMITS = UnpackLimits.from_config(DATA_LIMITS)
 ROOT = "DIC-C2DH-HeLa"
 FRAME = f"{ROOT}/01/t000.tif"
@@ -46,8 +48,9 @@ def members(n: int = 2) -> dict[str, bytes]:
     return out
 
 
-def make_zip(path: Path, content: dict[str, bytes] | list[tuple[str, bytes]],
-             method: int = zipfile.ZIP_DEFLATED) -> Path:
+def make_zip(
+    path: Path, content: dict[str, bytes] | list[tuple[str, bytes]], method: int = zipfile.ZIP_DEFLATED
+) -> Path:
     items = content.items() if isinstance(content, dict) else content
     with warnings.catch_warnings(), zipfile.ZipFile(path, "w", compression=method) as zf:
         warnings.simplefilter("ignore")  # "Duplicate name": on purpose
@@ -183,12 +186,15 @@ def test_a_member_bigger_than_declared_never_writes_more(tmp_path: Path, method:
 # --- methods, encryption, corrupt data ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("method", 93, r"uses compression method 93 \(zstd\); segpipe unpacks stored and deflate members only"),
-    ("method", 99, r"uses compression method 99 \(AES encryption\)"),
-    ("method", 9, r"uses compression method 9 \(deflate64\)"),
-    ("flags", 0x1, r"is encrypted \(password-protected\)"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("method", 93, r"uses compression method 93 \(zstd\); segpipe unpacks stored and deflate members only"),
+        ("method", 99, r"uses compression method 99 \(AES encryption\)"),
+        ("method", 9, r"uses compression method 9 \(deflate64\)"),
+        ("flags", 0x1, r"is encrypted \(password-protected\)"),
+    ],
+)
 def test_unsupported_methods_and_encryption_are_refused(tmp_path: Path, field: str, value: int, message: str) -> None:
     archive = patch_zip(make_zip(tmp_path / "odd.zip", members()), FRAME, **{field: value})
     with pytest.raises(SegpipeError, match=rf"odd\.zip: refused before unpacking anything .*\n  - {FRAME}: {message}"):
@@ -231,8 +237,11 @@ def test_not_an_archive_and_unknown_types(tmp_path: Path) -> None:
     (tmp_path / "junk.zip").write_bytes(b"not a zip at all")
     (tmp_path / "junk.tar.gz").write_bytes(b"not a tar at all")
     (tmp_path / "data.rar").write_bytes(b"Rar!")
-    for name, message in (("junk.zip", "not a readable zip archive"), ("junk.tar.gz", "not a readable tar archive"),
-                          ("data.rar", "unknown archive type; expected .zip, .tar")):
+    for name, message in (
+        ("junk.zip", "not a readable zip archive"),
+        ("junk.tar.gz", "not a readable tar archive"),
+        ("data.rar", "unknown archive type; expected .zip, .tar"),
+    ):
         with pytest.raises(SegpipeError, match=rf"{name}: {message}"):
             unpack([tmp_path / name], tmp_path / "out", LAYOUT, "hela", LIMITS)
 
@@ -247,8 +256,11 @@ def test_duplicate_members_are_refused(tmp_path: Path, suffix: str) -> None:
         items[-1] = (f"./{FRAME}", items[-1][1])  # the same path, spelt differently
     path = tmp_path / f"dup{suffix}"
     archive = make_zip(path, items) if suffix == ".zip" else make_tar(path, items)
-    with pytest.raises(SegpipeError, match=rf"dup{suffix}: refused before unpacking anything .*\n  - {FRAME}: "
-                                           r"duplicate member \(stored more than once"):
+    with pytest.raises(
+        SegpipeError,
+        match=rf"dup{suffix}: refused before unpacking anything .*\n  - {FRAME}: "
+        r"duplicate member \(stored more than once",
+    ):
         unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
     assert written(tmp_path / "out") == []
 
@@ -264,8 +276,12 @@ def test_unsafe_names_links_and_unexpected_files_are_refused(tmp_path: Path) -> 
         unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
     message = str(err.value)
     assert message.startswith(f"{archive}: refused before unpacking anything (4 problem(s))")
-    for line in ("'../escape.tif': unsafe path", "'/etc/passwd': unsafe path", f"{ROOT}/notes.txt: unexpected file",
-                 f"{ROOT}/01/t009.tif: not a regular file"):
+    for line in (
+        "'../escape.tif': unsafe path",
+        "'/etc/passwd': unsafe path",
+        f"{ROOT}/notes.txt: unexpected file",
+        f"{ROOT}/01/t009.tif: not a regular file",
+    ):
         assert line in message
     assert written(tmp_path) == ["names.tar"]
 
@@ -290,13 +306,18 @@ def test_an_ignored_member_is_still_crc_checked(tmp_path: Path) -> None:
         unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
 
 
-def test_the_published_layout_unpacks_roles_and_skips_other_folders(tmp_path: Path,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_the_published_layout_unpacks_roles_and_skips_other_folders(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     content = members(2)
-    extras = {f"{ROOT}/01_ERR_SEG/mask000.tif": b"e", f"{ROOT}/01_ST/SEG/man_seg000.tif": b"s",
-              f"{ROOT}/01_ST/WEIGHT_MAPS/weight_map_000.npy": b"\x93NUMPY never read as an array",
-              f"{ROOT}/01_GT/TRA/man_track.txt": b"1 0 5 0\n",
-              f"{ROOT}/01_RES/mask000.tif": b"r", f"{ROOT}/extra/notes/readme.txt": b"n"}
+    extras = {
+        f"{ROOT}/01_ERR_SEG/mask000.tif": b"e",
+        f"{ROOT}/01_ST/SEG/man_seg000.tif": b"s",
+        f"{ROOT}/01_ST/WEIGHT_MAPS/weight_map_000.npy": b"\x93NUMPY never read as an array",
+        f"{ROOT}/01_GT/TRA/man_track.txt": b"1 0 5 0\n",
+        f"{ROOT}/01_RES/mask000.tif": b"r",
+        f"{ROOT}/extra/notes/readme.txt": b"n",
+    }
     archive = make_zip(tmp_path / "HeLa.zip", {**content, **extras})
     with caplog.at_level("INFO", logger="pipeline.data.archives"):
         unpack([archive], tmp_path / "out", LAYOUT, "hela", LIMITS)
@@ -330,8 +351,15 @@ def test_a_layout_that_refuses_extra_folders_refuses_them(tmp_path: Path) -> Non
 # --- fuzz -------------------------------------------------------------------------------------------
 
 FUZZ_CASES = 300
-OUTCOMES = ("not a readable zip archive", "refused before unpacking anything", "corrupt or unreadable",
-            "cannot be written", "declare", "holds more than", "ended after")
+OUTCOMES = (
+    "not a readable zip archive",
+    "refused before unpacking anything",
+    "corrupt or unreadable",
+    "cannot be written",
+    "declare",
+    "holds more than",
+    "ended after",
+)
 
 
 def _seed_zip() -> tuple[bytes, list[int]]:
@@ -347,16 +375,22 @@ def _seed_zip() -> tuple[bytes, list[int]]:
 
 
 SEED, HEADERS = _seed_zip()
-POSITION = st.one_of(st.integers(0, len(SEED) - 1),  # anywhere, or inside a header (46 bytes from its start)
-                     st.sampled_from(HEADERS).flatmap(lambda p: st.integers(p, min(p + 45, len(SEED) - 1))))
+POSITION = st.one_of(
+    st.integers(0, len(SEED) - 1),  # anywhere, or inside a header (46 bytes from its start)
+    st.sampled_from(HEADERS).flatmap(lambda p: st.integers(p, min(p + 45, len(SEED) - 1))),
+)
 
 
-@hyp_settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
-@given(flips=st.lists(st.tuples(POSITION, st.integers(0, 255)), max_size=6),
-       cut=st.one_of(st.none(), st.integers(0, len(SEED))))
-def test_fuzz_damaged_zips_fail_cleanly(tmp_path_factory: pytest.TempPathFactory, flips: list[tuple[int, int]],
-                                        cut: int | None) -> None:
+@hyp_settings(
+    max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
+@given(
+    flips=st.lists(st.tuples(POSITION, st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, len(SEED))),
+)
+def test_fuzz_damaged_zips_fail_cleanly(
+    tmp_path_factory: pytest.TempPathFactory, flips: list[tuple[int, int]], cut: int | None
+) -> None:
     """A zip with bytes overwritten anywhere (headers favoured) and/or truncated: unpack either succeeds
     or raises SegpipeError naming the archive, never another exception."""
     raw = bytearray(SEED)

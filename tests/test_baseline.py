@@ -1,4 +1,5 @@
 """MONAI-standard baseline (issue 6 quality bar) and the DRIVE-protocol scoring of any predictor."""
+
 from __future__ import annotations
 
 import hashlib
@@ -98,8 +99,9 @@ def _fovs(dataset: PreparedDataset, split: str) -> dict[str, np.ndarray]:
 
 
 def _train(prepared: PreparedDataset, seed: int = 0, steps: int = 3):
-    return train_baseline(prepared, 3600.0, seed=seed, batch_size=8, patch=32, max_steps=steps, progress=False,
-                          augment=_augment())
+    return train_baseline(
+        prepared, 3600.0, seed=seed, batch_size=8, patch=32, max_steps=steps, progress=False, augment=_augment()
+    )
 
 
 def test_baseline_trains_steps_and_is_deterministic(prepared: PreparedDataset) -> None:
@@ -133,8 +135,10 @@ def test_predict_baseline_gives_probabilities_of_the_image_size(prepared: Prepar
 
 
 def test_random_part_leaves_the_cache_untouched(prepared: PreparedDataset) -> None:
-    items = [{"image": preprocess("drive", c["image"], _augment()), "label": c["label"].astype(np.float32)}
-             for c in prepared.load_split("train")]
+    items = [
+        {"image": preprocess("drive", c["image"], _augment()), "label": c["label"].astype(np.float32)}
+        for c in prepared.load_split("train")
+    ]
     dataset = CacheDataset(items, baseline_transforms(32, 4), progress=False, copy_cache=False)
     before = [(d["image"].clone(), d["label"].clone()) for d in dataset._cache]
     channels = items[0]["image"].shape[0]
@@ -171,12 +175,20 @@ def test_cells_get_seg_of_components_and_of_the_chosen_instance_maps(tmp_path: P
     inst[((yy - 32) ** 2 + (xx - 58) ** 2 < 16**2) & (inst == 0)] = 2
     rows = []
     for split in ("train", "val", "test"):
-        for role, array in {"image": (200 * (inst > 0)).astype(np.uint8)[None],
-                            "label": (inst > 0).astype(np.uint8)[None],
-                            "weight": np.ones((1, 64, 96), np.float32), "instances": inst[None]}.items():
+        for role, array in {
+            "image": (200 * (inst > 0)).astype(np.uint8)[None],
+            "label": (inst > 0).astype(np.uint8)[None],
+            "weight": np.ones((1, 64, 96), np.float32),
+            "instances": inst[None],
+        }.items():
             write_volume(tmp_path / role / f"{split}.nii.gz", array)
-        rows.append({"case": split, "split": split,
-                     **{r: f"{r}/{split}.nii.gz" for r in ("image", "label", "weight", "instances")}})
+        rows.append(
+            {
+                "case": split,
+                "split": split,
+                **{r: f"{r}/{split}.nii.gz" for r in ("image", "label", "weight", "instances")},
+            }
+        )
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
     (tmp_path / "stats.json").write_text(json.dumps({"splits": {"train": 1, "val": 1, "test": 1}}))
     cells = open_prepared("hela", root=tmp_path)
@@ -208,8 +220,9 @@ def test_oracle_scores_one_and_ignores_pixels_outside_the_fov(prepared: Prepared
 
 
 def test_constant_predictor_has_auc_one_half(prepared: PreparedDataset) -> None:
-    out = evaluate_probabilities(prepared, lambda image: np.full(image.shape[1:], 0.3, np.float32),
-                                 val_threshold=False, augment=_augment())
+    out = evaluate_probabilities(
+        prepared, lambda image: np.full(image.shape[1:], 0.3, np.float32), val_threshold=False, augment=_augment()
+    )
     assert out["auc"] == 0.5
     assert out["at_0.5"]["f1"] == 0.0 and out["at_0.5"]["sensitivity"] == 0.0 and out["at_0.5"]["specificity"] == 1.0
     assert "at_val" not in out
@@ -261,11 +274,14 @@ def test_softmax_and_channel_outputs_are_read_as_foreground(prepared: PreparedDa
     labels = _labels(prepared, "test")
     two = {case: np.stack([1.0 - label, label]).astype(np.float32) for case, label in labels.items()}
     one = {case: label[None].astype(np.float32) for case, label in labels.items()}
-    border = {case: np.stack([1.0 - label, 0.7 * label, 0.3 * label]).astype(np.float32)  # 1 - P(background)
-              for case, label in labels.items()}
+    border = {
+        case: np.stack([1.0 - label, 0.7 * label, 0.3 * label]).astype(np.float32)  # 1 - P(background)
+        for case, label in labels.items()
+    }
     for maps in (two, one, border):
-        out = evaluate_probabilities(prepared, lookup_predictor(prepared, maps), val_threshold=False,
-                                     augment=_augment())
+        out = evaluate_probabilities(
+            prepared, lookup_predictor(prepared, maps), val_threshold=False, augment=_augment()
+        )
         assert out["at_0.5"]["f1"] == 1.0 and out["auc"] == 1.0
 
 

@@ -1,4 +1,5 @@
 """The console entry points."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,8 +21,9 @@ def test_bad_arguments_exit_nonzero() -> None:
 
 
 def test_download_flags_parse() -> None:
-    args = build_parser().parse_args(["download", "drive", "--from", "a.zip", "--from", "b.zip",
-                                      "--accept-sha256", "ab"])
+    args = build_parser().parse_args(
+        ["download", "drive", "--from", "a.zip", "--from", "b.zip", "--accept-sha256", "ab"]
+    )
     assert args.from_paths == ["a.zip", "b.zip"] and args.accept_sha256 == ["ab"] and args.mirror is None
 
 

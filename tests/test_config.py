@@ -1,4 +1,5 @@
 """The one set of validation helpers, and the stage configs checked with them up front."""
+
 from __future__ import annotations
 
 import copy
@@ -64,16 +65,21 @@ def test_data_config_is_checked_before_any_work() -> None:
         check_data_config(cfg, "configs/data.yaml")
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"optimizer": {"lr": math.nan}}, "optimizer.lr must be a finite number > 0"),
-    ({"optimizer": {"lr": -1}}, "optimizer.lr must be a finite number > 0"),
-    ({"optimizer": {"lr": "abc"}}, "optimizer.lr must be a finite number > 0"),
-    ({"schedule": {"warmup_steps": -5}}, "schedule.warmup_steps must be an integer >= 0"),
-    ({"max_minutes": 0}, "max_minutes must be null or a finite number > 0"),
-    ({"loss": {"dice_wieght": 1}},
-     r"loss: unknown keys \['dice_wieght'\] \('dice_wieght': did you mean 'dice_weight'\?\); expected"),
-    ({"substitute": {"segnet": "unet"}}, r"substitute: unknown keys \['segnet'\]; expected"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"optimizer": {"lr": math.nan}}, "optimizer.lr must be a finite number > 0"),
+        ({"optimizer": {"lr": -1}}, "optimizer.lr must be a finite number > 0"),
+        ({"optimizer": {"lr": "abc"}}, "optimizer.lr must be a finite number > 0"),
+        ({"schedule": {"warmup_steps": -5}}, "schedule.warmup_steps must be an integer >= 0"),
+        ({"max_minutes": 0}, "max_minutes must be null or a finite number > 0"),
+        (
+            {"loss": {"dice_wieght": 1}},
+            r"loss: unknown keys \['dice_wieght'\] \('dice_wieght': did you mean 'dice_weight'\?\); expected",
+        ),
+        ({"substitute": {"segnet": "unet"}}, r"substitute: unknown keys \['segnet'\]; expected"),
+    ],
+)
 def test_training_settings_are_checked_up_front(override: dict, message: str) -> None:
     configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment"))
     with pytest.raises(ConfigError, match=message):

@@ -2,6 +2,7 @@
 cards whose source points at the files in place; prepare reads them through the folder cases
 (channels stacked, class indices, the ignore label outside the field of view, splits), download
 records every file's sha256, and every bad input names its file."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,10 @@ def cell_label(case: int) -> np.ndarray:
 def channels_of(label: np.ndarray, case: int) -> list[np.ndarray]:
     rng = np.random.default_rng(case)
     cell = np.isin(label, (INTERIOR, BORDER))
-    return [(rng.integers(0, 60, SHAPE) + 150 * cell).astype(np.uint8),
-            (rng.integers(100, 200, SHAPE) - 90 * (label == BORDER)).astype(np.uint8)]
+    return [
+        (rng.integers(0, 60, SHAPE) + 150 * cell).astype(np.uint8),
+        (rng.integers(100, 200, SHAPE) - 90 * (label == BORDER)).astype(np.uint8),
+    ]
 
 
 def write_nnunet(root: Path, n_train: int = 6, n_test: int = 0, labels_ts: bool = True) -> Path:
@@ -65,8 +68,13 @@ def write_nnunet(root: Path, n_train: int = 6, n_test: int = 0, labels_ts: bool 
                 iio.imwrite(root / f"images{suffix}" / f"cell_{case:03d}_{k:04d}.png", channel)
             if suffix == "Tr" or labels_ts:
                 iio.imwrite(root / f"labels{suffix}" / f"cell_{case:03d}.png", label)
-    dataset = {"channel_names": CHANNEL_NAMES, "labels": LABELS, "numTraining": n_train, "file_ending": ".png",
-               "name": "cells"}
+    dataset = {
+        "channel_names": CHANNEL_NAMES,
+        "labels": LABELS,
+        "numTraining": n_train,
+        "file_ending": ".png",
+        "name": "cells",
+    }
     (root / "dataset.json").write_text(json.dumps(dataset, indent=2))
     return root
 
@@ -152,8 +160,16 @@ def test_a_single_rgb_file_per_case_gives_three_channels(project: FixtureProject
         label = disk_label(case, (0, 1))
         iio.imwrite(root / "imagesTr" / f"road_{case}_0000.png", image_of(label, case, channels=3))
         iio.imwrite(root / "labelsTr" / f"road_{case}.png", label)
-    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "R", "1": "G", "2": "B"}, "numTraining": 3,
-                                                   "labels": {"background": 0, "road": 1}, "file_ending": ".png"}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "R", "1": "G", "2": "B"},
+                "numTraining": 3,
+                "labels": {"background": 0, "road": 1},
+                "file_ending": ".png",
+            }
+        )
+    )
     import_into(config_files(), "roads", root)
     out = prepare("roads")
     row = manifest(out).loc["road_1"]
@@ -168,10 +184,14 @@ def test_the_record_holds_every_file_the_cases_use(project: FixtureProject) -> N
     before = json.loads(record.read_text())
     assert before["source"] == {"nnunet": str(root)}
     assert {Path(f["path"]).name for f in before["files"]} == {"dataset.json"} | {
-        f"cell_{i:03d}{k}.png" for i in range(3) for k in ("_0000", "_0001", "")}
+        f"cell_{i:03d}{k}.png" for i in range(3) for k in ("_0000", "_0001", "")
+    }
     iio.imwrite(root / "labelsTr" / "cell_001.png", cell_label(5))
-    changed = [f for f in json.loads(download("cells").joinpath("download.json").read_text())["files"]
-               if f not in before["files"]]
+    changed = [
+        f
+        for f in json.loads(download("cells").joinpath("download.json").read_text())["files"]
+        if f not in before["files"]
+    ]
     assert [Path(f["path"]).name for f in changed] == ["cell_001.png"]
 
 
@@ -180,11 +200,30 @@ def test_the_record_holds_every_file_the_cases_use(project: FixtureProject) -> N
 
 def test_a_datalist_with_validation_and_test(project: FixtureProject, caplog: pytest.LogCaptureFixture) -> None:
     root = write_nnunet(project.root / "cells", n_train=7)
-    lists = write_datalist(project.root / "splits" / "datalist.json",
-                           training=[entry(i) for i in range(4)], validation=[entry(4)],
-                           test=[entry(5), entry(6, label=False), "imagesTr/cell_006_0000.png"])
-    assert main(["dataset", "import", str(lists), "--name", "listed", "--base-dir", str(root),
-                 "--classes", "background,interior,border", "--ignore-value", "3"]) == 0
+    lists = write_datalist(
+        project.root / "splits" / "datalist.json",
+        training=[entry(i) for i in range(4)],
+        validation=[entry(4)],
+        test=[entry(5), entry(6, label=False), "imagesTr/cell_006_0000.png"],
+    )
+    assert (
+        main(
+            [
+                "dataset",
+                "import",
+                str(lists),
+                "--name",
+                "listed",
+                "--base-dir",
+                str(root),
+                "--classes",
+                "background,interior,border",
+                "--ignore-value",
+                "3",
+            ]
+        )
+        == 0
+    )
     card = load_card(cards_dir(), "listed")
     assert card.imported == DatalistSource(lists, root) and card.test_fraction is None
     assert card.classes == {"background": 0, "interior": 1, "border": 2} and card.ignore_value == IGNORE
@@ -194,8 +233,11 @@ def test_a_datalist_with_validation_and_test(project: FixtureProject, caplog: py
     out = prepare("listed")
     assert "2 of 3 test entries have no label and are left out" in caplog.text
     table = manifest(out)
-    assert table["split"].to_dict() == {**{f"cell_00{i}_0000": "train" for i in range(4)},
-                                        "cell_004_0000": "val", "cell_005_0000": "test"}
+    assert table["split"].to_dict() == {
+        **{f"cell_00{i}_0000": "train" for i in range(4)},
+        "cell_004_0000": "val",
+        "cell_005_0000": "test",
+    }
     row = table.loc["cell_005_0000"]
     np.testing.assert_array_equal(read_volume(out / row.image), np.stack(channels_of(cell_label(5), 5)))
     assert not read_volume(out / row.fov)[0][:, :2].any()
@@ -216,16 +258,20 @@ def test_a_binary_datalist_trains(project: FixtureProject) -> None:
     from pipeline.stages.train import train
 
     tracking = project.root / "configs" / "tracking.yaml"  # the MLflow model is tested elsewhere; skip its cost
-    tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
-                        .replace("register_model: true", "register_model: false"))
+    tracking.write_text(
+        tracking.read_text()
+        .replace("log_model: true", "log_model: false")
+        .replace("register_model: true", "register_model: false")
+    )
     data = project.root / "scans"
     (data / "img").mkdir(parents=True)
     (data / "seg").mkdir()
     for case in range(5):
         iio.imwrite(data / "seg" / f"s{case}.png", disk_label(case))
         iio.imwrite(data / "img" / f"s{case}.png", image_of(disk_label(case), case))
-    lists = write_datalist(data / "list.json", training=[{"image": f"img/s{c}.png", "label": f"seg/s{c}.png"}
-                                                         for c in range(5)])
+    lists = write_datalist(
+        data / "list.json", training=[{"image": f"img/s{c}.png", "label": f"seg/s{c}.png"} for c in range(5)]
+    )
     import_into(config_files(), "scans", lists)
     assert load_card(cards_dir(), "scans").classes == {"background": 0, "foreground": 255}
     out = prepare("scans")
@@ -279,8 +325,15 @@ def _volume(root: Path) -> tuple[Path, str]:
     return volume, r"a volume of shape \(32, 40, 3\); expected a 2-D slice"
 
 
-NNUNET_BREAKS = [_missing_key, _region_based, _missing_channel, _label_without_image, _image_without_label,
-                 _num_training, _volume]
+NNUNET_BREAKS = [
+    _missing_key,
+    _region_based,
+    _missing_channel,
+    _label_without_image,
+    _image_without_label,
+    _num_training,
+    _volume,
+]
 
 
 @pytest.mark.parametrize("breaker", NNUNET_BREAKS, ids=lambda b: b.__name__.lstrip("_"))
@@ -297,8 +350,10 @@ def test_nnunet_errors_name_the_file(project: FixtureProject, breaker, capsys: p
 
 def test_datalist_errors_name_the_file(project: FixtureProject) -> None:
     root = write_nnunet(project.root / "cells", n_train=3)
-    lists = write_datalist(root / "list.json", training=[entry(0), entry(1), {"image": "imagesTr/nope.png",
-                                                                              "label": "labelsTr/cell_002.png"}])
+    lists = write_datalist(
+        root / "list.json",
+        training=[entry(0), entry(1), {"image": "imagesTr/nope.png", "label": "labelsTr/cell_002.png"}],
+    )
     missing = re.escape(f"{root / 'imagesTr' / 'nope.png'}: listed in {lists}: training[2] but not found")
     with pytest.raises(SegpipeError, match=missing):
         import_into(config_files(), "listed", lists)

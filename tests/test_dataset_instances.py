@@ -2,6 +2,7 @@
 instances/CASE.nii.gz (uint16) whose cells give the U-Net eq. 2 border term (touching cells apart,
 where connected components merge them), hashed in files.csv and the scan record, every error naming
 its file, and the CTC SEG metric of `segpipe evaluate` for two classes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -156,17 +157,38 @@ def test_evaluate_gives_the_seg_of_the_instances(project: FixtureProject, monkey
     from pipeline.networks import build_network, save_checkpoint
 
     train, test = write_cells(project.root / "cells", n=4), write_cells(project.root / "cells", n=2, prefix="test_")
-    assert add("cells", train, "--instances", str(train["instances"]), "--test-images", str(test["images"]),
-               "--test-labels", str(test["labels"]), "--test-instances", str(test["instances"])) == 0
+    assert (
+        add(
+            "cells",
+            train,
+            "--instances",
+            str(train["instances"]),
+            "--test-images",
+            str(test["images"]),
+            "--test-labels",
+            str(test["labels"]),
+            "--test-instances",
+            str(test["instances"]),
+        )
+        == 0
+    )
     out = prepare("cells")
     config = project.root / "configs" / "evaluate.yaml"
-    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "overlays": None,
-                                      "inference": {"tile": 32, "tta": []}}))
+    config.write_text(
+        yaml.safe_dump({**yaml.safe_load(config.read_text()), "overlays": None, "inference": {"tile": 32, "tta": []}})
+    )
     torch.manual_seed(0)
     net = build_network("unet", 1, 1, base_width=4, depth=2, padding="same", batch_norm=True)
-    save_checkpoint(net, project.root / "models" / "cells" / "unet" / "best.pt", dataset="cells", network_key="unet",
-                    profile="smoke", epoch=1, val_dice=0.5,
-                    augment={**load_config("augment")["cells"], "normalize": "zscore"})
+    save_checkpoint(
+        net,
+        project.root / "models" / "cells" / "unet" / "best.pt",
+        dataset="cells",
+        network_key="unet",
+        profile="smoke",
+        epoch=1,
+        val_dice=0.5,
+        augment={**load_config("augment")["cells"], "normalize": "zscore"},
+    )
     monkeypatch.setattr(ev, "predict", midpoint)
     m = run_evaluate("cells", "unet")
     assert m["dice"] == pytest.approx(1.0)
@@ -238,16 +260,28 @@ def _jpeg(f: dict[str, Path]) -> tuple[Path, str]:
     return f["instances"] / "slice_00.jpg", "not usable as an instance mask"
 
 
-BREAKS = [_instance_without_image, _image_without_instances, _missing_folder, _shape, _not_integers, _negative,
-          _too_many, _jpeg]
+BREAKS = [
+    _instance_without_image,
+    _image_without_instances,
+    _missing_folder,
+    _shape,
+    _not_integers,
+    _negative,
+    _too_many,
+    _jpeg,
+]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=lambda b: b.__name__.removeprefix("_"))
 def test_prepare_names_the_instance_file(project: FixtureProject, breaker: Callable[..., tuple[Path, str]]) -> None:
     folders = write_cells(project.root / "cells")
-    write_card(project, "cells", f"source:\n  images: {folders['images']}\n  labels: {folders['labels']}\n"
-               f"  instances: {folders['instances']}\nclasses: {{background: 0, cell: 255}}\nchannels: [gray]\n"
-               "test_fraction: 0.2\n")
+    write_card(
+        project,
+        "cells",
+        f"source:\n  images: {folders['images']}\n  labels: {folders['labels']}\n"
+        f"  instances: {folders['instances']}\nclasses: {{background: 0, cell: 255}}\nchannels: [gray]\n"
+        "test_fraction: 0.2\n",
+    )
     path, message = breaker(folders)
     with pytest.raises(SegpipeError) as error:
         prepare("cells")

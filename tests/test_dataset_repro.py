@@ -3,6 +3,7 @@ plus an ignore label, written here as PNG folders (`segpipe dataset add`) and as
 folder (`segpipe dataset import`), then `dvc repro` of its scan -> prepare -> train -> evaluate stages
 in a temporary copy of the repo; a second `dvc repro` reruns nothing but the always-run scan and gives
 the same metrics."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,7 @@ TARGET = "evaluate@cells-unet"
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, text=True, capture_output=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, text=True, capture_output=True, timeout=600)
     assert done.returncode == 0, f"{args}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
     return done
 
@@ -42,8 +42,18 @@ def _png_folders(root: Path, n: int = 8) -> list[str]:
         label = cell_label(case)
         iio.imwrite(root / "images" / f"cell_{case:03d}.png", channels_of(label, case)[0])
         iio.imwrite(root / "labels" / f"cell_{case:03d}.png", label)
-    return ["add", "cells", "--images", str(root / "images"), "--labels", str(root / "labels"),
-            "--classes", "background,interior,border", "--ignore-value", str(IGNORE)]
+    return [
+        "add",
+        "cells",
+        "--images",
+        str(root / "images"),
+        "--labels",
+        str(root / "labels"),
+        "--classes",
+        "background,interior,border",
+        "--ignore-value",
+        str(IGNORE),
+    ]
 
 
 def _nnunet_folder(root: Path) -> list[str]:
@@ -59,15 +69,19 @@ def test_a_three_class_dataset_of_yours_runs_in_dvc(tmp_path: Path, source) -> N
     for folder in ("pipeline", "configs", "data_manifests"):
         shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k not in ("SEGPIPE_CONFIG_DIR", "MLFLOW_TRACKING_URI")}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1",
-               OMP_NUM_THREADS="1")
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1"
+    )
     _run(["pipeline", "dataset", *source(tmp_path / "raw"), "--test-fraction", "0.25"], repo, env)
     data = yaml.safe_load((repo / "configs" / "data.yaml").read_text())
     assert "cells" in data["datasets"] and "cells" in data["folder_datasets"]
     _edit(repo / "configs" / "train.yaml", profile="smoke", networks=["unet"])
     tracking = repo / "configs" / "tracking.yaml"  # the MLflow model has its own tests
-    tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
-                        .replace("register_model: true", "register_model: false"))
+    tracking.write_text(
+        tracking.read_text()
+        .replace("log_model: true", "log_model: false")
+        .replace("register_model: true", "register_model: false")
+    )
     _run(["dvc", "init", "--no-scm", "-q"], repo, env)
 
     first = _run(["dvc", "repro", TARGET], repo, env)

@@ -1,6 +1,7 @@
 """Dataset cards and folder datasets (issue 13): `segpipe dataset add`, prepare of a folder (pairing
 by stem, per-file sha256, class mapping, seeded test split), every error naming its file, the card
 read back, DVC's view of the folder, and a binary folder dataset trained and evaluated."""
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,9 @@ def write_folders(root: Path, n: int = 6, values: tuple[int, ...] = (0, 255), pr
 
 
 def add(name: str, folders: dict[str, Path], *extra: str) -> int:
-    return main(["dataset", "add", name, "--images", str(folders["images"]), "--labels", str(folders["labels"]),
-                 *extra])
+    return main(
+        ["dataset", "add", name, "--images", str(folders["images"]), "--labels", str(folders["labels"]), *extra]
+    )
 
 
 def write_card(project: FixtureProject, name: str, text: str) -> None:
@@ -76,8 +78,10 @@ def write_card(project: FixtureProject, name: str, text: str) -> None:
 
 
 def folder_card(folders: dict[str, Path], classes: str = "{background: 0, vessel: 255}", extra: str = "") -> str:
-    return (f"source:\n  images: {folders['images']}\n  labels: {folders['labels']}\n"
-            f"classes: {classes}\nchannels: [gray]\ntest_fraction: 0.2\n{extra}")
+    return (
+        f"source:\n  images: {folders['images']}\n  labels: {folders['labels']}\n"
+        f"classes: {classes}\nchannels: [gray]\ntest_fraction: 0.2\n{extra}"
+    )
 
 
 def prepared(project: FixtureProject, name: str) -> Path:
@@ -92,8 +96,11 @@ def test_add_prepare_train_evaluate_a_png_folder(project: FixtureProject) -> Non
     from pipeline.stages.train import train
 
     tracking = project.root / "configs" / "tracking.yaml"  # the MLflow model is tested elsewhere; skip its cost
-    tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
-                        .replace("register_model: true", "register_model: false"))
+    tracking.write_text(
+        tracking.read_text()
+        .replace("log_model: true", "log_model: false")
+        .replace("register_model: true", "register_model: false")
+    )
     folders = write_folders(project.root / "mine")
     data_before = (project.root / "configs" / "data.yaml").read_text()
     assert add("vessels", folders, "--classes", "background,vessel") == 0
@@ -150,9 +157,11 @@ def test_the_test_split_is_seeded(project: FixtureProject) -> None:
 def test_a_hand_written_card_prepares_the_same(project: FixtureProject) -> None:
     folders = write_folders(project.root / "mine")
     assert add("by_command", folders, "--classes", "background,vessel") == 0
-    by_hand = ("# written by hand, keys in another order and block style\nchannels:\n  - gray\n"
-               "classes:\n  background: 0\n  vessel: 255\ntest_fraction: 0.2\n"
-               f"source:\n  labels: {folders['labels']}\n  images: {folders['images']}\n")
+    by_hand = (
+        "# written by hand, keys in another order and block style\nchannels:\n  - gray\n"
+        "classes:\n  background: 0\n  vessel: 255\ntest_fraction: 0.2\n"
+        f"source:\n  labels: {folders['labels']}\n  images: {folders['images']}\n"
+    )
     write_card(project, "by_hand", by_hand)
     a, b = prepare("by_command"), prepare("by_hand")
     assert (a / "manifest.csv").read_text() == (b / "manifest.csv").read_text()
@@ -241,8 +250,17 @@ def _break_duplicate_stem(f: dict[str, Path]) -> tuple[Path, str]:
     return f["images"] / "slice_01.tif", "the same stem as slice_01.png"
 
 
-BREAKS = [_break_label_missing, _break_image_missing, _break_shape, _break_values, _break_unreadable,
-          _break_channels, _break_stray_file, _break_jpeg_label, _break_duplicate_stem]
+BREAKS = [
+    _break_label_missing,
+    _break_image_missing,
+    _break_shape,
+    _break_values,
+    _break_unreadable,
+    _break_channels,
+    _break_stray_file,
+    _break_jpeg_label,
+    _break_duplicate_stem,
+]
 
 
 @pytest.mark.parametrize("breaker", BREAKS, ids=lambda b: b.__name__.removeprefix("_break_"))
@@ -253,14 +271,16 @@ def test_prepare_names_the_file(project: FixtureProject, breaker) -> None:
     with pytest.raises(SegpipeError) as error:
         prepare("mine")
     assert str(path) in str(error.value)
-    assert any(str(path) in line and re.search(message, line)
-               for line in str(error.value).splitlines()), str(error.value)
+    assert any(str(path) in line and re.search(message, line) for line in str(error.value).splitlines()), str(
+        error.value
+    )
     assert not prepared(project, "mine").exists()
     assert not list((project.root / "data" / "prepared").glob(".mine.tmp-*"))
 
 
-def test_add_refuses_unpaired_folders_and_writes_nothing(project: FixtureProject,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_add_refuses_unpaired_folders_and_writes_nothing(
+    project: FixtureProject, capsys: pytest.CaptureFixture
+) -> None:
     folders = write_folders(project.root / "mine")
     (folders["labels"] / "slice_02.png").unlink()
     data_before = (project.root / "configs" / "data.yaml").read_text()
@@ -321,8 +341,9 @@ def test_2d_readers(tmp_path: Path) -> None:
     rgb = np.arange(SHAPE[0] * SHAPE[1] * 3, dtype=np.uint16).reshape(*SHAPE, 3)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb)
     np.testing.assert_array_equal(read_slice(tmp_path / "rgb.tif"), rgb)
-    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, *SHAPE), np.uint8), photometric="minisblack",
-                     metadata={"axes": "ZYX"})
+    tifffile.imwrite(
+        tmp_path / "stack.tif", np.zeros((3, *SHAPE), np.uint8), photometric="minisblack", metadata={"axes": "ZYX"}
+    )
     with pytest.raises(SegpipeError, match=r"stack\.tif: a TIFF with axes ZYX"):
         read_slice(tmp_path / "stack.tif")
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, *SHAPE), np.uint8)), str(tmp_path / "volume.nrrd"))
@@ -350,8 +371,7 @@ def test_the_folder_record_changes_with_an_image(project: FixtureProject) -> Non
     assert download("mine") and record.read_bytes() == before  # unchanged folder, same record
     iio.imwrite(folders["images"] / "slice_03.png", image_of(disk_label(3), 99))
     download("mine")
-    changed = [f for f in json.loads(record.read_text())["files"]
-               if f not in json.loads(before)["files"]]
+    changed = [f for f in json.loads(record.read_text())["files"] if f not in json.loads(before)["files"]]
     assert [(f["folder"], f["name"]) for f in changed] == [("images", "slice_03.png")]
 
 

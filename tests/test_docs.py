@@ -2,6 +2,7 @@
 link of README.md and docs/ reaches an existing file (and heading), and every `segpipe` command is
 documented. `make test` also runs `mkdocs build --strict`; these checks need no MkDocs and take
 well under a second."""
+
 from __future__ import annotations
 
 import argparse
@@ -125,8 +126,11 @@ def test_relative_links_resolve(source: Path) -> None:
 def test_the_readme_links_into_docs() -> None:
     targets = {target.partition("#")[0] for target in links(README)}
     assert "docs/index.md" in targets
-    missing = sorted(page.relative_to(REPO_ROOT).as_posix() for page in pages()
-                     if page.relative_to(REPO_ROOT).as_posix() not in targets)
+    missing = sorted(
+        page.relative_to(REPO_ROOT).as_posix()
+        for page in pages()
+        if page.relative_to(REPO_ROOT).as_posix() not in targets
+    )
     assert not missing, f"README.md's 'Where to read on' does not link these pages: {missing}"
 
 

@@ -1,4 +1,5 @@
 """`segpipe download`: fresh download, resume, retries, sha256 checks, imports, offline errors."""
+
 from __future__ import annotations
 
 import json
@@ -99,7 +100,10 @@ def test_accepting_a_new_hash_explicitly(project: FixtureProject, mirror: Mirror
     download("hela", mirror=mirror.url, accept_sha256=[got])
     record = json.loads((raw(project, "hela") / "download.json").read_text())
     assert record["archives"][0] == {
-        "name": "DIC-C2DH-HeLa.zip", "sha256": got, "source": f"{mirror.url}{HELA}", "accepted_override": True,
+        "name": "DIC-C2DH-HeLa.zip",
+        "sha256": got,
+        "source": f"{mirror.url}{HELA}",
+        "accepted_override": True,
     }
 
 
@@ -186,8 +190,9 @@ def test_repacked_archive_is_only_reported_after_a_download_from_zero(
     assert not part.exists() and leftovers(raw(project, "hela")) == []
 
 
-def test_a_later_download_keeps_the_archive_imported_with_from(project: FixtureProject, tmp_path: Path,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_a_later_download_keeps_the_archive_imported_with_from(
+    project: FixtureProject, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """`dvc repro` runs `segpipe download hela` after the user's `--from X --accept-sha256 H`: the imported
     archive stays (no fetch: the mirror's port is closed), unless it changed on disk."""
     archive = write_zip(tmp_path / "DIC-C2DH-HeLa.zip", ctc_members("DIC-C2DH-HeLa", seed=9))

@@ -27,6 +27,7 @@ stage:
 Failures name the stage and the missing/extra dep, and print the code deps the stage should have:
 paste them into dvc.yaml.
 """
+
 from __future__ import annotations
 
 import ast
@@ -121,8 +122,12 @@ def _config_calls(module: Module) -> list[tuple[str | None, int]]:
     for node in module.tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             constants.update({t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)})
-        elif (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-              and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+        elif (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
             constants[node.target.id] = node.value.value
     for node in ast.walk(module.tree):
         if isinstance(node, ast.ImportFrom) and node.module == CONFIG_MODULE:
@@ -174,8 +179,10 @@ def stage_code(pkg: Package, cmd: str) -> StageCode:
     entry, table = find_entry(pkg, argv)
     code = StageCode(argv[1], entry)
     if entry is None:
-        code.problems.append(f"cmd {cmd!r}: {PACKAGE}/cli.py {COMMANDS_TABLE} names no entry module of {PACKAGE}/ "
-                             f"for {argv[1]!r} (commands: {', '.join(sorted(table))})")
+        code.problems.append(
+            f"cmd {cmd!r}: {PACKAGE}/cli.py {COMMANDS_TABLE} names no entry module of {PACKAGE}/ "
+            f"for {argv[1]!r} (commands: {', '.join(sorted(table))})"
+        )
         return code
 
     todo: list[tuple[str, str]] = [(CLI_MODULE, "the segpipe console script")]
@@ -190,23 +197,35 @@ def stage_code(pkg: Package, cmd: str) -> StageCode:
             code.modules.add(name)
             module = pkg.modules[name]
             code.why.setdefault(module.rel, where)
-            todo.extend((imp.target, f"{module.rel}:{imp.line}") for imp in module.imports
-                        if imp.command in (None, code.subcommand))
+            todo.extend(
+                (imp.target, f"{module.rel}:{imp.line}")
+                for imp in module.imports
+                if imp.command in (None, code.subcommand)
+            )
     code.files = {pkg.modules[m].rel for m in code.modules}
     for name in sorted(code.modules):
         module = pkg.modules[name]
         for config, line in _config_calls(module):
             if config is None:
-                code.problems.append(f"{module.rel}:{line}: {'/'.join(CONFIG_FUNCTIONS)}(...) with an argument that is "
-                                     "not a string literal or a module-level string constant: "
-                                     "the test cannot tell the file")
+                code.problems.append(
+                    f"{module.rel}:{line}: {'/'.join(CONFIG_FUNCTIONS)}(...) with an argument that is "
+                    "not a string literal or a module-level string constant: "
+                    "the test cannot tell the file"
+                )
             else:
                 code.configs.setdefault(config, []).append(f"{module.rel}:{line}")
     return code
 
 
-PYCACHE_PATTERNS = {"__pycache__", "__pycache__/", "/**/__pycache__", "**/__pycache__", "**/__pycache__/",
-                    "*.pyc", "**/*.pyc"}
+PYCACHE_PATTERNS = {
+    "__pycache__",
+    "__pycache__/",
+    "/**/__pycache__",
+    "**/__pycache__",
+    "**/__pycache__/",
+    "*.pyc",
+    "**/*.pyc",
+}
 
 
 def pycache_ignored(root: Path = REPO_ROOT) -> bool:
@@ -250,8 +269,9 @@ def _py_files_under(folder: str, root: Path) -> set[str]:
 # --- the checks ------------------------------------------------------------------------------------
 
 
-def check_stage(name: str, stage: dict[str, Any], pkg: Package, *, root: Path = REPO_ROOT,
-                outputs: set[str] | None = None) -> list[str]:
+def check_stage(
+    name: str, stage: dict[str, Any], pkg: Package, *, root: Path = REPO_ROOT, outputs: set[str] | None = None
+) -> list[str]:
     """Problems of one resolved stage (a)-(c) and its paths; each message names the stage."""
     problems: list[str] = []
     cmds = stage.get("cmd")
@@ -283,19 +303,25 @@ def check_stage(name: str, stage: dict[str, Any], pkg: Package, *, root: Path = 
         if unused:
             problems.append(f"stage {name}: over-broad dep {d} (the stage does not run {', '.join(unused)})")
         elif (root / d).is_dir() and not pycache_ignored(root):
-            problems.append(f"stage {name}: folder dep {d} also hashes its __pycache__/*.pyc, which git does not "
-                            "track (a fresh clone would rerun the stage): list its files, or add `__pycache__/` "
-                            "to .dvcignore")
+            problems.append(
+                f"stage {name}: folder dep {d} also hashes its __pycache__/*.pyc, which git does not "
+                "track (a fresh clone would rerun the stage): list its files, or add `__pycache__/` "
+                "to .dvcignore"
+            )
     # (c) params files == configs the code reads
     params = stage_params_files(stage)
     wanted = {f"configs/{c}.yaml": where for c, where in configs.items()}
     for f, where in sorted(wanted.items()):
         if f not in params:
-            problems.append(f"stage {name}: missing params file {f} (load_config at {', '.join(sorted(set(where)))};"
-                            f" add `- {f}:` with the keys read, or none for the whole file)")
+            problems.append(
+                f"stage {name}: missing params file {f} (load_config at {', '.join(sorted(set(where)))};"
+                f" add `- {f}:` with the keys read, or none for the whole file)"
+            )
     for f in sorted(params - set(wanted)):
-        problems.append(f"stage {name}: extra params file {f} "
-                        f"(no load_config/read_config({PurePosixPath(f).stem!r}) in the stage's code)")
+        problems.append(
+            f"stage {name}: extra params file {f} "
+            f"(no load_config/read_config({PurePosixPath(f).stem!r}) in the stage's code)"
+        )
     # every dep exists or is produced by a stage
     if outputs is not None:
         for d in deps:
@@ -354,8 +380,9 @@ def check_report(stages: dict[str, dict[str, Any]], root: Path = REPO_ROOT) -> l
         deps = stage_deps(stage)
         for p in expected:
             if not any(covers(d, p) for d in deps):
-                problems.append(f"stage {name}: missing dep {p} (dataset x network of configs/data.yaml x "
-                                "configs/train.yaml)")
+                problems.append(
+                    f"stage {name}: missing dep {p} (dataset x network of configs/data.yaml x configs/train.yaml)"
+                )
             if not any(covers(o, p) for o in outputs):
                 problems.append(f"stage {name}: {p} is in the matrix but no stage outputs it")
         for d in deps:
@@ -377,8 +404,11 @@ def _report(problems: list[str], stages: dict[str, dict[str, Any]], pkg: Package
     lines = []
     for group, texts in by_group.items():
         members = sorted(n for n in stages if n.split("@", 1)[0] == group)
-        lines.append(f"stage {group}:" if members in ([], [group]) else
-                     f"stage {group} ({len(members)} stages: {', '.join(members)}):")
+        lines.append(
+            f"stage {group}:"
+            if members in ([], [group])
+            else f"stage {group} ({len(members)} stages: {', '.join(members)}):"
+        )
         for text, names in texts.items():
             instances = sorted(set(names))
             scope = "" if instances == members or instances == [group] else f"   [only {', '.join(instances)}]"
@@ -388,8 +418,10 @@ def _report(problems: list[str], stages: dict[str, dict[str, Any]], pkg: Package
             if example is not None:
                 lines.append(f"  => the {PACKAGE}/ deps of `{group}` in dvc.yaml should be exactly:")
                 lines += [f"      - {d}" for d in suggested_code_deps(example, pkg)]
-                lines.append(f"  => its params files should be exactly (keys as read): "
-                             f"{', '.join(suggested_params_files(example, pkg)) or 'none'}")
+                lines.append(
+                    f"  => its params files should be exactly (keys as read): "
+                    f"{', '.join(suggested_params_files(example, pkg)) or 'none'}"
+                )
     return "\n".join(lines)
 
 
@@ -412,7 +444,8 @@ def test_stage_code_deps_and_params_are_exact(stages: dict[str, dict[str, Any]],
     outputs = all_outputs(stages)
     problems = [p for name, stage in stages.items() for p in check_stage(name, stage, pkg, outputs=outputs)]
     assert not problems, "dvc.yaml deps/params do not match the code the stages run:\n" + _report(
-        problems, stages, pkg, with_code=True)
+        problems, stages, pkg, with_code=True
+    )
 
 
 def test_report_follows_the_matrix(stages: dict[str, dict[str, Any]], pkg: Package) -> None:
@@ -453,8 +486,14 @@ def test_checker_catches_a_missing_or_extra_dep(stages: dict[str, dict[str, Any]
         bad = copy.deepcopy(good)
         bad["deps"].append(unused)
         assert check_stage(name, bad, pkg) == [f"stage {name}: extra dep {unused} (the stage runs none of its code)"]
-    partly = next((d for d in folders if any(covers(d, f) for f in code.files)
-                   and not _py_files_under(d, REPO_ROOT) <= code.files), None)
+    partly = next(
+        (
+            d
+            for d in folders
+            if any(covers(d, f) for f in code.files) and not _py_files_under(d, REPO_ROOT) <= code.files
+        ),
+        None,
+    )
     if partly is not None:
         bad = copy.deepcopy(good)
         bad["deps"].append(partly)
@@ -463,39 +502,62 @@ def test_checker_catches_a_missing_or_extra_dep(stages: dict[str, dict[str, Any]
     if code.configs:
         bad = copy.deepcopy(good)
         dropped = bad["params"].pop()
-        assert any(p.startswith(f"stage {name}: missing params file {next(iter(dropped))}")
-                   for p in check_stage(name, bad, pkg))
+        assert any(
+            p.startswith(f"stage {name}: missing params file {next(iter(dropped))}")
+            for p in check_stage(name, bad, pkg)
+        )
 
     matrix = report_matrix_deps()
     others = {n: s for n, s in stages.items() if "report" not in _subcommands(s)}
     report = {"cmd": "segpipe report", "deps": matrix[1:]}
     assert check_report({**others, "report": report}) == [
-        f"stage report: missing dep {matrix[0]} (dataset x network of configs/data.yaml x configs/train.yaml)"]
+        f"stage report: missing dep {matrix[0]} (dataset x network of configs/data.yaml x configs/train.yaml)"
+    ]
     stale = str(PurePosixPath(matrix[0]).parent.parent / "no-such-network" / PurePosixPath(matrix[0]).name)
     report = {"cmd": "segpipe report", "deps": [*matrix, stale]}
     assert check_report({**others, "report": report}) == [
-        f"stage report: extra dep {stale} (not in the dataset x network matrix)"]
+        f"stage report: extra dep {stale} (not in the dataset x network matrix)"
+    ]
     folders = sorted({PurePosixPath(p).parts[0] for p in matrix})  # results, models: hold every combination
     assert check_report({**others, "report": {"cmd": "segpipe report", "deps": folders}}) == []
 
 
 # what a stage must not run: the code of other stages and of the user's inference runs
 NOT_IN = {
-    "train": ("pipeline/inference/writers/", "pipeline/inference/run/", "pipeline/inference/backends/onnx_",
-              "pipeline/inference/backends/select.py", "pipeline/stages/evaluate.py", "pipeline/stages/infer.py",
-              "pipeline/commands/", "benchmarks/"),
-    "evaluate": ("pipeline/inference/writers/", "pipeline/inference/run/", "pipeline/inference/backends/onnx_",
-                 "pipeline/inference/backends/select.py", "pipeline/stages/train.py", "pipeline/training/",
-                 "pipeline/commands/", "benchmarks/"),
+    "train": (
+        "pipeline/inference/writers/",
+        "pipeline/inference/run/",
+        "pipeline/inference/backends/onnx_",
+        "pipeline/inference/backends/select.py",
+        "pipeline/stages/evaluate.py",
+        "pipeline/stages/infer.py",
+        "pipeline/commands/",
+        "benchmarks/",
+    ),
+    "evaluate": (
+        "pipeline/inference/writers/",
+        "pipeline/inference/run/",
+        "pipeline/inference/backends/onnx_",
+        "pipeline/inference/backends/select.py",
+        "pipeline/stages/train.py",
+        "pipeline/training/",
+        "pipeline/commands/",
+        "benchmarks/",
+    ),
     "prepare": ("pipeline/inference/", "pipeline/networks/", "pipeline/training/", "pipeline/stages/train.py"),
-    "download": ("pipeline/preprocessing/", "pipeline/transforms/", "pipeline/inference/",
-                 "pipeline/stages/prepare.py"),
+    "download": (
+        "pipeline/preprocessing/",
+        "pipeline/transforms/",
+        "pipeline/inference/",
+        "pipeline/stages/prepare.py",
+    ),
 }
 
 
 @pytest.mark.parametrize("subcommand", sorted(NOT_IN))
-def test_a_stage_runs_no_writer_export_resume_shard_or_benchmark(subcommand: str, stages: dict[str, dict[str, Any]],
-                                                                  pkg: Package) -> None:
+def test_a_stage_runs_no_writer_export_resume_shard_or_benchmark(
+    subcommand: str, stages: dict[str, dict[str, Any]], pkg: Package
+) -> None:
     """Editing an output writer, the ONNX export, resume, shards, another stage's entry or a benchmark
     leaves `dvc status` clean for the stages that do not run it."""
     name, stage = next((n, s) for n, s in stages.items() if _subcommands(s) == [subcommand])

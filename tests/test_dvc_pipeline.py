@@ -1,6 +1,7 @@
 """End to end: `dvc repro` of the whole pipeline (smoke profile) in a temporary copy of the repo,
 against the fixture datasets served on 127.0.0.1; then MLflow and `dvc metrics`/`dvc plots`, and a
 forced re-run of one training beside a CPU burner that must give the same weights and metrics."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ NETWORKS = ("unet", "unetpp", "u2net")
 
 
 def _dvc(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, text=True,
-                          capture_output=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, text=True, capture_output=True, timeout=900
+    )
 
 
 @pytest.mark.slow
@@ -38,13 +40,32 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
     train_cfg["profile"] = "smoke"
     (repo / "configs" / "train.yaml").write_text(yaml.safe_dump(train_cfg, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k not in ("SEGPIPE_CONFIG_DIR", "MLFLOW_TRACKING_URI")}
-    env.update(SEGPIPE_MIRROR=mirror.url, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1")
+    env.update(
+        SEGPIPE_MIRROR=mirror.url,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        OMP_NUM_THREADS="1",
+    )
     assert _dvc(["init", "--no-scm", "-q"], repo, env).returncode == 0
     # HeLa imported by hand first (an archive the sources do not know): `dvc repro` keeps it, no edit
     imported = write_zip(tmp_path / "DIC-C2DH-HeLa.zip", ctc_members("DIC-C2DH-HeLa", seed=5))
-    done = subprocess.run([sys.executable, "-m", "pipeline", "download", "hela", "--from", str(imported),
-                           "--accept-sha256", sha256(imported)], cwd=repo, env=env, text=True, capture_output=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "download",
+            "hela",
+            "--from",
+            str(imported),
+            "--accept-sha256",
+            sha256(imported),
+        ],
+        cwd=repo,
+        env=env,
+        text=True,
+        capture_output=True,
+    )
     assert done.returncode == 0, done.stderr
 
     first = _dvc(["repro"], repo, env)
@@ -89,7 +110,7 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
     for dataset in DATASETS:
         for network in NETWORKS:
             assert f"results/{dataset}/{network}/metrics.json" in listed
-    assert "\"dice\"" in listed and "pooled_auc" in listed
+    assert '"dice"' in listed and "pooled_auc" in listed
     plots = _dvc(["plots", "show", "--json"], repo, env)
     assert plots.returncode == 0, plots.stderr
     assert "models/drive/unet/log.csv" in plots.stdout and "results/drive/unet/roc.csv" in plots.stdout
@@ -125,8 +146,9 @@ def test_dvc_repro_whole_pipeline(project: FixtureProject, mirror: Mirror, tmp_p
     (repo / "results" / "hela" / "unetpp" / "metrics.json").unlink()
     shown = _dvc(["metrics", "show"], repo, env)
     assert shown.returncode == 0 and "failed to load some metrics" in shown.stdout + shown.stderr
-    rep = subprocess.run([sys.executable, "-m", "pipeline", "report"], cwd=repo, env=env, text=True,
-                         capture_output=True, timeout=300)
+    rep = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report"], cwd=repo, env=env, text=True, capture_output=True, timeout=300
+    )
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
     text = (repo / "results" / "report.md").read_text()
     assert "## Not evaluated yet" in text and "hela × unetpp: `dvc repro evaluate@hela-unetpp`" in text
@@ -152,17 +174,23 @@ def _check_grouping_and_datasets(experiment, by_stage: dict[str, list], dataset:
     assert parent.info.end_time >= max(run.info.end_time for run in stage_runs)
 
     def inputs(run) -> dict[str, tuple[str, str]]:
-        return {i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
-                for i in run.inputs.dataset_inputs}
+        return {
+            i.dataset.name: (i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+            for i in run.inputs.dataset_inputs
+        }
 
     written = inputs(by_stage["prepare"][0])
     assert {name: context for name, (_, context) in written.items()} == {
-        f"{dataset}-{split}": "output" for split in ("train", "val", "test")}
-    for stage, contexts in (("train", {"train": "training", "val": "validation"}),
-                            ("evaluate", {"test": "testing", "val": "validation"})):
+        f"{dataset}-{split}": "output" for split in ("train", "val", "test")
+    }
+    for stage, contexts in (
+        ("train", {"train": "training", "val": "validation"}),
+        ("evaluate", {"test": "testing", "val": "validation"}),
+    ):
         for run in by_stage[stage]:
-            assert inputs(run) == {f"{dataset}-{split}": (written[f"{dataset}-{split}"][0], context)
-                                   for split, context in contexts.items()}
+            assert inputs(run) == {
+                f"{dataset}-{split}": (written[f"{dataset}-{split}"][0], context) for split, context in contexts.items()
+            }
     evaluate_ids = {run.data.tags["network"]: run.info.run_id for run in by_stage["evaluate"]}
     for network, run_id in evaluate_ids.items():
         record = json.loads((repo / "results" / dataset / network / "mlflow.json").read_text())

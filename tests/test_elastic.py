@@ -1,4 +1,5 @@
 """Elastic deformation (U-Net section 3.1): identity, label values, image/label/weight move together."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_labels_keep_their_values_and_move_with_image() -> None:
     np.testing.assert_array_equal(out["image"].numpy(), label.astype(np.float32) * 100.0)
     # bilinear weight equals label + 1 wherever the label is locally constant
     weight = out["weight"].numpy()
-    interior = (np.abs(weight - np.round(weight)) < 1e-4)
+    interior = np.abs(weight - np.round(weight)) < 1e-4
     assert interior.mean() > 0.8
     np.testing.assert_array_equal(np.round(weight[interior]) - 1, label[interior])
 

@@ -3,6 +3,7 @@
 Tiny synthetic prepared datasets (64 x 64) and tiny networks; `predict` is replaced by an oracle
 or a fixed function of the image where the metrics themselves are under test.
 """
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,12 @@ def cell_case(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"image": image[None], "label": label[None], "instances": inst[None]}
 
 
-def make_prepared(root: Path, dataset: str, maker: Callable[[np.random.Generator], dict[str, np.ndarray]],
-                  splits: dict[str, int] = SPLITS) -> Path:
+def make_prepared(
+    root: Path,
+    dataset: str,
+    maker: Callable[[np.random.Generator], dict[str, np.ndarray]],
+    splits: dict[str, int] = SPLITS,
+) -> Path:
     """data/prepared/<dataset> as `segpipe prepare` writes it (manifest.csv, stats.json, NIfTI)."""
     out = root / "data" / "prepared" / dataset
     rng = np.random.default_rng(7)
@@ -138,8 +143,9 @@ def make_checkpoint(root: Path, dataset: str, key: str, name: str, in_channels: 
     torch.manual_seed(0)
     net = build_network(name, in_channels, 1, **config)
     path = root / "models" / dataset / key / "best.pt"
-    save_checkpoint(net, path, dataset=dataset, network_key=key, profile="smoke", epoch=3, val_dice=0.5,
-                    augment=augment(dataset))
+    save_checkpoint(
+        net, path, dataset=dataset, network_key=key, profile="smoke", epoch=3, val_dice=0.5, augment=augment(dataset)
+    )
     return path
 
 
@@ -176,9 +182,12 @@ def last_run(dataset: str, network: str) -> Any:
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(dataset)
-    runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.stage = 'evaluate' and tags.network = '{network}'",
-                              order_by=["start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.stage = 'evaluate' and tags.network = '{network}'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
     return runs[0]
 
 
@@ -193,8 +202,20 @@ def test_oracle_gives_perfect_scores_and_all_files(drive: Path, monkeypatch: pyt
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {"inference_seconds", "seconds"} and all(v > 0 for v in timings.values())
     assert {**json.loads((out / "metrics.json").read_text()), **timings} == m  # no timing in metrics.json
-    for key in ("dice", "iou", "pooled_f1", "mean_f1", "pooled_auc", "mean_auc", "pooled_accuracy",
-                "pooled_sensitivity", "pooled_specificity", "dice_best", "pooled_f1_best", "maxf"):
+    for key in (
+        "dice",
+        "iou",
+        "pooled_f1",
+        "mean_f1",
+        "pooled_auc",
+        "mean_auc",
+        "pooled_accuracy",
+        "pooled_sensitivity",
+        "pooled_specificity",
+        "dice_best",
+        "pooled_f1_best",
+        "maxf",
+    ):
         assert m[key] == pytest.approx(1.0), key
     assert m["mae"] == pytest.approx(0.0)
     assert m["network"] == "unet" and m["network_used"] == "unet" and m["test_images"] == 3
@@ -202,8 +223,21 @@ def test_oracle_gives_perfect_scores_and_all_files(drive: Path, monkeypatch: pyt
 
     table = pd.read_csv(out / "per_image.csv")
     assert list(table["case"]) == ["test_00", "test_01", "test_02"]
-    for column in ("dice", "iou", "f1", "accuracy", "sensitivity", "specificity", "precision", "auc", "mae",
-                   "dice_best", "observer2_f1", "observer2_accuracy", "seconds"):
+    for column in (
+        "dice",
+        "iou",
+        "f1",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "precision",
+        "auc",
+        "mae",
+        "dice_best",
+        "observer2_f1",
+        "observer2_accuracy",
+        "seconds",
+    ):
         assert column in table.columns, column
     assert "seg" not in table.columns
     assert (out / "heads.csv").read_text().strip() == "head,dice,iou"  # U-Net: no heads
@@ -287,8 +321,9 @@ def test_metrics_match_pipeline_metrics(drive: Path, monkeypatch: pytest.MonkeyP
     assert m["pooled_auc"] == pytest.approx(roc_auc(pooled_s, pooled_g))
     assert m["pooled_f1_best"] == pytest.approx(confusion(pooled_s >= t_best, pooled_g).f1)
     assert m["pooled_accuracy"] == pytest.approx(confusion(pooled_s >= 0.5, pooled_g).accuracy)
-    assert m["maxf"] == pytest.approx(max_f_beta([s for s in scores], [c["label"][0] for c in tests],
-                                                 [c["fov"][0] for c in tests])[0])
+    assert m["maxf"] == pytest.approx(
+        max_f_beta([s for s in scores], [c["label"][0] for c in tests], [c["fov"][0] for c in tests])[0]
+    )
     fpr, tpr, _ = roc_curve(pooled_s, pooled_g, max_points=50)
     roc = pd.read_csv(out / "roc.csv")
     assert len(roc) == len(fpr) <= 50
@@ -370,8 +405,11 @@ def test_u2net_side_outputs_and_fused(work: Path) -> None:
     np.testing.assert_allclose(per_head[6], predict(model, x, settings=settings)[0], atol=1e-4)
     blended = load_settings(tile=48, overlap=0.5, intensity="none")
     flipped = load_settings(blended, tta=["h", "hv"])
-    np.testing.assert_allclose(multi_head_scores(inference_network(heads_net, flipped), x, flipped, 7)[6],
-                               predict(FlipAveraged(model, [(-1,), (-2, -1)]), x, settings=blended)[0], atol=1e-4)
+    np.testing.assert_allclose(
+        multi_head_scores(inference_network(heads_net, flipped), x, flipped, 7)[6],
+        predict(FlipAveraged(model, [(-1,), (-2, -1)]), x, settings=blended)[0],
+        atol=1e-4,
+    )
     # the six side channels are exactly what the fuse conv combines (order S1..S6), eval-mode BN
     with torch.inference_mode():
         logits = heads_net(torch.from_numpy(x)[None])
@@ -390,8 +428,7 @@ def test_cells_seg_measure(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     m = run_evaluate("u373", "unet", models_dir=work / "models", results_dir=work / "results")
     table = pd.read_csv(work / "results" / "u373" / "unet" / "per_image.csv")
     tests = cases("u373", "test")
-    jaccards = [seg_jaccards(label_instances(scores_of("u373", c, oracle) >= 0.5), c["instances"][0])[1]
-                for c in tests]
+    jaccards = [seg_jaccards(label_instances(scores_of("u373", c, oracle) >= 0.5), c["instances"][0])[1] for c in tests]
     assert m["seg"] == pytest.approx(np.concatenate(jaccards).mean())
     assert table["seg"].tolist() == pytest.approx([j.mean() for j in jaccards])
     assert 0.5 < m["seg"] < 1  # the touching borders removed from the label cost a little Jaccard
@@ -445,10 +482,16 @@ def test_overlay_colours() -> None:
     assert (masked[0, 0] == 0).all()
 
 
-@pytest.mark.parametrize("recorded", [{"method": "watershed", "threshold": 0.5, "min_distance": 4, "halo": 16},
-                                      {"method": "components", "threshold": 0.5, "min_size": 10**6}])
-def test_cells_are_scored_as_the_instance_maps_infer_writes(work: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            recorded: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "recorded",
+    [
+        {"method": "watershed", "threshold": 0.5, "min_distance": 4, "halo": 16},
+        {"method": "components", "threshold": 0.5, "min_size": 10**6},
+    ],
+)
+def test_cells_are_scored_as_the_instance_maps_infer_writes(
+    work: Path, monkeypatch: pytest.MonkeyPatch, recorded: dict[str, Any]
+) -> None:
     from pipeline.metrics.instances import average_precision, matched_iou
     from pipeline.postprocessing.instances import InstanceSettings
     from pipeline.postprocessing.stitching import instances_of
@@ -466,8 +509,10 @@ def test_cells_are_scored_as_the_instance_maps_infer_writes(work: Path, monkeypa
     refs = [c["instances"][0].astype(np.int64) for c in cases("u373", "test")]
     jaccards = np.concatenate([seg_jaccards(o, r)[1] for o, r in zip(objects, refs)])
     assert m["seg"] == pytest.approx(jaccards.mean())
-    components = [seg_jaccards(label_instances(scores_of("u373", c, oracle) >= 0.5), r)[1]
-                  for c, r in zip(cases("u373", "test"), refs)]
+    components = [
+        seg_jaccards(label_instances(scores_of("u373", c, oracle) >= 0.5), r)[1]
+        for c, r in zip(cases("u373", "test"), refs)
+    ]
     assert m["seg_components"] == pytest.approx(np.concatenate(components).mean())  # pooled, as seg
     counts = np.sum([matched_iou(o, r) for o, r in zip(objects, refs)], axis=0)
     assert m["ap50"] == pytest.approx(average_precision(*counts))

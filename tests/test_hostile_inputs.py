@@ -1,6 +1,7 @@
 """Hostile inputs (issue "Reliability"): corrupt, truncated, lying, non-finite or oddly named files fail
 with a SegpipeError naming the file, write nothing, and never stop the other inputs of a run; outputs
 get ordinary permissions; `segpipe weightmap` survives huge instance ids and refuses NaN options."""
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,7 @@ def _unet(cin: int = 1, cout: int = 2, seed: int = 0) -> nn.Module:
     from pipeline.networks import build_network
 
     torch.manual_seed(seed)
-    return build_network("unet", cin, cout, padding="same", base_width=2, depth=1, batch_norm=False,
-                         dropout=0.0).eval()
+    return build_network("unet", cin, cout, padding="same", base_width=2, depth=1, batch_norm=False, dropout=0.0).eval()
 
 
 NET = inference_network(_unet(), load_settings(None))
@@ -227,8 +227,9 @@ def test_outputs_have_ordinary_permissions(tmp_path, umask, suffix):
     nib.save(nib.Nifti1Image(_gray(dtype=np.float32), np.eye(4)), str(tmp_path / "in.nii"))
     old = os.umask(umask)
     try:
-        report = predict_file(NET, tmp_path / "in.nii", tmp_path / f"seg{suffix}",
-                              probabilities_path=tmp_path / f"prob{suffix}", tile=16)
+        report = predict_file(
+            NET, tmp_path / "in.nii", tmp_path / f"seg{suffix}", probabilities_path=tmp_path / f"prob{suffix}", tile=16
+        )
     finally:
         os.umask(old)
     for out in report.outputs:
@@ -277,23 +278,75 @@ def test_cli_infer_goes_on_after_failures(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "d_dir_seg.tif").mkdir()
     tifffile.imwrite(inputs / "d_dir.tif", _gray())
-    code, err = _cli(["infer", "--model", str(ckpt), "--input", str(inputs / "*.tif"), "--output",
-                      str(tmp_path / "out"), "--tile", "16", "--no-progress"], capsys)
+    code, err = _cli(
+        [
+            "infer",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(inputs / "*.tif"),
+            "--output",
+            str(tmp_path / "out"),
+            "--tile",
+            "16",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "a_trunc.tif: truncated TIFF" in err and "b_nan.tif: 1 pixel(s)" in err and "is a directory" in err
     assert "3 of 4 input(s) failed" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c_good_seg.tif", "d_dir_seg.tif"]
-    code, err = _cli(["infer", "--model", str(ckpt), "--input", str(inputs / "b_nan.tif"), "--output",
-                      str(tmp_path / "out"), "--tile", "16", "--no-progress", "--nonfinite", "0"], capsys)
+    code, err = _cli(
+        [
+            "infer",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(inputs / "b_nan.tif"),
+            "--output",
+            str(tmp_path / "out"),
+            "--tile",
+            "16",
+            "--no-progress",
+            "--nonfinite",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 0 and (tmp_path / "out" / "b_nan_seg.tif").is_file()
-    code, err = _cli(["infer", "--model", str(ckpt), "--input", str(inputs / "c_good.tif"), "--output",
-                      str(tmp_path / "out"), "--device", "tpu"], capsys)
+    code, err = _cli(
+        [
+            "infer",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(inputs / "c_good.tif"),
+            "--output",
+            str(tmp_path / "out"),
+            "--device",
+            "tpu",
+        ],
+        capsys,
+    )
     assert code == 2 and "device 'tpu' is not supported: use cpu, cuda or cuda:N" in err
-    code, err = _cli(["infer", "--model", str(ckpt), "--input", str(inputs / "c_good.tif"), "--output",
-                      str(tmp_path / "out"), "--tile", "100000", "--no-progress"], capsys)
+    code, err = _cli(
+        [
+            "infer",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(inputs / "c_good.tif"),
+            "--output",
+            str(tmp_path / "out"),
+            "--tile",
+            "100000",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 2 and "tile 100000" in err and "GB" in err
-    code, err = _cli(["infer", "--model", str(ckpt), "--input", "x.tif", "--output", "o", "--nonfinite", "nan"],
-                     capsys)
+    code, err = _cli(["infer", "--model", str(ckpt), "--input", "x.tif", "--output", "o", "--nonfinite", "nan"], capsys)
     assert code == 2 and "--nonfinite" in err
 
 
@@ -308,11 +361,30 @@ def test_names_with_brackets_and_long_names(tmp_path, capsys):
     for path in (bracket, long, longer):
         tifffile.imwrite(path, _gray())
     out = tmp_path / "out"
-    assert main(["infer", "--model", str(ckpt), "--input", str(bracket), "--input", str(long), "--output", str(out),
-                 "--tile", "16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(ckpt),
+                "--input",
+                str(bracket),
+                "--input",
+                str(long),
+                "--output",
+                str(out),
+                "--tile",
+                "16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(["slide [1]_seg.tif", "x" * 236 + "_seg.tif"])
-    code, err = _cli(["infer", "--model", str(ckpt), "--input", str(longer), "--output", str(out), "--tile", "16",
-                      "--no-progress"], capsys)
+    code, err = _cli(
+        ["infer", "--model", str(ckpt), "--input", str(longer), "--output", str(out), "--tile", "16", "--no-progress"],
+        capsys,
+    )
     assert code == 2 and "file name is 256 bytes long" in err and "not writable" not in err, err[-300:]
 
 
@@ -337,8 +409,9 @@ def _valid_bytes(kind: str, h: int, w: int, seed: int) -> tuple[str, bytes]:
 FUZZ_CASES = 300
 
 
-@hyp_settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+@hyp_settings(
+    max_examples=FUZZ_CASES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(
     kind=st.sampled_from([*sorted(TIFF_LAYOUTS), "nii", "png"]),
     h=st.integers(1, 24),
@@ -396,13 +469,23 @@ def test_weightmap_huge_ids_use_little_memory(big):
 def test_weightmap_refuses_non_finite_parameters(tmp_path, capsys):
     inst = np.zeros((16, 16), np.int32)
     inst[2:5, 2:5], inst[9:12, 9:12] = 1, 2
-    for kwargs, key in (({"sigma": float("nan")}, "sigma"), ({"w0": float("inf")}, "w0"),
-                        ({"w0": np.float32("nan")}, "w0"), ({"class_weights": [float("nan"), 1.0]}, "class_weights")):
+    for kwargs, key in (
+        ({"sigma": float("nan")}, "sigma"),
+        ({"w0": float("inf")}, "w0"),
+        ({"w0": np.float32("nan")}, "w0"),
+        ({"class_weights": [float("nan"), 1.0]}, "class_weights"),
+    ):
         with pytest.raises(SegpipeError, match=f"{key} must be a finite number"):
             unet_weight_map(inst, **kwargs)
     tifffile.imwrite(tmp_path / "lab.tif", inst.astype(np.uint8))
-    for option, value in (("--sigma", "nan"), ("--w0", "nan"), ("--w0", "inf"), ("--sigma", "-1"),
-                          ("--class-weights", "nan,1"), ("--class-weights", "1,inf")):
+    for option, value in (
+        ("--sigma", "nan"),
+        ("--w0", "nan"),
+        ("--w0", "inf"),
+        ("--sigma", "-1"),
+        ("--class-weights", "nan,1"),
+        ("--class-weights", "1,inf"),
+    ):
         code, err = _cli(["weightmap", str(tmp_path / "lab.tif"), option, value], capsys)
         assert code == 2 and f"argument {option}" in err and "Traceback" not in err, err
     assert not (tmp_path / "lab_weight.tif").exists()

@@ -1,6 +1,7 @@
 """`segpipe infer` applies the preprocessing the checkpoint records: `PreprocessedReader` equals
 `pipeline.transforms.presets.preprocess` band by band, and `predict_file` on a file equals `predict` on the
 preprocessed image (infer == evaluate); `preprocess: intensity` keeps the old behaviour."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,9 @@ from pipeline.transforms.presets import SCHEMA, preprocess
 torch.set_num_threads(1)
 
 
-def _augment(channels: list[int] | None = None, clahe: float | None = None,
-             normalize: str = "zscore") -> dict[str, Any]:
+def _augment(
+    channels: list[int] | None = None, clahe: float | None = None, normalize: str = "zscore"
+) -> dict[str, Any]:
     """A recorded `augment` section: every schema key, the three preprocessing keys set."""
 
     def fill(schema: dict[str, Any]) -> dict[str, Any]:
@@ -114,11 +116,14 @@ def test_histogram_percentile_is_exactly_numpys(n, q):
     assert histogram_percentile(counts, -300, q) == float(expected)
 
 
-@pytest.mark.parametrize(("dtype", "channels", "clahe", "normalize"), [
-    (np.uint8, [1], 0.01, "zscore"),       # DRIVE: green channel, CLAHE, zscore
-    (np.uint16, None, 0.02, "percentile"),
-    (np.float32, [0, 2], None, "percentile"),  # float percentiles need the whole image
-])
+@pytest.mark.parametrize(
+    ("dtype", "channels", "clahe", "normalize"),
+    [
+        (np.uint8, [1], 0.01, "zscore"),  # DRIVE: green channel, CLAHE, zscore
+        (np.uint16, None, 0.02, "percentile"),
+        (np.float32, [0, 2], None, "percentile"),  # float percentiles need the whole image
+    ],
+)
 def test_whole_image_steps_equal_preprocess(dtype, channels, clahe, normalize):
     image = _image((3, 45, 38), dtype, seed=5)
     augment = _augment(channels=channels, clahe=clahe, normalize=normalize)
@@ -131,11 +136,21 @@ def test_whole_image_steps_equal_preprocess(dtype, channels, clahe, normalize):
 def test_whole_image_limit_names_the_file_the_size_and_the_key():
     image = _image((3, 40, 50), np.uint8)
     with pytest.raises(SegpipeError) as err:
-        PreprocessedReader(ArrayReader(image, "big_slide.tif"), _augment(channels=[1], clahe=0.01),
-                           max_megapixels=0.001, where="models/drive/unet/best.pt")
+        PreprocessedReader(
+            ArrayReader(image, "big_slide.tif"),
+            _augment(channels=[1], clahe=0.01),
+            max_megapixels=0.001,
+            where="models/drive/unet/best.pt",
+        )
     message = str(err.value)
-    for part in ("big_slide.tif", "1 channel(s) x 40 x 50 = 0.002 megapixels", "preprocess_max_megapixels = 0.001",
-                 "configs/inference.yaml", "models/drive/unet/best.pt", "CLAHE 0.01"):
+    for part in (
+        "big_slide.tif",
+        "1 channel(s) x 40 x 50 = 0.002 megapixels",
+        "preprocess_max_megapixels = 0.001",
+        "configs/inference.yaml",
+        "models/drive/unet/best.pt",
+        "CLAHE 0.01",
+    ):
         assert part in message
     # just inside the limit (1 x 40 x 50 = 2000 values) it runs
     PreprocessedReader(ArrayReader(image), _augment(channels=[1], clahe=0.01), max_megapixels=0.002)
@@ -149,11 +164,13 @@ def test_recorded_channels_beyond_the_image_name_the_file():
 
 def test_a_malformed_record_is_rejected():
     with pytest.raises(SegpipeError, match="ckpt.pt"):
-        PreprocessedReader(ArrayReader(_image((1, 8, 8), np.uint8)), _augment(normalize="minmax"),
-                           max_megapixels=1, where="ckpt.pt")
+        PreprocessedReader(
+            ArrayReader(_image((1, 8, 8), np.uint8)), _augment(normalize="minmax"), max_megapixels=1, where="ckpt.pt"
+        )
 
 
 # --- predict_file with a checkpoint that records its preprocessing ---------------------------------
+
 
 def _unet(cin: int, seed: int = 0) -> nn.Module:
     from pipeline.networks import build_network
@@ -170,8 +187,16 @@ def _checkpoint(tmp_path: Path, net: nn.Module, augment: dict[str, Any] | None) 
 
 
 def _settings() -> Any:
-    return load_settings(None, tile=32, overlap=0.25, tta=(), batch_size=2, probabilities_dtype="float32",
-                         device="cpu", preprocess="checkpoint")
+    return load_settings(
+        None,
+        tile=32,
+        overlap=0.25,
+        tta=(),
+        batch_size=2,
+        probabilities_dtype="float32",
+        device="cpu",
+        preprocess="checkpoint",
+    )
 
 
 def _probabilities(net_or_path: Any, tif: Path, tmp_path: Path, **overrides: Any) -> tuple[np.ndarray, Any]:

@@ -1,4 +1,5 @@
 """`segpipe infer` under torchrun: the shares of the inputs, and a real 2-process run."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,17 @@ from pipeline.torchrun import RankEnv, rank_env
 
 from fixtures import REPO_ROOT
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT")
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+)
 
 
 def _check_shares(weights: list[int], world: int) -> list[list[int]]:
@@ -135,10 +145,31 @@ def test_torchrun_two_processes_share_the_inputs(tmp_path: Path, monkeypatch: py
 
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
     env["PYTHONPATH"] = str(REPO_ROOT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pipeline", "infer", "--model", str(ckpt), "--input", str(inputs / "*.tif"),
-                          "--output", str(tmp_path / "out"), *args], cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            "infer",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(inputs / "*.tif"),
+            "--output",
+            str(tmp_path / "out"),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = run.stdout + run.stderr
     assert run.returncode != 0, log  # rank 1 failed: torchrun reports it
     assert "segpipe infer: error: [rank 1/2] 1 of 4 input(s) failed: " in log and "bad.tif" in log, log
@@ -151,8 +182,16 @@ def test_torchrun_two_processes_share_the_inputs(tmp_path: Path, monkeypatch: py
     assert "[rank 0/2] job: 5 input(s) over 2 processes" in log and "rank 1: 1 of 4 input(s) failed" in log, log
 
     reference = tmp_path / "reference"
-    run_infer(ckpt, [str(inputs / f"{n}.tif") for n in ("a", "b", "big", "c")], reference, show_progress=False,
-              threads=1, tile=32, save_probabilities=True, probabilities_dtype="float32")
+    run_infer(
+        ckpt,
+        [str(inputs / f"{n}.tif") for n in ("a", "b", "big", "c")],
+        reference,
+        show_progress=False,
+        threads=1,
+        tile=32,
+        save_probabilities=True,
+        probabilities_dtype="float32",
+    )
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == sorted(p.name for p in reference.iterdir()) and len(written) == 8  # each once, no leftovers
     for name in written:

@@ -1,5 +1,6 @@
 """`pipeline.inference.predict`: MONAI equivalence (same padding), overlap-tile (valid padding),
 TTA, the inference graph, settings and bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,9 @@ class SameNet(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels = cin, cout
         self.body = nn.Sequential(
-            nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(cin, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
             nn.Conv2d(width, cout, 3, padding=1),
         )
         bn = self.body[1]
@@ -91,8 +94,9 @@ def _unet(padding: str, cout: int = 2, seed: int = 0, depth: int = 2) -> nn.Modu
     from pipeline.networks import build_network
 
     torch.manual_seed(seed)
-    net = build_network("unet", 3, cout, padding=padding, base_width=4 if depth == 2 else 2, depth=depth,
-                        batch_norm=True, dropout=0.0)
+    net = build_network(
+        "unet", 3, cout, padding=padding, base_width=4 if depth == 2 else 2, depth=depth, batch_norm=True, dropout=0.0
+    )
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -100,8 +104,9 @@ def _unet(padding: str, cout: int = 2, seed: int = 0, depth: int = 2) -> nn.Modu
     return net.eval()
 
 
-def _monai(net: nn.Module, image: np.ndarray, tile: int, overlap: float, mode: str, bs: int,
-           sigma: float = 0.125) -> np.ndarray:
+def _monai(
+    net: nn.Module, image: np.ndarray, tile: int, overlap: float, mode: str, bs: int, sigma: float = 0.125
+) -> np.ndarray:
     inferer = SlidingWindowInferer(roi_size=tile, sw_batch_size=bs, overlap=overlap, mode=mode, sigma_scale=sigma)
     with torch.inference_mode():
         logits = inferer(torch.from_numpy(image)[None], net)[0]
@@ -172,12 +177,20 @@ def _whole_mirror_padded(net: nn.Module, image: np.ndarray) -> np.ndarray:
     return (torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, 0)).numpy()
 
 
-@pytest.mark.parametrize("h,w,tile,depth", [
-    (45, 77, 20, 2), (10, 7, 20, 2), (64, 64, 36, 2), (5, 130, 12, 2), (83, 29, 60, 2),
-    # depth 3: reachable outputs 4 + 8k are not multiples of the pooling period 8, so tiles must
-    # step by a multiple of 8 (not by the output tile) for the pooling grids to line up
-    (70, 53, 20, 3), (9, 40, 30, 3),
-])
+@pytest.mark.parametrize(
+    "h,w,tile,depth",
+    [
+        (45, 77, 20, 2),
+        (10, 7, 20, 2),
+        (64, 64, 36, 2),
+        (5, 130, 12, 2),
+        (83, 29, 60, 2),
+        # depth 3: reachable outputs 4 + 8k are not multiples of the pooling period 8, so tiles must
+        # step by a multiple of 8 (not by the output tile) for the pooling grids to line up
+        (70, 53, 20, 3),
+        (9, 40, 30, 3),
+    ],
+)
 def test_valid_unet_overlap_tile_equals_whole_mirror_padded_image(h, w, tile, depth):
     net = _unet("valid", seed=h, depth=depth)
     image = _rand((3, h, w), seed=w)
@@ -190,8 +203,9 @@ def test_valid_unet_overlap_tile_equals_whole_mirror_padded_image(h, w, tile, de
 def test_valid_toy_net_overlap_tile(h, w, tile):
     net = _net(ValidNet, 2, 1, seed=3)
     image = _rand((2, h, w), seed=4)
-    np.testing.assert_allclose(predict(net, image, tile=tile, batch_size=4), _whole_mirror_padded(net, image),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        predict(net, image, tile=tile, batch_size=4), _whole_mirror_padded(net, image), atol=1e-6
+    )
 
 
 def test_overlap_tile_plan_covers_each_output_pixel_once():
@@ -258,13 +272,16 @@ def test_dihedral_tta_is_equivariant_to_transposing_the_image(padding):
 
 
 def test_rotation_tta_on_one_window_by_hand():
-    """"th" and "tv" are the two 90-degree rotations: one window, averaged by hand with torch.rot90."""
+    """ "th" and "tv" are the two 90-degree rotations: one window, averaged by hand with torch.rot90."""
     net = _unet("same", seed=9).eval()
     image = _rand((3, 32, 32), seed=10)
     x = torch.from_numpy(image)[None]
     with torch.no_grad():
-        logits = (net(x) + torch.rot90(net(torch.rot90(x, 1, (-2, -1))), -1, (-2, -1))
-                  + torch.rot90(net(torch.rot90(x, -1, (-2, -1))), 1, (-2, -1))) / 3
+        logits = (
+            net(x)
+            + torch.rot90(net(torch.rot90(x, 1, (-2, -1))), -1, (-2, -1))
+            + torch.rot90(net(torch.rot90(x, -1, (-2, -1))), 1, (-2, -1))
+        ) / 3
     expected = torch.softmax(logits, 1)[0].numpy()
     got = predict(net, image, tile=32, tta=("th", "tv"), blend="constant")
     np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -1,4 +1,5 @@
 """`segpipe bench infer` runs end to end on a tiny image (a smoke test: no timing is asserted)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,13 +11,26 @@ from benchmarks.monai_streaming import run_patch_inferer, window_starts
 
 
 def test_bench_infer_smoke(tmp_path, capsys):
-    rows = run_benchmark([64], tile=32, overlap=0.25, blend="gaussian", batch_size=2, threads=1, workdir=tmp_path,
-                         precisions=("fp32", "bf16"))
+    rows = run_benchmark(
+        [64],
+        tile=32,
+        overlap=0.25,
+        blend="gaussian",
+        batch_size=2,
+        threads=1,
+        workdir=tmp_path,
+        precisions=("fp32", "bf16"),
+    )
     assert [r["method"] for r in rows] == [
-        "segpipe predict_file, same, fp32", "segpipe predict_file, same, bf16",
+        "segpipe predict_file, same, fp32",
+        "segpipe predict_file, same, bf16",
         "segpipe predict_file, same, onnxruntime",
-        "MONAI SlidingWindowInferer", STREAMING, "segpipe predict_file, valid (overlap-tile), fp32",
-        "segpipe predict_file, valid (overlap-tile), bf16", "segpipe predict_file, valid (overlap-tile), onnxruntime"]
+        "MONAI SlidingWindowInferer",
+        STREAMING,
+        "segpipe predict_file, valid (overlap-tile), fp32",
+        "segpipe predict_file, valid (overlap-tile), bf16",
+        "segpipe predict_file, valid (overlap-tile), onnxruntime",
+    ]
     for row in rows:
         assert "error" not in row, row
         assert row["mpx_s"] > 0 and row["peak_rss_mb"] >= row["baseline_mb"] > 0
@@ -71,8 +85,17 @@ def test_monai_streaming_labels_match_predict_file(tmp_path):
     assert window_starts(512, 128, 0.25) == [0, 96, 192, 288, 384]
     assert window_starts(512, 256, 0.25) == [0, 192, 384]  # padded to 640: ours would end at 256
     run_patch_inferer(net, image, tmp_path / "monai.tif", tmp_path, tile=128, overlap=0.25, batch_size=2)
-    predict_file(ckpt, image, tmp_path / "ours.tif", tile=128, overlap=0.25, blend="constant", batch_size=2,
-                 intensity="scale", device="cpu")
+    predict_file(
+        ckpt,
+        image,
+        tmp_path / "ours.tif",
+        tile=128,
+        overlap=0.25,
+        blend="constant",
+        batch_size=2,
+        intensity="scale",
+        device="cpu",
+    )
     monai, ours = tifffile.imread(tmp_path / "monai.tif"), tifffile.imread(tmp_path / "ours.tif")
     assert monai.shape == ours.shape == (512, 512) and monai.dtype == np.uint8
     assert 0.2 < ours.mean() < 0.8  # both classes present

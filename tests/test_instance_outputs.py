@@ -1,6 +1,7 @@
 """`segpipe infer`'s instance maps (NAME_inst.*): streamed in blocks across tile and band borders,
 ids consistent over the whole image, exactly what `segpipe evaluate` scores, in every output format,
 recorded in checkpoints and ONNX metadata."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,11 @@ from pipeline.postprocessing.instances import InstanceSettings, extract_instance
 from pipeline.postprocessing.stitching import instances_of
 
 torch.set_num_threads(1)
-RECORD = {"settings": {"method": "watershed", "threshold": 0.5, "min_distance": 10, "halo": 48},
-          "val_seg": 0.9, "candidates": 1}
+RECORD = {
+    "settings": {"method": "watershed", "threshold": 0.5, "min_distance": 10, "halo": 48},
+    "val_seg": 0.9,
+    "candidates": 1,
+}
 
 
 class Oracle(nn.Module):
@@ -32,8 +36,15 @@ class Oracle(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         net = build_network("unet", 1, 1, base_width=4, depth=2, padding="same")
-        for attr in ("padding", "halo", "in_channels", "out_channels", "output_size", "input_size",
-                     "valid_output_size"):
+        for attr in (
+            "padding",
+            "halo",
+            "in_channels",
+            "out_channels",
+            "output_size",
+            "input_size",
+            "valid_output_size",
+        ):
             setattr(self, attr, getattr(net, attr))
         self.scale = nn.Parameter(torch.tensor(20.0))
 
@@ -64,8 +75,15 @@ def test_streamed_instance_map_is_what_evaluation_scores_and_keeps_objects_whole
     src = tmp_path / "cells.tif"
     tifffile.imwrite(src, image[0])
     seg, prob = output_paths(src, tmp_path / "out")
-    report = predict_file(oracle_network(), src, seg, probabilities_path=prob, instances_path=instance_path(seg),
-                          tile=64, probabilities_dtype="float32")
+    report = predict_file(
+        oracle_network(),
+        src,
+        seg,
+        probabilities_path=prob,
+        instances_path=instance_path(seg),
+        tile=64,
+        probabilities_dtype="float32",
+    )
     written = tifffile.imread(tmp_path / "out" / "cells_inst.tif")
     assert written.dtype == np.uint32 and written.shape == ref.shape
     probs = tifffile.imread(prob)[None]

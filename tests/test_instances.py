@@ -1,6 +1,7 @@
 """Objects from probabilities (pipeline/postprocessing): the extraction methods on touching discs,
 the border target, the choice on validation images, streamed blocks stitched into whole-image ids,
 and the instance metrics against hand-computed values."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -94,8 +95,10 @@ def test_settings_refuse_bad_values(bad: dict) -> None:
 
 
 def test_plan_picks_watershed_for_touching_discs_on_validation() -> None:
-    cases = [(probabilities(TOUCHING), TOUCHING), (probabilities(discs((64, 64), [(32, 32)], 12)),
-                                                   discs((64, 64), [(32, 32)], 12))]
+    cases = [
+        (probabilities(TOUCHING), TOUCHING),
+        (probabilities(discs((64, 64), [(32, 32)], 12)), discs((64, 64), [(32, 32)], 12)),
+    ]
     plan = plan_instances(cases, median_area=float(np.pi * 20**2))
     assert plan.settings.method == "watershed" and plan.val_seg > 0.97
     assert plan.record()["candidates"] == len(candidates(float(np.pi * 20**2), 1))
@@ -116,8 +119,8 @@ def _streamed(p: np.ndarray, settings: InstanceSettings, band: int, block: int) 
     stream = InstanceStream(settings, p.shape[1], block=block)
     out = np.zeros(p.shape[1:], np.uint32)
     for y0 in range(0, p.shape[1], band):
-        for first, rows in stream.push(y0, p[:, y0: y0 + band]):
-            out[first: first + rows.shape[1]] = rows[0]
+        for first, rows in stream.push(y0, p[:, y0 : y0 + band]):
+            out[first : first + rows.shape[1]] = rows[0]
     stream.finish()
     return out
 

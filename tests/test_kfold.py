@@ -3,6 +3,7 @@ cases into seeded, balanced folds (manifest.csv `fold`, stats.json `folds`) with
 split; `PreparedDataset.with_fold(k)` validates on fold k; `segpipe train --fold k` records the fold
 in the checkpoints, config.json and MLflow, refuses to resume another fold, and `segpipe evaluate`
 picks its threshold on the same fold's validation cases."""
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,9 @@ def test_folds_are_seeded_balanced_and_leave_test_cases_out() -> None:
     assert sorted(sizes.index) == ["0", "1", "2", "3", "4"] and sorted(sizes) == [2, 2, 3, 3, 3]
     # the fold of a case depends on the set of cases, not on the table's row order
     shuffled = np.random.default_rng(0).permutation(len(cases))
-    again = assign_folds(cases.iloc[shuffled].reset_index(drop=True), split.iloc[shuffled].reset_index(drop=True),
-                         2015, 5)
+    again = assign_folds(
+        cases.iloc[shuffled].reset_index(drop=True), split.iloc[shuffled].reset_index(drop=True), 2015, 5
+    )
     assert dict(zip(cases.iloc[shuffled], again)) == dict(zip(cases, first))
 
 
@@ -79,8 +81,9 @@ def test_with_fold_validates_on_fold_k_and_trains_on_the_rest(k: int) -> None:
 def test_with_fold_errors_name_the_file_and_the_fix() -> None:
     data = _dataset()
     old = PreparedDataset("toy", data.root, data.manifest.drop(columns="fold"), {})
-    with pytest.raises(SegpipeError,
-                       match=r"manifest\.csv: no cross-validation folds .*run `segpipe prepare toy` again"):
+    with pytest.raises(
+        SegpipeError, match=r"manifest\.csv: no cross-validation folds .*run `segpipe prepare toy` again"
+    ):
         old.with_fold(0)
     for k in (5, -1):
         with pytest.raises(SegpipeError, match=rf"stats\.json: 5 folds .*must be 0\.\.4, got {k}"):
@@ -102,8 +105,12 @@ def test_fold_settings_are_checked() -> None:
     configs = TrainConfigs(train, load_config("networks"), load_config("augment"))
     assert resolve_settings(configs, "drive", "unet", "smoke")["fold"] is None
     assert resolve_settings(configs, "drive", "unet", "smoke", fold=3)["fold"] == 3
-    assert resolve_settings(TrainConfigs({**train, "fold": 2}, configs.networks, configs.augment),
-                            "drive", "unet", "smoke")["fold"] == 2
+    assert (
+        resolve_settings(
+            TrainConfigs({**train, "fold": 2}, configs.networks, configs.augment), "drive", "unet", "smoke"
+        )["fold"]
+        == 2
+    )
     with pytest.raises(ConfigError, match=r"configs/train\.yaml: fold must be null or an integer >= 0, got 'a'"):
         resolve_settings(TrainConfigs({**train, "fold": "a"}, configs.networks, configs.augment), "drive", "unet")
     with pytest.raises(ConfigError, match=r"segpipe train --fold: fold must be an integer >= 0, got -1"):
@@ -124,8 +131,11 @@ def test_the_dvc_train_stage_reads_fold() -> None:
 def drive(project: FixtureProject) -> Path:
     """The fixture DRIVE prepared (5 training cases: 4 train + 1 val; 3 test), without MLflow models."""
     tracking = project.root / "configs" / "tracking.yaml"
-    tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
-                        .replace("register_model: true", "register_model: false"))
+    tracking.write_text(
+        tracking.read_text()
+        .replace("log_model: true", "log_model: false")
+        .replace("register_model: true", "register_model: false")
+    )
     prepare_fixture_datasets(project, ("drive",))
     return project.root / "data" / "prepared" / "drive"
 
@@ -142,10 +152,12 @@ def test_prepare_writes_folds_beside_the_unchanged_split(drive: Path) -> None:
     assert (manifest["fold"] == "").equals(manifest["split"] == "test")
     stats = json.loads((drive / "stats.json").read_text())
     assert stats["folds"]["n"] == 5
-    assert stats["folds"]["cases"] == {str(k): sorted(manifest.loc[manifest["fold"] == str(k), "case"])
-                                       for k in range(5)}
-    assert sorted(c for cases in stats["folds"]["cases"].values() for c in cases) == \
-        sorted(manifest.loc[manifest["split"] != "test", "case"])
+    assert stats["folds"]["cases"] == {
+        str(k): sorted(manifest.loc[manifest["fold"] == str(k), "case"]) for k in range(5)
+    }
+    assert sorted(c for cases in stats["folds"]["cases"].values() for c in cases) == sorted(
+        manifest.loc[manifest["split"] != "test", "case"]
+    )
 
 
 def test_a_fold_trains_with_eq2_class_weights_of_its_own_training_cases(drive: Path) -> None:
@@ -168,15 +180,17 @@ def test_a_fold_trains_with_eq2_class_weights_of_its_own_training_cases(drive: P
         np.testing.assert_allclose(case["weight"] - new[label], weight - old[label], atol=1e-5)
 
 
-def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_and_evaluate_fold_1(
+    project: FixtureProject, drive: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from mlflow.tracking import MlflowClient
 
     import pipeline.evaluation.evaluate as ev
     import pipeline.training.loop as loop
+    import pipeline.training.trainer as trainer
 
     seen: dict[str, list[str]] = {}
-    build_loader, validation_cases, pick_threshold = loop.build_loader, loop.validation_cases, ev.pick_threshold
+    build_loader, validation_cases, pick_threshold = trainer.build_loader, loop.validation_cases, ev.pick_threshold
 
     def loader_spy(prepared, *args):
         seen["train"] = prepared.cases("train")
@@ -190,7 +204,7 @@ def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeyp
         seen["threshold"] = data.cases("val")
         return pick_threshold(predictor, data, desc)
 
-    monkeypatch.setattr(loop, "build_loader", loader_spy)
+    monkeypatch.setattr(trainer, "build_loader", loader_spy)
     monkeypatch.setattr(loop, "validation_cases", validation_spy)
     monkeypatch.setattr(ev, "pick_threshold", threshold_spy)
     prepared = open_prepared("drive", drive)
@@ -200,14 +214,19 @@ def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeyp
     smoke = ["--profile", "smoke", "--set", "epochs=1", "--set", "steps_per_epoch=1"]
     assert main(["train", "drive", "unet", *smoke, "--fold", "1"]) == 0
     assert seen["val"] == fold_1
-    assert sorted(seen["train"]) == sorted(set(prepared.manifest.loc[prepared.manifest["split"] != "test", "case"])
-                                           - set(fold_1))
+    assert sorted(seen["train"]) == sorted(
+        set(prepared.manifest.loc[prepared.manifest["split"] != "test", "case"]) - set(fold_1)
+    )
     out = project.root / "models" / "drive" / "unet"
     assert read_checkpoint(out / "best.pt")["fold"] == 1 and read_checkpoint(out / "last.pt")["fold"] == 1
     assert json.loads((out / "config.json").read_text())["fold"] == 1
     client = MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("drive").experiment_id],
-                             "tags.stage = 'train'", order_by=["attributes.start_time DESC"], max_results=1)[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("drive").experiment_id],
+        "tags.stage = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
     assert run.data.params["fold"] == "1" and run.data.tags["fold"] == "1"
     logged = {i.dataset.name: json.loads(i.dataset.profile)["num_rows"] for i in run.inputs.dataset_inputs}
     assert logged == {"drive-train-fold1": len(seen["train"]), "drive-val-fold1": 1}  # the fold's rows
@@ -216,8 +235,9 @@ def test_train_and_evaluate_fold_1(project: FixtureProject, drive: Path, monkeyp
     assert main(["train", "drive", "unet", *smoke, "--fold", "2", "--resume"]) == 2
     assert "cannot resume with fold 2: this checkpoint trained fold 1;" in capsys.readouterr().err
     assert main(["train", "drive", "unet", *smoke, "--resume"]) == 2  # configs/train.yaml fold: null
-    assert ("cannot resume with fold null (the prepare split): this checkpoint trained fold 1;"
-            in capsys.readouterr().err)
+    assert (
+        "cannot resume with fold null (the prepare split): this checkpoint trained fold 1;" in capsys.readouterr().err
+    )
 
     metrics = run_evaluate("drive", "unet")
     assert seen["threshold"] == fold_1
@@ -229,5 +249,7 @@ def test_a_manifest_without_folds_asks_for_prepare(drive: Path, capsys: pytest.C
     manifest = pd.read_csv(drive / "manifest.csv", dtype=str, keep_default_na=False)
     manifest.drop(columns="fold").to_csv(drive / "manifest.csv", index=False)
     assert main(["train", "drive", "unet", "--profile", "smoke", "--fold", "0"]) == 2
-    assert "no cross-validation folds (prepared before folds existed); run `segpipe prepare drive` again" \
+    assert (
+        "no cross-validation folds (prepared before folds existed); run `segpipe prepare drive` again"
         in capsys.readouterr().err
+    )

@@ -30,6 +30,7 @@ and every module (or imported module) whose folder has no rank: a new folder get
 
 The import-graph helpers are shared with tests/test_dvc_deps.py.
 """
+
 from __future__ import annotations
 
 import ast
@@ -140,8 +141,13 @@ LAZY = "(lazy)"
 def _tables(tree: ast.Module) -> dict[str, ast.Dict]:
     out = {}
     for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
-            node.target if isinstance(node, ast.AnnAssign) else None
+        target = (
+            node.targets[0]
+            if isinstance(node, ast.Assign) and len(node.targets) == 1
+            else node.target
+            if isinstance(node, ast.AnnAssign)
+            else None
+        )
         if isinstance(target, ast.Name) and isinstance(node.value, ast.Dict):
             out[target.id] = node.value
     return out
@@ -153,8 +159,9 @@ def command_strings(tree: ast.Module) -> dict[int, str]:
     `_API` table get LAZY: a module loaded only when its name is used (never by the package itself)."""
     out: dict[int, str] = {}
     tables = _tables(tree)
-    for key, value in (zip(tables[COMMANDS_TABLE].keys, tables[COMMANDS_TABLE].values)
-                       if COMMANDS_TABLE in tables else ()):
+    for key, value in (
+        zip(tables[COMMANDS_TABLE].keys, tables[COMMANDS_TABLE].values) if COMMANDS_TABLE in tables else ()
+    ):
         if isinstance(key, ast.Constant) and isinstance(key.value, str):
             out.update({id(n): key.value for n in ast.walk(value) if isinstance(n, ast.Constant)})
     if LAZY_TABLE in tables:
@@ -356,14 +363,17 @@ def test_checker_catches_an_upward_import(tmp_path: Path) -> None:
         (pkg_dir / folder).mkdir(parents=True)
     (pkg_dir / "__init__.py").write_text("")
     (pkg_dir / "errors.py").write_text("")
-    (pkg_dir / "data" / "io.py").write_text("from pipeline.errors import x\n\ndef f():\n"
-                                            "    from ..networks import unet\n")
+    (pkg_dir / "data" / "io.py").write_text(
+        "from pipeline.errors import x\n\ndef f():\n    from ..networks import unet\n"
+    )
     (pkg_dir / "networks" / "__init__.py").write_text("")
     (pkg_dir / "networks" / "unet.py").write_text("import pipeline.data.io\n")
     pkg = load_package(tmp_path)
     bad = upward_imports(pkg)
-    assert bad == ["pipeline.data.io (pipeline.data, rank 1) -> pipeline.networks.unet (pipeline.networks, rank 4)"
-                   "   at pipeline/data/io.py:4 (import)"], bad
+    assert bad == [
+        "pipeline.data.io (pipeline.data, rank 1) -> pipeline.networks.unet (pipeline.networks, rank 4)"
+        "   at pipeline/data/io.py:4 (import)"
+    ], bad
     cycles = folder_cycles(pkg)
     assert len(cycles) == 1 and cycles[0].startswith("cycle between pipeline.data, pipeline.networks:"), cycles
 
@@ -396,17 +406,27 @@ def benchmark_imports(pkg: Package) -> list[str]:
     bad = []
     for module in pkg.modules.values():
         for node in ast.walk(module.tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
-            bad += [f"{module.rel}:{node.lineno}: imports {n}" for n in names
-                    if n == BENCHMARKS or n.startswith(BENCHMARKS + ".")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            bad += [
+                f"{module.rel}:{node.lineno}: imports {n}"
+                for n in names
+                if n == BENCHMARKS or n.startswith(BENCHMARKS + ".")
+            ]
     return sorted(bad)
 
 
 def test_only_the_entries_read_configs() -> None:
     bad = config_reads_below_entries(load_package())
-    assert not bad, ("configs/ read below the entries (read it in the command's entry in pipeline/stages/ or "
-                     "pipeline/commands/ and pass the settings down):\n  " + "\n  ".join(bad))
+    assert not bad, (
+        "configs/ read below the entries (read it in the command's entry in pipeline/stages/ or "
+        "pipeline/commands/ and pass the settings down):\n  " + "\n  ".join(bad)
+    )
 
 
 def test_the_package_never_imports_the_benchmarks() -> None:
@@ -430,8 +450,10 @@ def facade_imports(pkg: Package) -> list[str]:
 
 def test_the_package_imports_no_lazy_public_name() -> None:
     bad = facade_imports(load_package())
-    assert not bad, ("import these from the module that defines them (the package's lazy public API is for "
-                     "users, and hides the module from tests/test_dvc_deps.py):\n  " + "\n  ".join(bad))
+    assert not bad, (
+        "import these from the module that defines them (the package's lazy public API is for "
+        "users, and hides the module from tests/test_dvc_deps.py):\n  " + "\n  ".join(bad)
+    )
 
 
 def test_checker_catches_a_config_read_and_a_benchmark_import(tmp_path: Path) -> None:
@@ -443,9 +465,11 @@ def test_checker_catches_a_config_read_and_a_benchmark_import(tmp_path: Path) ->
     (pkg_dir / "__init__.py").write_text("")
     (pkg_dir / "training" / "loop.py").write_text(
         "from pipeline.config import load_config\n\ndef f():\n    import benchmarks.peak\n"
-        "    return load_config('train')\n")
-    (pkg_dir / "stages" / "train.py").write_text("from pipeline.config import read_config\n"
-                                                 "read_config('train', dict)\n")
+        "    return load_config('train')\n"
+    )
+    (pkg_dir / "stages" / "train.py").write_text(
+        "from pipeline.config import read_config\nread_config('train', dict)\n"
+    )
     pkg = load_package(tmp_path)
     assert config_reads_below_entries(pkg) == ["pipeline/training/loop.py:5: load_config(...)"]
     assert benchmark_imports(pkg) == ["pipeline/training/loop.py:4: imports benchmarks.peak"]

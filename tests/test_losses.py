@@ -1,4 +1,5 @@
 """Losses: U-Net eq. 1 against a hand loop, soft Dice by hand and against MONAI, deep supervision."""
+
 from __future__ import annotations
 
 import math
@@ -125,9 +126,7 @@ def test_mask_equals_crop():
     for include_background in (True, False):
         dice = SoftDiceLoss(include_background=include_background, batch=False)
         monai = DiceLoss(include_background=include_background, softmax=True, to_onehot_y=True)
-        assert dice(logits, target, mask).item() == pytest.approx(
-            monai(logits[crop], target[crop]).item(), rel=1e-9
-        )
+        assert dice(logits, target, mask).item() == pytest.approx(monai(logits[crop], target[crop]).item(), rel=1e-9)
 
 
 def _dice_hand(prob, onehot, smooth=1e-5):
@@ -232,11 +231,20 @@ def test_head_weights_main_mode_and_plain_outputs():
 
 def test_build_loss_config_validation():
     assert set(LOSS_DEFAULTS) == {
-        "ce_weight", "dice_weight", "ce_normalization", "dice_include_background", "dice_batch",
-        "dice_smooth", "deep_supervision", "head_weights",
+        "ce_weight",
+        "dice_weight",
+        "ce_normalization",
+        "dice_include_background",
+        "dice_batch",
+        "dice_smooth",
+        "deep_supervision",
+        "head_weights",
     }
-    with pytest.raises(SegpipeError, match=r"configs/x.yaml: loss: unknown keys \['dice_wieght'\] "
-                                           r"\('dice_wieght': did you mean 'dice_weight'\?\)"):
+    with pytest.raises(
+        SegpipeError,
+        match=r"configs/x.yaml: loss: unknown keys \['dice_wieght'\] "
+        r"\('dice_wieght': did you mean 'dice_weight'\?\)",
+    ):
         build_loss({"dice_wieght": 1}, source="configs/x.yaml: loss")
     bad = [
         {"ce_weight": -1},

@@ -1,4 +1,5 @@
 """Metrics against hand-computed cases, brute-force definitions and MONAI's implementations."""
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ from pipeline.metrics import (
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
 
 # ----------------------------------------------------------------------------------------------
 # pixel metrics
@@ -140,8 +142,13 @@ def test_confusion_scores_against_monai(rng):
     pred = (rng.random(gt.shape) < 0.5).astype(np.float32)
     matrix = get_confusion_matrix(torch.as_tensor(pred), torch.as_tensor(gt), include_background=True)
     ours = confusion(pred, gt)
-    names = {"accuracy": "accuracy", "sensitivity": "sensitivity", "specificity": "specificity",
-             "f1 score": "f1", "precision": "precision"}
+    names = {
+        "accuracy": "accuracy",
+        "sensitivity": "sensitivity",
+        "specificity": "specificity",
+        "f1 score": "f1",
+        "precision": "precision",
+    }
     for monai_name, attr in names.items():
         expected = compute_confusion_matrix_metric(monai_name, matrix).item()
         assert getattr(ours, attr) == pytest.approx(expected, rel=1e-6), monai_name
@@ -268,18 +275,24 @@ def _seg_naive(pred: np.ndarray, ref: np.ndarray) -> list[float]:
 
 
 def test_seg_hand_case():
-    ref = np.array([
-        [1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 0, 7],
-        [0, 0, 0, 0, 0, 7],
-        [4, 4, 0, 0, 0, 0],
-    ], dtype=np.uint16)
-    pred = np.array([
-        [2, 2, 2, 2, 2, 0],  # 2 and 3 cover 4 of object 1's 8 pixels each: exactly 50 %, no match
-        [3, 3, 3, 3, 0, 9],
-        [0, 0, 0, 0, 0, 9],
-        [5, 5, 5, 0, 0, 6],  # object 4 matched by 5 (2 of 2 pixels), J = 2/3; 6 matches nothing
-    ], dtype=np.int32)
+    ref = np.array(
+        [
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0, 7],
+            [0, 0, 0, 0, 0, 7],
+            [4, 4, 0, 0, 0, 0],
+        ],
+        dtype=np.uint16,
+    )
+    pred = np.array(
+        [
+            [2, 2, 2, 2, 2, 0],  # 2 and 3 cover 4 of object 1's 8 pixels each: exactly 50 %, no match
+            [3, 3, 3, 3, 0, 9],
+            [0, 0, 0, 0, 0, 9],
+            [5, 5, 5, 0, 0, 6],  # object 4 matched by 5 (2 of 2 pixels), J = 2/3; 6 matches nothing
+        ],
+        dtype=np.int32,
+    )
     labels, jaccard = seg_jaccards(pred, ref)
     np.testing.assert_array_equal(labels, [1, 4, 7])
     np.testing.assert_allclose(jaccard, [0.0, 2 / 3, 1.0])

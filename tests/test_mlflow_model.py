@@ -2,6 +2,7 @@
 with the train run, registered as segpipe-DATASET-NETWORK, loaded by MLflow (also in a fresh
 process, from the model's own copy of the package) and predicting like `pipeline.inference.predict`
 after the checkpoint's preprocessing."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,11 @@ NAME = "segpipe-drive-unet"
 
 
 @pytest.fixture
-def store(drive_project: FixtureProject, tmp_path: Path,  # noqa: F811 (fixture)
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
+def store(
+    drive_project: FixtureProject,  # noqa: F811 (fixture)
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[MlflowClient]:
     """A store of its own (the registry's versions count from 1), the session's one back afterwards."""
     session_uri = os.environ["MLFLOW_TRACKING_URI"]
     uri = f"sqlite:///{tmp_path / 'registry.db'}"
@@ -64,8 +68,11 @@ def expected_probabilities(checkpoint: Path, image: np.ndarray, settings_file: P
     return predict(checkpoint, preprocess("drive", image, augment), settings=read_settings(settings_file))
 
 
-def test_training_logs_registers_and_serves_its_best_model(store: MlflowClient, drive_project: FixtureProject,  # noqa: F811
-                                                           tmp_path: Path) -> None:
+def test_training_logs_registers_and_serves_its_best_model(
+    store: MlflowClient,
+    drive_project: FixtureProject,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     train("drive", "unet", profile="smoke")
     run = store.search_runs([store.get_experiment_by_name("drive").experiment_id], "tags.stage = 'train'")[0]
     model = store.get_logged_model(run.outputs.model_outputs[0].model_id)
@@ -73,14 +80,22 @@ def test_training_logs_registers_and_serves_its_best_model(store: MlflowClient, 
     version = store.get_model_version(NAME, "1")
     assert version.run_id == run.info.run_id
     best = read_checkpoint(drive_project.root / "models/drive/unet/best.pt")
-    assert version.tags == {"dataset": "drive", "network": "unet", "architecture": "unet", "precision": "fp32",
-                            "val_dice": f"{best['val_dice']:.6f}", "best_epoch": str(best["epoch"])}
+    assert version.tags == {
+        "dataset": "drive",
+        "network": "unet",
+        "architecture": "unet",
+        "precision": "fp32",
+        "val_dice": f"{best['val_dice']:.6f}",
+        "best_epoch": str(best["epoch"]),
+    }
 
     loaded = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     signature = loaded.metadata.signature
     assert signature == model_signature()
     assert [(s.type, s.shape) for s in (*signature.inputs.inputs, *signature.outputs.inputs)] == [
-        (np.dtype(np.float32), (-1, -1, -1)), (np.dtype(np.uint8), (-1, -1))]
+        (np.dtype(np.float32), (-1, -1, -1)),
+        (np.dtype(np.uint8), (-1, -1)),
+    ]
     assert [(p.name, p.default) for p in signature.params.params] == [("output", "labels"), ("threshold", "0.5")]
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
     requirements = (local / "requirements.txt").read_text().split()
@@ -105,11 +120,15 @@ def test_training_logs_registers_and_serves_its_best_model(store: MlflowClient, 
     assert [v.version for v in store.search_model_versions(f"name = '{NAME}'", order_by=["version_number"])] == [1, 2]
     second = store.get_model_version(NAME, "2")
     assert second.run_id != run.info.run_id and second.tags["val_dice"] == (
-        f"{read_checkpoint(drive_project.root / 'models/drive/unet/best.pt')['val_dice']:.6f}")
+        f"{read_checkpoint(drive_project.root / 'models/drive/unet/best.pt')['val_dice']:.6f}"
+    )
 
 
-def test_the_registered_model_loads_in_a_fresh_process(store: MlflowClient, drive_project: FixtureProject,  # noqa: F811
-                                                       tmp_path: Path) -> None:
+def test_the_registered_model_loads_in_a_fresh_process(
+    store: MlflowClient,
+    drive_project: FixtureProject,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     """Only MLflow and the model's artifacts: the `pipeline` package comes from the model's code/."""
     train("drive", "unet", profile="smoke")
     image = small_image(drive_project.root)
@@ -124,18 +143,23 @@ def test_the_registered_model_loads_in_a_fresh_process(store: MlflowClient, driv
     ).format(repo=str(Path(__file__).resolve().parents[1]), tests=str(Path(__file__).resolve().parent), name=NAME)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SEGPIPE_CONFIG_DIR")}
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip().splitlines()[-1]).parts[-3:] == ("code", "pipeline", "__init__.py")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
-    probs = expected_probabilities(local / "artifacts" / "best.pt", image,
-                                   local / "artifacts" / "inference_settings.json")
+    probs = expected_probabilities(
+        local / "artifacts" / "best.pt", image, local / "artifacts" / "inference_settings.json"
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), (probs[0] >= 0.5).astype(np.uint8))
 
 
 def test_model_logging_is_switchable_and_fails_the_training_loudly(
-        store: MlflowClient, drive_project: FixtureProject, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    store: MlflowClient,
+    drive_project: FixtureProject,  # noqa: F811 (fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     set_model_logging(drive_project.root, log_model=True, register_model=False)
     train("drive", "unet", profile="smoke", overrides={"epochs": 1})
     run = store.search_runs([store.get_experiment_by_name("drive").experiment_id], "tags.stage = 'train'")[0]
@@ -143,21 +167,28 @@ def test_model_logging_is_switchable_and_fails_the_training_loudly(
 
     set_model_logging(drive_project.root, log_model=False, register_model=False)
     train("drive", "unet", profile="smoke", overrides={"epochs": 1})
-    run = store.search_runs([store.get_experiment_by_name("drive").experiment_id], "tags.stage = 'train'",
-                            order_by=["start_time DESC"])[0]
+    run = store.search_runs(
+        [store.get_experiment_by_name("drive").experiment_id], "tags.stage = 'train'", order_by=["start_time DESC"]
+    )[0]
     assert run.info.status == "FINISHED" and not run.outputs.model_outputs
 
     def broken(*args, **kwargs):
         raise mlflow.exceptions.MlflowException("artifact store on fire")
 
     set_model_logging(drive_project.root, log_model=True, register_model=True)
-    with monkeypatch.context() as patch, pytest.raises(
-            SegpipeError, match=r"best\.pt: logging it as an MLflow model \(registry name 'segpipe-drive-unet'\) "
-                                r"failed \(MlflowException: artifact store on fire\); .* --resume"):
+    with (
+        monkeypatch.context() as patch,
+        pytest.raises(
+            SegpipeError,
+            match=r"best\.pt: logging it as an MLflow model \(registry name 'segpipe-drive-unet'\) "
+            r"failed \(MlflowException: artifact store on fire\); .* --resume",
+        ),
+    ):
         patch.setattr(mlflow.pyfunc, "log_model", broken)
         train("drive", "unet", profile="smoke", overrides={"epochs": 1})
-    failed = store.search_runs([store.get_experiment_by_name("drive").experiment_id], "tags.stage = 'train'",
-                               order_by=["start_time DESC"])[0]
+    failed = store.search_runs(
+        [store.get_experiment_by_name("drive").experiment_id], "tags.stage = 'train'", order_by=["start_time DESC"]
+    )[0]
     assert failed.info.status == "FAILED"
 
     # the training's files were kept: --resume logs and registers the model without training again
@@ -167,8 +198,12 @@ def test_model_logging_is_switchable_and_fails_the_training_loudly(
 
 
 def test_model_settings_are_checked() -> None:
-    good = {"system_metrics": {"enabled": False, "sampling_interval_seconds": 2}, "run_groups": False,
-            "log_model": True, "register_model": True}
+    good = {
+        "system_metrics": {"enabled": False, "sampling_interval_seconds": 2},
+        "run_groups": False,
+        "log_model": True,
+        "register_model": True,
+    }
     settings = tracking_settings(good, "t.yaml")
     assert settings.log_model and settings.register_model
     with pytest.raises(ConfigError, match="register_model: true needs log_model: true"):

@@ -4,6 +4,7 @@ overlays, the ignore value outside the FOV), and `segpipe report`'s per-class ta
 
 Tiny images (32 x 40, `tests/test_datasets.py`'s folders), tiny networks; `predict` is replaced by a
 fixed rule where the numbers are under test."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,16 @@ def test_class_scores_by_hand() -> None:
     confusions = per_class(PRED_A, GT_A, 3)
     assert [(c.tp, c.fp, c.fn, c.tn) for c in confusions] == [(4, 1, 2, 5), (2, 2, 1, 7), (2, 1, 1, 8)]
     scores = class_scores(confusions, ["bg", "a", "b"])
-    expected = {"dice_bg": 8 / 11, "dice_a": 4 / 7, "dice_b": 2 / 3, "dice_mean_fg": (4 / 7 + 2 / 3) / 2,
-                "iou_bg": 4 / 7, "iou_a": 2 / 5, "iou_b": 1 / 2, "iou_mean_fg": 0.45}
+    expected = {
+        "dice_bg": 8 / 11,
+        "dice_a": 4 / 7,
+        "dice_b": 2 / 3,
+        "dice_mean_fg": (4 / 7 + 2 / 3) / 2,
+        "iou_bg": 4 / 7,
+        "iou_a": 2 / 5,
+        "iou_b": 1 / 2,
+        "iou_mean_fg": 0.45,
+    }
     assert scores == pytest.approx(expected)
     assert pixel_accuracy(confusions) == pytest.approx(8 / 12)
     # the last column left out of the mask
@@ -87,9 +96,19 @@ def test_class_tally_means_and_pooled() -> None:
     assert row["dice_cell_body"] == pytest.approx(4 / 7) and row["accuracy"] == pytest.approx(2 / 3)
     tally.add("b", PRED_B, GT_B, None)
     table = tally.table()
-    assert list(table.columns) == ["case", "dice_background", "dice_cell_body", "dice_membrane", "dice_mean_fg",
-                                   "iou_background", "iou_cell_body", "iou_membrane", "iou_mean_fg", "accuracy",
-                                   "seconds"]
+    assert list(table.columns) == [
+        "case",
+        "dice_background",
+        "dice_cell_body",
+        "dice_membrane",
+        "dice_mean_fg",
+        "iou_background",
+        "iou_cell_body",
+        "iou_membrane",
+        "iou_mean_fg",
+        "accuracy",
+        "seconds",
+    ]
     m = tally.metrics()
     fg_a, fg_b = (4 / 7 + 2 / 3) / 2, (1 + 2 / 3) / 2
     assert m["dice_mean_fg"] == pytest.approx((fg_a + fg_b) / 2) and m["dice"] == m["dice_mean_fg"]
@@ -154,15 +173,25 @@ def eval_config(project: FixtureProject, **changes: Any) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
-def make_checkpoint(project: FixtureProject, key: str, name: str, out_channels: int = 3,
-                    class_names: list[str] = CLASSES, **config: Any) -> Path:
+def make_checkpoint(
+    project: FixtureProject, key: str, name: str, out_channels: int = 3, class_names: list[str] = CLASSES, **config: Any
+) -> Path:
     """models/three/<key>/best.pt as `segpipe train` writes it (class_names included)."""
     torch.manual_seed(0)
     net = build_network(name, 1, out_channels, **config)
     path = project.root / "models" / "three" / key / "best.pt"
     augment = {**load_config("augment")["three"], "normalize": "zscore"}  # as the training plan resolves `auto`
-    save_checkpoint(net, path, dataset="three", network_key=key, profile="smoke", epoch=2, val_dice=0.4,
-                    augment=augment, class_names=class_names)
+    save_checkpoint(
+        net,
+        path,
+        dataset="three",
+        network_key=key,
+        profile="smoke",
+        epoch=2,
+        val_dice=0.4,
+        augment=augment,
+        class_names=class_names,
+    )
     return path
 
 
@@ -187,13 +216,17 @@ def last_run(network: str) -> Any:
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name("three")
-    return client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.stage = 'evaluate' and tags.network = '{network}'",
-                              order_by=["start_time DESC"], max_results=1)[0]
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.stage = 'evaluate' and tags.network = '{network}'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )[0]
 
 
 def test_evaluate_three_classes_per_class_metrics_mlflow_overlays_report(
-        project: FixtureProject, monkeypatch: pytest.MonkeyPatch) -> None:
+    project: FixtureProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
     three_class_dataset(project)
     eval_config(project)
     make_checkpoint(project, "unet", "unet", base_width=4, depth=2, padding="same", batch_norm=True)
@@ -249,8 +282,10 @@ def test_evaluate_three_classes_per_class_metrics_mlflow_overlays_report(
     assert f"| three | unet | unet | {m['dice']:.4f} | {m['iou']:.4f} |" in md
     assert "## Per class" in md
     for key in CLASSES:
-        assert (f"| three | unet | {key} | {m[f'dice_{key}']:.4f} | {m[f'iou_{key}']:.4f} | "
-                f"{m[f'pooled_dice_{key}']:.4f} | {m[f'pooled_iou_{key}']:.4f} |") in md
+        assert (
+            f"| three | unet | {key} | {m[f'dice_{key}']:.4f} | {m[f'iou_{key}']:.4f} | "
+            f"{m[f'pooled_dice_{key}']:.4f} | {m[f'pooled_iou_{key}']:.4f} |"
+        ) in md
     assert f"| three | unet | mean fg | {m['dice_mean_fg']:.4f} |" in md
     summary = pd.read_csv(project.root / "results" / "summary.csv")
     assert json.loads(summary.loc[0, "classes"]) == CLASSES

@@ -2,6 +2,7 @@
 (K-channel network, class names in the checkpoints, the ignore value out of the loss, deterministic
 weights), the masked multi-class loss, multi-class eq. 2 weight maps and the validation score against
 hand-computed values, and the MLflow pyfunc model of a K-channel checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ IGNORE = 9
 def _no_model_logging(project: FixtureProject) -> None:
     """The MLflow model is tested in test_mlflow_model.py (and below, without MLflow's logging)."""
     tracking = project.root / "configs" / "tracking.yaml"
-    tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
-                        .replace("register_model: true", "register_model: false"))
+    tracking.write_text(
+        tracking.read_text()
+        .replace("log_model: true", "log_model: false")
+        .replace("register_model: true", "register_model: false")
+    )
 
 
 def _three_class_dataset(project: FixtureProject) -> Path:
@@ -67,8 +71,7 @@ def three(project: FixtureProject) -> Path:
 # --- end to end -------------------------------------------------------------------------------------
 
 
-def test_three_classes_train_end_to_end(project: FixtureProject, three: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_three_classes_train_end_to_end(project: FixtureProject, three: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     masks: list[torch.Tensor | None] = []
     head_losses = DeepSupervisionLoss.head_losses
 
@@ -114,8 +117,11 @@ def test_binary_checkpoints_keep_one_channel_and_record_their_names(project: Fix
 def test_an_ignore_value_needs_the_fov_in_the_loss(three: Path) -> None:
     prepared = open_prepared("three", three)
     check_ignore_value(prepared, {"dataset": "three", "augment": {"patches": {"fov_key": "fov"}}})
-    with pytest.raises(SegpipeError, match=r"configs/augment\.yaml: three\.patches\.fov_key is null, but the "
-                                           r"card's ignore_value 9 .*stats\.json.* set fov_key: fov"):
+    with pytest.raises(
+        SegpipeError,
+        match=r"configs/augment\.yaml: three\.patches\.fov_key is null, but the "
+        r"card's ignore_value 9 .*stats\.json.* set fov_key: fov",
+    ):
         check_ignore_value(prepared, {"dataset": "three", "augment": {"patches": {"fov_key": None}}})
 
 
@@ -127,8 +133,9 @@ def test_the_pyfunc_model_gives_argmax_label_maps(project: FixtureProject, three
     from pipeline.training.pyfunc_model import SegmentationModel
     from pipeline.transforms.presets import preprocess
 
-    assert main(["train", "three", "unet", "--profile", "smoke", "--set", "epochs=1",
-                 "--set", "steps_per_epoch=1"]) == 0
+    assert (
+        main(["train", "three", "unet", "--profile", "smoke", "--set", "epochs=1", "--set", "steps_per_epoch=1"]) == 0
+    )
     checkpoint = project.root / "models" / "three" / "unet" / "best.pt"
     settings_file = project.root / "inference_settings.json"
     inference = settings_from_config(load_config("inference"), "configs/inference.yaml")
@@ -142,8 +149,9 @@ def test_the_pyfunc_model_gives_argmax_label_maps(project: FixtureProject, three
     assert probs.shape == (3, *image.shape[1:]) and labels.shape == image.shape[1:] and labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, probs.argmax(0))
     augment = read_checkpoint(checkpoint)["augment"]
-    np.testing.assert_array_equal(probs, predict(checkpoint, preprocess("three", image, augment),
-                                                 settings=model.settings))
+    np.testing.assert_array_equal(
+        probs, predict(checkpoint, preprocess("three", image, augment), settings=model.settings)
+    )
 
 
 # --- the loss ignores masked pixels -----------------------------------------------------------------
@@ -191,9 +199,11 @@ def test_instances_from_labels_number_every_class_component() -> None:
     assert inst.max() == 4 and len(np.unique(inst[labels == 1])) == 2 and len(np.unique(inst[labels == 2])) == 2
     assert set(np.unique(inst[labels == 1])).isdisjoint(np.unique(inst[labels == 2]))
     assert not inst[labels == 0].any()
-    np.testing.assert_allclose(unet_weight_map(inst, class_weights=[0.5, 1.0, 2.0], labels=labels),
-                               unet_weight_map_reference(inst, class_weights=[0.5, 1.0, 2.0], labels=labels),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        unet_weight_map(inst, class_weights=[0.5, 1.0, 2.0], labels=labels),
+        unet_weight_map_reference(inst, class_weights=[0.5, 1.0, 2.0], labels=labels),
+        atol=1e-5,
+    )
     binary = (labels > 0).astype(np.uint8)
     np.testing.assert_array_equal(instances_from_labels(binary), instances_from_binary(binary))
 
@@ -205,8 +215,9 @@ def test_prepare_writes_multiclass_weight_maps(project: FixtureProject, three: P
     label = read_volume(three / row.label)[0]
     np.testing.assert_array_equal(label[3:], disk_label(int(row.case[-2:]), (0, 1, 2))[3:])
     w = stats["weight_map"]
-    expected = unet_weight_map(instances_from_labels(label), w0=w["w0"], sigma=w["sigma"],
-                               class_weights=stats["class_weights"], labels=label)
+    expected = unet_weight_map(
+        instances_from_labels(label), w0=w["w0"], sigma=w["sigma"], class_weights=stats["class_weights"], labels=label
+    )
     np.testing.assert_array_equal(read_volume(three / row.weight)[0], expected)
 
 

@@ -3,6 +3,7 @@
 Small widths and inputs everywhere except the parameter counts, which build on the meta device
 (no memory, no compute) and only count.
 """
+
 from __future__ import annotations
 
 import math
@@ -204,9 +205,7 @@ def test_unetpp_prune_levels_give_their_heads_and_run_fewer_convs():
         # two convs per node, one transposed conv per up-sampling, one head
         assert calls[-1] == 2 * nodes + level * (level + 1) // 2 + 1
         built = build_network("unetpp", 1, 2, base_width=4, batch_norm=True, prune_level=level)
-        assert sum(p.numel() for p in built.parameters()) == sum(
-            p.numel() for p in pruned.parameters()
-        )
+        assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in pruned.parameters())
     assert calls == sorted(set(calls))
 
 
@@ -264,7 +263,10 @@ def test_checkpoint_round_trip(key, tmp_path):
     assert data["format"] == CHECKPOINT_FORMAT and data["network"] == name
     assert data["config"] == model.config and data["halo"] == model.halo
     assert (data["padding"], data["in_channels"], data["out_channels"], data["epoch"]) == (
-        model.padding, 2, 3, 7,
+        model.padding,
+        2,
+        3,
+        7,
     )
     loaded = load_model(path)
     assert not loaded.training and loaded.config == model.config
@@ -374,8 +376,11 @@ def test_a_network_missing_from_a_preset_builds_with_its_registered_defaults(mon
         network_config(presets, "tiny", "nope", "w")
     path = save_checkpoint(model, tmp_path / "tiny.pt")
     assert load_model(path).config == {"width": 3}
-    with pytest.raises(SegpipeError, match=r"cannot override \['mode'\] for network 'tiny' "
-                                           r"\(only unetpp takes mode / prune_level at load time\)"):
+    with pytest.raises(
+        SegpipeError,
+        match=r"cannot override \['mode'\] for network 'tiny' "
+        r"\(only unetpp takes mode / prune_level at load time\)",
+    ):
         load_model(path, mode="fast")
 
 
@@ -384,8 +389,10 @@ def test_load_time_overrides_follow_the_network_class(tmp_path):
     unet_path = save_checkpoint(build_network("unet", 1, 1, base_width=2), tmp_path / "u.pt")
     with pytest.raises(SegpipeError) as refused:
         load_model(unet_path, prune_level=1)
-    assert str(refused.value) == (f"{unet_path}: cannot override ['prune_level'] for network 'unet' "
-                                  "(only unetpp takes mode / prune_level at load time)")
+    assert str(refused.value) == (
+        f"{unet_path}: cannot override ['prune_level'] for network 'unet' "
+        "(only unetpp takes mode / prune_level at load time)"
+    )
     unetpp_path = save_checkpoint(build_network("unetpp", 1, 1, base_width=2, depth=2), tmp_path / "pp.pt")
     with pytest.raises(SegpipeError, match=r"cannot override \['mode', 'width'\] for network 'unetpp'"):
         load_model(unetpp_path, mode="fast", width=3)
@@ -425,10 +432,22 @@ def test_unetpp_widths_per_level_survive_pruning() -> None:
 
     torch.manual_seed(0)
     net = build_network("unetpp", 1, 1, depth=3, batch_norm=True, widths=[4, 4, 8, 16]).eval()
-    outs = {name: [m.out_channels for m in node.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-            for name, node in net.nodes.items()}
-    assert outs == {"x0_0": 4, "x1_0": 4, "x2_0": 8, "x3_0": 16, "x0_1": 4, "x1_1": 4, "x2_1": 8,
-                    "x0_2": 4, "x1_2": 4, "x0_3": 4}
+    outs = {
+        name: [m.out_channels for m in node.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        for name, node in net.nodes.items()
+    }
+    assert outs == {
+        "x0_0": 4,
+        "x1_0": 4,
+        "x2_0": 8,
+        "x3_0": 16,
+        "x0_1": 4,
+        "x1_1": 4,
+        "x2_1": 8,
+        "x0_2": 4,
+        "x1_2": 4,
+        "x0_3": 4,
+    }
     assert net.config["widths"] == [4, 4, 8, 16]
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Viewer outputs of `segpipe infer`: pyramidal OME-TIFF and OME-Zarr (levels, tiles, downsampling,
 physical pixel size, channel and class names), read back by tifffile and ome-zarr's reader, written
 streamed (atomic, bounded memory), directly and end to end."""
+
 from __future__ import annotations
 
 import logging
@@ -99,6 +100,7 @@ def test_pyramid_from_bands_equals_the_whole_image(mode):
         def write(y0: int, block: np.ndarray) -> None:
             calls.append((k, y0, block.shape[1]))
             got[k][:, y0 : y0 + block.shape[1]] = block
+
         return write
 
     pyramid = Pyramid(shapes, 2, np.uint8, 16, mode, [sink(k) for k in range(len(shapes))])
@@ -115,8 +117,9 @@ def test_pyramid_from_bands_equals_the_whole_image(mode):
 
 def test_pixel_size_from_every_kind_of_metadata():
     assert pixel_size(ImageMeta(ome_pixels=OME_PIXELS)) == PixelSize(0.5, 0.25, "µm")
-    assert pixel_size(ImageMeta(ome_pixels={"PhysicalSizeX": 2, "PhysicalSizeY": 1, "PhysicalSizeYUnit": "nm"})) == \
-        PixelSize(2.0, 0.001, "µm")
+    assert pixel_size(
+        ImageMeta(ome_pixels={"PhysicalSizeX": 2, "PhysicalSizeY": 1, "PhysicalSizeYUnit": "nm"})
+    ) == PixelSize(2.0, 0.001, "µm")
     size = pixel_size(ImageMeta(resolution=((20000, 1), (10000, 1)), resolution_unit=3))  # pixels per cm
     assert size == PixelSize(0.5, 1.0, "µm") and size.pixels_per_cm(2) == (10000.0, 5000.0)
     assert pixel_size(ImageMeta(resolution=(254.0, 254.0), resolution_unit=2)) == PixelSize(100.0, 100.0, "µm")
@@ -149,8 +152,20 @@ def _check_ome_tiff(path: Path, shapes: list, channels: int, dtype: str, tile: i
 
 def test_ome_tiff_label_map_pyramid(tmp_path):
     data = _labels()
-    path = _write(OmeTiffWriter(tmp_path / "seg.ome.tif", H, W, 1, np.uint8, channel_names=["labels"], tile=32,
-                                meta=ImageMeta(ome_pixels=OME_PIXELS), label_names=NAMES), data)
+    path = _write(
+        OmeTiffWriter(
+            tmp_path / "seg.ome.tif",
+            H,
+            W,
+            1,
+            np.uint8,
+            channel_names=["labels"],
+            tile=32,
+            meta=ImageMeta(ome_pixels=OME_PIXELS),
+            label_names=NAMES,
+        ),
+        data,
+    )
     with _check_ome_tiff(path, level_shapes(H, W, 32), 1, "uint8", 32) as tif:
         for k, level in enumerate(tif.series[0].levels):  # nearest: every 2^k-th pixel, no class invented
             np.testing.assert_array_equal(level.asarray(), data[0, :: 2**k, :: 2**k])
@@ -160,8 +175,11 @@ def test_ome_tiff_label_map_pyramid(tmp_path):
         assert pixels["Channel"]["Name"] == "labels" and ome["Image"]["Name"] == "seg"
         annotation = ome["StructuredAnnotations"]["MapAnnotation"]
         assert annotation["Namespace"] == LABEL_VALUES_NAMESPACE
-        assert [(m["K"], m["value"]) for m in annotation["Value"]["M"]] == [(0, "background"), (1, "nucleus"),
-                                                                           (2, "membrane")]
+        assert [(m["K"], m["value"]) for m in annotation["Value"]["M"]] == [
+            (0, "background"),
+            (1, "nucleus"),
+            (2, "membrane"),
+        ]
         level2 = tif.series[0].levels[2].keyframe.tags
         assert level2["XResolution"].value == (5000, 1) and level2["YResolution"].value == (10000, 1)  # per cm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.ome.tif"]  # no spool, no temp file left
@@ -170,8 +188,13 @@ def test_ome_tiff_label_map_pyramid(tmp_path):
 
 def test_ome_tiff_probabilities_pyramid(tmp_path):
     data = np.random.default_rng(2).integers(0, 256, (2, H, W), dtype=np.uint8)
-    path = _write(OmeTiffWriter(tmp_path / "prob.ome.tif", H, W, 2, np.uint8, channel_names=NAMES[1:], tile=32,
-                                downsampling="mean"), data, band=16)
+    path = _write(
+        OmeTiffWriter(
+            tmp_path / "prob.ome.tif", H, W, 2, np.uint8, channel_names=NAMES[1:], tile=32, downsampling="mean"
+        ),
+        data,
+        band=16,
+    )
     shapes = level_shapes(H, W, 32)
     with _check_ome_tiff(path, shapes, 2, "uint8", 32) as tif:
         for level, expected in zip(tif.series[0].levels, _cascade(data, "mean", len(shapes))):
@@ -185,8 +208,20 @@ def test_ome_tiff_probabilities_pyramid(tmp_path):
 def test_ome_zarr_label_map_and_probabilities(tmp_path):
     meta = ImageMeta(ome_pixels=OME_PIXELS)
     labels = _labels(seed=3)
-    path = _write(OmeZarrWriter(tmp_path / "seg.ome.zarr", H, W, 1, np.uint8, channel_names=["labels"], chunk=32,
-                                meta=meta, label_names=NAMES), labels)
+    path = _write(
+        OmeZarrWriter(
+            tmp_path / "seg.ome.zarr",
+            H,
+            W,
+            1,
+            np.uint8,
+            channel_names=["labels"],
+            chunk=32,
+            meta=meta,
+            label_names=NAMES,
+        ),
+        labels,
+    )
     shapes = level_shapes(H, W, 32)
     (node,) = _ome_nodes(path)
     assert [d.shape for d in node.data] == shapes and node.data[0].chunksize == (32, 32)
@@ -195,13 +230,27 @@ def test_ome_zarr_label_map_and_probabilities(tmp_path):
     assert [a["name"] for a in node.metadata["axes"]] == ["y", "x"]
     assert {a["unit"] for a in node.metadata["axes"]} == {"micrometer"}
     assert node.metadata["coordinateTransformations"] == [
-        [{"type": "scale", "scale": [0.25 * 2**k, 0.5 * 2**k]}] for k in range(len(shapes))]
+        [{"type": "scale", "scale": [0.25 * 2**k, 0.5 * 2**k]}] for k in range(len(shapes))
+    ]
     assert node.metadata["properties"] == {v: {"class": name} for v, name in enumerate(NAMES)}
     assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~_umask()
 
     probs = np.random.default_rng(4).random((2, H, W)).astype(np.float16)
-    path = _write(OmeZarrWriter(tmp_path / "prob.ome.zarr", H, W, 2, np.float16, channel_names=NAMES[1:], chunk=32,
-                                meta=meta, downsampling="mean"), probs, band=32)
+    path = _write(
+        OmeZarrWriter(
+            tmp_path / "prob.ome.zarr",
+            H,
+            W,
+            2,
+            np.float16,
+            channel_names=NAMES[1:],
+            chunk=32,
+            meta=meta,
+            downsampling="mean",
+        ),
+        probs,
+        band=32,
+    )
     (node,) = _ome_nodes(path)
     assert node.data[0].chunksize == (1, 32, 32)
     for level, expected in zip(node.data, _cascade(probs, "mean", len(shapes))):
@@ -210,7 +259,9 @@ def test_ome_zarr_label_map_and_probabilities(tmp_path):
     assert [a["name"] for a in node.metadata["axes"]] == ["c", "y", "x"]
     assert node.metadata["channel_names"] == ["nucleus", "membrane"]
     assert node.metadata["coordinateTransformations"][1] == [  # mean: pixel centres stay in place
-        {"type": "scale", "scale": [1.0, 0.5, 1.0]}, {"type": "translation", "translation": [0.0, 0.125, 0.25]}]
+        {"type": "scale", "scale": [1.0, 0.5, 1.0]},
+        {"type": "translation", "translation": [0.0, 0.125, 0.25]},
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prob.ome.zarr", "seg.ome.zarr"]
 
 
@@ -249,8 +300,16 @@ def test_writer_memory_does_not_grow_with_the_image(tmp_path, cls, suffix):
     rows = (np.arange(width) // 300 % 3).astype(np.uint8)[None, None].repeat(band, axis=1)  # compressible stripes
     peaks = []
     for height in (1024, 4096):
-        writer = cls(tmp_path / f"{height}{suffix}", height, width, 1, np.uint8, channel_names=["labels"],
-                     label_names=NAMES, **({"tile": 256} if cls is OmeTiffWriter else {"chunk": 256}))
+        writer = cls(
+            tmp_path / f"{height}{suffix}",
+            height,
+            width,
+            1,
+            np.uint8,
+            channel_names=["labels"],
+            label_names=NAMES,
+            **({"tile": 256} if cls is OmeTiffWriter else {"chunk": 256}),
+        )
         tracemalloc.start()
         try:
             for y in range(0, height, band):
@@ -280,8 +339,16 @@ def test_predict_file_writes_ome_formats(tmp_path):
     out = tmp_path / "out"
     seg, prob = output_paths(src, out, "ome-tiff")
     assert (seg.name, prob.name) == ("slide_seg.ome.tif", "slide_prob.ome.tif")
-    report = predict_file(net, src, seg, probabilities_path=prob, tile=32, probabilities_dtype="float32",
-                          output_format="ome-tiff", class_names=["bg", "fg"])
+    report = predict_file(
+        net,
+        src,
+        seg,
+        probabilities_path=prob,
+        tile=32,
+        probabilities_dtype="float32",
+        output_format="ome-tiff",
+        class_names=["bg", "fg"],
+    )
     assert report.outputs == [seg, prob]
     with tifffile.TiffFile(seg) as tif:
         assert len(tif.series[0].levels) == 1  # 70 x 90 fits one 256 tile
@@ -289,8 +356,9 @@ def test_predict_file_writes_ome_formats(tmp_path):
     np.testing.assert_array_equal(tifffile.imread(prob), expected)
 
     seg, prob = output_paths(src, out, "ome-zarr")
-    predict_file(net, src, seg, probabilities_path=prob, tile=32, probabilities_dtype="float32",
-                 output_format="ome-zarr")
+    predict_file(
+        net, src, seg, probabilities_path=prob, tile=32, probabilities_dtype="float32", output_format="ome-zarr"
+    )
     np.testing.assert_array_equal(np.asarray(_ome_nodes(seg)[0].data[0]), expected.argmax(0))
     (node,) = _ome_nodes(prob)
     np.testing.assert_array_equal(np.asarray(node.data[0]), expected)
@@ -298,8 +366,12 @@ def test_predict_file_writes_ome_formats(tmp_path):
     assert node.metadata["coordinateTransformations"][0] == [{"type": "scale", "scale": [1.0, 0.25, 0.5]}]
     with pytest.raises(SegpipeError, match=r"x.tif: an ome-tiff output needs a name ending in \.ome\.tif"):
         predict_file(net, src, out / "x.tif", output_format="ome-tiff")
-    assert sorted(p.name for p in out.iterdir()) == ["slide_prob.ome.tif", "slide_prob.ome.zarr", "slide_seg.ome.tif",
-                                                    "slide_seg.ome.zarr"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "slide_prob.ome.tif",
+        "slide_prob.ome.zarr",
+        "slide_seg.ome.tif",
+        "slide_seg.ome.zarr",
+    ]
 
 
 @pytest.mark.parametrize("output_format", ["ome-tiff", "ome-zarr"])
@@ -308,8 +380,15 @@ def test_interrupted_run_leaves_nothing_but_its_progress(tmp_path, output_format
     out = tmp_path / "out"
     seg, prob = output_paths(src, out, output_format)
     with pytest.raises(KeyboardInterrupt):
-        predict_file(Exploding(_unet(), after=3), src, seg, probabilities_path=prob, tile=16,
-                     settings=load_settings(None, tiff_tile=16), output_format=output_format)
+        predict_file(
+            Exploding(_unet(), after=3),
+            src,
+            seg,
+            probabilities_path=prob,
+            tile=16,
+            settings=load_settings(None, tiff_tile=16),
+            output_format=output_format,
+        )
     assert [p.name for p in out.iterdir()] == [f".{seg.name}.resume"]  # resumable (tests/test_resume.py)
 
 
@@ -345,8 +424,13 @@ def test_cli_infer_formats(tmp_path, capsys):
     assert main([*base, "--format", "nifti"]) == 0
     assert main([*base, "--format", "tiff"]) == 0
     assert main(base) == 0  # auto: like the input, a flat OME-TIFF (replacing the pyramid of --format ome-tiff)
-    assert sorted(p.name for p in out.iterdir()) == ["slide_prob.ome.tif", "slide_seg.nii.gz", "slide_seg.ome.tif",
-                                                    "slide_seg.ome.zarr", "slide_seg.tif"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "slide_prob.ome.tif",
+        "slide_seg.nii.gz",
+        "slide_seg.ome.tif",
+        "slide_seg.ome.zarr",
+        "slide_seg.tif",
+    ]
     with tifffile.TiffFile(out / "slide_seg.ome.tif") as tif:
         assert len(tif.pages) == 1 and not tif.pages[0].subifds
         np.testing.assert_array_equal(tif.asarray(), labels)
@@ -385,8 +469,12 @@ def test_chunk_spool_gives_back_every_block_and_removes_its_file(tmp_path):
     from pipeline.inference.writers.spool import ChunkSpool
 
     rng = np.random.default_rng(5)
-    blocks = {(k, c, y): rng.random((7 if y else 32, 45)).astype(np.float32) for k in range(2) for c in range(2)
-              for y in (0, 32)}
+    blocks = {
+        (k, c, y): rng.random((7 if y else 32, 45)).astype(np.float32)
+        for k in range(2)
+        for c in range(2)
+        for y in (0, 32)
+    }
     spool = ChunkSpool(tmp_path / "s.spool", np.float32)
     for key, block in blocks.items():
         spool.put(key, block)

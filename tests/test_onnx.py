@@ -1,5 +1,6 @@
 """`segpipe export` and the ONNX Runtime backend: parity with torch on every architecture, the
 metadata round trip, `segpipe infer --model x.onnx` end to end, and bad files named."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,9 +69,14 @@ ARCHITECTURES = [
 ]
 
 
-@pytest.mark.parametrize("name, cin, cout, config, tile", ARCHITECTURES,
-                         ids=[f"{a[0]}-{a[3].get('padding', '')}{a[3].get('prune_level', '')}"
-                              f"{a[3].get('mode', '')}-{a[2]}ch" for a in ARCHITECTURES])
+@pytest.mark.parametrize(
+    "name, cin, cout, config, tile",
+    ARCHITECTURES,
+    ids=[
+        f"{a[0]}-{a[3].get('padding', '')}{a[3].get('prune_level', '')}{a[3].get('mode', '')}-{a[2]}ch"
+        for a in ARCHITECTURES
+    ],
+)
 def test_onnxruntime_equals_torch_on_every_architecture(tmp_path, name, cin, cout, config, tile):
     ckpt = _checkpoint(tmp_path, name, cin, cout, **config)
     model = export_onnx(ckpt)
@@ -136,18 +142,30 @@ def test_large_logits_stay_finite(tmp_path, biases):
 def test_metadata_round_trip(tmp_path):
     augment = _augment(channels=[1])
     net = _random_stats(build_network("unet", 1, 2, **{**UNET, "padding": "valid"}))
-    ckpt = save_checkpoint(net, tmp_path / "best.pt", augment=augment, precision="bf16", dataset="drive",
-                           epoch=3, val_dice=0.5, class_names=["background", "vessel"])
+    ckpt = save_checkpoint(
+        net,
+        tmp_path / "best.pt",
+        augment=augment,
+        precision="bf16",
+        dataset="drive",
+        epoch=3,
+        val_dice=0.5,
+        class_names=["background", "vessel"],
+    )
     model = export_onnx(ckpt, tmp_path / "out" / "vessels.onnx", opset=17)
     proto = onnx.load(str(model))
     onnx.checker.check_model(proto, full_check=True)
     assert proto.opset_import[0].version == 17
-    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-            for v in (*proto.graph.input, *proto.graph.output)]
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*proto.graph.input, *proto.graph.output)
+    ]
     assert dims == [["batch", 1, "height", "width"], ["batch", 2, "out_height", "out_width"]]
     props = {p.key: p.value for p in proto.metadata_props}
-    assert sorted(props) == sorted(PREFIX + k for k in ("format", "network", "contract", "augment", "class_names",
-                                                         "precision", "checkpoint", "export"))
+    assert sorted(props) == sorted(
+        PREFIX + k
+        for k in ("format", "network", "contract", "augment", "class_names", "precision", "checkpoint", "export")
+    )
     meta = read_meta(props, str(model))
     assert (meta.network, meta.config, meta.padding) == ("unet", net.config, "valid")
     assert (meta.in_channels, meta.out_channels, meta.rule.halo) == (1, 2, net.halo)
@@ -183,12 +201,22 @@ def test_cli_export_then_infer_onnx_writes_the_label_map_of_the_checkpoint(tmp_p
     assert main(["export", "--model", str(ckpt), "--format", "onnx"]) == 0
     model = tmp_path / "best.onnx"
     assert f"-> {model}" in capsys.readouterr().out and not list(tmp_path.glob(".*.tmp"))
-    common = ["--input", str(tmp_path / "slide.tif"), "--tile", "32", "--save-probabilities",
-              "--probabilities-dtype", "float32", "--no-progress"]
+    common = [
+        "--input",
+        str(tmp_path / "slide.tif"),
+        "--tile",
+        "32",
+        "--save-probabilities",
+        "--probabilities-dtype",
+        "float32",
+        "--no-progress",
+    ]
     assert main(["infer", "--model", str(ckpt), "--output", str(tmp_path / "pt"), *common]) == 0
     assert main(["infer", "--model", str(model), "--output", str(tmp_path / "onnx"), *common]) == 0
-    assert main(["infer", "--model", str(ckpt), "--backend", "onnxruntime", "--output", str(tmp_path / "mem"),
-                 *common]) == 0
+    assert (
+        main(["infer", "--model", str(ckpt), "--backend", "onnxruntime", "--output", str(tmp_path / "mem"), *common])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert all("preprocessing from checkpoint: channels [1], zscore" in line for line in lines)
     assert "onnxruntime" not in lines[0] and "onnxruntime" in lines[1] and "exported in memory" in lines[2]
@@ -209,9 +237,11 @@ def test_bad_onnx_files_are_named(tmp_path, capsys):
         onnx_network(garbage, settings)
     foreign = tmp_path / "foreign.onnx"
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "g",
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 1, "h", "w"])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 1, "h", "w"])])
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 1, "h", "w"])],
+    )
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(foreign))
     with pytest.raises(SegpipeError, match=f"{foreign}: an ONNX model without segpipe metadata"):
         onnx_network(foreign, settings)
@@ -226,8 +256,21 @@ def test_bad_onnx_files_are_named(tmp_path, capsys):
     with pytest.raises(SegpipeError, match="broken.onnx: malformed segpipe metadata"):
         onnx_network(tmp_path / "broken.onnx", settings)
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((20, 20), np.uint8))
-    assert main(["infer", "--model", str(garbage), "--input", str(tmp_path / "in.tif"),
-                 "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "infer",
+                "--model",
+                str(garbage),
+                "--input",
+                str(tmp_path / "in.tif"),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert str(garbage) in capsys.readouterr().err
 
 
@@ -254,8 +297,9 @@ def test_export_failures_name_the_file_and_leave_nothing(tmp_path, monkeypatch):
         export_onnx(ckpt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt", "dir.onnx", "m.pt"]
     monkeypatch.undo()
-    with pytest.raises(SegpipeError,
-                       match="m.pt: ONNX export failed .RuntimeError: Unsupported onnx_opset_version: 99"):
+    with pytest.raises(
+        SegpipeError, match="m.pt: ONNX export failed .RuntimeError: Unsupported onnx_opset_version: 99"
+    ):
         export_onnx(ckpt, opset=99)
 
 

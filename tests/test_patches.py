@@ -1,4 +1,5 @@
 """Overlap-tile (U-Net figure 2): mirror padding, training patch sampler, grid tiler/stitcher."""
+
 from __future__ import annotations
 
 import numpy as np

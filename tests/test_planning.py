@@ -2,6 +2,7 @@
 3-class dataset against hand-computed values, the plan's rules (size contract, memory budget,
 normalisation, explicit settings win), plan.json of a smoke training holding the values it used, and
 the DRIVE / HeLa / U373 trainings unchanged by the default profile's planned keys."""
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,12 @@ from test_multiclass_train import CLASSES, _three_class_dataset
 FACTS = {"classes": ["background", "disk", "bar"], "channels": ["gray"], "spacing": [0.5, 0.5], "modality": None}
 
 
-def _case(shape: tuple[int, int], disks: list[tuple[int, int, int, int]], bar: tuple[int, int, int, int] | None,
-          value: int = 10) -> dict[str, np.ndarray]:
+def _case(
+    shape: tuple[int, int],
+    disks: list[tuple[int, int, int, int]],
+    bar: tuple[int, int, int, int] | None,
+    value: int = 10,
+) -> dict[str, np.ndarray]:
     """A case with rectangles of class 1 (`disks`: y0, y1, x0, x1) and one of class 2 (`bar`)."""
     label = np.zeros((1, *shape), np.uint8)
     for y0, y1, x0, x1 in disks:
@@ -50,11 +55,11 @@ def _case(shape: tuple[int, int], disks: list[tuple[int, int, int, int]], bar: t
 
 def _cases() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, str]]:
     """Three train/val cases (one with a FOV) and a test case the fingerprint must leave out."""
-    a = _case((20, 30), [(0, 2, 0, 3), (10, 14, 10, 14)], (18, 20, 0, 30))   # disks 6 + 16 px, bar 60 px
-    b = _case((24, 30), [(5, 10, 5, 10)], None)                               # disk 25 px
+    a = _case((20, 30), [(0, 2, 0, 3), (10, 14, 10, 14)], (18, 20, 0, 30))  # disks 6 + 16 px, bar 60 px
+    b = _case((24, 30), [(5, 10, 5, 10)], None)  # disk 25 px
     c = _case((30, 40), [(0, 3, 0, 3), (0, 3, 5, 8), (20, 21, 20, 21)], (4, 5, 0, 10))  # disks 9, 9, 1; bar 10
     c["fov"] = np.ones((1, 30, 40), np.uint8)
-    c["fov"][0, 25:] = 0            # 5 rows x 40 outside the FOV: all background
+    c["fov"][0, 25:] = 0  # 5 rows x 40 outside the FOV: all background
     test = _case((99, 99), [(0, 50, 0, 50)], None)
     return {"a": a, "b": b, "c": c, "t": test}, {"a": "train", "b": "train", "c": "val", "t": "test"}
 
@@ -71,12 +76,18 @@ def test_fingerprint_against_hand_computed_values(tmp_path: Path) -> None:
     # pixels inside the FOV: a 600, b 720, c 1000 of 1200
     disk, bar = 6 + 16 + 25 + 9 + 9 + 1, 60 + 10
     total = 600 + 720 + 1000
-    assert fp["classes"] == {"background": {"pixels": total - disk - bar, "frequency": (total - disk - bar) / total},
-                             "disk": {"pixels": disk, "frequency": disk / total},
-                             "bar": {"pixels": bar, "frequency": bar / total}}
+    assert fp["classes"] == {
+        "background": {"pixels": total - disk - bar, "frequency": (total - disk - bar) / total},
+        "disk": {"pixels": disk, "frequency": disk / total},
+        "bar": {"pixels": bar, "frequency": bar / total},
+    }
     areas = np.array([6, 16, 25, 9, 9, 1])
-    assert fp["objects"]["disk"] == {"count": 6, "min": 1, "median": float(np.median(areas)),
-                                     "p95": float(np.percentile(areas, 95))}
+    assert fp["objects"]["disk"] == {
+        "count": 6,
+        "min": 1,
+        "median": float(np.median(areas)),
+        "p95": float(np.percentile(areas, 95)),
+    }
     assert fp["objects"]["bar"] == {"count": 2, "min": 10, "median": 35.0, "p95": float(np.percentile([60, 10], 95))}
     assert fp["intensity"]["region"] == "fov"
     write_fingerprint(tmp_path, fp)
@@ -85,18 +96,24 @@ def test_fingerprint_against_hand_computed_values(tmp_path: Path) -> None:
 
 def test_objects_are_8_connected_and_absent_classes_have_none() -> None:
     label = np.zeros((1, 10, 10), np.uint8)
-    label[0, 1, 1] = label[0, 2, 2] = 1   # diagonal neighbours: one object
+    label[0, 1, 1] = label[0, 2, 2] = 1  # diagonal neighbours: one object
     label[0, 7, 7] = 1
-    fp = dataset_fingerprint({"x": {"image": label.copy(), "label": label}}, {"x": "train"},
-                             {**FACTS, "spacing": None}, seed=0)
+    fp = dataset_fingerprint(
+        {"x": {"image": label.copy(), "label": label}}, {"x": "train"}, {**FACTS, "spacing": None}, seed=0
+    )
     assert fp["objects"]["disk"] == {"count": 2, "min": 1, "median": 1.5, "p95": pytest.approx(1.95)}
     assert fp["objects"]["bar"] == {"count": 0, "min": None, "median": None, "p95": None}
 
 
 def test_intensity_statistics_are_numpys_on_the_sample() -> None:
     rng = np.random.default_rng(0)
-    loaded = {f"c{i}": {"image": rng.gamma(2.0, 50.0, (2, 60, 70)).astype(np.float32),
-                        "label": np.zeros((1, 60, 70), np.uint8)} for i in range(4)}
+    loaded = {
+        f"c{i}": {
+            "image": rng.gamma(2.0, 50.0, (2, 60, 70)).astype(np.float32),
+            "label": np.zeros((1, 60, 70), np.uint8),
+        }
+        for i in range(4)
+    }
     facts = {**FACTS, "channels": ["one", "two"]}
     splits = {c: "train" for c in loaded}
     pooled = np.concatenate([v["image"].reshape(2, -1) for v in loaded.values()], axis=1).astype(np.float64)
@@ -104,10 +121,20 @@ def test_intensity_statistics_are_numpys_on_the_sample() -> None:
     for k, name in enumerate(("one", "two")):  # every pixel fits the sample: exactly numpy's
         low, mid, high = np.percentile(pooled[k], (0.5, 50, 99.5))
         overall = {key: v for key, v in full[name].items() if key != "classes"}
-        assert overall == pytest.approx({"p0.5": low, "p50": mid, "p99.5": high, "mean": pooled[k].mean(),
-                                         "std": pooled[k].std(), "pixels": pooled.shape[1]}, rel=1e-6)
+        assert overall == pytest.approx(
+            {
+                "p0.5": low,
+                "p50": mid,
+                "p99.5": high,
+                "mean": pooled[k].mean(),
+                "std": pooled[k].std(),
+                "pixels": pooled.shape[1],
+            },
+            rel=1e-6,
+        )
         assert full[name]["classes"]["background"] == pytest.approx(
-            {"mean": pooled[k].mean(), "std": pooled[k].std(), "pixels": pooled.shape[1]}, rel=1e-6)
+            {"mean": pooled[k].mean(), "std": pooled[k].std(), "pixels": pooled.shape[1]}, rel=1e-6
+        )
         assert full[name]["classes"]["disk"] == {"mean": None, "std": None, "pixels": 0}
     sampled = dataset_fingerprint(loaded, splits, facts, seed=1, max_pixels_per_case=1000)
     again = dataset_fingerprint(loaded, splits, facts, seed=1, max_pixels_per_case=1000)
@@ -142,28 +169,45 @@ def _configs(**profile_changes: Any) -> TrainConfigs:
     return TrainConfigs(train, load_config("networks"), augment)
 
 
-def _fingerprint(median: tuple[float, float] = (300.0, 200.0), channels: dict[str, dict[str, Any]] | None = None,
-                 modality: str | None = None, asked: dict[str, str] | None = None,
-                 dtype: str = "uint8") -> dict[str, Any]:
+def _fingerprint(
+    median: tuple[float, float] = (300.0, 200.0),
+    channels: dict[str, dict[str, Any]] | None = None,
+    modality: str | None = None,
+    asked: dict[str, str] | None = None,
+    dtype: str = "uint8",
+) -> dict[str, Any]:
     normal = {"p0.5": -2.58, "p50": 0.0, "p99.5": 2.58, "mean": 0.0, "std": 1.0}
-    return {"format": "segpipe-fingerprint/1", "shape": {"median": list(median)}, "modality": modality,
-            "plan": asked or {}, "channels": {"count": len(channels or [0]), "names": list(channels or {"gray": None})},
-            "intensity": {"dtype": dtype, "channels": channels or {"gray": normal}},
-            "classes": {"background": {"pixels": 900}, "cell": {"pixels": 100}}}
+    return {
+        "format": "segpipe-fingerprint/1",
+        "shape": {"median": list(median)},
+        "modality": modality,
+        "plan": asked or {},
+        "channels": {"count": len(channels or [0]), "names": list(channels or {"gray": None})},
+        "intensity": {"dtype": dtype, "channels": channels or {"gray": normal}},
+        "classes": {"background": {"pixels": 900}, "cell": {"pixels": 100}},
+    }
 
 
-def _plan(network: str = "unet", profile: str = "default", fingerprint: dict | None = None,
-          configs: TrainConfigs | None = None, **overrides: Any):
+def _plan(
+    network: str = "unet",
+    profile: str = "default",
+    fingerprint: dict | None = None,
+    configs: TrainConfigs | None = None,
+    **overrides: Any,
+):
     settings = resolve_settings(configs or _configs(), "mine", network, profile, overrides)
     return plan_training(fingerprint or _fingerprint(), settings)
 
 
-@pytest.mark.parametrize("network, overrides", [
-    ("unet", {}),                                               # same padding: multiples of 16
-    ("unet", {"network_preset": "paper"}),                      # valid padding: 4, 20, ..., 116, 132
-    ("u2net", {}),
-    ("unetpp", {}),
-])
+@pytest.mark.parametrize(
+    "network, overrides",
+    [
+        ("unet", {}),  # same padding: multiples of 16
+        ("unet", {"network_preset": "paper"}),  # valid padding: 4, 20, ..., 116, 132
+        ("u2net", {}),
+        ("unetpp", {}),
+    ],
+)
 @pytest.mark.parametrize("median", [(300.0, 200.0), (70.5, 90.0), (40.0, 41.0)])
 def test_patch_size_obeys_the_size_contract(network: str, overrides: dict, median: tuple[float, float]) -> None:
     plan = _plan(network, fingerprint=_fingerprint(median), **overrides)
@@ -188,7 +232,7 @@ def test_batch_size_follows_the_memory_budget_and_is_clamped() -> None:
 
     sizes = [batch(b) for b in (16, 64, 256, 1024, 4096)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    assert sizes[0] == 4                    # clamped to 2, then one multiple of patches.num_samples (4)
+    assert sizes[0] == 4  # clamped to 2, then one multiple of patches.num_samples (4)
     assert all(s % 4 == 0 for s in sizes)
     assert batch(10**6, max_batch=32) == 32
     net = meta_network(_plan("unet").settings, _fingerprint())
@@ -204,7 +248,7 @@ def test_explicit_settings_win_and_the_plan_records_its_alternative() -> None:
     assert (patch["value"], patch["source"], patch["planned"]) == (32, "profile", 128)
     assert (batch["value"], batch["source"]) == (4, "profile") and batch["planned"] % 4 == 0
     assert (plan.settings["patch_size"], plan.settings["batch_size"]) == (32, 4)
-    plan = _plan("unet", patch_size=64)     # --set patch_size=64 over the default profile's null
+    plan = _plan("unet", patch_size=64)  # --set patch_size=64 over the default profile's null
     assert plan.entries["patch_size"]["source"] == "profile" and plan.settings["patch_size"] == 64
     assert plan.entries["batch_size"]["source"] == "planned"
 
@@ -217,17 +261,22 @@ def test_normalize_auto_is_resolved_per_channel() -> None:
     plan = _plan(fingerprint=_fingerprint(channels={"dapi": normal, "gfp": spiky}))
     channels = plan.entries["normalize"]["channels"]
     assert (channels["dapi"]["value"], channels["gfp"]["value"]) == ("zscore", "percentile")
-    assert plan.settings["augment"]["normalize"] == "percentile"     # one scheme for every channel
+    assert plan.settings["augment"]["normalize"] == "percentile"  # one scheme for every channel
     plan = _plan(fingerprint=_fingerprint(channels={"gray": normal}, modality="CT"))
     assert plan.entries["normalize"]["source"] == "card" and plan.settings["augment"]["normalize"] == "percentile"
     configs = _configs()
     configs.augment["mine"] = {**configs.augment["generic"], "normalize": "zscore"}
     plan = _plan(fingerprint=_fingerprint(channels={"gray": spiky}), configs=configs)
     assert plan.entries["normalize"] | {"channels": None} == {
-        "value": "zscore", "source": "preset", "why": "set in configs/augment.yaml", "planned": "percentile",
-        "channels": None}
+        "value": "zscore",
+        "source": "preset",
+        "why": "set in configs/augment.yaml",
+        "planned": "percentile",
+        "channels": None,
+    }
     assert plan.entries["clahe"]["source"] == "preset" and plan.entries["class_weights"]["value"] == pytest.approx(
-        [1000 / (2 * 900), 1000 / (2 * 100)])
+        [1000 / (2 * 900), 1000 / (2 * 100)]
+    )
 
 
 def test_card_plan_key_takes_only_auto(tmp_path: Path) -> None:
@@ -246,7 +295,7 @@ def test_fingerprint_records_the_card_request_dtype_and_class_statistics() -> No
     loaded, splits = _cases()
     fp = dataset_fingerprint(loaded, splits, {**FACTS, "plan": {"clahe": "auto"}}, seed=3)
     assert fp["plan"] == {"clahe": "auto"} and fp["intensity"]["dtype"] == "uint8"
-    classes = fp["intensity"]["channels"]["gray"]["classes"]     # image = 10 + 100 x class: constant per class
+    classes = fp["intensity"]["channels"]["gray"]["classes"]  # image = 10 + 100 x class: constant per class
     assert classes["disk"] == {"mean": 110.0, "std": 0.0, "pixels": 66}
     assert classes["bar"] == {"mean": 210.0, "std": 0.0, "pixels": 70}
     assert dataset_fingerprint(loaded, splits, FACTS, seed=3)["plan"] == {}
@@ -254,14 +303,23 @@ def test_fingerprint_records_the_card_request_dtype_and_class_statistics() -> No
 
 def _stats(p05: float, p995: float, per_class: list[tuple[float, float]]) -> dict[str, Any]:
     """One channel's fingerprint statistics with per-class (mean, std) of background and cell."""
-    return {"p0.5": p05, "p50": (p05 + p995) / 2, "p99.5": p995, "mean": 1.0, "std": (p995 - p05) / 5,
-            "classes": {name: {"mean": m, "std": sd, "pixels": 100}
-                        for name, (m, sd) in zip(("background", "cell"), per_class)}}
+    return {
+        "p0.5": p05,
+        "p50": (p05 + p995) / 2,
+        "p99.5": p995,
+        "mean": 1.0,
+        "std": (p995 - p05) / 5,
+        "classes": {
+            name: {"mean": m, "std": sd, "pixels": 100} for name, (m, sd) in zip(("background", "cell"), per_class)
+        },
+    }
 
 
-THREE = {"red": _stats(0, 100, [(50, 20), (80, 20)]),     # Fisher 900 / 800 = 1.1
-         "green": _stats(0, 100, [(40, 10), (120, 10)]),  # 6400 / 200 = 32: the best
-         "blue": _stats(0, 100, [(60, 5), (60, 30)])}     # 0; all narrow: p99.5 - p0.5 = 100 < 127.5
+THREE = {
+    "red": _stats(0, 100, [(50, 20), (80, 20)]),  # Fisher 900 / 800 = 1.1
+    "green": _stats(0, 100, [(40, 10), (120, 10)]),  # 6400 / 200 = 32: the best
+    "blue": _stats(0, 100, [(60, 5), (60, 30)]),
+}  # 0; all narrow: p99.5 - p0.5 = 100 < 127.5
 
 
 def test_channels_auto_keeps_the_channel_separating_the_classes_best() -> None:
@@ -271,7 +329,7 @@ def test_channels_auto_keeps_the_channel_separating_the_classes_best() -> None:
     entry = plan.entries["channels"]
     assert (entry["value"], entry["source"]) == ([1], "planned") and plan.settings["augment"]["channels"] == [1]
     assert entry["fisher"] == pytest.approx({"red": 900 / 800, "green": 32.0, "blue": 0.0})
-    assert set(plan.entries["normalize"]["channels"]) == {"green"}          # normalisation of the kept channel
+    assert set(plan.entries["normalize"]["channels"]) == {"green"}  # normalisation of the kept channel
     assert meta_network(plan.settings, _fingerprint(channels=THREE)).in_channels == 1
     one = _plan(fingerprint=_fingerprint(asked={"channels": "auto"})).entries["channels"]
     assert one["value"] is None and "nothing to choose" in one["why"]
@@ -289,13 +347,16 @@ def test_an_explicit_preset_wins_over_the_card_and_records_the_planned_alternati
     assert set(plan.entries["normalize"]["channels"]) == {"red"}
 
 
-@pytest.mark.parametrize("dtype, spread, clahe", [
-    ("uint8", 100.0, CLAHE_CLIP),      # 100 < 0.5 x 255
-    ("uint8", 200.0, None),
-    ("uint16", 30000.0, CLAHE_CLIP),   # < 0.5 x 65535
-    ("uint16", 40000.0, None),
-    ("float32", 0.1, None),            # no dtype range: never
-])
+@pytest.mark.parametrize(
+    "dtype, spread, clahe",
+    [
+        ("uint8", 100.0, CLAHE_CLIP),  # 100 < 0.5 x 255
+        ("uint8", 200.0, None),
+        ("uint16", 30000.0, CLAHE_CLIP),  # < 0.5 x 65535
+        ("uint16", 40000.0, None),
+        ("float32", 0.1, None),  # no dtype range: never
+    ],
+)
 def test_clahe_auto_on_narrow_integer_data_only(dtype: str, spread: float, clahe: float | None) -> None:
     channels = {"gray": _stats(10.0, 10.0 + spread, [(20, 5), (60, 5)])}
     plan = _plan(fingerprint=_fingerprint(channels=channels, asked={"clahe": "auto"}, dtype=dtype))
@@ -307,7 +368,7 @@ def test_clahe_auto_on_narrow_integer_data_only(dtype: str, spread: float, clahe
 def test_without_the_card_asking_channels_and_clahe_stay_the_presets() -> None:
     configs = _configs()
     configs.augment["mine"] = {**configs.augment["generic"], "channels": None, "clahe": None}
-    plan = _plan(fingerprint=_fingerprint(channels=THREE), configs=configs)   # narrow uint8 channels
+    plan = _plan(fingerprint=_fingerprint(channels=THREE), configs=configs)  # narrow uint8 channels
     for key in ("channels", "clahe"):
         assert plan.entries[key]["value"] is None and plan.entries[key]["source"] == "preset"
         assert "planned" not in plan.entries[key] and plan.settings["augment"][key] is None
@@ -337,11 +398,12 @@ def test_paper_datasets_keep_their_calibrated_settings(dataset: str, network: st
     assert (settings["patch_size"], settings["batch_size"]) == (96, 16)
     assert settings["weight_map"] is (dataset != "drive")
     channels = {"red": {}, "green": {}, "blue": {}} if dataset == "drive" else {"gray": {}}
-    fingerprint = _fingerprint((584.0, 565.0), channels={k: {"p0.5": 0.0, "p50": 1.0, "p99.5": 9.0, "mean": 1.0,
-                                                             "std": 1.0} for k in channels})
+    fingerprint = _fingerprint(
+        (584.0, 565.0), channels={k: {"p0.5": 0.0, "p50": 1.0, "p99.5": 9.0, "mean": 1.0, "std": 1.0} for k in channels}
+    )
     plan = plan_training(fingerprint, settings)
     assert (plan.settings["patch_size"], plan.settings["batch_size"]) == (96, 16)
-    assert plan.settings["augment"] == settings["augment"]          # their presets set normalize
+    assert plan.settings["augment"] == settings["augment"]  # their presets set normalize
     assert {plan.entries[k]["source"] for k in ("patch_size", "batch_size", "normalize")} == {"profile", "preset"}
 
 
@@ -356,8 +418,21 @@ def test_prepare_writes_the_fingerprint_and_training_uses_the_plan(project: Fixt
     assert list(fp["classes"]) == CLASSES and fp["shape"]["median"] == [32.0, 40.0]
     assert fp["intensity"]["region"] == "fov" and set(fp["objects"]) == {"disk", "bar"}
 
-    args = ["train", "three", "unet", "--profile", "smoke", "--set", "patch_size=null", "--set", "batch_size=null",
-            "--set", "plan.max_batch_size=8", "--set", "epochs=1"]
+    args = [
+        "train",
+        "three",
+        "unet",
+        "--profile",
+        "smoke",
+        "--set",
+        "patch_size=null",
+        "--set",
+        "batch_size=null",
+        "--set",
+        "plan.max_batch_size=8",
+        "--set",
+        "epochs=1",
+    ]
     assert main(args) == 0
     out = project.root / "models" / "three" / "unet"
     plan = json.loads((out / "plan.json").read_text())
@@ -369,8 +444,12 @@ def test_prepare_writes_the_fingerprint_and_training_uses_the_plan(project: Fixt
     assert config["augment"]["normalize"] == entries["normalize"]["value"] != "auto"
     assert read_checkpoint(out / "best.pt")["augment"]["normalize"] == entries["normalize"]["value"]
     client = MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("three").experiment_id], "tags.stage = 'train'",
-                             order_by=["start_time DESC"], max_results=1)[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("three").experiment_id],
+        "tags.stage = 'train'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )[0]
     assert run.data.params["plan.patch_size"] == "32" and run.data.params["plan.batch_size"] == "8"
     assert run.data.params["plan.memory_budget_mb"] == "2048"
     assert "plan.json" in {a.path for a in client.list_artifacts(run.info.run_id)}

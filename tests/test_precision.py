@@ -1,5 +1,6 @@
 """The `precision` parameter: bf16 parity with fp32 on every architecture, refusals, warnings,
 and a deterministic bf16 training."""
+
 from __future__ import annotations
 
 import os
@@ -104,8 +105,11 @@ def test_fp16_needs_cuda_and_unknown_precisions_are_named() -> None:
     with pytest.raises(ConfigError, match="precision"):
         load_settings(precision="fp8")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        predict(build_network("unet", 1, 1, widths=[4, 4, 4, 4, 4]), np.zeros((1, 32, 32), np.float32),
-                settings=load_settings(precision="fp16"))
+        predict(
+            build_network("unet", 1, 1, widths=[4, 4, 4, 4, 4]),
+            np.zeros((1, 32, 32), np.float32),
+            settings=load_settings(precision="fp16"),
+        )
 
 
 def test_bf16_without_native_instructions_warns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,8 +140,9 @@ def test_bf16_training_is_deterministic_and_recorded(drive_project: FixtureProje
     assert weights[0]["precision"] == "bf16" and fp32["precision"] == "fp32"
     for key, value in weights[0]["state_dict"].items():
         assert torch.equal(value, weights[1]["state_dict"][key]), key
-    assert any(not torch.equal(v, fp32["state_dict"][k]) for k, v in weights[0]["state_dict"].items()
-               if v.is_floating_point()), "bf16 trained like fp32"
+    assert any(
+        not torch.equal(v, fp32["state_dict"][k]) for k, v in weights[0]["state_dict"].items() if v.is_floating_point()
+    ), "bf16 trained like fp32"
     assert read_checkpoint(out / "last.pt")["settings"]["precision"] == "fp32"
 
 

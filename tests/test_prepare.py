@@ -1,4 +1,5 @@
 """`segpipe prepare` and `segpipe manifest`: validation failures, conversion, splits."""
+
 from __future__ import annotations
 
 import json
@@ -247,8 +248,9 @@ def test_manifest_command_matches_an_independent_manifest(project: FixtureProjec
         for name, data in members.items():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes(data)
-    out = write_file_manifest("drive", str(source), read_config("data", check_data_config),
-                              str(tmp_path / "drive_files.csv"))
+    out = write_file_manifest(
+        "drive", str(source), read_config("data", check_data_config), str(tmp_path / "drive_files.csv")
+    )
     ours = pd.read_csv(out).sort_values("path").reset_index(drop=True)
     reference = pd.read_csv(project.root / "data_manifests/drive_files.csv").sort_values("path").reset_index(drop=True)
     pd.testing.assert_frame_equal(ours, reference, check_dtype=False)

@@ -1,6 +1,7 @@
 """`segpipe prepare` against hostile inputs: bombs and duplicates refused before unpacking, image
 headers claiming huge sizes refused before decoding, and the temporary folders of killed prepares
 removed at the next start (simulated, and a real SIGKILL mid-prepare)."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def test_prepare_refuses_a_zip_bomb_before_unpacking(project: FixtureProject) ->
     archive = hela_zip(project, [*ctc_members(HELA).items(), (bomb, deflated_zeros(1400))], zipfile.ZIP_STORED)
     patch_zip(archive, bomb, method=zipfile.ZIP_DEFLATED, crc=crc_of_zeros(1400), usize=1400 * MIB)
     install_zip(project, "hela", archive)
-    with pytest.raises(SegpipeError, match=rf"data/raw/hela/{HELA}\.zip: member {bomb}: declares 1468006400 bytes "
-                                           r"from 14\d{5} compressed .*refused before unpacking"):
+    with pytest.raises(
+        SegpipeError,
+        match=rf"data/raw/hela/{HELA}\.zip: member {bomb}: declares 1468006400 bytes "
+        r"from 14\d{5} compressed .*refused before unpacking",
+    ):
         prepare("hela")
     assert not prepared(project, "hela").exists() and no_temp_left(project)
 
@@ -85,10 +89,13 @@ def liar_png(path: Path, shape: tuple[int, int] = (35000, 35000)) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (liar_tiff, rf"the header declares a 35000x35000 image \(1225000000 values\), more than the limit of {LIMIT}"),
-    (liar_png, r"cannot read as an image \(DecompressionBombError: Image size \(1225000000 pixels\)"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (liar_tiff, rf"the header declares a 35000x35000 image \(1225000000 values\), more than the limit of {LIMIT}"),
+        (liar_png, r"cannot read as an image \(DecompressionBombError: Image size \(1225000000 pixels\)"),
+    ],
+)
 def test_image_headers_claiming_huge_sizes_are_refused_before_decoding(tmp_path: Path, make, message: str) -> None:
     path = make(tmp_path / ("liar.tif" if make is liar_tiff else "liar.png"))
     tracemalloc.start()
@@ -176,8 +183,14 @@ def test_prepare_killed_with_sigkill_is_cleaned_at_the_next_start(project: Fixtu
         "prepare.validate = hold\n"
         "run('hela')\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", child], cwd=project.root, env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child],
+        cwd=project.root,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_line(proc, "unpacked", timeout=120)
         stale = list((project.root / "data" / "prepared").glob(".hela.tmp-*"))

@@ -1,4 +1,5 @@
 """The per-dataset training chain from configs/augment.yaml: shapes, consistency, reproducibility."""
+
 from __future__ import annotations
 
 import copy
@@ -97,8 +98,8 @@ def test_preprocess_normalises() -> None:
 def test_green_channel_and_clahe() -> None:
     rng = np.random.default_rng(0)
     img = np.zeros((3, 64, 64), np.uint8)
-    img[1] = 100 + rng.integers(0, 8, (64, 64))   # low-contrast green channel
-    img[1, :, 30:34] += 20                         # a faint vertical "vessel"
+    img[1] = 100 + rng.integers(0, 8, (64, 64))  # low-contrast green channel
+    img[1, :, 30:34] += 20  # a faint vertical "vessel"
     img[0], img[2] = 255, 7
     cfg = copy.deepcopy(load_config("augment")["drive"])
     cfg.update(channels=[1], clahe=None, normalize="percentile")
@@ -122,8 +123,9 @@ def test_green_channel_and_clahe() -> None:
 def test_config_errors_name_the_problem() -> None:
     cfg = copy.deepcopy(load_config("augment")["drive"])
     cfg["elastic"]["sigmaa"] = 3
-    with pytest.raises(SegpipeError,
-                       match=r"drive.elastic: unknown keys \['sigmaa'\] \('sigmaa': did you mean 'sigma'\?\)"):
+    with pytest.raises(
+        SegpipeError, match=r"drive.elastic: unknown keys \['sigmaa'\] \('sigmaa': did you mean 'sigma'\?\)"
+    ):
         build_train_transforms("drive", 0, 16, config=cfg)
     del cfg["elastic"]["sigmaa"]
     cfg["normalize"] = "minmax"

@@ -1,5 +1,6 @@
 """A fourth network, defined here, joins through the public registry and is trained and evaluated
 with the smoke profile: losses, training and evaluation read its heads, nothing else knows it."""
+
 from __future__ import annotations
 
 import json

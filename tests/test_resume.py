@@ -1,6 +1,7 @@
 """Resume of an interrupted or killed `segpipe infer` (`pipeline.inference.run.resume`): the outputs of a
 resumed run equal those of an uninterrupted one bit for bit, in every output format and window
 strategy; a changed input, model or setting starts over and says why; SIGKILL at random moments."""
+
 from __future__ import annotations
 
 import json
@@ -180,9 +181,26 @@ def test_a_live_run_on_the_same_output_is_refused(tmp_path):
 
 
 def _infer_cmd(ckpt: Path, image: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "infer", "--model", str(ckpt), "--input", str(image),
-            "--output", str(out), "--tile", "64", "--overlap", "0.5", "--save-probabilities",
-            "--format", "ome-tiff", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "infer",
+        "--model",
+        str(ckpt),
+        "--input",
+        str(image),
+        "--output",
+        str(out),
+        "--tile",
+        "64",
+        "--overlap",
+        "0.5",
+        "--save-probabilities",
+        "--format",
+        "ome-tiff",
+        "--no-progress",
+    ]
 
 
 def _rows_done(folder: Path) -> int:
@@ -215,8 +233,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(17)
     recorded, said = [], []  # rows done when each kill struck; what each run printed
     for run in range(10):
-        proc = subprocess.Popen(_infer_cmd(ckpt, image, out), cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            _infer_cmd(ckpt, image, out),
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         start = _rows_done(folder)
         early = rng.random() < 0.25  # killed while starting, else once this run has its record
         more, delay = rng.randint(1, 400), rng.uniform(0.0, 2.0 if early else 3.0)

@@ -1,5 +1,6 @@
 """`pipeline.inference.predict_file`: every format round trip equals `predict`, metadata kept,
 atomic outputs, bad input, bounded memory, and `segpipe infer`."""
+
 from __future__ import annotations
 
 import json
@@ -54,22 +55,48 @@ def _hwc(a: np.ndarray) -> np.ndarray:
 
 # (file name, channels, dtype, writer) -- each writer stores a (C, H, W) array in one layout
 WRITERS: list[tuple[str, int, type, Callable[[Path, np.ndarray], None]]] = [
-    ("tiled_zlib.tif", 3, np.uint8,
-     lambda p, a: tifffile.imwrite(p, _hwc(a), tile=(32, 32), compression="zlib", photometric="rgb")),
+    (
+        "tiled_zlib.tif",
+        3,
+        np.uint8,
+        lambda p, a: tifffile.imwrite(p, _hwc(a), tile=(32, 32), compression="zlib", photometric="rgb"),
+    ),
     ("contiguous.tif", 3, np.uint8, lambda p, a: tifffile.imwrite(p, _hwc(a), photometric="rgb")),
-    ("strips_lzw.tif", 3, np.uint8,
-     lambda p, a: tifffile.imwrite(p, _hwc(a), rowsperstrip=7, compression="lzw", photometric="rgb")),
-    ("planar.tif", 3, np.uint8,
-     lambda p, a: tifffile.imwrite(p, a, planarconfig="separate", photometric="rgb", rowsperstrip=16,
-                                   compression="zlib")),
-    ("bigtiff_tiles.tif", 3, np.uint8,
-     lambda p, a: tifffile.imwrite(p, _hwc(a), bigtiff=True, tile=(16, 48), photometric="rgb")),
-    ("channels.ome.tif", 3, np.uint8,
-     lambda p, a: tifffile.imwrite(p, a, metadata={"axes": "CYX"}, tile=(32, 32), compression="zlib")),
+    (
+        "strips_lzw.tif",
+        3,
+        np.uint8,
+        lambda p, a: tifffile.imwrite(p, _hwc(a), rowsperstrip=7, compression="lzw", photometric="rgb"),
+    ),
+    (
+        "planar.tif",
+        3,
+        np.uint8,
+        lambda p, a: tifffile.imwrite(
+            p, a, planarconfig="separate", photometric="rgb", rowsperstrip=16, compression="zlib"
+        ),
+    ),
+    (
+        "bigtiff_tiles.tif",
+        3,
+        np.uint8,
+        lambda p, a: tifffile.imwrite(p, _hwc(a), bigtiff=True, tile=(16, 48), photometric="rgb"),
+    ),
+    (
+        "channels.ome.tif",
+        3,
+        np.uint8,
+        lambda p, a: tifffile.imwrite(p, a, metadata={"axes": "CYX"}, tile=(32, 32), compression="zlib"),
+    ),
     ("bigendian16.tif", 1, np.uint16, lambda p, a: tifffile.imwrite(p, a[0], byteorder=">", tile=(32, 32))),
-    ("float.tif", 2, np.float32,
-     lambda p, a: tifffile.imwrite(p, _hwc(a), photometric="minisblack", planarconfig="contig", predictor=3,
-                                   compression="zlib")),
+    (
+        "float.tif",
+        2,
+        np.float32,
+        lambda p, a: tifffile.imwrite(
+            p, _hwc(a), photometric="minisblack", planarconfig="contig", predictor=3, compression="zlib"
+        ),
+    ),
     ("image.nii.gz", 3, np.uint8, lambda p, a: nib.save(nib.Nifti1Image(a, np.eye(4)), str(p))),
     ("image.nii", 1, np.float32, lambda p, a: nib.save(nib.Nifti1Image(a[0], np.eye(4)), str(p))),
     ("rgb.png", 3, np.uint8, lambda p, a: iio.imwrite(p, _hwc(a))),
@@ -110,16 +137,20 @@ def test_jpeg_round_trip(tmp_path):
     iio.imwrite(src, _hwc(_image(3, seed=1)))
     decoded = np.moveaxis(iio.imread(src), -1, 0)
     net = _unet()
-    predict_file(net, src, tmp_path / "seg.tif", probabilities_path=tmp_path / "prob.tif", tile=32,
-                 probabilities_dtype="float32")
+    predict_file(
+        net, src, tmp_path / "seg.tif", probabilities_path=tmp_path / "prob.tif", tile=32, probabilities_dtype="float32"
+    )
     np.testing.assert_array_equal(_read_output(tmp_path / "prob.tif"), predict(net, decoded, tile=32))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(compression="jpeg", tile=(32, 32), photometric="rgb"),  # slide-scanner style (YCbCr, subsampled)
-    dict(compression="jpeg", rowsperstrip=16, photometric="rgb", subsampling=(1, 1)),
-    dict(compression="zstd", tile=(16, 32), predictor=True, photometric="rgb"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(compression="jpeg", tile=(32, 32), photometric="rgb"),  # slide-scanner style (YCbCr, subsampled)
+        dict(compression="jpeg", rowsperstrip=16, photometric="rgb", subsampling=(1, 1)),
+        dict(compression="zstd", tile=(16, 32), predictor=True, photometric="rgb"),
+    ],
+)
 def test_lossy_and_other_codecs_read_like_tifffile(tmp_path, kwargs):
     tifffile.imwrite(tmp_path / "in.tif", _hwc(_image(3, seed=2)), **kwargs)
     decoded = np.moveaxis(tifffile.imread(tmp_path / "in.tif"), -1, 0)
@@ -128,8 +159,9 @@ def test_lossy_and_other_codecs_read_like_tifffile(tmp_path, kwargs):
         np.testing.assert_array_equal(reader.read_rows(17, 50), decoded[:, 17:50])
 
 
-@pytest.mark.parametrize("name", ["tiled_zlib.tif", "strips_lzw.tif", "planar.tif", "channels.ome.tif", "image.nii.gz",
-                                  "vector.mha"])
+@pytest.mark.parametrize(
+    "name", ["tiled_zlib.tif", "strips_lzw.tif", "planar.tif", "channels.ome.tif", "image.nii.gz", "vector.mha"]
+)
 def test_readers_give_any_row_band(tmp_path, name):
     _, channels, dtype, write = next(w for w in WRITERS if w[0] == name)
     image = _image(channels, dtype, seed=3)
@@ -144,8 +176,15 @@ def test_valid_unet_streamed_equals_whole_mirror_padded_image(tmp_path):
     net = _unet(padding="valid", seed=4)
     image = _image(3, seed=4, h=83, w=61)
     tifffile.imwrite(tmp_path / "in.tif", _hwc(image), tile=(16, 16), photometric="rgb")
-    predict_file(net, tmp_path / "in.tif", tmp_path / "seg.tif", probabilities_path=tmp_path / "prob.tif",
-                 tile=24, batch_size=3, probabilities_dtype="float32")
+    predict_file(
+        net,
+        tmp_path / "in.tif",
+        tmp_path / "seg.tif",
+        probabilities_path=tmp_path / "prob.tif",
+        tile=24,
+        batch_size=3,
+        probabilities_dtype="float32",
+    )
     halo, hh, ww = net.halo, net.valid_output_size(83), net.valid_output_size(61)
     x = np.pad(image.astype(np.float32) / 255, ((0, 0), (halo, halo + hh - 83), (halo, halo + ww - 61)), mode="reflect")
     with torch.inference_mode():
@@ -159,14 +198,27 @@ def test_probability_encodings_and_threshold(tmp_path):
     net = _unet(cout=1, seed=5)
     expected = predict(net, image, tile=32)
     threshold = float(np.median(expected))  # half the pixels on each side: the threshold matters
-    predict_file(net, tmp_path / "in.tif", tmp_path / "s8.tif", probabilities_path=tmp_path / "p8.tif", tile=32,
-                 probabilities_dtype="uint8", threshold=threshold)
+    predict_file(
+        net,
+        tmp_path / "in.tif",
+        tmp_path / "s8.tif",
+        probabilities_path=tmp_path / "p8.tif",
+        tile=32,
+        probabilities_dtype="uint8",
+        threshold=threshold,
+    )
     np.testing.assert_array_equal(_read_output(tmp_path / "p8.tif"), np.rint(expected * 255).astype(np.uint8))
     labels = _read_output(tmp_path / "s8.tif")[0]
     np.testing.assert_array_equal(labels, (expected[0] >= threshold).astype(np.uint8))
     assert 0.3 < labels.mean() < 0.7
-    predict_file(net, tmp_path / "in.tif", tmp_path / "s16.tif", probabilities_path=tmp_path / "p16.tif", tile=32,
-                 probabilities_dtype="float16")
+    predict_file(
+        net,
+        tmp_path / "in.tif",
+        tmp_path / "s16.tif",
+        probabilities_path=tmp_path / "p16.tif",
+        tile=32,
+        probabilities_dtype="float16",
+    )
     p16 = _read_output(tmp_path / "p16.tif")
     assert p16.dtype == np.float16
     np.testing.assert_array_equal(p16, expected.astype(np.float16))
@@ -175,8 +227,9 @@ def test_probability_encodings_and_threshold(tmp_path):
 def test_spacing_and_metadata_are_kept(tmp_path):
     net = _unet()
     image = _image(3, seed=6)
-    tifffile.imwrite(tmp_path / "res.tif", _hwc(image), photometric="rgb", resolution=(2.5, 4.0),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        tmp_path / "res.tif", _hwc(image), photometric="rgb", resolution=(2.5, 4.0), resolutionunit="CENTIMETER"
+    )
     predict_file(net, tmp_path / "res.tif", tmp_path / "res_seg.tif", tile=32)
     with tifffile.TiffFile(tmp_path / "res_seg.tif") as tif:
         page = tif.pages[0]
@@ -184,9 +237,17 @@ def test_spacing_and_metadata_are_kept(tmp_path):
         assert page.tags["ResolutionUnit"].value == 3
         assert page.tags["XResolution"].value == (5, 2) and page.tags["YResolution"].value == (4, 1)
 
-    tifffile.imwrite(tmp_path / "ome.ome.tif", image, metadata={
-        "axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm",
-        "PhysicalSizeY": 0.25, "PhysicalSizeYUnit": "µm"})
+    tifffile.imwrite(
+        tmp_path / "ome.ome.tif",
+        image,
+        metadata={
+            "axes": "CYX",
+            "PhysicalSizeX": 0.5,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": 0.25,
+            "PhysicalSizeYUnit": "µm",
+        },
+    )
     seg, _ = output_paths(tmp_path / "ome.ome.tif", tmp_path)
     assert seg.name == "ome_seg.ome.tif"
     predict_file(net, tmp_path / "ome.ome.tif", seg, tile=32)
@@ -229,9 +290,15 @@ def test_interrupted_run_leaves_nothing_but_its_progress(tmp_path, out_name):
     tifffile.imwrite(tmp_path / "in.tif", _hwc(image), photometric="rgb")
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        predict_file(Exploding(_unet(), after=3), tmp_path / "in.tif", out / out_name,
-                     probabilities_path=out / ("prob" + out_name[3:]), tile=32, batch_size=1,
-                     settings=load_settings(None, tiff_tile=16))  # some tile rows reach the temp file
+        predict_file(
+            Exploding(_unet(), after=3),
+            tmp_path / "in.tif",
+            out / out_name,
+            probabilities_path=out / ("prob" + out_name[3:]),
+            tile=32,
+            batch_size=1,
+            settings=load_settings(None, tiff_tile=16),
+        )  # some tile rows reach the temp file
     assert [p.name for p in out.iterdir()] == [f".{out_name}.resume"]  # no output, no temp file (tests/test_resume.py)
 
 
@@ -264,8 +331,19 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path):
         predict_file(net, tmp_path / "ok.tif", tmp_path / "ok.tif", tile=32)
     assert not out.exists() or list(out.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["broken.tif", "broken.nii.gz", "broken.png", "broken.mha", "gray.tif", "empty.tif", "empty.nii.gz",
-         "ok.tif", "a_file"] + (["out"] if out.exists() else []))
+        [
+            "broken.tif",
+            "broken.nii.gz",
+            "broken.png",
+            "broken.mha",
+            "gray.tif",
+            "empty.tif",
+            "empty.nii.gz",
+            "ok.tif",
+            "a_file",
+        ]
+        + (["out"] if out.exists() else [])
+    )
 
 
 _MEMORY_SCRIPT = textwrap.dedent(
@@ -308,8 +386,9 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 
 def _peak_growth(mode: str, folder: Path) -> float:
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peaks = json.loads(proc.stdout.strip().splitlines()[-1])
     return peaks["large"] - peaks["small"]
@@ -340,9 +419,27 @@ def test_cli_infer_several_inputs_model_loaded_once(tmp_path, monkeypatch, capsy
         images[name] = _image(3, seed=10 + i)
         (tifffile.imwrite if name.endswith(".tif") else iio.imwrite)(tmp_path / name, _hwc(images[name]))
     out = tmp_path / "out"
-    code = main(["infer", "--model", str(ckpt), "--input", str(tmp_path / "*.tif"), "--input", str(tmp_path / "c.png"),
-                 "--output", str(out), "--tile", "32", "--save-probabilities", "--probabilities-dtype", "float32",
-                 "--tta", "h", "--no-progress"])
+    code = main(
+        [
+            "infer",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(tmp_path / "*.tif"),
+            "--input",
+            str(tmp_path / "c.png"),
+            "--output",
+            str(out),
+            "--tile",
+            "32",
+            "--save-probabilities",
+            "--probabilities-dtype",
+            "float32",
+            "--tta",
+            "h",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and len(calls) == 1
     summary = capsys.readouterr().out.strip().splitlines()
     assert len(summary) == 3 and all("Mpx/s" in line and "peak RSS" in line and "90x70x3" in line for line in summary)
@@ -353,8 +450,20 @@ def test_cli_infer_several_inputs_model_loaded_once(tmp_path, monkeypatch, capsy
         np.testing.assert_array_equal(_read_output(out / f"{stem}_seg.tif")[0], expected.argmax(0))
 
     (tmp_path / "bad.tif").write_bytes(b"garbage")
-    code = main(["infer", "--model", str(ckpt), "--input", str(tmp_path / "*.tif"), "--output", str(tmp_path / "out2"),
-                 "--tile", "32", "--no-progress"])
+    code = main(
+        [
+            "infer",
+            "--model",
+            str(ckpt),
+            "--input",
+            str(tmp_path / "*.tif"),
+            "--output",
+            str(tmp_path / "out2"),
+            "--tile",
+            "32",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "bad.tif" in err
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a_seg.tif", "b_seg.tif"]

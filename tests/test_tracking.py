@@ -1,5 +1,6 @@
 """MLflow as users inspect it (pipeline/tracking.py): the experiment kind, dataset inputs with
 digests and contexts, system metrics, one parent run per run group, mlflow.json for the report."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,12 @@ PARENT_TAG = "mlflow.parentRunId"
 
 def set_tracking(root: Path, *, interval: float = 0.1, enabled: bool = True, run_groups: bool = True) -> None:
     """configs/tracking.yaml of the test project (no MLflow model: tests/test_mlflow_model.py)."""
-    cfg = {"system_metrics": {"enabled": enabled, "sampling_interval_seconds": interval}, "run_groups": run_groups,
-           "log_model": False, "register_model": False}
+    cfg = {
+        "system_metrics": {"enabled": enabled, "sampling_interval_seconds": interval},
+        "run_groups": run_groups,
+        "log_model": False,
+        "register_model": False,
+    }
     (root / "configs" / "tracking.yaml").write_text(yaml.safe_dump(cfg))
 
 
@@ -74,10 +79,16 @@ def test_experiments_are_model_training_new_and_existing(tmp_path: Path, monkeyp
     for name in ("kind-new", "kind-old", "kind-inferred", "kind-chosen"):
         with stage_run("prepare", name, params={}, manifest=tmp_path / "manifest.csv"):
             pass
-    kinds = {name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
-             for name in ("kind-new", "kind-old", "kind-inferred", "kind-chosen")}
-    assert kinds == {"kind-new": EXPERIMENT_KIND, "kind-old": EXPERIMENT_KIND, "kind-inferred": EXPERIMENT_KIND,
-                     "kind-chosen": "genai_development"}
+    kinds = {
+        name: client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+        for name in ("kind-new", "kind-old", "kind-inferred", "kind-chosen")
+    }
+    assert kinds == {
+        "kind-new": EXPERIMENT_KIND,
+        "kind-old": EXPERIMENT_KIND,
+        "kind-inferred": EXPERIMENT_KIND,
+        "kind-chosen": "genai_development",
+    }
 
 
 def test_train_run_has_datasets_system_metrics_and_a_parent(drive_project: FixtureProject) -> None:  # noqa: F811
@@ -85,15 +96,18 @@ def test_train_run_has_datasets_system_metrics_and_a_parent(drive_project: Fixtu
     train("drive", "unet", profile="smoke")
     run = latest("drive", "train", "unet")
     manifest = drive_project.root / "data" / "prepared" / "drive" / "manifest.csv"
-    assert inputs_of(run) == {"drive-train": expected(manifest, "train", "training"),
-                              "drive-val": expected(manifest, "val", "validation")}
+    assert inputs_of(run) == {
+        "drive-train": expected(manifest, "train", "training"),
+        "drive-val": expected(manifest, "val", "validation"),
+    }
     dataset = next(i.dataset for i in run.inputs.dataset_inputs if i.dataset.name == "drive-train")
     assert json.loads(dataset.source)["uri"] == "data/prepared/drive/manifest.csv" and dataset.source_type == "local"
     assert json.loads(dataset.profile)["num_rows"] == 4
     # prepare (the fixture) logged what it wrote: the same names and digests, context "output"
     assert inputs_of(latest("drive", "prepare")) == {
         split_name: (digest, {**tags, "mlflow.data.context": "output"})
-        for split_name, (digest, tags) in {**inputs_of(run), "drive-test": expected(manifest, "test", "")}.items()}
+        for split_name, (digest, tags) in {**inputs_of(run), "drive-test": expected(manifest, "test", "")}.items()
+    }
 
     assert set(SYSTEM) <= set(run.data.metrics)
     assert len(MlflowClient().get_metric_history(run.info.run_id, SYSTEM[0])) >= 1
@@ -104,7 +118,9 @@ def test_train_run_has_datasets_system_metrics_and_a_parent(drive_project: Fixtu
 
 
 def test_evaluate_run_has_test_and_val_inputs_system_metrics_and_mlflow_json(
-        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 (fixture)
+    work: Path,  # noqa: F811 (fixture)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     make_prepared(work, "drive", drive_case)
     make_checkpoint(work, "drive", "unet", "unet", 3, **UNET)
     set_tracking(work, interval=0.1)
@@ -117,14 +133,19 @@ def test_evaluate_run_has_test_and_val_inputs_system_metrics_and_mlflow_json(
     run_evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
     run = latest("drive", "evaluate", "unet")
     manifest = work / "data" / "prepared" / "drive" / "manifest.csv"
-    assert inputs_of(run) == {"drive-test": expected(manifest, "test", "testing"),
-                              "drive-val": expected(manifest, "val", "validation")}
+    assert inputs_of(run) == {
+        "drive-test": expected(manifest, "test", "testing"),
+        "drive-val": expected(manifest, "val", "validation"),
+    }
     assert set(SYSTEM) <= set(run.data.metrics)
 
     out = work / "results" / "drive" / "unet"
     record = json.loads((out / "mlflow.json").read_text())
-    assert record == {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                      "tracking_uri": tracking_uri()}
+    assert record == {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": tracking_uri(),
+    }
     metrics_text = (out / "metrics.json").read_text()
     assert run.info.run_id not in metrics_text and "run_id" not in metrics_text
 
@@ -227,12 +248,19 @@ def test_tracking_config_is_checked(work: Path) -> None:  # noqa: F811 (fixture)
     settings = tracking_settings(load_config("tracking"), "configs/tracking.yaml")  # the repo's file
     assert settings.system_metrics and settings.sampling_interval == 10.0 and settings.group
     assert settings.log_model and settings.register_model
-    good = {"system_metrics": {"enabled": True, "sampling_interval_seconds": 2}, "run_groups": False,
-            "log_model": False, "register_model": False}
+    good = {
+        "system_metrics": {"enabled": True, "sampling_interval_seconds": 2},
+        "run_groups": False,
+        "log_model": False,
+        "register_model": False,
+    }
     assert tracking_settings(good, "t.yaml") == TrackingSettings(True, 2.0, None)
     bad = {**good, "system_metrics": {"enabled": True, "sampling_interval_seconds": 0}}
-    with pytest.raises(ConfigError, match=r"t\.yaml: system_metrics\.sampling_interval_seconds must be a finite "
-                                          r"number > 0, got 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"t\.yaml: system_metrics\.sampling_interval_seconds must be a finite "
+        r"number > 0, got 0",
+    ):
         tracking_settings(bad, "t.yaml")
     with pytest.raises(ConfigError, match=r"unknown keys \['colour'\]"):
         tracking_settings({**good, "colour": "red"}, "t.yaml")
@@ -279,12 +307,24 @@ def test_two_stages_starting_at_once_on_a_fresh_store_both_finish(tmp_path: Path
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     (tmp_path / "fresh").mkdir()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
     ready = [tmp_path / "ready-a", tmp_path / "ready-b"]
-    procs = [subprocess.Popen([sys.executable, "-c", RACE_SCRIPT, str(me), str(other)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for me, other in (ready, ready[::-1])]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_SCRIPT, str(me), str(other)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for me, other in (ready, ready[::-1])
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     run_ids = [o.strip().splitlines()[-1] for o in outputs]
@@ -317,11 +357,13 @@ def test_stale_running_runs_of_the_stage_are_marked_killed(tmp_path: Path, monke
 
     stale = running(**{PID_TAG: str(dead.pid)})
     alive = running(**{PID_TAG: str(os.getpid())})
-    others = [running(**{PID_TAG: str(dead.pid), "network": "unetpp"}),
-              running(**{PID_TAG: str(dead.pid), "stage": "evaluate"}),
-              running(**{PID_TAG: str(dead.pid), HOST_TAG: "another-host"}),
-              running(**{PID_TAG: str(dead.pid), RUN_GROUP_TAG: "other-group"}),
-              client.create_run(experiment, tags={"stage": "train", "network": "unet"}).info.run_id]
+    others = [
+        running(**{PID_TAG: str(dead.pid), "network": "unetpp"}),
+        running(**{PID_TAG: str(dead.pid), "stage": "evaluate"}),
+        running(**{PID_TAG: str(dead.pid), HOST_TAG: "another-host"}),
+        running(**{PID_TAG: str(dead.pid), RUN_GROUP_TAG: "other-group"}),
+        client.create_run(experiment, tags={"stage": "train", "network": "unet"}).info.run_id,
+    ]
     with stage_run("train", "stale", params={}, manifest=tmp_path / "manifest.csv", network="unet") as tracker:
         new = tracker.active_run()
         assert new.data.tags[PID_TAG] == str(os.getpid()) and new.data.tags[HOST_TAG] == host

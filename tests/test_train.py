@@ -1,4 +1,5 @@
 """`segpipe train`: schedules, deterministic patches, a smoke run, resume after a kill, crash -> FAILED, DDP."""
+
 from __future__ import annotations
 
 import json
@@ -38,18 +39,25 @@ def _env() -> dict[str, str]:
 
 
 def _cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_learning_rate_schedules() -> None:
     cfg = {"name": "cosine", "warmup_steps": 2, "min_lr": 0.0, "poly_power": 0.9, "step_epochs": 2, "gamma": 0.5}
-    assert learning_rate(0, 12, 4, 1.0, cfg) == pytest.approx(0.5)   # warm-up 1/2
-    assert learning_rate(2, 12, 4, 1.0, cfg) == pytest.approx(1.0)   # t = 0
-    assert learning_rate(7, 12, 4, 1.0, cfg) == pytest.approx(0.5)   # t = 1/2
+    assert learning_rate(0, 12, 4, 1.0, cfg) == pytest.approx(0.5)  # warm-up 1/2
+    assert learning_rate(2, 12, 4, 1.0, cfg) == pytest.approx(1.0)  # t = 0
+    assert learning_rate(7, 12, 4, 1.0, cfg) == pytest.approx(0.5)  # t = 1/2
     assert learning_rate(12, 12, 4, 1.0, cfg) == pytest.approx(0.0)  # t = 1
     cfg.update(name="poly", warmup_steps=0)
-    assert learning_rate(6, 12, 4, 1.0, cfg) == pytest.approx(0.5 ** 0.9)
+    assert learning_rate(6, 12, 4, 1.0, cfg) == pytest.approx(0.5**0.9)
     cfg.update(name="step")
     assert [learning_rate(s, 24, 4, 1.0, cfg) for s in (0, 7, 8, 16)] == pytest.approx([1, 1, 0.5, 0.25])
     cfg.update(name="constant")
@@ -94,8 +102,9 @@ def test_smoke_training_writes_checkpoints_log_and_mlflow(drive_project: Fixture
     assert load_model(out / "best.pt").network_name == "unet"
     assert read_checkpoint(out / "last.pt")["epoch"] == 2
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("drive").experiment_id],
-                              filter_string="tags.stage = 'train'", max_results=1)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("drive").experiment_id], filter_string="tags.stage = 'train'", max_results=1
+    )
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["network"] == "unet"
     assert {"train_loss", "val_dice", "val_iou", "data_wait_share", "patches_per_s"} <= set(run.data.metrics)
@@ -108,8 +117,11 @@ def test_deep_supervision_logs_every_head(drive_project: FixtureProject) -> None
     train("drive", "u2net", profile="smoke", overrides={"epochs": 1})
     assert read_checkpoint(drive_project.root / "models/drive/u2net/best.pt")["network"] == "u2netp"
     client = MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("drive").experiment_id],
-                             filter_string="tags.stage = 'train' and tags.network = 'u2net'", max_results=1)[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("drive").experiment_id],
+        filter_string="tags.stage = 'train' and tags.network = 'u2net'",
+        max_results=1,
+    )[0]
     assert {f"train_loss_head{i}" for i in range(7)} <= set(run.data.metrics)  # fused + S1..S6
 
 
@@ -125,8 +137,9 @@ def test_a_crash_marks_the_run_failed(drive_project: FixtureProject, monkeypatch
     with pytest.raises(RuntimeError, match="disk on fire"):
         train("drive", "unet", profile="smoke")
     client = MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("drive").experiment_id],
-                             filter_string="tags.stage = 'train'", max_results=1)[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("drive").experiment_id], filter_string="tags.stage = 'train'", max_results=1
+    )[0]
     assert run.info.status == "FAILED"
 
 
@@ -139,8 +152,11 @@ def test_channels_last_trains_like_the_default_layout(drive_project: FixtureProj
         train("drive", "unet", profile="smoke", overrides={"channels_last": channels_last})
         logs[channels_last] = pd.read_csv(out / "log.csv")
         weights = [v for v in read_checkpoint(out / "last.pt")["state_dict"].values() if v.dim() == 4]
-        layouts[channels_last] = {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-                                  for w in weights if w.shape[2:] != (1, 1) and w.shape[1] > 1}
+        layouts[channels_last] = {
+            w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+            for w in weights
+            if w.shape[2:] != (1, 1) and w.shape[1] > 1
+        }
         os.rename(drive_project.root / "models", tmp_path / f"models-{channels_last}")
     assert layouts == {False: {False}, True: {True}}
     for key in ("train_loss", "val_dice"):
@@ -149,8 +165,9 @@ def test_channels_last_trains_like_the_default_layout(drive_project: FixtureProj
         resolve_settings(load_train_configs(), "drive", "unet", "smoke", {"channels_last": "yes"})
 
 
-def _killed_after_epoch_one(project: FixtureProject, monkeypatch: pytest.MonkeyPatch,
-                            settings: dict) -> tuple[Path, dict]:
+def _killed_after_epoch_one(
+    project: FixtureProject, monkeypatch: pytest.MonkeyPatch, settings: dict
+) -> tuple[Path, dict]:
     """A smoke training that dies in its second validation: (last.pt, its state after epoch 1)."""
     import pipeline.training.loop as train_module
 
@@ -173,8 +190,9 @@ def _killed_after_epoch_one(project: FixtureProject, monkeypatch: pytest.MonkeyP
     return last, state
 
 
-def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixtureProject,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_run_continues_the_wall_clock_budget(
+    drive_project: FixtureProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The killed run's checkpointed wall time counts against `max_minutes`: a run that had
     already used more than its budget stops after one step when resumed (a fresh budget of an hour
     would train the remaining epochs)."""
@@ -189,8 +207,9 @@ def test_a_resumed_run_continues_the_wall_clock_budget(drive_project: FixturePro
     assert log["elapsed_seconds"].iloc[-1] > 7200.0
 
 
-def test_a_resumed_training_continues_its_mlflow_run(drive_project: FixtureProject,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_resumed_training_continues_its_mlflow_run(
+    drive_project: FixtureProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A training interrupted after epoch 1 and resumed is ONE MLflow run holding every epoch's
     metrics at its epoch step; resuming a finished training adds no run."""
     from mlflow.tracking import MlflowClient
@@ -265,13 +284,18 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(drive_project: Fixture
     assert run.info.start_time >= killed_at
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
     experiment = client.get_experiment_by_name("drive").experiment_id
-    later = [r for r in client.search_runs([experiment], "tags.stage = 'train'", max_results=100)
-             if r.info.start_time >= killed_at]
+    later = [
+        r
+        for r in client.search_runs([experiment], "tags.stage = 'train'", max_results=100)
+        if r.info.start_time >= killed_at
+    ]
     assert [r.info.run_id for r in later] == [run.info.run_id]
     log = pd.read_csv(root / "models/drive/unet/log.csv")
-    pd.testing.assert_frame_equal(log[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],
-                                  reference[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],
-                                  rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        log[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],
+        reference[["epoch", "step", "lr", "train_loss", "val_dice", "val_iou"]],
+        rtol=1e-5,
+    )
     state = read_checkpoint(root / "models/drive/unet/best.pt")["state_dict"]
     for key, value in reference_state.items():
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
@@ -282,15 +306,45 @@ def test_two_gloo_processes_follow_one_process(drive_project: FixtureProject, tm
     """Same global batch split over 2 ranks: the same patches, gradients averaged by DDP. Only the
     batch-norm statistics differ (per rank), hence the tolerance."""
     root = drive_project.root
-    args = ["train", "drive", "unet", "--profile", "smoke", "--set", "epochs=3", "--set", "steps_per_epoch=3",
-            "--set", "val_every=10", "--set", "batch_size=8",
-            "--set", "max_minutes=100"]  # budget path: ranks share one clock
+    args = [
+        "train",
+        "drive",
+        "unet",
+        "--profile",
+        "smoke",
+        "--set",
+        "epochs=3",
+        "--set",
+        "steps_per_epoch=3",
+        "--set",
+        "val_every=10",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "max_minutes=100",
+    ]  # budget path: ranks share one clock
     single = _cli(args, root)
     assert single.wait(timeout=600) == 0, single.stdout.read()
     one = pd.read_csv(root / "models/drive/unet/log.csv")
     os.rename(root / "models", tmp_path / "single-models")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "pipeline", *args], cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            *args,
+        ],
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     two = pd.read_csv(root / "models/drive/unet/log.csv")
     assert list(two["step"]) == list(one["step"])
@@ -298,8 +352,9 @@ def test_two_gloo_processes_follow_one_process(drive_project: FixtureProject, tm
     assert two["train_loss"].iloc[-1] < two["train_loss"].iloc[0]
 
 
-def test_a_failed_run_never_mixes_its_files_with_the_previous_run(drive_project: FixtureProject,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_run_never_mixes_its_files_with_the_previous_run(
+    drive_project: FixtureProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A run that fails before its first checkpoint gives the previous run's files back; one that
     fails later keeps its own consistent, resumable set and the previous run aside until a run
     succeeds."""
@@ -350,8 +405,9 @@ def test_a_cell_training_chooses_and_records_its_instance_settings(project: Fixt
     assert 0 <= record["val_seg"] <= 1 and record["candidates"] > 10
     assert settings.min_size > 0 and settings.halo >= 16  # sized from the fingerprint's median object
     client = MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("hela").experiment_id],
-                             filter_string="tags.stage = 'train'", max_results=1)[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("hela").experiment_id], filter_string="tags.stage = 'train'", max_results=1
+    )[0]
     assert run.data.params["instances.method"] == settings.method and run.data.metrics["val_seg"] == record["val_seg"]
 
 

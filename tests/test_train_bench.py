@@ -1,5 +1,6 @@
 """`segpipe bench train` runs both loaders in both precisions and reports consistent figures
 (a benchmark, not a timing test)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,14 +13,30 @@ from pipeline.cli import main
 
 def test_bench_train_runs_both_loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # no prepared data here: synthetic images
-    code = main(["bench", "train", "--network", "unet", "--steps", "2", "--batch-size", "4",
-                 "--patch-size", "32", "--workers", "0", "--threads", "1"])
+    code = main(
+        [
+            "bench",
+            "train",
+            "--network",
+            "unet",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--patch-size",
+            "32",
+            "--workers",
+            "0",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "synthetic" in out
     assert "channels-last True" in out  # ours runs channels-last, as the smoke profile trains
     assert "conv peak" in out and "fp32" in out and "bf16" in out
     lines = out.splitlines()
-    table = lines[next(i for i, line in enumerate(lines) if line.startswith("conv peak")) + 1:]
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("conv peak")) + 1 :]
     rows = dict(line.split(None, 1) for line in table if line.strip())
     assert rows["network"].strip() == "unet"
     value = {k: float(v) for k, v in rows.items() if k != "network"}
@@ -44,8 +61,9 @@ def test_bench_quality_on_cells_at_equal_steps_reports_seg(project, capsys: pyte
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["profile"] = "smoke"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    table = run_quality("hela", "unet", equal_steps=True, overrides={"weight_map": False}, threads=1,
-                        workdir=project.root / "bench")
+    table = run_quality(
+        "hela", "unet", equal_steps=True, overrides={"weight_map": False}, threads=1, workdir=project.root / "bench"
+    )
     assert list(table["patches"])[1] == 4 * 4  # smoke: 4 steps of batch 4, as ours
     for column in ("seg_components", "seg", "instances"):
         assert table[column].notna().all()

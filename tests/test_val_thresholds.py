@@ -2,6 +2,7 @@
 against the exact ones and a hand-computed case, training storing them (best.pt, last.pt,
 thresholds.json, MLflow), `segpipe infer --threshold val / val-dice` on checkpoints and ONNX exports,
 its errors, the resume key, and the MLflow pyfunc model's `threshold` param."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,8 @@ def test_best_mean_dice_on_a_hand_computed_example() -> None:
     assert histogram_best_mean_dice(np.stack([one, two])) == pytest.approx((0.7, 5 / 6))
     assert histogram_best_f1(one + two) == pytest.approx((0.4, 0.8))
     assert validation_thresholds(np.stack([one, two])) == pytest.approx(
-        {"best_f1": 0.4, "best_dice": 0.7, "val_f1": 0.8, "val_dice": 5 / 6, "cases": 2})
+        {"best_f1": 0.4, "best_dice": 0.7, "val_f1": 0.8, "val_dice": 5 / 6, "cases": 2}
+    )
     assert validation_thresholds(np.stack([two])) is None and validation_thresholds(None) is None
 
 
@@ -74,12 +76,16 @@ def test_best_mean_dice_on_a_hand_computed_example() -> None:
 def _no_model_logging(project: FixtureProject) -> None:
     """The MLflow model is tested in test_mlflow_model.py; here the pyfunc class is used directly."""
     tracking = project.root / "configs" / "tracking.yaml"
-    tracking.write_text(tracking.read_text().replace("log_model: true", "log_model: false")
-                        .replace("register_model: true", "register_model: false"))
+    tracking.write_text(
+        tracking.read_text()
+        .replace("log_model: true", "log_model: false")
+        .replace("register_model: true", "register_model: false")
+    )
 
 
-def test_training_stores_thresholds_that_infer_and_the_pyfunc_model_use(project: FixtureProject, tmp_path: Path,
-                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_training_stores_thresholds_that_infer_and_the_pyfunc_model_use(
+    project: FixtureProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _no_model_logging(project)
     assert add("two", write_folders(project.root / "mine"), "--classes", "background,vessel") == 0
     assert main(["prepare", "two"]) == 0
@@ -109,9 +115,26 @@ def test_training_stores_thresholds_that_infer_and_the_pyfunc_model_use(project:
     image = project.root / "mine" / "images" / "slice_00.png"
     for name, key in (("val", "best_f1"), ("val-dice", "best_dice")):
         target = tmp_path / name
-        assert main(["infer", "--model", str(out / "best.pt"), "--input", str(image), "--output", str(target),
-                     "--threshold", name, "--save-probabilities", "--probabilities-dtype", "float32",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "infer",
+                    "--model",
+                    str(out / "best.pt"),
+                    "--input",
+                    str(image),
+                    "--output",
+                    str(target),
+                    "--threshold",
+                    name,
+                    "--save-probabilities",
+                    "--probabilities-dtype",
+                    "float32",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         assert f"threshold {name} = {thresholds[key]:g} ({key} on {len(cases)} validation" in capsys.readouterr().out
         probs = tifffile.imread(target / "slice_00_prob.tif")
         np.testing.assert_array_equal(tifffile.imread(target / "slice_00_seg.tif"), probs >= thresholds[key])
@@ -126,8 +149,9 @@ def test_training_stores_thresholds_that_infer_and_the_pyfunc_model_use(project:
     model.load_context(SimpleNamespace(artifacts={"checkpoint": str(out / "best.pt"), "settings": str(settings_file)}))
     array = prepared.load(prepared.cases("val")[0])["image"].astype(np.float32)
     probs = model.predict(None, array, params={"output": "probabilities"})[0]
-    np.testing.assert_array_equal(model.predict(None, array, params={"threshold": "val"}),
-                                  probs >= thresholds["best_f1"])
+    np.testing.assert_array_equal(
+        model.predict(None, array, params={"threshold": "val"}), probs >= thresholds["best_f1"]
+    )
     np.testing.assert_array_equal(model.predict(None, array, params={"threshold": "0.3"}), probs >= 0.3)
     np.testing.assert_array_equal(model.predict(None, array), probs >= 0.5)
     with pytest.raises(MlflowException, match="param threshold: threshold must be a number in"):
@@ -151,8 +175,24 @@ def _image(path: Path) -> Path:
 
 def _infer(capsys: pytest.CaptureFixture[str], model: Path, image: Path, out: Path, *extra: str) -> tuple[int, str]:
     """`segpipe infer` with float32 probabilities: (exit code, stdout + stderr)."""
-    code = main(["infer", "--model", str(model), "--input", str(image), "--output", str(out), "--tile", "16",
-                 "--save-probabilities", "--probabilities-dtype", "float32", "--no-progress", *extra])
+    code = main(
+        [
+            "infer",
+            "--model",
+            str(model),
+            "--input",
+            str(image),
+            "--output",
+            str(out),
+            "--tile",
+            "16",
+            "--save-probabilities",
+            "--probabilities-dtype",
+            "float32",
+            "--no-progress",
+            *extra,
+        ]
+    )
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -161,9 +201,9 @@ def _outputs(out: Path, stem: str = "image") -> tuple[np.ndarray, np.ndarray]:
     return tifffile.imread(out / f"{stem}_seg.tif"), tifffile.imread(out / f"{stem}_prob.tif")
 
 
-def test_threshold_val_uses_the_checkpoint_threshold_and_keys_the_resume(tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture[str],
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threshold_val_uses_the_checkpoint_threshold_and_keys_the_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     image = _image(tmp_path / "image.tif")
     assert _infer(capsys, _checkpoint(tmp_path / "plain.pt"), image, tmp_path / "plain")[0] == 0
     _, probs = _outputs(tmp_path / "plain")
@@ -188,8 +228,10 @@ def test_threshold_val_uses_the_checkpoint_threshold_and_keys_the_resume(tmp_pat
     settings = load_settings(None, tile=16)
     net = inference_network(ckpt, settings)
     target = [(tmp_path / "resume" / "image_seg.tif", "tiff")]
-    at = {x: run_key(image, (1, 40, 48), "uint8", net, load_settings(settings, threshold=x), target, ["a", "b"], None)
-          for x in (0.3, 0.6)}
+    at = {
+        x: run_key(image, (1, 40, 48), "uint8", net, load_settings(settings, threshold=x), target, ["a", "b"], None)
+        for x in (0.3, 0.6)
+    }
     assert at[0.3] != at[0.6]
     target[0][0].parent.mkdir()
     open_log(target[0][0], at[0.3], [(1, 48, np.dtype(np.uint8))], 40)
@@ -235,6 +277,12 @@ def test_onnx_export_carries_the_thresholds(tmp_path: Path, capsys: pytest.Captu
     assert code == 0 and f"threshold val = 0.4 (best_f1 on 4 validation image(s), recorded in {model})" in said
     labels, probs = _outputs(tmp_path / "out")
     np.testing.assert_array_equal(labels, probs >= 0.4)
-    code, said = _infer(capsys, export_onnx(_checkpoint(tmp_path / "plain.pt"), tmp_path / "plain.onnx"), image,
-                        tmp_path / "plain", "--threshold", "val")
+    code, said = _infer(
+        capsys,
+        export_onnx(_checkpoint(tmp_path / "plain.pt"), tmp_path / "plain.onnx"),
+        image,
+        tmp_path / "plain",
+        "--threshold",
+        "val",
+    )
     assert code == 2 and "plain.onnx: records no validation thresholds" in said

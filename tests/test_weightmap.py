@@ -1,4 +1,5 @@
 """U-Net eq. 2 weight maps: fast windowed version vs the brute-force reference, touching disks."""
+
 from __future__ import annotations
 
 import math

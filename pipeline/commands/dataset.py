@@ -4,6 +4,7 @@ folder or a MONAI datalist becomes a dataset (tools, not DVC stages).
 The entry names the files a dataset is registered in (configs/data.yaml, configs/augment.yaml,
 configs/datasets/) and calls `pipeline.data.registry`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,19 +22,37 @@ def config_files() -> ConfigFiles:
 
 
 def _cmd_dataset_add(args: argparse.Namespace) -> int:
-    source = FolderSource(args.images, args.labels, masks=args.masks, instances=args.instances,
-                          test_images=args.test_images, test_labels=args.test_labels, test_masks=args.test_masks,
-                          test_instances=args.test_instances)
-    add_dataset(config_files(), args.name, source,
-                class_names=None if args.classes is None else args.classes.split(","),
-                ignore_value=args.ignore_value, test_fraction=args.test_fraction)
+    source = FolderSource(
+        args.images,
+        args.labels,
+        masks=args.masks,
+        instances=args.instances,
+        test_images=args.test_images,
+        test_labels=args.test_labels,
+        test_masks=args.test_masks,
+        test_instances=args.test_instances,
+    )
+    add_dataset(
+        config_files(),
+        args.name,
+        source,
+        class_names=None if args.classes is None else args.classes.split(","),
+        ignore_value=args.ignore_value,
+        test_fraction=args.test_fraction,
+    )
     return 0
 
 
 def _cmd_dataset_import(args: argparse.Namespace) -> int:
-    import_dataset(config_files(), args.name, args.path, base_dir=args.base_dir,
-                   class_names=None if args.classes is None else args.classes.split(","),
-                   ignore_value=args.ignore_value, test_fraction=args.test_fraction)
+    import_dataset(
+        config_files(),
+        args.name,
+        args.path,
+        base_dir=args.base_dir,
+        class_names=None if args.classes is None else args.classes.split(","),
+        ignore_value=args.ignore_value,
+        test_fraction=args.test_fraction,
+    )
     return 0
 
 
@@ -58,24 +77,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "prepare NAME`, `segpipe train NAME unet`, `segpipe evaluate NAME unet`).",
     )
     p.add_argument("name", help="the dataset's name: lower-case letters, digits and _")
-    p.add_argument("--images", required=True, type=Path, metavar="DIR",
-                   help="2-D images (PNG, TIFF, JPEG, NIfTI, MHA, NRRD)")
+    p.add_argument(
+        "--images", required=True, type=Path, metavar="DIR", help="2-D images (PNG, TIFF, JPEG, NIfTI, MHA, NRRD)"
+    )
     p.add_argument("--labels", required=True, type=Path, metavar="DIR", help="label images, one per image (same stem)")
-    p.add_argument("--masks", type=Path, metavar="DIR",
-                   help="masks of the pixels that count (a field of view), one per image")
-    p.add_argument("--instances", type=Path, metavar="DIR",
-                   help="instance masks, one per image: integer ids, 0 = background (PNG, TIFF, NIfTI, MHA, NRRD); "
-                   "the U-Net weight map's borders and, for two classes, evaluate's CTC SEG")
+    p.add_argument(
+        "--masks", type=Path, metavar="DIR", help="masks of the pixels that count (a field of view), one per image"
+    )
+    p.add_argument(
+        "--instances",
+        type=Path,
+        metavar="DIR",
+        help="instance masks, one per image: integer ids, 0 = background (PNG, TIFF, NIfTI, MHA, NRRD); "
+        "the U-Net weight map's borders and, for two classes, evaluate's CTC SEG",
+    )
     p.add_argument("--test-images", type=Path, metavar="DIR", help="a separate test set (else --test-fraction)")
     p.add_argument("--test-labels", type=Path, metavar="DIR")
     p.add_argument("--test-masks", type=Path, metavar="DIR")
     p.add_argument("--test-instances", type=Path, metavar="DIR")
-    p.add_argument("--classes", metavar="NAMES", help="class names in label-value order, e.g. background,vessel "
-                   "(default: from the label values)")
+    p.add_argument(
+        "--classes",
+        metavar="NAMES",
+        help="class names in label-value order, e.g. background,vessel (default: from the label values)",
+    )
     p.add_argument("--ignore-value", type=int, metavar="V", help="a label value left out of the loss and the metrics")
-    p.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F",
-                   help="share of the cases held out for testing without test folders "
-                   "(default 0.2; seed: prepare.seed)")
+    p.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.2,
+        metavar="F",
+        help="share of the cases held out for testing without test folders (default 0.2; seed: prepare.seed)",
+    )
     p.set_defaults(handler=_cmd_dataset_add)
     _add_import_command(what)
 
@@ -91,13 +123,26 @@ def _add_import_command(what: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path, metavar="PATH", help="an nnU-Net raw dataset folder or a datalist .json")
     p.add_argument("--name", required=True, help="the dataset's name: lower-case letters, digits and _")
-    p.add_argument("--base-dir", type=Path, metavar="DIR",
-                   help="datalists: the folder its paths are relative to (default: the JSON's folder)")
-    p.add_argument("--classes", metavar="NAMES", help="datalists: class names in label-value order "
-                   "(default: from the label values)")
-    p.add_argument("--ignore-value", type=int, metavar="V",
-                   help="datalists: a label value left out of the loss and the metrics")
-    p.add_argument("--test-fraction", type=_fraction, default=0.2, metavar="F",
-                   help="share of the training cases held out for testing when the source has no labelled test "
-                   "cases (default 0.2; seed: prepare.seed)")
+    p.add_argument(
+        "--base-dir",
+        type=Path,
+        metavar="DIR",
+        help="datalists: the folder its paths are relative to (default: the JSON's folder)",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="NAMES",
+        help="datalists: class names in label-value order (default: from the label values)",
+    )
+    p.add_argument(
+        "--ignore-value", type=int, metavar="V", help="datalists: a label value left out of the loss and the metrics"
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=_fraction,
+        default=0.2,
+        metavar="F",
+        help="share of the training cases held out for testing when the source has no labelled test "
+        "cases (default 0.2; seed: prepare.seed)",
+    )
     p.set_defaults(handler=_cmd_dataset_import)

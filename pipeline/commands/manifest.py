@@ -1,4 +1,5 @@
 """`segpipe manifest DATASET SOURCE` (maintainers): the per-file manifest CSV of a verified copy."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,10 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Hash and describe every file of a verified copy (folder or archive) of a dataset into "
-                     "data_manifests/DATASET_files.csv, which `segpipe prepare` checks every file against.")
+    p.description = (
+        "Hash and describe every file of a verified copy (folder or archive) of a dataset into "
+        "data_manifests/DATASET_files.csv, which `segpipe prepare` checks every file against."
+    )
     p.add_argument("dataset")
     p.add_argument("source", type=Path, help="an archive or unpacked folder of a verified copy")
     p.add_argument("--output", default=None, help="CSV path (default: data_manifests/DATASET_files.csv)")

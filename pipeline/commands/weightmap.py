@@ -1,4 +1,5 @@
 """`segpipe weightmap`: the U-Net eq. 2 weight map of one label image (a tool, not a DVC stage)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,8 @@ def _class_weights_arg(text: str) -> str | tuple[float, float]:
         return nonnegative(parts[0]), nonnegative(parts[1])
     except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(
-            f"expected auto, none or W_BG,W_FG (finite numbers >= 0), got {text!r}") from None
+            f"expected auto, none or W_BG,W_FG (finite numbers >= 0), got {text!r}"
+        ) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,8 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "else LABEL_weight.tif, beside the label); the preview is the same path with .png",
     )
     p.add_argument("--w0", type=nonnegative, default=10.0, help="border weight w0 (paper: 10)")
-    p.add_argument("--sigma", type=nonnegative, default=5.0,
-                   help="border width sigma in pixels (paper: 5)")
+    p.add_argument("--sigma", type=nonnegative, default=5.0, help="border width sigma in pixels (paper: 5)")
     p.add_argument(
         "--class-weights",
         type=_class_weights_arg,

@@ -16,6 +16,7 @@ Then the layout's files are streamed to disk, each capped at its declared size (
 more is stopped there); ignored members are read through the same cap without being written, so
 every member's CRC is checked. Every error is a SegpipeError naming the archive and the member.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -119,8 +120,10 @@ def _zip_refusal(info: zipfile.ZipInfo) -> str | None:
         return "is encrypted (password-protected); expected an archive without a password"
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         name = ZIP_METHODS.get(info.compress_type, "unknown")
-        return (f"uses compression method {info.compress_type} ({name}); segpipe unpacks stored and deflate "
-                f"members only: re-pack the archive with deflate")
+        return (
+            f"uses compression method {info.compress_type} ({name}); segpipe unpacks stored and deflate "
+            f"members only: re-pack the archive with deflate"
+        )
     return None
 
 
@@ -175,30 +178,40 @@ def _ratio(size: int, packed: int) -> str:
     return f"{size / max(packed, 1):.0f}:1"
 
 
-def _check_sizes(archive: Path, member: Member, count: int, declared: int, unpacked: int, limits: UnpackLimits,
-                 dataset: str) -> None:
+def _check_sizes(
+    archive: Path, member: Member, count: int, declared: int, unpacked: int, limits: UnpackLimits, dataset: str
+) -> None:
     """Refuse when the member's headers bring the archive (`count` members, `declared` bytes so far,
     after `unpacked` bytes of the dataset's earlier archives) over a limit."""
     where, refused = f"{archive}: member {member.name}", "refused before unpacking anything (a zip bomb?)"
     archive_bytes, ratio_key = archive.stat().st_size, "prepare.limits.max_compression_ratio"
     if count > limits.max_members:
-        raise SegpipeError(f"{archive}: more than {limits.max_members} members (prepare.limits.max_members "
-                           f"in configs/data.yaml); {refused}")
+        raise SegpipeError(
+            f"{archive}: more than {limits.max_members} members (prepare.limits.max_members "
+            f"in configs/data.yaml); {refused}"
+        )
     if unpacked + declared > limits.max_unpacked_bytes:
-        raise SegpipeError(f"{where}: the {dataset} archives declare more than {limits.max_unpacked_bytes} "
-                           f"bytes unpacked (prepare.limits.max_unpacked_bytes); {refused}")
+        raise SegpipeError(
+            f"{where}: the {dataset} archives declare more than {limits.max_unpacked_bytes} "
+            f"bytes unpacked (prepare.limits.max_unpacked_bytes); {refused}"
+        )
     if member.packed is not None and _too_compressed(member.size, member.packed, limits):
-        raise SegpipeError(f"{where}: declares {member.size} bytes from {member.packed} compressed (ratio "
-                           f"{_ratio(member.size, member.packed)}, limit {limits.max_compression_ratio:g}:1, "
-                           f"{ratio_key}); {refused}")
+        raise SegpipeError(
+            f"{where}: declares {member.size} bytes from {member.packed} compressed (ratio "
+            f"{_ratio(member.size, member.packed)}, limit {limits.max_compression_ratio:g}:1, "
+            f"{ratio_key}); {refused}"
+        )
     if _too_compressed(declared, archive_bytes, limits):
-        raise SegpipeError(f"{where}: the archive's {archive_bytes} bytes declare more than {declared} bytes "
-                           f"unpacked (ratio {_ratio(declared, archive_bytes)}, limit "
-                           f"{limits.max_compression_ratio:g}:1, {ratio_key}); {refused}")
+        raise SegpipeError(
+            f"{where}: the archive's {archive_bytes} bytes declare more than {declared} bytes "
+            f"unpacked (ratio {_ratio(declared, archive_bytes)}, limit "
+            f"{limits.max_compression_ratio:g}:1, {ratio_key}); {refused}"
+        )
 
 
-def _check(archive: Path, reader: _Reader, layout: Layout, dataset: str, limits: UnpackLimits,
-           unpacked: int) -> tuple[list[tuple[Member, bool]], int]:
+def _check(
+    archive: Path, reader: _Reader, layout: Layout, dataset: str, limits: UnpackLimits, unpacked: int
+) -> tuple[list[tuple[Member, bool]], int]:
     """Check one archive's members without reading their data: returns the members to read with
     whether each is written (False: ignored by the layout), and `unpacked` plus their sizes."""
     problems: list[str] = []
@@ -231,20 +244,27 @@ def _check(archive: Path, reader: _Reader, layout: Layout, dataset: str, limits:
                 problems.append(f"{path}: {member.refusal}")
             else:
                 planned.append((replace(member, name=path), write))
-    extra = _extra_folders(layout, archive.name, [m.name for m in unknown],
-                           [m.name for m, write in planned if write])
+    extra = _extra_folders(layout, archive.name, [m.name for m in unknown], [m.name for m, write in planned if write])
     for member in unknown:
         if posixpath.dirname(member.name) not in extra:
             problems.append(f"{member.name}: unexpected file (matches no {dataset} layout pattern)")
         elif member.kind == "file" and member.refusal is None:
             planned.append((member, False))  # read through the size cap and the CRC check, never written
-    hint = (f"To accept a file, widen its role's regex in datasets.{dataset}.layout.patterns, or leave it aside "
-            f"with a regex in datasets.{dataset}.layout.ignore (data_manifests/sources.yaml)."
-            if len(unknown) > sum(extra.values()) else "")
+    hint = (
+        f"To accept a file, widen its role's regex in datasets.{dataset}.layout.patterns, or leave it aside "
+        f"with a regex in datasets.{dataset}.layout.ignore (data_manifests/sources.yaml)."
+        if len(unknown) > sum(extra.values())
+        else ""
+    )
     raise_problems(problems, f"{archive}: refused before unpacking anything", hint)
     if extra:
-        log.info("%s: skipped %d folder(s) that hold no %s layout role: %s", archive, len(extra), dataset,
-                 ", ".join(f"{folder}/ ({count} files)" for folder, count in sorted(extra.items())))
+        log.info(
+            "%s: skipped %d folder(s) that hold no %s layout role: %s",
+            archive,
+            len(extra),
+            dataset,
+            ", ".join(f"{folder}/ ({count} files)" for folder, count in sorted(extra.items())),
+        )
     return planned, unpacked + declared
 
 
@@ -267,8 +287,9 @@ def copy_capped(src: BinaryIO, dst: BinaryIO, declared: int, where: str) -> None
     left = declared
     while chunk := src.read(min(CHUNK_BYTES, left + 1)):
         if len(chunk) > left:
-            raise SegpipeError(f"{where}: holds more than its declared {declared} bytes; stopped there "
-                               f"(a corrupt or hostile archive)")
+            raise SegpipeError(
+                f"{where}: holds more than its declared {declared} bytes; stopped there (a corrupt or hostile archive)"
+            )
         dst.write(chunk)
         left -= len(chunk)
     if left:

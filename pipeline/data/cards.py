@@ -33,6 +33,7 @@ where the augmentation preset leaves them null.
 `segpipe dataset add` and `segpipe dataset import` write one (`card_text`); a card written or edited
 by hand is read the same.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,8 +48,7 @@ from pipeline.errors import SegpipeError
 CARD_KEYS = ("source", "classes", "ignore_value", "channels", "test_fraction", "modality", "spacing", "plan")
 OPTIONAL_KEYS = ("ignore_value", "test_fraction", "modality", "spacing", "plan")
 PLAN_REQUESTS = ("channels", "clahe")  # the card's `plan:` keys; each takes only "auto"
-FOLDER_KEYS = ("images", "labels", "masks", "instances", "test_images", "test_labels", "test_masks",
-               "test_instances")
+FOLDER_KEYS = ("images", "labels", "masks", "instances", "test_images", "test_labels", "test_masks", "test_instances")
 SOURCE_KINDS = "folders (images, labels, ...), `archives: NAME` of sources.yaml, `nnunet: FOLDER` or `datalist: FILE`"
 MAX_CLASSES = 255  # prepared labels are uint8 class indices
 
@@ -154,8 +154,10 @@ def load_card(folder: Path, name: str) -> DatasetCard:
     path = card_path(folder, name)
     if not path.is_file():
         known = sorted(p.stem for p in Path(folder).glob("*.yaml"))
-        raise SegpipeError(f"{path}: no dataset card for {name!r} (cards: {', '.join(known) or 'none'}); "
-                           f"add one with `segpipe dataset add {name} --images DIR --labels DIR`")
+        raise SegpipeError(
+            f"{path}: no dataset card for {name!r} (cards: {', '.join(known) or 'none'}); "
+            f"add one with `segpipe dataset add {name} --images DIR --labels DIR`"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -171,32 +173,62 @@ def parse_card(raw: Any, name: str, path: Path) -> DatasetCard:
     classes = _classes(card["classes"], where)
     ignore = card.get("ignore_value")
     if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int) or ignore in classes.values()):
-        raise ConfigError(f"{where}: ignore_value must be null or an integer label value that is no class's, "
-                          f"got {ignore!r}")
+        raise ConfigError(
+            f"{where}: ignore_value must be null or an integer label value that is no class's, got {ignore!r}"
+        )
     names = check_list(card["channels"], "channels", where, nonempty=True)
     channels = tuple(check_str(c, "channels[]", where) for c in names)
-    test_fraction = check_number(card.get("test_fraction"), "test_fraction", where, low=0, high=1, low_open=True,
-                                 high_open=True, optional=True)
+    test_fraction = check_number(
+        card.get("test_fraction"), "test_fraction", where, low=0, high=1, low_open=True, high_open=True, optional=True
+    )
     if test_fraction is not None and (archives is not None or (folders is not None and folders.has_test)):
-        raise ConfigError(f"{where}: test_fraction is for sources without a test set (folders without "
-                          "test_images); the test set comes from the source here: remove test_fraction")
+        raise ConfigError(
+            f"{where}: test_fraction is for sources without a test set (folders without "
+            "test_images); the test set comes from the source here: remove test_fraction"
+        )
     if folders is not None and not folders.has_test and test_fraction is None:
-        raise ConfigError(f"{where}: no test_images folder: set test_fraction (e.g. 0.2), the seeded share of "
-                          "the cases held out for testing")
+        raise ConfigError(
+            f"{where}: no test_images folder: set test_fraction (e.g. 0.2), the seeded share of "
+            "the cases held out for testing"
+        )
     spacing = check_list(card.get("spacing"), "spacing", where, optional=True, nonempty=True)
-    spacing_t = None if spacing is None else tuple(
-        float(check_number(s, "spacing[]", where, low=0, low_open=True)) for s in spacing)
+    spacing_t = (
+        None
+        if spacing is None
+        else tuple(float(check_number(s, "spacing[]", where, low=0, low_open=True)) for s in spacing)
+    )
     modality = card.get("modality")
     if modality is not None:
         check_str(modality, "modality", where)
     plan = _plan_request(card.get("plan"), where)
     silver = card["source"].get("silver_truth", False) if archives is not None else False
     check_bool(silver, "source.silver_truth", where)
-    facts = {"classes": list(classes), "label_values": list(classes.values()), "ignore_value": ignore,
-             "channels": list(channels), "modality": modality, "spacing": spacing_t and list(spacing_t),
-             "plan": dict(plan), "silver_truth": silver}
-    return DatasetCard(name, path, classes, channels, archives, folders, imported, ignore, test_fraction, modality,
-                       spacing_t, plan, facts, silver)
+    facts = {
+        "classes": list(classes),
+        "label_values": list(classes.values()),
+        "ignore_value": ignore,
+        "channels": list(channels),
+        "modality": modality,
+        "spacing": spacing_t and list(spacing_t),
+        "plan": dict(plan),
+        "silver_truth": silver,
+    }
+    return DatasetCard(
+        name,
+        path,
+        classes,
+        channels,
+        archives,
+        folders,
+        imported,
+        ignore,
+        test_fraction,
+        modality,
+        spacing_t,
+        plan,
+        facts,
+        silver,
+    )
 
 
 def _plan_request(raw: Any, where: str) -> dict[str, str]:
@@ -218,12 +250,12 @@ def _source(raw: Any, where: str) -> tuple[str | None, FolderSource | None, Impo
         section = check_keys(raw, ("nnunet",), f"{where}: source (an nnU-Net raw folder)")
         return None, None, NnunetSource(_path(section, "nnunet", where))
     if isinstance(raw, dict) and "datalist" in raw:
-        section = check_keys(raw, ("datalist", "base_dir"), f"{where}: source (a MONAI datalist)",
-                             optional=("base_dir",))
+        section = check_keys(
+            raw, ("datalist", "base_dir"), f"{where}: source (a MONAI datalist)", optional=("base_dir",)
+        )
         base = None if section.get("base_dir") is None else _path(section, "base_dir", where)
         return None, None, DatalistSource(_path(section, "datalist", where), base)
-    section = check_keys(raw, FOLDER_KEYS, f"{where}: source (one of {SOURCE_KINDS})",
-                         optional=FOLDER_KEYS[2:])
+    section = check_keys(raw, FOLDER_KEYS, f"{where}: source (one of {SOURCE_KINDS})", optional=FOLDER_KEYS[2:])
     paths = {k: None if v is None else _path(section, k, where) for k, v in section.items()}
     return None, check_folders(FolderSource(**paths), where), None
 
@@ -238,8 +270,10 @@ def split_fraction(card: DatasetCard, has_test: bool) -> float | None:
     if has_test and card.test_fraction is not None:
         raise ConfigError(f"{card.path}: the source has its own labelled test cases; remove test_fraction")
     if not has_test and card.test_fraction is None:
-        raise ConfigError(f"{card.path}: the source has no labelled test cases: set test_fraction (e.g. 0.2), "
-                          "the seeded share of the cases held out for testing")
+        raise ConfigError(
+            f"{card.path}: the source has no labelled test cases: set test_fraction (e.g. 0.2), "
+            "the seeded share of the cases held out for testing"
+        )
     return card.test_fraction
 
 
@@ -275,22 +309,36 @@ def _flow(value: Any) -> str:
     return text.removesuffix("\n...\n").strip()
 
 
-def card_text(name: str, source: FolderSource | ImportedSource, classes: dict[str, int], channels: list[str],
-              test_fraction: float | None, ignore_value: int | None = None) -> str:
+def card_text(
+    name: str,
+    source: FolderSource | ImportedSource,
+    classes: dict[str, int],
+    channels: list[str],
+    test_fraction: float | None,
+    ignore_value: int | None = None,
+) -> str:
     """The card `segpipe dataset add` (folders) or `segpipe dataset import` (nnU-Net, datalist) writes,
     comments included."""
     rows: list[tuple[str, str]] = [("source:", source.comment)]
     rows += [(f"  {key}: {_flow(str(path))}", "") for key, path in source.entries().items()]
-    rows += [(f"classes: {_flow(classes)}", "name: value in the label files; class index = position"),
-             (f"ignore_value: {_flow(ignore_value)}", "a label value left out of the loss and the metrics"),
-             (f"channels: {_flow(channels)}", "one name per image channel")]
+    rows += [
+        (f"classes: {_flow(classes)}", "name: value in the label files; class index = position"),
+        (f"ignore_value: {_flow(ignore_value)}", "a label value left out of the loss and the metrics"),
+        (f"channels: {_flow(channels)}", "one name per image channel"),
+    ]
     if test_fraction is not None:
-        rows.append((f"test_fraction: {_flow(test_fraction)}",
-                     "share of the cases held out for testing (prepare.seed)"))
-    rows += [("modality: null", ""), ("spacing: null", "pixel size [y, x], if known"),
-             ("plan: {}", "{channels: auto, clahe: auto} (either): the training plan picks them from the data")]
+        rows.append(
+            (f"test_fraction: {_flow(test_fraction)}", "share of the cases held out for testing (prepare.seed)")
+        )
+    rows += [
+        ("modality: null", ""),
+        ("spacing: null", "pixel size [y, x], if known"),
+        ("plan: {}", "{channels: auto, clahe: auto} (either): the training plan picks them from the data"),
+    ]
     width = max(len(text) for text, _ in rows) + 2
-    lines = [f"# Dataset card of `{name}` (segpipe dataset {source.command}). Edit it freely: "
-             f"`segpipe prepare {name}`", "# and `dvc repro` read it again. Keys: README, \"Your own data\"."]
+    lines = [
+        f"# Dataset card of `{name}` (segpipe dataset {source.command}). Edit it freely: `segpipe prepare {name}`",
+        '# and `dvc repro` read it again. Keys: README, "Your own data".',
+    ]
     lines += [f"{text.ljust(width)}# {comment}" if comment else text for text, comment in rows]
     return "\n".join(lines) + "\n"

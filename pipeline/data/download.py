@@ -9,6 +9,7 @@ An archive already present and verified is not fetched again. The result is reco
 an nnU-Net raw folder or a MONAI datalist has nothing to fetch: its record lists every file with its
 sha256, for DVC to see.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ class DownloadSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "DownloadSettings":
         """From the checked `download` section (`pipeline.data.settings.check_data_config`)."""
-        return cls(int(cfg["retries"]), float(cfg["backoff_seconds"]), float(cfg["timeout_seconds"]),
-                   int(cfg["chunk_bytes"]))
+        return cls(
+            int(cfg["retries"]), float(cfg["backoff_seconds"]), float(cfg["timeout_seconds"]), int(cfg["chunk_bytes"])
+        )
 
 
 class _Retryable(Exception):
@@ -88,18 +90,30 @@ def _fetch_once(url: str, part: Path, settings: DownloadSettings, expected_size:
                 have = 0  # the server ignored Range: start over
             length = resp.headers.get("Content-Length")
             total = have + int(length) if length is not None else expected_size
-            with open(part, mode) as fh, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=part.name.removesuffix(".part"), leave=False,
-            ) as bar:
+            with (
+                open(part, mode) as fh,
+                tqdm(
+                    total=total,
+                    initial=have,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=part.name.removesuffix(".part"),
+                    leave=False,
+                ) as bar,
+            ):
                 # read1 hands over whatever has arrived, so a cut connection loses no received bytes
                 while chunk := resp.raw.read1(settings.chunk_bytes):
                     fh.write(chunk)
                     bar.update(len(chunk))
             if length is not None and part.stat().st_size != have + int(length):
                 raise _Retryable(f"connection closed after {part.stat().st_size} of {total} bytes")
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-            urllib3.exceptions.HTTPError) as exc:
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.HTTPError,
+    ) as exc:
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -121,7 +135,10 @@ def fetch_archive(
         log.warning(
             "%s: the download resumed from an existing %s has sha256 %s, expected %s: that partial file was "
             "corrupt or from another version of the archive. Discarded it; downloading again from zero.",
-            url, part.name, digest, archive.sha256,
+            url,
+            part.name,
+            digest,
+            archive.sha256,
         )
         _download(url, part, settings, archive.size, dataset)
         digest = sha256_file(part)
@@ -200,8 +217,10 @@ def download_dataset(
     raw_dir.mkdir(parents=True, exist_ok=True)
     if card.archives is None:
         if from_paths or accept_sha256 or mirror:
-            raise SegpipeError(f"{card.path}: {dataset} is read from files on disk; --from, --accept-sha256 and "
-                               "--mirror are for archive sources")
+            raise SegpipeError(
+                f"{card.path}: {dataset} is read from files on disk; --from, --accept-sha256 and "
+                "--mirror are for archive sources"
+            )
         return record_files(card, raw_dir, dataset)
     source = get_source(Path(cfg["manifests_dir"]), card.archives or dataset)
     accepted = {h.lower() for h in (accept_sha256 or []) + list(dl_cfg["accept_sha256"] or [])}
@@ -214,8 +233,11 @@ def download_dataset(
         records = [import_archive(Path(p), raw_dir, source, accepted) for p in imports]
     elif (kept := earlier_imports(raw_dir)) is not None:
         records = kept
-        log.info("%s: kept the archive(s) imported earlier with --from (sha256 verified): %s", raw_dir,
-                 ", ".join(r["name"] for r in kept))
+        log.info(
+            "%s: kept the archive(s) imported earlier with --from (sha256 verified): %s",
+            raw_dir,
+            ", ".join(r["name"] for r in kept),
+        )
     else:
         for archive in source.archives:
             dest = raw_dir / archive.name

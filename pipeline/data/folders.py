@@ -10,6 +10,7 @@ the reverse), an unsupported or unreadable file, shapes that differ, label value
 card's classes, instance ids that are not integers >= 0 or more than 65535 of them, a channel count
 other than the card's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", *TIFF_SUFFIXES, *SITK_SUFFIXE
 LABEL_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".jpg", ".jpeg"))
 CHANNEL_AXES = "CSQ"  # a TIFF axis before YX read as channels (tifffile: planes, samples, unknown)
 ROLE_NAMES = {"image": "an image", "label": "a label", "fov": "a mask", "instances": "an instance mask"}
-PARTS = (("train", "images", {"label": "labels", "fov": "masks", "instances": "instances"}),
-         ("test", "test_images", {"label": "test_labels", "fov": "test_masks", "instances": "test_instances"}))
+PARTS = (
+    ("train", "images", {"label": "labels", "fov": "masks", "instances": "instances"}),
+    ("test", "test_images", {"label": "test_labels", "fov": "test_masks", "instances": "test_instances"}),
+)
 MAX_INSTANCES = 65535  # prepared instances are uint16
 
 
@@ -80,18 +83,24 @@ def pair_cases(source: FolderSource) -> list[FolderCase]:
             continue
         keys = {"image": image_key, **{role: key for role, key in role_keys.items() if key in folders}}
         roles = {"image": _by_stem(folders[image_key], IMAGE_SUFFIXES, ROLE_NAMES["image"], problems)}
-        roles.update({role: _by_stem(folders[keys[role]], LABEL_SUFFIXES, ROLE_NAMES[role], problems)
-                      for role in keys if role != "image"})
+        roles.update(
+            {
+                role: _by_stem(folders[keys[role]], LABEL_SUFFIXES, ROLE_NAMES[role], problems)
+                for role in keys
+                if role != "image"
+            }
+        )
         for role, files in roles.items():
             for key, path in files.items():
                 if key not in roles["image"]:
-                    problems.append(f"{path}: {ROLE_NAMES[role]} without an image "
-                                    f"(no {key}.* in {folders[image_key]})")
+                    problems.append(f"{path}: {ROLE_NAMES[role]} without an image (no {key}.* in {folders[image_key]})")
         for key, image in roles["image"].items():
             missing = [role for role in roles if key not in roles[role]]
             if missing:
-                problems.append(f"{image}: an image without {' and '.join(ROLE_NAMES[r] for r in missing)} "
-                                f"(no {key}.* in {', '.join(str(folders[keys[r]]) for r in missing)})")
+                problems.append(
+                    f"{image}: an image without {' and '.join(ROLE_NAMES[r] for r in missing)} "
+                    f"(no {key}.* in {', '.join(str(folders[keys[r]]) for r in missing)})"
+                )
                 continue
             case = key if part == "train" else f"test_{key}"
             if case in cases:
@@ -119,8 +128,10 @@ def read_slice(path: Path, max_values: int | None = None) -> np.ndarray:
         if len(axes) == 3 and axes[0] in CHANNEL_AXES and axes[1:] == "YX":
             return np.moveaxis(array, 0, -1)
         if axes not in ("YX", "YXS"):
-            raise SegpipeError(f"{path}: a TIFF with axes {axes} {array.shape}; expected a 2-D image (YX), "
-                               "RGB (YXS) or channel planes (CYX)")
+            raise SegpipeError(
+                f"{path}: a TIFF with axes {axes} {array.shape}; expected a 2-D image (YX), "
+                "RGB (YXS) or channel planes (CYX)"
+            )
         return array
     volume = SegpipeError(f"{path}: a volume of shape {array.shape}; expected a 2-D slice")
     if suffix in NIFTI_SUFFIXES:  # (X, Y) or (X, Y, 1, ...)
@@ -148,8 +159,9 @@ def read_plane(path: Path, max_values: int | None = None) -> np.ndarray:
     if array.ndim == 3:
         colour = array[..., :3]
         if array.shape[-1] not in (3, 4) or not (colour == colour[..., :1]).all():
-            raise SegpipeError(f"{path}: a colour image {array.shape}; expected one value per pixel "
-                               "(a single-channel label or mask)")
+            raise SegpipeError(
+                f"{path}: a colour image {array.shape}; expected one value per pixel (a single-channel label or mask)"
+            )
         array = array[..., 0]
     return array
 
@@ -162,8 +174,10 @@ def map_labels(label: np.ndarray, card: DatasetCard, path: Path) -> tuple[np.nda
     outside = np.unique(label[~np.isin(label, allowed)])
     if outside.size:
         shown = ", ".join(f"{v:g}" for v in outside[:10].tolist()) + (", ..." if outside.size > 10 else "")
-        raise SegpipeError(f"{path}: label values {shown} are not in the classes of {card.path} "
-                           f"({card.classes}, ignore_value {card.ignore_value})")
+        raise SegpipeError(
+            f"{path}: label values {shown} are not in the classes of {card.path} "
+            f"({card.classes}, ignore_value {card.ignore_value})"
+        )
     index = np.zeros(label.shape, np.uint8)
     for k, value in enumerate(card.label_values):
         index[label == value] = k
@@ -181,15 +195,17 @@ def instance_ids(plane: np.ndarray, path: Path) -> np.ndarray:
         wrong = values[:0] if values.dtype.kind in "biu" else values
     if wrong.size:
         shown = ", ".join(str(v) for v in wrong[:5].tolist()) + (", ..." if wrong.size > 5 else "")
-        raise SegpipeError(f"{path}: instance values {shown} ({plane.dtype}) are not integers; expected integer "
-                           "instance ids, 0 = background")
+        raise SegpipeError(
+            f"{path}: instance values {shown} ({plane.dtype}) are not integers; expected integer "
+            "instance ids, 0 = background"
+        )
     if values.size and values[0] < 0:
-        raise SegpipeError(f"{path}: negative instance ids (down to {values[0]:g}); expected ids >= 0, "
-                           "0 = background")
+        raise SegpipeError(f"{path}: negative instance ids (down to {values[0]:g}); expected ids >= 0, 0 = background")
     ids = values[values > 0]
     if ids.size > MAX_INSTANCES:
-        raise SegpipeError(f"{path}: {ids.size} instance ids; at most {MAX_INSTANCES} (the prepared instances "
-                           "are uint16)")
+        raise SegpipeError(
+            f"{path}: {ids.size} instance ids; at most {MAX_INSTANCES} (the prepared instances are uint16)"
+        )
     if ids.size and ids[-1] > MAX_INSTANCES:
         return np.where(plane > 0, np.searchsorted(ids, plane) + 1, 0).astype(np.uint16)
     return plane.astype(np.uint16)
@@ -203,8 +219,10 @@ def read_channels(paths: tuple[Path, ...], max_values: int | None = None) -> np.
         if array.dtype == bool:  # 1-bit images; NIfTI has no bool
             array = array.astype(np.uint8)
         if planes and array.shape[:2] != planes[0].shape[:2]:
-            raise SegpipeError(f"{path}: shape {array.shape[:2]}, its first channel {paths[0].name} is "
-                               f"{planes[0].shape[:2]}; expected the same H x W")
+            raise SegpipeError(
+                f"{path}: shape {array.shape[:2]}, its first channel {paths[0].name} is "
+                f"{planes[0].shape[:2]}; expected the same H x W"
+            )
         planes.append(array[..., None] if array.ndim == 2 else array)
     return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=-1)
 
@@ -216,15 +234,20 @@ def load_case(case: FolderCase, card: DatasetCard, max_values: int) -> dict[str,
     image = read_channels(case.images, max_values)
     if image.shape[-1] != len(card.channels):
         files = f" in {len(case.images)} files" if len(case.images) > 1 else ""
-        raise SegpipeError(f"{case.images[0]}: {image.shape[-1]} channel(s){files}; {card.path} declares "
-                           f"{len(card.channels)} ({', '.join(card.channels)})")
+        raise SegpipeError(
+            f"{case.images[0]}: {image.shape[-1]} channel(s){files}; {card.path} declares "
+            f"{len(card.channels)} ({', '.join(card.channels)})"
+        )
     vols = {"image": np.moveaxis(image, -1, 0)}
-    planes = {role: read_plane(case.files[role], max_values) for role in ("label", "fov", "instances")
-              if role in case.files}
+    planes = {
+        role: read_plane(case.files[role], max_values) for role in ("label", "fov", "instances") if role in case.files
+    }
     for role, plane in planes.items():
         if plane.shape != image.shape[:2]:
-            raise SegpipeError(f"{case.files[role]}: {role} of shape {plane.shape}, its image "
-                               f"{case.images[0].name} is {image.shape[:2]}; expected the same H x W")
+            raise SegpipeError(
+                f"{case.files[role]}: {role} of shape {plane.shape}, its image "
+                f"{case.images[0].name} is {image.shape[:2]}; expected the same H x W"
+            )
     label, valid = map_labels(planes["label"], card, case.files["label"])
     vols["label"] = label[None]
     fov = planes["fov"] != 0 if "fov" in planes else None
@@ -261,5 +284,9 @@ def file_rows(cases: list[FolderCase]) -> list[dict[str, str]]:
 
 def fingerprint(source: FolderSource) -> list[dict[str, str]]:
     """Every file of the source's folders with its sha256: what `segpipe download` records for DVC."""
-    return [{"folder": key, "name": path.name, "sha256": sha256_file(path)}
-            for key, folder in source.folders().items() for path in folder_files(folder) if path.is_file()]
+    return [
+        {"folder": key, "name": path.name, "sha256": sha256_file(path)}
+        for key, folder in source.folders().items()
+        for path in folder_files(folder)
+        if path.is_file()
+    ]

@@ -14,6 +14,7 @@ the same way as a folder source's:
 Every problem names the file: a missing dataset.json key, a region-based label, a case missing
 a channel, a label without an image, a datalist entry pointing to a missing file.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,13 +57,17 @@ def detect_source(path: Path, base_dir: Path | None = None) -> ImportedSource:
         if base_dir is not None:
             raise SegpipeError(f"{path}: --base-dir is for datalists; an nnU-Net folder holds its files")
         if not (path / DATASET_JSON).is_file():
-            raise SegpipeError(f"{path}: a folder without {DATASET_JSON}; expected an nnU-Net v2 raw dataset "
-                               "folder (dataset.json, imagesTr, labelsTr) or a MONAI datalist JSON file")
+            raise SegpipeError(
+                f"{path}: a folder without {DATASET_JSON}; expected an nnU-Net v2 raw dataset "
+                "folder (dataset.json, imagesTr, labelsTr) or a MONAI datalist JSON file"
+            )
         return NnunetSource(path)
     if path.is_file() and path.suffix.lower() == ".json":
         return DatalistSource(path, None if base_dir is None else Path(base_dir).expanduser())
-    raise SegpipeError(f"{path}: not an nnU-Net v2 raw dataset folder (with {DATASET_JSON}) nor a MONAI datalist "
-                       ".json file" + ("" if path.exists() else " (not found)"))
+    raise SegpipeError(
+        f"{path}: not an nnU-Net v2 raw dataset folder (with {DATASET_JSON}) nor a MONAI datalist "
+        ".json file" + ("" if path.exists() else " (not found)")
+    )
 
 
 def list_cases(source: ImportedSource) -> list[FolderCase]:
@@ -98,16 +103,22 @@ def read_dataset_json(root: Path) -> NnunetDataset:
     if missing:
         raise SegpipeError(f"{path}: missing keys {missing}; an nnU-Net v2 dataset.json has {list(NNUNET_KEYS)}")
     names = raw["channel_names"]
-    if (not isinstance(names, dict) or not names or set(names) != {str(i) for i in range(len(names))}
-            or not all(isinstance(v, str) and v for v in names.values())):
-        raise SegpipeError(f"{path}: channel_names must map \"0\", \"1\", ... to channel names, got {names!r}")
+    if (
+        not isinstance(names, dict)
+        or not names
+        or set(names) != {str(i) for i in range(len(names))}
+        or not all(isinstance(v, str) and v for v in names.values())
+    ):
+        raise SegpipeError(f'{path}: channel_names must map "0", "1", ... to channel names, got {names!r}')
     labels = raw["labels"]
     if not isinstance(labels, dict):
         raise SegpipeError(f"{path}: labels must map class names to label values, got {labels!r}")
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
-            raise SegpipeError(f"{path}: label {name!r} is region-based ({value}); region-based labels are not "
-                               "supported: one label value per class")
+            raise SegpipeError(
+                f"{path}: label {name!r} is region-based ({value}); region-based labels are not "
+                "supported: one label value per class"
+            )
         if isinstance(value, bool) or not isinstance(value, int):
             raise SegpipeError(f"{path}: label {name!r}: {value!r} is not an integer label value")
     classes = dict(sorted(((n, v) for n, v in labels.items() if n != IGNORE_LABEL), key=lambda item: item[1]))
@@ -115,7 +126,7 @@ def read_dataset_json(root: Path) -> NnunetDataset:
         raise SegpipeError(f"{path}: labels {labels}: expected at least two classes (background and one more)")
     ending, count = raw["file_ending"], raw["numTraining"]
     if not isinstance(ending, str) or not ending.startswith("."):
-        raise SegpipeError(f"{path}: file_ending must be a suffix such as \".png\", got {ending!r}")
+        raise SegpipeError(f'{path}: file_ending must be a suffix such as ".png", got {ending!r}')
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise SegpipeError(f"{path}: numTraining must be a positive integer, got {count!r}")
     return NnunetDataset([names[str(i)] for i in range(len(names))], classes, labels.get(IGNORE_LABEL), count, ending)
@@ -131,8 +142,10 @@ def nnunet_cases(source: NnunetSource) -> list[FolderCase]:
     raise_problems(problems, f"{source.root}: the nnU-Net dataset does not pair up")
     n_train = sum(case.part == "train" for case in cases)
     if n_train != info.num_training:
-        raise SegpipeError(f"{source.root / DATASET_JSON}: numTraining is {info.num_training}, imagesTr/labelsTr "
-                           f"hold {n_train} case(s) with file_ending {info.file_ending}")
+        raise SegpipeError(
+            f"{source.root / DATASET_JSON}: numTraining is {info.num_training}, imagesTr/labelsTr "
+            f"hold {n_train} case(s) with file_ending {info.file_ending}"
+        )
     return cases
 
 
@@ -146,8 +159,9 @@ def _nnunet_part(root: Path, suffix: str, part: str, info: NnunetDataset, proble
         if found is None:
             problems.append(f"{path}: not an nnU-Net image name; expected CASE_0000{ending} (a 4-digit channel)")
         elif int(found["channel"]) >= n_names:
-            problems.append(f"{path}: channel {int(found['channel'])}, but {root / DATASET_JSON} declares "
-                            f"{n_names} channel_names")
+            problems.append(
+                f"{path}: channel {int(found['channel'])}, but {root / DATASET_JSON} declares {n_names} channel_names"
+            )
         else:
             channels.setdefault(found["case"], {})[int(found["channel"])] = path
     expected = sorted({k for files in channels.values() for k in files})
@@ -159,8 +173,10 @@ def _nnunet_part(root: Path, suffix: str, part: str, info: NnunetDataset, proble
     for case, files in sorted(channels.items()):
         absent = [images / f"{case}_{k:04d}{ending}" for k in expected if k not in files]
         if absent:
-            problems.append(f"{absent[0]}: missing; case {case} lacks channel(s) "
-                            f"{[k for k in expected if k not in files]} that other cases have")
+            problems.append(
+                f"{absent[0]}: missing; case {case} lacks channel(s) "
+                f"{[k for k in expected if k not in files]} that other cases have"
+            )
         elif case not in label_of:
             problems.append(f"{files[expected[0]]}: an image without a label (no {case}{ending} in {labels})")
         else:
@@ -183,8 +199,10 @@ def datalist_cases(source: DatalistSource) -> list[FolderCase]:
     if not isinstance(raw, dict) or not isinstance(raw.get("training"), list) or not raw["training"]:
         nnunet = isinstance(raw, dict) and "channel_names" in raw
         hint = "; an nnU-Net dataset.json: import its folder" if nnunet else ""
-        raise SegpipeError(f"{source.file}: expected a MONAI datalist: a JSON object whose `training` is a "
-                           f"non-empty list of {{\"image\": ..., \"label\": ...}}{hint}")
+        raise SegpipeError(
+            f"{source.file}: expected a MONAI datalist: a JSON object whose `training` is a "
+            f'non-empty list of {{"image": ..., "label": ...}}{hint}'
+        )
     problems: list[str] = []
     entries: list[tuple[str, tuple[Path, ...], Path]] = []
     for key, part in DATALIST_PARTS:
@@ -202,8 +220,12 @@ def datalist_cases(source: DatalistSource) -> list[FolderCase]:
             if files is not None:
                 entries.append((part, *files))
         if unlabelled:
-            log.warning("%s: %d of %d test entries have no label and are left out (they cannot be scored)",
-                        source.file, unlabelled, len(items))
+            log.warning(
+                "%s: %d of %d test entries have no label and are left out (they cannot be scored)",
+                source.file,
+                unlabelled,
+                len(items),
+            )
     raise_problems(problems, f"{source.file}: the datalist's entries are not usable")
     return _datalist_ids(entries, source.file)
 
@@ -214,7 +236,7 @@ def _entry_files(item: Any, where: str, root: Path, problems: list[str]) -> tupl
     names = image if isinstance(image, list) else [image]
     label = item.get("label") if isinstance(item, dict) else None
     if not names or not all(isinstance(n, str) and n for n in names) or not isinstance(label, str) or not label:
-        problems.append(f"{where}: expected {{\"image\": FILE or [FILE per channel], \"label\": FILE}}, got {item!r}")
+        problems.append(f'{where}: expected {{"image": FILE or [FILE per channel], "label": FILE}}, got {item!r}')
         return None
     paths = [root / n for n in names] + [root / label]
     absent = [p for p in paths if not p.is_file()]
@@ -234,8 +256,10 @@ def _datalist_ids(entries: list[tuple[str, tuple[Path, ...], Path]], where: Path
         rel = images[0].resolve().parent.relative_to(common) / stem(images[0])
         case = "_".join(rel.parts)
         if case in cases:
-            problems.append(f"{images[0]}: case {case!r} twice in {where} (also {cases[case].images[0]}); "
-                            "each image once, in one of training, validation and test")
+            problems.append(
+                f"{images[0]}: case {case!r} twice in {where} (also {cases[case].images[0]}); "
+                "each image once, in one of training, validation and test"
+            )
             continue
         cases[case] = FolderCase(case, part, images, {"label": label})
     raise_problems(problems, f"{where}: the datalist's cases are not distinct")

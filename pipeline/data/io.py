@@ -3,6 +3,7 @@
 TIFF through tifffile, GIF/PNG/JPEG through imageio (the scikit-image stack), NIfTI through
 nibabel, anything else through SimpleITK.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ The per-file manifest (`data_manifests/<dataset>_files.csv`) is the contract: on
 its path relative to the dataset root, dataset, split (the dataset's own part: DRIVE `training`/`test`,
 CTC sequence `01`/`02`), role (image / label / label2 / fov / instances), case, sha256, shape and dtype.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,9 @@ def find_files(root: Path, layout: Layout, dataset: str) -> list[FoundFile]:
         item = FoundFile(m.group(0).lstrip("/"), location, m.group("split"), m.group("case"), pattern.role)
         key = (item.split, item.case, item.role)
         if key in found:
-            problems.append(f"{rel}: duplicate of {found[key].location.relative_to(root)} "
-                            f"({item.role} of case {item.case})")
+            problems.append(
+                f"{rel}: duplicate of {found[key].location.relative_to(root)} ({item.role} of case {item.case})"
+            )
             continue
         found[key] = item
     raise_problems(problems, f"{dataset}: the archives do not have the expected layout")
@@ -90,8 +92,9 @@ def _validate_manifest(files: list[FoundFile], manifest_path: Path, dataset: str
         want, got = rows[item.path], describe(item, max_values)
         for key in ("shape", "dtype", "sha256"):
             if got[key] != str(getattr(want, key)):
-                problems.append(f"{item.location}: {key} {got[key]}, expected {getattr(want, key)} "
-                                f"({manifest_path.name})")
+                problems.append(
+                    f"{item.location}: {key} {got[key]}, expected {getattr(want, key)} ({manifest_path.name})"
+                )
                 break
     raise_problems(problems, f"{dataset}: files do not match {manifest_path}")
 
@@ -102,7 +105,8 @@ def _validate_layout(files: list[FoundFile], layout: Layout, dataset: str, max_v
         counts[f"{f.split}/{f.role}"] = counts.get(f"{f.split}/{f.role}", 0) + 1
     problems = [
         f"{key}: {counts.get(key, 0)} files, expected exactly {n}"
-        for key, n in layout.counts.items() if counts.get(key, 0) != n
+        for key, n in layout.counts.items()
+        if counts.get(key, 0) != n
     ]
     problems += [
         f"{key}: {counts.get(key, 0)} files, expected at least {n}"
@@ -118,8 +122,9 @@ def _validate_layout(files: list[FoundFile], layout: Layout, dataset: str, max_v
         if shape and array.shape != shape:
             problems.append(f"{item.location}: shape {array.shape}, expected {shape} for a {dataset} {item.role}")
         elif dtypes and str(array.dtype) not in dtypes:
-            problems.append(f"{item.location}: dtype {array.dtype}, expected one of {dtypes} "
-                            f"for a {dataset} {item.role}")
+            problems.append(
+                f"{item.location}: dtype {array.dtype}, expected one of {dtypes} for a {dataset} {item.role}"
+            )
     raise_problems(problems, f"{dataset}: files do not match the layout in sources.yaml")
 
 
@@ -134,8 +139,9 @@ def read_file_manifest(path: Path) -> pd.DataFrame:
     return table
 
 
-def write_file_manifest(dataset: str, source_path: str | Path, cfg: Mapping[str, Any],
-                        output: str | None = None) -> Path:
+def write_file_manifest(
+    dataset: str, source_path: str | Path, cfg: Mapping[str, Any], output: str | None = None
+) -> Path:
     """`segpipe manifest`: hash and describe every file of a verified copy (folder or archive) into a
     CSV; `cfg`: configs/data.yaml, checked."""
     import tempfile

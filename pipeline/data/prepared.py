@@ -9,6 +9,7 @@ The intensity normalisation of training lives with the transforms (`pipeline.tra
 Cross-validation: `with_fold(k)` makes fold k (manifest.csv's `fold` column, written by `segpipe
 prepare`) the val split and the other folds the train split; test cases stay test.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,17 +60,23 @@ class PreparedDataset:
             return self
         n = (self.stats.get("folds") or {}).get("n")
         if "fold" not in self.manifest.columns or not isinstance(n, int):
-            raise SegpipeError(f"{self.manifest_path}: no cross-validation folds (prepared before folds existed); "
-                               f"run `segpipe prepare {self.name}` again")
+            raise SegpipeError(
+                f"{self.manifest_path}: no cross-validation folds (prepared before folds existed); "
+                f"run `segpipe prepare {self.name}` again"
+            )
         if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n:
-            raise SegpipeError(f"{self.root / 'stats.json'}: {n} folds (configs/data.yaml prepare.folds); "
-                               f"the fold (configs/train.yaml fold, --fold) must be 0..{n - 1}, got {fold!r}")
+            raise SegpipeError(
+                f"{self.root / 'stats.json'}: {n} folds (configs/data.yaml prepare.folds); "
+                f"the fold (configs/train.yaml fold, --fold) must be 0..{n - 1}, got {fold!r}"
+            )
         pool = self.manifest["split"] != "test"
         held = pool & (self.manifest["fold"] == str(fold))
         if not held.any() or held.sum() == pool.sum():
-            raise SegpipeError(f"{self.manifest_path}: fold {fold} holds {int(held.sum())} of the {int(pool.sum())} "
-                               "train and val cases; cross-validation needs cases in the fold and outside it "
-                               "(fewer prepare.folds in configs/data.yaml, or more cases)")
+            raise SegpipeError(
+                f"{self.manifest_path}: fold {fold} holds {int(held.sum())} of the {int(pool.sum())} "
+                "train and val cases; cross-validation needs cases in the fold and outside it "
+                "(fewer prepare.folds in configs/data.yaml, or more cases)"
+            )
         manifest = self.manifest.copy()
         manifest.loc[pool, "split"] = np.where(held[pool], "val", "train")
         return replace(self, manifest=manifest)
@@ -84,8 +91,10 @@ class PreparedDataset:
             raise SegpipeError(f"target must be 'labels' or 'border', got {target!r}")
         missing = [c for c in self.cases("train") + self.cases("val") if not _has(self.manifest, c, "instances")]
         if missing:
-            raise SegpipeError(f"{self.manifest_path}: target 'border' needs reference instances (the cell sets, a "
-                               f"folder with instances); cases {missing[:5]} have none")
+            raise SegpipeError(
+                f"{self.manifest_path}: target 'border' needs reference instances (the cell sets, a "
+                f"folder with instances); cases {missing[:5]} have none"
+            )
         stats = {k: v for k, v in self.stats.items() if k != "class_weights"}  # eq. 2's w_c are of the 2 classes
         return replace(self, target=target, stats=stats)
 

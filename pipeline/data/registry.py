@@ -9,6 +9,7 @@ atomically:
   configs/augment.yaml         `NAME: {<<: *generic}`, the generic augmentation preset (text appended)
   configs/data.yaml            NAME in `datasets` and `folder_datasets`, the DVC matrix (comments kept)
 """
+
 from __future__ import annotations
 
 import io
@@ -50,21 +51,34 @@ class ConfigFiles:
     cards: Path
 
 
-def add_dataset(files: ConfigFiles, name: str, source: FolderSource, class_names: list[str] | None = None,
-                ignore_value: int | None = None, test_fraction: float = 0.2) -> Path:
+def add_dataset(
+    files: ConfigFiles,
+    name: str,
+    source: FolderSource,
+    class_names: list[str] | None = None,
+    ignore_value: int | None = None,
+    test_fraction: float = 0.2,
+) -> Path:
     """Write NAME's card for folders and register it in configs/data.yaml and configs/augment.yaml;
     returns the card."""
     limit = _new_name(files, name)
     cases = pair_cases(check_folders(source, "segpipe dataset add"))
     classes = infer_classes(label_values(cases, ignore_value, limit), class_names, source.labels)
     names = channel_names(read_channels(cases[0].images, limit).shape[-1])
-    return _register(files, name, source, cases, classes, names, None if source.has_test else test_fraction,
-                     ignore_value)
+    return _register(
+        files, name, source, cases, classes, names, None if source.has_test else test_fraction, ignore_value
+    )
 
 
-def import_dataset(files: ConfigFiles, name: str, path: Path, base_dir: Path | None = None,
-                   class_names: list[str] | None = None,
-                   ignore_value: int | None = None, test_fraction: float = 0.2) -> Path:
+def import_dataset(
+    files: ConfigFiles,
+    name: str,
+    path: Path,
+    base_dir: Path | None = None,
+    class_names: list[str] | None = None,
+    ignore_value: int | None = None,
+    test_fraction: float = 0.2,
+) -> Path:
     """Write NAME's card for an nnU-Net v2 raw folder or a MONAI datalist (read in place) and register
     it; an nnU-Net dataset.json gives the classes, ignore label and channel names. Returns the card."""
     limit = _new_name(files, name)
@@ -73,12 +87,16 @@ def import_dataset(files: ConfigFiles, name: str, path: Path, base_dir: Path | N
     channels = read_channels(cases[0].images, limit).shape[-1]
     if isinstance(source, NnunetSource):
         if class_names is not None or ignore_value is not None:
-            raise SegpipeError(f"{source.root}: --classes and --ignore-value are for datalists; an nnU-Net "
-                               "dataset.json names the labels (and `ignore`)")
+            raise SegpipeError(
+                f"{source.root}: --classes and --ignore-value are for datalists; an nnU-Net "
+                "dataset.json names the labels (and `ignore`)"
+            )
         info = read_dataset_json(source.root)
         if channels != len(info.channels):
-            raise SegpipeError(f"{cases[0].images[0]}: {channels} channel(s) in {len(cases[0].images)} file(s); "
-                               f"{source.root / 'dataset.json'} declares channel_names {info.channels}")
+            raise SegpipeError(
+                f"{cases[0].images[0]}: {channels} channel(s) in {len(cases[0].images)} file(s); "
+                f"{source.root / 'dataset.json'} declares channel_names {info.channels}"
+            )
         classes, names, ignore_value = info.classes, info.channels, info.ignore_value
     else:
         classes = infer_classes(label_values(cases, ignore_value, limit), class_names, source.file)
@@ -94,8 +112,10 @@ def _new_name(files: ConfigFiles, name: str) -> int:
     if not NAME_PATTERN.fullmatch(name):
         raise SegpipeError(f"dataset name {name!r}: expected lower-case letters, digits and _ (e.g. my_vessels)")
     if path.exists() or name in cfg["datasets"]:
-        raise SegpipeError(f"{path}: dataset {name!r} exists already ({files.data} datasets: "
-                           f"{cfg['datasets']}); edit its card, or choose another name")
+        raise SegpipeError(
+            f"{path}: dataset {name!r} exists already ({files.data} datasets: "
+            f"{cfg['datasets']}); edit its card, or choose another name"
+        )
     return int(cfg["prepare"]["limits"]["max_image_values"])
 
 
@@ -104,9 +124,16 @@ def channel_names(count: int) -> list[str]:
     return CHANNEL_NAMES.get(count, [f"channel_{i}" for i in range(count)])
 
 
-def _register(files: ConfigFiles, name: str, source: FolderSource | ImportedSource, cases: list[FolderCase],
-              classes: dict[str, int],
-              channels: list[str], test_fraction: float | None, ignore_value: int | None) -> Path:
+def _register(
+    files: ConfigFiles,
+    name: str,
+    source: FolderSource | ImportedSource,
+    cases: list[FolderCase],
+    classes: dict[str, int],
+    channels: list[str],
+    test_fraction: float | None,
+    ignore_value: int | None,
+) -> Path:
     """Write the card, add NAME to configs/data.yaml and its preset to configs/augment.yaml."""
     data_path, augment_path, path = files.data, files.augment, card_path(files.cards, name)
     text = card_text(name, source, classes, channels, test_fraction, ignore_value)
@@ -117,9 +144,11 @@ def _register(files: ConfigFiles, name: str, source: FolderSource | ImportedSour
     write_text(path, text)
     write_text(augment_path, augment)
     write_text(data_path, data)
-    print(f"{name}: {len(cases)} case(s), classes {card.classes}, ignore_value {card.ignore_value}, channels "
-          f"{list(card.channels)}; wrote {path}, added {name} to {data_path} (datasets, folder_datasets) and "
-          f"{augment_path}")
+    print(
+        f"{name}: {len(cases)} case(s), classes {card.classes}, ignore_value {card.ignore_value}, channels "
+        f"{list(card.channels)}; wrote {path}, added {name} to {data_path} (datasets, folder_datasets) and "
+        f"{augment_path}"
+    )
     return path
 
 
@@ -130,8 +159,10 @@ def label_values(cases: list[FolderCase], ignore_value: int | None, limit: int) 
         found.update(np.unique(read_plane(case.files["label"], limit)).tolist())
     found.discard(ignore_value)
     if any(float(v) != int(v) for v in found):
-        raise SegpipeError(f"{cases[0].files['label'].parent}: label values {sorted(found)[:10]} are not all integers; "
-                           "expected class values such as 0, 1 or 0, 255")
+        raise SegpipeError(
+            f"{cases[0].files['label'].parent}: label values {sorted(found)[:10]} are not all integers; "
+            "expected class values such as 0, 1 or 0, 255"
+        )
     return sorted(int(v) for v in found)
 
 
@@ -152,8 +183,10 @@ def infer_classes(values: list[int], names: list[str] | None, folder: Path) -> d
         return {names[0]: 0, names[1]: 255}
     if len(values) == len(names):
         return dict(zip(names, values))
-    raise SegpipeError(f"{folder}: label values {values} do not map onto the {len(names)} classes {names}; "
-                       "give as many names as values, or write the card's classes (name: value) by hand")
+    raise SegpipeError(
+        f"{folder}: label values {values} do not map onto the {len(names)} classes {names}; "
+        "give as many names as values, or write the card's classes (name: value) by hand"
+    )
 
 
 def augment_text(text: str, name: str, fov: bool, command: str) -> str:
@@ -167,8 +200,10 @@ def augment_text(text: str, name: str, fov: bool, command: str) -> str:
     lines = [f"\n{name}:                     # segpipe dataset {command} {name}", f"  <<: *{AUGMENT_BASE}"]
     if fov:
         patches = {**current[AUGMENT_BASE]["patches"], "fov_key": "fov"}
-        lines.append(f"  patches: {yaml.safe_dump(patches, default_flow_style=True, sort_keys=False).strip()}"
-                     "   # centres inside the masks / labelled pixels")
+        lines.append(
+            f"  patches: {yaml.safe_dump(patches, default_flow_style=True, sort_keys=False).strip()}"
+            "   # centres inside the masks / labelled pixels"
+        )
     out = text.rstrip("\n") + "\n" + "\n".join(lines) + "\n"
     if yaml.safe_load(out).get(name, {}).keys() != current[AUGMENT_BASE].keys():
         raise SegpipeError(f"configs/augment.yaml: the preset appended for {name!r} does not read back as a preset")

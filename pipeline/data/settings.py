@@ -3,6 +3,7 @@
 Every key is required (the file is the one place its defaults live); errors name the file and the
 key. `download.from.<dataset>` lists archives to import instead of downloading.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -16,8 +17,16 @@ from pipeline.config import (
     check_str,
 )
 
-TOP_KEYS = ("datasets", "cell_datasets", "folder_datasets", "manifests_dir", "raw_dir", "prepared_dir", "download",
-            "prepare")
+TOP_KEYS = (
+    "datasets",
+    "cell_datasets",
+    "folder_datasets",
+    "manifests_dir",
+    "raw_dir",
+    "prepared_dir",
+    "download",
+    "prepare",
+)
 DOWNLOAD_KEYS = ("mirror", "from", "accept_sha256", "retries", "backoff_seconds", "timeout_seconds", "chunk_bytes")
 PREPARE_KEYS = ("seed", "val_fraction", "folds", "weight_map", "limits")
 LIMIT_KEYS = ("max_members", "max_unpacked_bytes", "max_compression_ratio", "max_image_values")
@@ -37,8 +46,9 @@ def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     dl = check_keys(cfg["download"], DOWNLOAD_KEYS, f"{where}: download")
     if dl["mirror"] is not None:
         check_str(dl["mirror"], "download.mirror", where)
-    for dataset, paths in check_keys(dl["from"] or {}, cfg["datasets"], f"{where}: download.from",
-                                     optional=cfg["datasets"]).items():
+    for dataset, paths in check_keys(
+        dl["from"] or {}, cfg["datasets"], f"{where}: download.from", optional=cfg["datasets"]
+    ).items():
         check_list(paths, f"download.from.{dataset}", where, optional=True)
     check_list(dl["accept_sha256"], "download.accept_sha256", where, optional=True)
     check_int(dl["retries"], "download.retries", where, minimum=1)

@@ -1,4 +1,5 @@
 """The dataset sources file (`data_manifests/sources.yaml`): archives, layout and expectations."""
+
 from __future__ import annotations
 
 import re

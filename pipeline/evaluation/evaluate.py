@@ -61,6 +61,7 @@ heads the network names (`SegmentationNetwork.head_views`; `pipeline.evaluation.
 L1..Lp (head_L<p>_dice, with seconds and parameters per level), U2-Net S1..S6 and fused
 (side_<k>_dice, fused_dice).
 """
+
 from __future__ import annotations
 
 import json
@@ -109,11 +110,17 @@ def evaluate_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     check_int(cfg["overlays"], "overlays", where, minimum=0, optional=True)
     check_int(cfg["curve_points"], "curve_points", where, minimum=2)
     check_str(cfg["results_dir"], "results_dir", where)
-    cfg["inference"] = check_keys(cfg["inference"] or {}, InferenceSettings.__dataclass_fields__, f"{where}: inference",
-                                  optional=InferenceSettings.__dataclass_fields__)
+    cfg["inference"] = check_keys(
+        cfg["inference"] or {},
+        InferenceSettings.__dataclass_fields__,
+        f"{where}: inference",
+        optional=InferenceSettings.__dataclass_fields__,
+    )
     if "intensity" in cfg["inference"]:
-        raise SegpipeError(f"{where}: inference.intensity cannot be set: evaluation images are preprocessed as "
-                           "the checkpoint records, so intensity is always 'none'")
+        raise SegpipeError(
+            f"{where}: inference.intensity cannot be set: evaluation images are preprocessed as "
+            "the checkpoint records, so intensity is always 'none'"
+        )
     return cfg
 
 
@@ -123,8 +130,10 @@ def load_trained(path: Path, dataset: str, network: str) -> tuple[SegmentationNe
         raise SegpipeError(f"{path}: no trained model found; run `segpipe train {dataset} {network}` first")
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt.get("augment"), dict):
-        raise SegpipeError(f"{path}: checkpoint lacks 'augment' (the preprocessing of training); expected a "
-                           f"checkpoint written by `segpipe train {dataset} {network}`")
+        raise SegpipeError(
+            f"{path}: checkpoint lacks 'augment' (the preprocessing of training); expected a "
+            f"checkpoint written by `segpipe train {dataset} {network}`"
+        )
     if ckpt.get("dataset", dataset) != dataset:
         raise SegpipeError(f"{path}: checkpoint was trained on {ckpt['dataset']!r}, not on {dataset!r}")
     return load_model(path), ckpt
@@ -185,8 +194,10 @@ def pick_threshold(predictor: _Predictor, data: PreparedDataset, desc: str) -> t
     """(threshold, F1) maximising F1 over the pooled validation pixels (inside the FOV)."""
     cases = data.cases("val")
     if not cases:
-        raise SegpipeError(f"{data.manifest_path}: no validation cases to pick the threshold on; "
-                           "set val_threshold: false in configs/evaluate.yaml")
+        raise SegpipeError(
+            f"{data.manifest_path}: no validation cases to pick the threshold on; "
+            "set val_threshold: false in configs/evaluate.yaml"
+        )
     scores, truth = [], []
     for name in tqdm(cases, desc=desc, unit="image"):
         case = Case.load(data, name)
@@ -200,9 +211,16 @@ def pick_threshold(predictor: _Predictor, data: PreparedDataset, desc: str) -> t
         raise SegpipeError(f"{data.manifest_path}: validation split: {exc}") from exc
 
 
-def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Mapping[str, Any],
-                        settings: InferenceSettings, out_dir: Path, *,
-                        tracking: TrackingSettings | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: Path,
+    data: PreparedDataset,
+    network: str,
+    cfg: Mapping[str, Any],
+    settings: InferenceSettings,
+    out_dir: Path,
+    *,
+    tracking: TrackingSettings | None = None,
+) -> dict[str, Any]:
     """Score the checkpoint `path` on the test split of `data` and write `out_dir` (module docstring).
 
     `network` is the DVC matrix name (unet, unetpp, u2net); the checkpoint may hold another
@@ -219,16 +237,28 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     if not test_cases:
         raise SegpipeError(f"{data.manifest_path}: no test cases")
     facts = {
-        "path": str(path), "network": ckpt["network"], "profile": ckpt.get("profile", ""),
-        "epoch": ckpt.get("epoch", ""), "val_dice": ckpt.get("val_dice", ""), "fold": ckpt.get("fold"),
+        "path": str(path),
+        "network": ckpt["network"],
+        "profile": ckpt.get("profile", ""),
+        "epoch": ckpt.get("epoch", ""),
+        "val_dice": ckpt.get("val_dice", ""),
+        "fold": ckpt.get("fold"),
     }
     params = {"evaluate": dict(cfg), "checkpoint": facts, "inference": asdict(settings)}
     tag = f"{dataset}/{network}"
     use_val = cfg["val_threshold"] and not multiclass  # the best-F1 threshold: two classes only
     inputs = [DataInput(data.manifest_path, dataset, "test", "testing")] + (
-        [DataInput(data.manifest_path, dataset, "val", "validation", ckpt.get("fold"))] if use_val else [])
-    with stage_run("evaluate", dataset, params=params, manifest=data.manifest_path, network=network,
-                   datasets=inputs, tracking=tracking) as tracker:
+        [DataInput(data.manifest_path, dataset, "val", "validation", ckpt.get("fold"))] if use_val else []
+    )
+    with stage_run(
+        "evaluate",
+        dataset,
+        params=params,
+        manifest=data.manifest_path,
+        network=network,
+        datasets=inputs,
+        tracking=tracking,
+    ) as tracker:
         reduce = (ClassScoring if multiclass else BinaryScoring).reduce
         predictor = _Predictor(dataset, torch_network(model, settings), ckpt["augment"], settings, reduce)
         scoring, scoring_facts = _scoring(predictor, data, cfg, classes, tag, ckpt.get("instances"), str(path))
@@ -242,15 +272,23 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
             metrics = scoring.metrics()
             heads = heads_table(runners, head_scores)
             summary: dict[str, Any] = {
-                "dataset": dataset, "network": network, "network_used": ckpt["network"],
-                "checkpoint": str(path), "checkpoint_epoch": ckpt.get("epoch"),
-                "checkpoint_val_dice": ckpt.get("val_dice"), "fold": ckpt.get("fold"), "test_images": len(test_cases),
+                "dataset": dataset,
+                "network": network,
+                "network_used": ckpt["network"],
+                "checkpoint": str(path),
+                "checkpoint_epoch": ckpt.get("epoch"),
+                "checkpoint_val_dice": ckpt.get("val_dice"),
+                "fold": ckpt.get("fold"),
+                "test_images": len(test_cases),
                 **scoring_facts,
             }
             per_head = head_metrics(runners, heads, ("dice", "iou"))
             summary = {k: json_safe(v) for k, v in {**summary, **metrics, **per_head}.items()}
-            timings = {"inference_seconds": predictor.seconds, **head_metrics(runners, heads, ("seconds",)),
-                       "seconds": time.perf_counter() - start}
+            timings = {
+                "inference_seconds": predictor.seconds,
+                **head_metrics(runners, heads, ("seconds",)),
+                "seconds": time.perf_counter() - start,
+            }
             _write_results(out_dir, scoring, cfg["curve_points"], heads, overlay_tmp, summary, timings)
         finally:
             shutil.rmtree(overlay_tmp, ignore_errors=True)
@@ -262,9 +300,15 @@ def evaluate_checkpoint(path: Path, data: PreparedDataset, network: str, cfg: Ma
     return {**summary, **timings}
 
 
-def _scoring(predictor: _Predictor, data: PreparedDataset, cfg: Mapping[str, Any], classes: list[str],
-             tag: str, objects_record: Mapping[str, Any] | None = None,
-             where: str = "checkpoint") -> tuple[Scoring, dict[str, Any]]:
+def _scoring(
+    predictor: _Predictor,
+    data: PreparedDataset,
+    cfg: Mapping[str, Any],
+    classes: list[str],
+    tag: str,
+    objects_record: Mapping[str, Any] | None = None,
+    where: str = "checkpoint",
+) -> tuple[Scoring, dict[str, Any]]:
     """The scoring of the test split and its facts for metrics.json: K > 2 classes, `classes` (their
     names in the keys); two classes, `threshold` and, when val_threshold, the best-F1 threshold picked
     on the validation split (`threshold_best`, `val_best_f1`); with the checkpoint's instance settings
@@ -284,8 +328,15 @@ def _scoring(predictor: _Predictor, data: PreparedDataset, cfg: Mapping[str, Any
     return BinaryScoring(thresholds, objects), facts
 
 
-def _score_test_split(data: PreparedDataset, predictor: _Predictor, scoring: Scoring, runners: list[HeadRunner],
-                      n_overlays: int, overlay_dir: Path, tag: str) -> dict[str, list[tuple[float, float]]]:
+def _score_test_split(
+    data: PreparedDataset,
+    predictor: _Predictor,
+    scoring: Scoring,
+    runners: list[HeadRunner],
+    n_overlays: int,
+    overlay_dir: Path,
+    tag: str,
+) -> dict[str, list[tuple[float, float]]]:
     """Every test image into `scoring` (the main output); returns the (Dice, IoU) of every image per head;
     the first `n_overlays` overlays written to `overlay_dir`."""
     head_scores: dict[str, list[tuple[float, float]]] = {label: [] for r in runners for label in r.view.labels}
@@ -307,8 +358,15 @@ def _score_test_split(data: PreparedDataset, predictor: _Predictor, scoring: Sco
     return head_scores
 
 
-def _write_results(out_dir: Path, scoring: Scoring, curve_points: int, heads: pd.DataFrame, overlay_tmp: Path,
-                   summary: Mapping[str, Any], timings: Mapping[str, float]) -> None:
+def _write_results(
+    out_dir: Path,
+    scoring: Scoring,
+    curve_points: int,
+    heads: pd.DataFrame,
+    overlay_tmp: Path,
+    summary: Mapping[str, Any],
+    timings: Mapping[str, float],
+) -> None:
     """results/<dataset>/<network>/, each file atomically; metrics.json last (the run is complete)."""
     roc, pr = scoring.curves(curve_points)
     write_csv(out_dir / "per_image.csv", scoring.table())
@@ -325,8 +383,9 @@ def metrics_logged(metrics: Mapping[str, float]) -> dict[str, float]:
     return {f"test_{k}": v for k, v in metrics.items() if not math.isnan(v)}
 
 
-def log_run(tracker: Any, summary: Mapping[str, Any], logged: Mapping[str, float], out_dir: Path,
-            has_heads: bool) -> None:
+def log_run(
+    tracker: Any, summary: Mapping[str, Any], logged: Mapping[str, float], out_dir: Path, has_heads: bool
+) -> None:
     """MLflow: the `logged` metrics, the thresholds; metrics.json, timings.json, the CSVs, overlays."""
     extra = {k: summary[k] for k in ("threshold_best", "val_best_f1") if isinstance(summary.get(k), float)}
     tracker.log_metrics({**logged, **extra})

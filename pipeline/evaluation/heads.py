@@ -11,6 +11,7 @@ probabilities are reduced as the main output's (`reduce`: the foreground probabi
 classes, the argmax label map for K > 2) and scored as Dice and IoU (for K > 2 the means over the
 foreground classes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -31,8 +32,9 @@ Reduce = Callable[[np.ndarray], np.ndarray]
 """Probabilities (K, H, W) -> what is scored (H, W): a foreground probability or a label map."""
 
 
-def multi_head_scores(net: InferenceNetwork, image: np.ndarray, settings: InferenceSettings, heads: int,
-                      reduce: Reduce = foreground) -> np.ndarray:
+def multi_head_scores(
+    net: InferenceNetwork, image: np.ndarray, settings: InferenceSettings, heads: int, reduce: Reduce = foreground
+) -> np.ndarray:
     """The reduced probabilities (heads, H, W) of a preprocessed image (C, H, W) through a network
     whose output is `heads` heads of K channels each (`HeadView`)."""
     from monai.inferers import sliding_window_inference
@@ -40,8 +42,13 @@ def multi_head_scores(net: InferenceNetwork, image: np.ndarray, settings: Infere
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     with torch.inference_mode():
         logits = sliding_window_inference(
-            x, settings.tile, settings.batch_size, lambda w: tta_logits(net, w, settings.tta),
-            overlap=settings.overlap, mode=settings.blend, sigma_scale=settings.sigma_scale,
+            x,
+            settings.tile,
+            settings.batch_size,
+            lambda w: tta_logits(net, w, settings.tta),
+            overlap=settings.overlap,
+            mode=settings.blend,
+            sigma_scale=settings.sigma_scale,
         )[0].float()
     k = logits.shape[0] // heads
     return np.stack([reduce(probabilities(part).numpy()) for part in logits.split(k)])
@@ -95,5 +102,9 @@ def heads_table(runners: list[HeadRunner], head_scores: Mapping[str, Sequence[tu
 def head_metrics(runners: list[HeadRunner], heads: pd.DataFrame, columns: tuple[str, ...]) -> dict[str, float]:
     """`columns` of heads.csv as flat metrics named by the network: head_L1_dice, side_3_iou, ..."""
     keys = {label: key for r in runners for label, key in zip(r.view.labels, r.view.keys)}
-    return {f"{keys[row['head']]}_{c}": float(row[c]) for row in heads.to_dict("records") for c in columns
-            if c in row and not pd.isna(row[c])}
+    return {
+        f"{keys[row['head']]}_{c}": float(row[c])
+        for row in heads.to_dict("records")
+        for c in columns
+        if c in row and not pd.isna(row[c])
+    }

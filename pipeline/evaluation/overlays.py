@@ -4,6 +4,7 @@ Two classes: one panel, TP green, FP red, FN blue. K > 2 classes: two panels sid
 reference's classes (left) and the prediction's (right), each foreground class 1..K-1 in its colour
 of the Okabe-Ito colour-blind-safe palette (Okabe & Ito 2008; cycled beyond 7 classes), the
 background uncoloured."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,15 @@ from pipeline.files import atomic_path
 
 OVERLAY_COLOURS = {"tp": (0, 200, 0), "fp": (230, 0, 0), "fn": (0, 90, 255)}
 OVERLAY_ALPHA = 0.6
-CLASS_PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
-                 (204, 121, 167))
+CLASS_PALETTE = (
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+)
 """Okabe-Ito orange, sky blue, bluish green, yellow, blue, vermillion, reddish purple: classes 1, 2, ..."""
 
 

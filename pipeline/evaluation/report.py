@@ -13,6 +13,7 @@ mlflow_run_id, mlflow_experiment_id, mlflow_tracking_uri; "MLflow run" in report
 the pipeline's matrix (configs/data.yaml datasets x configs/train.yaml networks) without a
 metrics.json are listed under "Not evaluated yet" with the command that produces them.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,11 +86,18 @@ def collect(
             row.update(training_facts(log_csv))
         rows.append(row)
     if not rows:
-        wanted = "" if keep_ds is None and keep_net is None else (
-            f" for datasets {sorted(keep_ds) if keep_ds else 'any'}"
-            f" and networks {sorted(keep_net) if keep_net else 'any'}")
-        raise SegpipeError(f"{results_dir}: no <dataset>/<network>/metrics.json found{wanted}; "
-                           "run `segpipe evaluate DATASET NETWORK` first")
+        wanted = (
+            ""
+            if keep_ds is None and keep_net is None
+            else (
+                f" for datasets {sorted(keep_ds) if keep_ds else 'any'}"
+                f" and networks {sorted(keep_net) if keep_net else 'any'}"
+            )
+        )
+        raise SegpipeError(
+            f"{results_dir}: no <dataset>/<network>/metrics.json found{wanted}; "
+            "run `segpipe evaluate DATASET NETWORK` first"
+        )
     table = sorted_rows(pd.DataFrame(rows))
     first = ["dataset", "network"]
     return table[first + [c for c in table.columns if c not in first]]
@@ -100,8 +108,11 @@ def sorted_rows(table: pd.DataFrame) -> pd.DataFrame:
 
     def key(i: int) -> tuple[str, int, str]:
         network = table.at[i, "network"]
-        rank = len(NETWORK_ORDER) + 1 if network == OBSERVER_ROW else (
-            NETWORK_ORDER.index(network) if network in NETWORK_ORDER else len(NETWORK_ORDER))
+        rank = (
+            len(NETWORK_ORDER) + 1
+            if network == OBSERVER_ROW
+            else (NETWORK_ORDER.index(network) if network in NETWORK_ORDER else len(NETWORK_ORDER))
+        )
         return table.at[i, "dataset"], rank, network
 
     return table.loc[sorted(table.index, key=key)].reset_index(drop=True)
@@ -116,9 +127,14 @@ def observer_rows(table: pd.DataFrame) -> pd.DataFrame:
         known = group.dropna(subset=["observer2_pooled_f1"])
         if not known.empty:
             first = known.iloc[0]
-            rows.append({"dataset": dataset, "network": OBSERVER_ROW,
-                         "pooled_f1": first["observer2_pooled_f1"],
-                         "pooled_accuracy": first.get("observer2_pooled_accuracy")})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "network": OBSERVER_ROW,
+                    "pooled_f1": first["observer2_pooled_f1"],
+                    "pooled_accuracy": first.get("observer2_pooled_accuracy"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -158,8 +174,7 @@ def markdown(table: pd.DataFrame, missing: Sequence[tuple[str, str]] = ()) -> st
     runs are, and the pairs of the matrix (`missing`) that have no metrics yet."""
     rows = sorted_rows(pd.concat([table, observer_rows(table)], ignore_index=True))
     columns = [(key, title) for key, title in REPORT_COLUMNS if key in rows.columns]
-    lines = ["| " + " | ".join(title for _, title in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for record in rows.to_dict("records"):
         lines.append("| " + " | ".join(cell(key, record.get(key)) for key, _ in columns) + " |")
     notes = [
@@ -168,8 +183,8 @@ def markdown(table: pd.DataFrame, missing: Sequence[tuple[str, str]] = ()) -> st
         "Test split, whole images. Dice/IoU: mean over test images at threshold "
         "(configs/evaluate.yaml, inside the FOV for DRIVE; more than two classes: the mean over the "
         "foreground classes of the argmax label map); F1/AUC/accuracy: pooled over all test pixels "
-        "(\"@ val t\": at the best-F1 threshold picked on validation); SEG: Cell Tracking Challenge SEG "
-        "(the U-Net paper's \"IOU\") of the instance maps segpipe infer writes; AP@0.5: their average "
+        '("@ val t": at the best-F1 threshold picked on validation); SEG: Cell Tracking Challenge SEG '
+        '(the U-Net paper\'s "IOU") of the instance maps segpipe infer writes; AP@0.5: their average '
         "precision at IoU 0.5 (StarDist, Cellpose); maxFβ (β² = 0.3) and MAE: U2-Net's protocol; "
         "train min: training wall "
         "time (elapsed_seconds of models/<dataset>/<network>/log.csv). Every value: results/summary.csv.",
@@ -184,12 +199,17 @@ def _class_notes(table: pd.DataFrame) -> list[str]:
     records = [r for r in table.to_dict("records") if isinstance(r.get("classes"), list)]
     if not records:
         return []
-    lines = ["", "## Per class", "",
-             "Datasets of more than two classes: each class one-vs-rest on the argmax label map, inside the FOV; "
-             "Dice/IoU: mean over test images, pooled: over all test pixels; mean fg: over the foreground "
-             "classes (the Dice/IoU above).", "",
-             "| dataset | network | class | " + " | ".join(title for _, title in CLASS_COLUMNS) + " |",
-             "|" + "|".join("---" for _ in range(3 + len(CLASS_COLUMNS))) + "|"]
+    lines = [
+        "",
+        "## Per class",
+        "",
+        "Datasets of more than two classes: each class one-vs-rest on the argmax label map, inside the FOV; "
+        "Dice/IoU: mean over test images, pooled: over all test pixels; mean fg: over the foreground "
+        "classes (the Dice/IoU above).",
+        "",
+        "| dataset | network | class | " + " | ".join(title for _, title in CLASS_COLUMNS) + " |",
+        "|" + "|".join("---" for _ in range(3 + len(CLASS_COLUMNS))) + "|",
+    ]
     for record in records:
         for key in [*record["classes"], MEAN_FG]:
             cells = [cell(prefix + key, record.get(prefix + key)) for prefix, _ in CLASS_COLUMNS]
@@ -204,28 +224,43 @@ def _mlflow_notes(table: pd.DataFrame) -> list[str]:
         return []
     uris = sorted({str(u) for u in table.get("mlflow_tracking_uri", pd.Series(dtype=object)).dropna()})
     uri = uris[0] if len(uris) == 1 else "<tracking URI of summary.csv>"
-    links = [f"- {dataset}: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
-             for dataset, experiment in sorted({(str(d), str(e)) for d, e in
-                                                zip(table["dataset"], table["mlflow_experiment_id"]) if pd.notna(e)})]
-    return ["", "MLflow run: the `evaluate` run of the row (results/<dataset>/<network>/mlflow.json; "
-            "experiment = dataset, its parent run groups the stages of one pipeline execution). Open it with "
-            f"`mlflow ui --backend-store-uri {uri}` (runs table, search `attributes.run_id = 'ID'`) or "
-            f"`MLFLOW_TRACKING_URI={uri} mlflow runs describe --run-id ID`. The experiments' runs tables "
-            "(`workflowType=machine_learning`: MLflow 3's UI otherwise opens on its GenAI overview):", "", *links]
+    links = [
+        f"- {dataset}: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
+        for dataset, experiment in sorted(
+            {(str(d), str(e)) for d, e in zip(table["dataset"], table["mlflow_experiment_id"]) if pd.notna(e)}
+        )
+    ]
+    return [
+        "",
+        "MLflow run: the `evaluate` run of the row (results/<dataset>/<network>/mlflow.json; "
+        "experiment = dataset, its parent run groups the stages of one pipeline execution). Open it with "
+        f"`mlflow ui --backend-store-uri {uri}` (runs table, search `attributes.run_id = 'ID'`) or "
+        f"`MLFLOW_TRACKING_URI={uri} mlflow runs describe --run-id ID`. The experiments' runs tables "
+        "(`workflowType=machine_learning`: MLflow 3's UI otherwise opens on its GenAI overview):",
+        "",
+        *links,
+    ]
 
 
 def _missing_notes(missing: Sequence[tuple[str, str]]) -> list[str]:
     """The pairs of the matrix without metrics.json, each with the command that produces it."""
     if not missing:
         return []
-    lines = ["", "## Not evaluated yet", "",
-             f"{len(missing)} dataset x network pair(s) of the pipeline (configs/data.yaml `datasets` x "
-             "configs/train.yaml `networks`) have no results/<dataset>/<network>/metrics.json yet: they are "
-             "missing from the table above, and `dvc metrics show` warns \"DVC failed to load some metrics\" "
-             "because of them. `dvc repro` produces all of them (and this report); one pair:", ""]
-    lines += [f"- {dataset} × {network}: `dvc repro evaluate@{dataset}-{network}` "
-              f"(or `segpipe train {dataset} {network} && segpipe evaluate {dataset} {network}`)"
-              for dataset, network in missing]
+    lines = [
+        "",
+        "## Not evaluated yet",
+        "",
+        f"{len(missing)} dataset x network pair(s) of the pipeline (configs/data.yaml `datasets` x "
+        "configs/train.yaml `networks`) have no results/<dataset>/<network>/metrics.json yet: they are "
+        'missing from the table above, and `dvc metrics show` warns "DVC failed to load some metrics" '
+        "because of them. `dvc repro` produces all of them (and this report); one pair:",
+        "",
+    ]
+    lines += [
+        f"- {dataset} × {network}: `dvc repro evaluate@{dataset}-{network}` "
+        f"(or `segpipe train {dataset} {network} && segpipe evaluate {dataset} {network}`)"
+        for dataset, network in missing
+    ]
     return lines
 
 
@@ -236,8 +271,14 @@ def csv_cells(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(classes=[json.dumps(v) if isinstance(v, list) else v for v in table["classes"]])
 
 
-def write_report(results_dir: Path, models_dir: Path, matrix: Iterable[tuple[str, str]], *,
-                 datasets: Iterable[str] | None = None, networks: Iterable[str] | None = None) -> Path:
+def write_report(
+    results_dir: Path,
+    models_dir: Path,
+    matrix: Iterable[tuple[str, str]],
+    *,
+    datasets: Iterable[str] | None = None,
+    networks: Iterable[str] | None = None,
+) -> Path:
     """Collect results_dir/*/*/metrics.json (and the training facts of models_dir/*/*/log.csv) into
     results_dir/summary.csv and results_dir/report.md; the pairs of `matrix` (dataset, network) without
     a metrics.json are listed as not evaluated yet. Returns the path of report.md; SegpipeError when no
@@ -245,9 +286,13 @@ def write_report(results_dir: Path, models_dir: Path, matrix: Iterable[tuple[str
     keep_ds = None if datasets is None else set(datasets)
     keep_net = None if networks is None else set(networks)
     table = collect(results_dir, models_dir, keep_ds, keep_net)
-    missing = [(d, n) for d, n in matrix
-               if (keep_ds is None or d in keep_ds) and (keep_net is None or n in keep_net)
-               and not (results_dir / d / n / "metrics.json").is_file()]
+    missing = [
+        (d, n)
+        for d, n in matrix
+        if (keep_ds is None or d in keep_ds)
+        and (keep_net is None or n in keep_net)
+        and not (results_dir / d / n / "metrics.json").is_file()
+    ]
     with atomic_path(results_dir / "summary.csv") as tmp:
         csv_cells(table).to_csv(tmp, index=False)
     out = results_dir / "report.md"

@@ -7,6 +7,7 @@ K softmax channels, scored per class (`pipeline.metrics.ClassTally`); the metric
 foreground score (AUC-ROC, the best-F1 threshold, ROC/PR curves, maxF, MAE) or one foreground class
 (CTC SEG) do not apply. Both score inside the field of view (which leaves out the card's ignore_value).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,14 @@ class Case:
         def plane(role: str, dtype: Any) -> np.ndarray | None:
             return arrays[role][0].astype(dtype) if role in arrays else None
 
-        return Case(case, arrays["image"], plane("label", np.int64), plane("fov", bool),
-                    plane("instances", np.int64), plane("label2", bool))
+        return Case(
+            case,
+            arrays["image"],
+            plane("label", np.int64),
+            plane("fov", bool),
+            plane("instances", np.int64),
+            plane("label2", bool),
+        )
 
     @property
     def foreground(self) -> np.ndarray:
@@ -61,19 +68,25 @@ def check_classes(path: Path, ckpt: Mapping[str, Any], out_channels: int, data: 
     names = data.class_names
     if ckpt.get("target") == "border":  # background / interior / border: scored as 1 - P(background)
         if list(ckpt.get("class_names") or []) != list(BORDER_CLASSES) or out_channels != len(BORDER_CLASSES):
-            raise SegpipeError(f"{path}: a border-target checkpoint must record the classes {list(BORDER_CLASSES)} "
-                               f"and have {len(BORDER_CLASSES)} output channels")
+            raise SegpipeError(
+                f"{path}: a border-target checkpoint must record the classes {list(BORDER_CLASSES)} "
+                f"and have {len(BORDER_CLASSES)} output channels"
+            )
         if len(names) != 2:
             raise SegpipeError(f"{path}: a border-target checkpoint is scored on two classes; {data.name} has {names}")
         return names
     recorded = ckpt.get("class_names")
     if recorded is not None and list(recorded) != names:
-        raise SegpipeError(f"{path}: trained on the classes {list(recorded)}, but {data.root / 'stats.json'} has "
-                           f"{names}; run `segpipe train {data.name} NETWORK` again")
+        raise SegpipeError(
+            f"{path}: trained on the classes {list(recorded)}, but {data.root / 'stats.json'} has "
+            f"{names}; run `segpipe train {data.name} NETWORK` again"
+        )
     expected = (1, 2) if len(names) == 2 else (len(names),)
     if out_channels not in expected:
-        raise SegpipeError(f"{path}: the network has {out_channels} output channel(s); the {len(names)} classes "
-                           f"{names} of {data.name} need {' or '.join(map(str, expected))}")
+        raise SegpipeError(
+            f"{path}: the network has {out_channels} output channel(s); the {len(names)} classes "
+            f"{names} of {data.name} need {' or '.join(map(str, expected))}"
+        )
     return names
 
 

@@ -20,6 +20,7 @@ The subpackages, each importing only those before it:
 The names below load their module on first use, so `import pipeline.inference.engine.tiling` runs no
 writer. The package's own modules import from the subpackages, never from here (tests/test_layers.py).
 """
+
 from __future__ import annotations
 
 import importlib

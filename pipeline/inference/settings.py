@@ -11,6 +11,7 @@ of an operating point training picked on the validation split and stored in the 
 ONNX export): `val` = best_f1, `val-dice` = best_dice (`THRESHOLD_NAMES`, see
 `pipeline.training.validation.validation_thresholds`); `resolve_threshold` turns it into the number.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -46,8 +47,15 @@ THRESHOLD_NAMES = {"val": "best_f1", "val-dice": "best_dice"}
 """`threshold` names -> the key of the checkpoint's `thresholds` record they read."""
 SECTIONS: dict[str, tuple[str, ...]] = {
     "graph": ("fold_batch_norm", "inplace_activations", "channels_last", "compile"),
-    "output": ("output_format", "tiff_tile", "compression", "threshold", "save_probabilities",
-               "probabilities_dtype", "instances"),
+    "output": (
+        "output_format",
+        "tiff_tile",
+        "compression",
+        "threshold",
+        "save_probabilities",
+        "probabilities_dtype",
+        "instances",
+    ),
 }
 """The sections of `configs/inference.yaml` and their keys; every other field is a top-level key."""
 
@@ -97,17 +105,30 @@ class InferenceSettings:
         check_number(self.sigma_scale, "sigma_scale", where, low=0, low_open=True)
         check_threshold(self.threshold, where)
         check_number(self.preprocess_max_megapixels, "preprocess_max_megapixels", where, low=0, low_open=True)
-        for key, choices in (("blend", BLENDS), ("intensity", INTENSITIES), ("preprocess", PREPROCESSING),
-                             ("probabilities_dtype", PROBABILITY_DTYPES), ("compression", COMPRESSIONS),
-                             ("precision", PRECISIONS), ("output_format", OUTPUT_FORMATS),
-                             ("backend", BACKENDS), ("instances", INSTANCE_OUTPUTS)):
+        for key, choices in (
+            ("blend", BLENDS),
+            ("intensity", INTENSITIES),
+            ("preprocess", PREPROCESSING),
+            ("probabilities_dtype", PROBABILITY_DTYPES),
+            ("compression", COMPRESSIONS),
+            ("precision", PRECISIONS),
+            ("output_format", OUTPUT_FORMATS),
+            ("backend", BACKENDS),
+            ("instances", INSTANCE_OUTPUTS),
+        ):
             check_choice(getattr(self, key), key, choices, where)
         if not isinstance(self.tta, tuple):
             raise ConfigError(f"{where}: tta must be a tuple of window transforms, got {self.tta!r}")
         for name in self.tta:
             check_choice(name, "tta", tuple(TTA_TRANSFORMS), where)
-        for key in ("resume", "fold_batch_norm", "inplace_activations", "channels_last", "compile",
-                    "save_probabilities"):
+        for key in (
+            "resume",
+            "fold_batch_norm",
+            "inplace_activations",
+            "channels_last",
+            "compile",
+            "save_probabilities",
+        ):
             check_bool(getattr(self, key), key, where)
         return self
 
@@ -138,15 +159,20 @@ def resolve_threshold(threshold: float | str, recorded: Mapping[str, Any] | None
     if not isinstance(threshold, str):
         return float(threshold)
     if channels != 1:
-        raise SegpipeError(f"{model}: threshold {threshold!r} applies to two-class (one-channel) models; this one has "
-                           f"{channels} classes and labels by argmax: pass a number (it is not used) instead")
+        raise SegpipeError(
+            f"{model}: threshold {threshold!r} applies to two-class (one-channel) models; this one has "
+            f"{channels} classes and labels by argmax: pass a number (it is not used) instead"
+        )
     value = (recorded or {}).get(THRESHOLD_NAMES[threshold])
     if value is None:
-        raise SegpipeError(f"{model}: records no validation thresholds (trained by an older segpipe, or its validation "
-                           f"images had no foreground); retrain it (`segpipe train`, then `segpipe export` for ONNX) "
-                           f"or pass a number, e.g. --threshold 0.5")
-    return check_number(value, THRESHOLD_NAMES[threshold], f"{model}: thresholds", low=0, high=1, low_open=True,
-                        high_open=True)
+        raise SegpipeError(
+            f"{model}: records no validation thresholds (trained by an older segpipe, or its validation "
+            f"images had no foreground); retrain it (`segpipe train`, then `segpipe export` for ONNX) "
+            f"or pass a number, e.g. --threshold 0.5"
+        )
+    return check_number(
+        value, THRESHOLD_NAMES[threshold], f"{model}: thresholds", low=0, high=1, low_open=True, high_open=True
+    )
 
 
 FIELDS = tuple(f.name for f in fields(InferenceSettings))

@@ -1,6 +1,7 @@
 """Evaluation metrics: pixel (Dice, IoU, DRIVE's AUC/F1/...), instance (CTC SEG), saliency (maxF, MAE),
 multi-class (per-class Dice/IoU of label maps), the running tallies of a test set, and best-F1 / best
 mean Dice thresholds from score histograms."""
+
 from pipeline.metrics.classes import MEAN_FG, ClassTally, class_keys, class_scores, pixel_accuracy, pooled_per_class
 from pipeline.metrics.instances import label_instances, seg_jaccards, seg_measure
 from pipeline.metrics.saliency import f_beta_curve, mae, max_f_beta, precision_recall

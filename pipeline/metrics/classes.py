@@ -8,6 +8,7 @@ Dice, which picks best.pt). Pixel accuracy is the share of pixels whose class is
 `ClassTally` scores the images of a test set one by one (per-image rows) and pooled over all their
 pixels (one confusion per class, summed over the images); keys in `pipeline.evaluation.evaluate`.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,10 @@ def class_keys(names: Sequence[str]) -> list[str]:
     digits, '_', '-' and '.' become '_'. SegpipeError when two keys coincide or one is 'mean_fg'."""
     keys = [re.sub(r"[^\w.-]", "_", name) for name in names]
     if len(set(keys)) != len(keys) or MEAN_FG in keys:
-        raise SegpipeError(f"metrics: class names {list(names)} give the metric keys {keys}; expected distinct "
-                           f"keys, none of them {MEAN_FG!r}: rename the classes in the dataset card")
+        raise SegpipeError(
+            f"metrics: class names {list(names)} give the metric keys {keys}; expected distinct "
+            f"keys, none of them {MEAN_FG!r}: rename the classes in the dataset card"
+        )
     return keys
 
 
@@ -70,13 +73,18 @@ class ClassTally:
         self.rows: list[dict[str, Any]] = []
         self.confusions: list[list[Confusion]] = []
 
-    def add(self, case: str, pred: np.ndarray, label: np.ndarray, mask: np.ndarray | None,
-            seconds: float = math.nan) -> dict[str, Any]:
+    def add(
+        self, case: str, pred: np.ndarray, label: np.ndarray, mask: np.ndarray | None, seconds: float = math.nan
+    ) -> dict[str, Any]:
         """One image: predicted and reference label maps (H, W) of class indices, inside `mask` (H, W)."""
         confusions = per_class(pred, label, len(self.keys), mask)
         self.confusions.append(confusions)
-        row = {"case": case, **class_scores(confusions, self.keys), "accuracy": pixel_accuracy(confusions),
-               "seconds": seconds}
+        row = {
+            "case": case,
+            **class_scores(confusions, self.keys),
+            "accuracy": pixel_accuracy(confusions),
+            "seconds": seconds,
+        }
         self.rows.append(row)
         return row
 

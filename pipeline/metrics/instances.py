@@ -16,6 +16,7 @@ challenge organisers with this measure; the pixel-wise foreground IoU is
 Label images: integer arrays of any shape, 0 = background, each positive value one object
 (values need not be consecutive).
 """
+
 from __future__ import annotations
 
 import numpy as np

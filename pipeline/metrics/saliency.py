@@ -13,6 +13,7 @@ for an image without ground-truth foreground, and F is 0 where precision + recal
 U2-Net's test script min-max normalises each map before saving it; pass probabilities as they
 are, or normalise first to reproduce that.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,9 +34,7 @@ def _probabilities(x: ArrayLike) -> np.ndarray:
     return p
 
 
-def precision_recall(
-    pred: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def precision_recall(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Precision and recall (255,) of one image at thresholds k / 255, k = 0..254."""
     g = as_binary(gt, "ground truth")
     p, g = valid_pixels(mask, g.shape, _probabilities(pred), g)
@@ -61,9 +60,7 @@ def f_beta_curve(
             f"metrics: expected as many predictions as ground truths (and masks), at least one; "
             f"got {len(preds)} and {len(gts)}"
         )
-    curves = [
-        precision_recall(p, g, None if masks is None else masks[i]) for i, (p, g) in enumerate(zip(preds, gts))
-    ]
+    curves = [precision_recall(p, g, None if masks is None else masks[i]) for i, (p, g) in enumerate(zip(preds, gts))]
     precision = np.mean([c[0] for c in curves], axis=0)
     recall = np.mean([c[1] for c in curves], axis=0)
     num = (1 + beta2) * precision * recall

@@ -14,6 +14,7 @@ Empty cases (no foreground in prediction and/or ground truth, counted inside the
   background, precision NaN without predicted foreground, accuracy NaN with no valid pixel.
 - AUC-ROC is NaN unless the ground truth holds both classes (as ``monai.metrics.compute_roc_auc``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -130,9 +131,7 @@ def iou(pred: ArrayLike, gt: ArrayLike, mask: ArrayLike | None = None) -> float:
     return confusion(pred, gt, mask).iou
 
 
-def per_class(
-    pred: ArrayLike, gt: ArrayLike, num_classes: int, mask: ArrayLike | None = None
-) -> list[Confusion]:
+def per_class(pred: ArrayLike, gt: ArrayLike, num_classes: int, mask: ArrayLike | None = None) -> list[Confusion]:
     """One-vs-rest confusion of every class 0 .. num_classes-1 of integer label maps."""
     p, g = to_numpy(pred), to_numpy(gt)
     p, g = valid_pixels(mask, g.shape, p, g)
@@ -142,16 +141,12 @@ def per_class(
     return [confusion(p == c, g == c) for c in range(num_classes)]
 
 
-def dice_per_class(
-    pred: ArrayLike, gt: ArrayLike, num_classes: int, mask: ArrayLike | None = None
-) -> np.ndarray:
+def dice_per_class(pred: ArrayLike, gt: ArrayLike, num_classes: int, mask: ArrayLike | None = None) -> np.ndarray:
     """Dice of every class (num_classes,) of integer label maps; empty conventions as ``dice``."""
     return np.array([c.dice for c in per_class(pred, gt, num_classes, mask)])
 
 
-def iou_per_class(
-    pred: ArrayLike, gt: ArrayLike, num_classes: int, mask: ArrayLike | None = None
-) -> np.ndarray:
+def iou_per_class(pred: ArrayLike, gt: ArrayLike, num_classes: int, mask: ArrayLike | None = None) -> np.ndarray:
     """IoU of every class (num_classes,) of integer label maps; empty conventions as ``iou``."""
     return np.array([c.iou for c in per_class(pred, gt, num_classes, mask)])
 

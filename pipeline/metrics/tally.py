@@ -5,6 +5,7 @@
 values pooled over all test pixels (as the DRIVE literature reports them; keys in
 `pipeline.evaluation.evaluate`).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,9 @@ def pooled_confusion(parts: list[Confusion]) -> Confusion:
 class Tally:
     """Per-image rows and the pooled state of the test set (see the module docstring)."""
 
-    def __init__(self, thresholds: Mapping[str, float],
-                 objects: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    def __init__(
+        self, thresholds: Mapping[str, float], objects: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> None:
         self.thresholds = dict(thresholds)  # suffix -> threshold: "" and, if picked, "_best"
         self.objects = objects  # probabilities -> the instance map `segpipe infer` writes; None: components
         self.matches: list[tuple[int, int, int]] = []  # (TP, predicted, reference) objects at IoU 0.5 per image

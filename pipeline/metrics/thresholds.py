@@ -14,6 +14,7 @@ is within one bin width of the best over all thresholds (`best_f1_threshold` on 
 
 Ties go to the highest threshold, as in `best_f1_threshold`.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -48,6 +48,7 @@ Checkpoints (`save_checkpoint` / `load_model`, format "segpipe-checkpoint/1") de
 loading rebuilds the network from the file alone, with `torch.load(weights_only=True)` (see
 `pipeline.networks.checkpoint`).
 """
+
 from __future__ import annotations
 
 from pipeline.networks.checkpoint import (

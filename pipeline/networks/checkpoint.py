@@ -6,6 +6,7 @@ checkpoints hold `class_names`, the dataset's classes in class-index order, whic
 ONNX export read). Loading rebuilds the network through the registry from the file alone, using
 `torch.load(weights_only=True)`: extras must be tensors, numbers, strings, lists or dicts.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,9 @@ def _load_failure(exc: Exception) -> str:
     if "weights_only" not in text:
         return f"{type(exc).__name__}: {text.strip().splitlines()[0] if text.strip() else 'no details'}"
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    reason = "; ".join(line.strip() for line in text.splitlines()
-                       if line.strip() and not line.strip().startswith(boilerplate))
+    reason = "; ".join(
+        line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)
+    )
     return f"it is not a file of tensors and plain values, and segpipe never unpickles anything else: {reason}"
 
 
@@ -66,8 +68,10 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or corrupt files
-        raise SegpipeError(f"{path}: not a readable segpipe checkpoint: expected a best.pt or last.pt written by "
-                           f"`segpipe train` ({_load_failure(exc)})") from exc
+        raise SegpipeError(
+            f"{path}: not a readable segpipe checkpoint: expected a best.pt or last.pt written by "
+            f"`segpipe train` ({_load_failure(exc)})"
+        ) from exc
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise SegpipeError(f"{path}: not a segpipe checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     required = ("network", "config", "in_channels", "out_channels", "padding", "halo", "state_dict")
@@ -86,9 +90,7 @@ def _overrides_hint() -> str:
     return "only " + "; ".join(f"{name} takes {' / '.join(keys)}" for name, keys in takers.items()) + " at load time"
 
 
-def load_model(
-    path: str | os.PathLike[str], map_location: Any = "cpu", **overrides: Any
-) -> SegmentationNetwork:
+def load_model(path: str | os.PathLike[str], map_location: Any = "cpu", **overrides: Any) -> SegmentationNetwork:
     """Rebuild the network saved in `path` from the file alone; returned in eval() mode.
 
     `overrides` change inference-only settings of a trained network: the keys its class lists in
@@ -98,9 +100,7 @@ def load_model(
     """
     data = read_checkpoint(path, map_location)
     try:
-        model = build_network(
-            data["network"], data["in_channels"], data["out_channels"], **data["config"]
-        )
+        model = build_network(data["network"], data["in_channels"], data["out_channels"], **data["config"])
         model.load_state_dict(data["state_dict"])
     except (SegpipeError, RuntimeError, TypeError) as exc:
         raise SegpipeError(f"{path}: checkpoint does not rebuild its network: {exc}") from exc
@@ -113,8 +113,7 @@ def load_model(
     if overrides:
         if set(overrides) - set(model.load_overrides):
             raise SegpipeError(
-                f"{path}: cannot override {sorted(overrides)} for network {data['network']!r} "
-                f"({_overrides_hint()})"
+                f"{path}: cannot override {sorted(overrides)} for network {data['network']!r} ({_overrides_hint()})"
             )
         model = model.with_overrides(**overrides)
     return model.eval()

@@ -5,6 +5,7 @@ training and inference code rely on (see `pipeline.networks` for the contract) a
 size rule of "same"-padded networks: output size = input size, for inputs divisible by
 `size_multiple` (2**depth when max-pooling floors odd sizes).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,9 @@ def level_widths(widths: Any, base_width: int, depth: int, *, owner: str) -> lis
     if widths is None:
         return [base_width * 2**level for level in range(depth + 1)]
     if not isinstance(widths, (list, tuple)) or len(widths) != depth + 1:
-        raise SegpipeError(f"{owner}: widths must be null or a list of depth + 1 = {depth + 1} integers, "
-                           f"got {widths!r}")
+        raise SegpipeError(
+            f"{owner}: widths must be null or a list of depth + 1 = {depth + 1} integers, got {widths!r}"
+        )
     return [check_int(w, "widths[]", owner, minimum=1) for w in widths]
 
 
@@ -74,9 +76,7 @@ def same_output_size(input_size: int, multiple: int, owner: str) -> int:
     if input_size % multiple:
         lower = input_size // multiple * multiple
         options = f"{lower} or {lower + multiple}" if lower else f"{multiple}"
-        raise SegpipeError(
-            f"{owner}: input size {input_size} is not divisible by {multiple}; use {options}"
-        )
+        raise SegpipeError(f"{owner}: input size {input_size} is not divisible by {multiple}; use {options}")
     return input_size
 
 

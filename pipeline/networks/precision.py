@@ -7,6 +7,7 @@ output back to fp32 for the loss, the softmax and the blending. The precision is
 itself: on a CPU without native bf16 instructions (AVX512-BF16 or AMX) bf16 still runs, emulated by
 oneDNN, and the caller gets a warning saying that it is slower than fp32 there.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 The stage entry reads the file and passes it in; a network the preset does not list runs with its
 registered defaults (`config_keys`), so a new network needs no preset entry.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

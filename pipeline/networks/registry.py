@@ -4,6 +4,7 @@ A built-in network is its own file in this folder plus one line in `_BUILDERS`; 
 adds one at run time (e.g. defined in a user's code). Everything downstream reads the contract of
 `SegmentationNetwork` (see `pipeline.networks`), never a network's name.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -43,9 +44,7 @@ def network_names() -> tuple[str, ...]:
 def config_keys(name: str) -> dict[str, Any]:
     """The config keys `name` accepts with their defaults (the papers' settings)."""
     if name not in _BUILDERS:
-        raise SegpipeError(
-            f"unknown network {name!r}; valid networks: {', '.join(_BUILDERS)}"
-        )
+        raise SegpipeError(f"unknown network {name!r}; valid networks: {', '.join(_BUILDERS)}")
     return dict(_BUILDERS[name][1])
 
 
@@ -60,9 +59,7 @@ def load_time_overrides() -> dict[str, tuple[str, ...]]:
     }
 
 
-def build_network(
-    name: str, in_channels: int, out_channels: int, **config: Any
-) -> SegmentationNetwork:
+def build_network(name: str, in_channels: int, out_channels: int, **config: Any) -> SegmentationNetwork:
     """Build network `name` ("unet", "unetpp", "u2net", "u2netp") in train() mode.
 
     Unknown names or config keys raise SegpipeError listing the valid ones; bad values raise

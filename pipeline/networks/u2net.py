@@ -17,6 +17,7 @@ concatenation, Eq. 3's S_fuse). Table 1 gives the stage widths (in, mid, out) of
 Pooling uses ceil mode and up-sampling targets the skip's exact size (as in the authors' code), so
 any input size is accepted and kept. Outputs are logits: the loss applies sigmoid or softmax.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -120,6 +121,7 @@ class U2Net(SegmentationNetwork):
         super().__init__("u2netp" if lite else "u2net", {}, in_channels, out_channels)
         encoder_table = LITE_ENCODER if lite else FULL_ENCODER
         decoder_table = LITE_DECODER if lite else FULL_DECODER
+
         def stage(height: int, dilated: bool, cin: int | None, mid: int, cout: int) -> RSU:
             return RSU(height, dilated, in_channels if cin is None else cin, mid, cout)
 

@@ -14,6 +14,7 @@ value before pooling must be even), the bottom s -> s - 4, each decoder level s 
 output = input - 2 * halo with halo = 6 * 2**d - 4, and the reachable outputs are 4 + k * 2**d
 (k >= 0, all intermediate sizes positive). The helpers below implement it for tiling.
 """
+
 from __future__ import annotations
 
 import math

@@ -18,6 +18,7 @@ prune_level=p, mode=...)` does it at load time (`load_overrides`, `with_override
 
 "Same" padding: inputs divisible by 2**prune_level keep their size.
 """
+
 from __future__ import annotations
 
 import math
@@ -171,10 +172,7 @@ class UNetPlusPlus(SegmentationNetwork):
         features = self.top_features(x)
         if not self.training and self.mode == "fast":
             return self.heads[f"x0_{self.prune_level}"](features[-1])
-        outs = [
-            self.heads[f"x0_{j}"](features[j - 1])
-            for j in range(self.first_head, self.prune_level + 1)
-        ]
+        outs = [self.heads[f"x0_{j}"](features[j - 1]) for j in range(self.first_head, self.prune_level + 1)]
         if self.training:
             return outs[-1], outs[:-1]
         return average_heads(outs) if len(outs) > 1 else outs[0]
@@ -196,12 +194,13 @@ class UNetPlusPlus(SegmentationNetwork):
                 "unetpp: pruning needs a network trained with deep_supervision=true "
                 f"(this one has only head X^0,{self.prune_level})"
             )
-        if isinstance(prune_level, bool) or not isinstance(prune_level, int) or not (
-            1 <= prune_level <= self.prune_level
+        if (
+            isinstance(prune_level, bool)
+            or not isinstance(prune_level, int)
+            or not (1 <= prune_level <= self.prune_level)
         ):
             raise SegpipeError(
-                f"unetpp: prune_level must be in 1..{self.prune_level} for this network, "
-                f"got {prune_level!r}"
+                f"unetpp: prune_level must be in 1..{self.prune_level} for this network, got {prune_level!r}"
             )
         config = dict(self.config, prune_level=prune_level, mode=mode or self.mode)
         smaller = UNetPlusPlus(self.in_channels, self.out_channels, **config)

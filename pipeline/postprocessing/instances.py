@@ -15,6 +15,7 @@ or 1 - P(background) of a softmax) and its mask p >= `threshold`:
 Every method gives a mask component without a marker an id of its own (nothing predicted is lost)
 and drops objects smaller than `min_size` pixels. Ids are 1..n in raster order of their first pixel.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -64,16 +65,19 @@ class InstanceSettings:
         """The settings a checkpoint or ONNX model records; SegpipeError naming `where` if malformed."""
         known = {f.name for f in fields(cls)}
         if not isinstance(raw, Mapping) or set(raw) - known or "method" not in raw:
-            raise SegpipeError(f"{where}: instance settings {raw!r} are malformed; expected keys among "
-                               f"{sorted(known)} with 'method'")
+            raise SegpipeError(
+                f"{where}: instance settings {raw!r} are malformed; expected keys among {sorted(known)} with 'method'"
+            )
         try:
             return cls(**dict(raw))
         except SegpipeError as exc:
             raise SegpipeError(f"{where}: {exc}") from exc
 
     def describe(self) -> str:
-        extra = {"watershed": f", markers >= {self.min_distance} px apart",
-                 "cores": f", cores p >= {self.core_threshold:g}"}.get(self.method, "")
+        extra = {
+            "watershed": f", markers >= {self.min_distance} px apart",
+            "cores": f", cores p >= {self.core_threshold:g}",
+        }.get(self.method, "")
         return f"{self.method}: p >= {self.threshold:g}{extra}, min size {self.min_size} px"
 
 
@@ -92,15 +96,18 @@ def extract_instances(probs: np.ndarray, settings: InstanceSettings) -> np.ndarr
         objects = label(mask, connectivity=1)
     elif settings.method == "watershed":
         distance = ndimage.distance_transform_edt(mask)
-        peaks = peak_local_max(distance, min_distance=max(settings.min_distance, 1), labels=label(mask),
-                               exclude_border=False)
+        peaks = peak_local_max(
+            distance, min_distance=max(settings.min_distance, 1), labels=label(mask), exclude_border=False
+        )
         objects = _flood(-distance, _points(peaks, mask.shape), mask)
     elif settings.method == "cores":
         objects = _flood(-fg, label(fg >= settings.core_threshold, connectivity=1), mask)
     else:
         if probs.shape[0] != len(BORDER_CLASSES):
-            raise SegpipeError(f"instances: method 'border' needs the {len(BORDER_CLASSES)} channels "
-                               f"{BORDER_CLASSES} of a border-target network, got {probs.shape[0]}")
+            raise SegpipeError(
+                f"instances: method 'border' needs the {len(BORDER_CLASSES)} channels "
+                f"{BORDER_CLASSES} of a border-target network, got {probs.shape[0]}"
+            )
         interior = (probs.argmax(0) == 1) & mask
         objects = _flood(-probs[1], label(interior, connectivity=1), mask)
     return _finish(objects, settings.min_size)

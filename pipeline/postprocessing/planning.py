@@ -8,6 +8,7 @@ method in `METHODS` order). Sizes come from the fingerprint's median object area
 diameter d = sqrt(4 A / pi)): marker distances 0.15-0.5 d, the smallest kept object 5 % of A, and
 the streamed blocks' context (`halo`) 2 d, rounded up to a multiple of 16 rows.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ def candidates(median_area: float, channels: int) -> list[InstanceSettings]:
     out = [InstanceSettings("components", t, **sizes) for t in THRESHOLDS]
     distances = sorted({max(1, int(round(f * diameter))) for f in DISTANCE_FRACTIONS})
     out += [InstanceSettings("watershed", t, min_distance=d, **sizes) for t in THRESHOLDS for d in distances]
-    out += [InstanceSettings("cores", t, core_threshold=c, **sizes)
-            for t in THRESHOLDS for c in CORE_THRESHOLDS if c > t]
+    out += [
+        InstanceSettings("cores", t, core_threshold=c, **sizes) for t in THRESHOLDS for c in CORE_THRESHOLDS if c > t
+    ]
     if channels == len(BORDER_CLASSES):
         out += [InstanceSettings("border", t, **sizes) for t in THRESHOLDS]
     return out
@@ -64,8 +66,9 @@ def pooled_seg(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
     return float(pooled.mean()) if pooled.size else float("nan")
 
 
-def plan_instances(cases: Sequence[tuple[np.ndarray, np.ndarray]], median_area: float,
-                   desc: str = "instances") -> InstancePlan:
+def plan_instances(
+    cases: Sequence[tuple[np.ndarray, np.ndarray]], median_area: float, desc: str = "instances"
+) -> InstancePlan:
     """The best candidate on `cases` (probabilities (K, H, W), reference instances (H, W)) by pooled SEG."""
     if not cases:
         raise SegpipeError("instances: no validation images with reference objects to choose the method on")

@@ -11,6 +11,7 @@ free id, in raster order of their first emitted pixel. With `halo` at least an o
 blocks see every object whole and the result is the whole-image extraction, up to the ids.
 Memory: (block + 2 halo) rows of probabilities, plus 2 halo rows of labels.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -24,8 +25,9 @@ from pipeline.postprocessing.instances import InstanceSettings, extract_instance
 class InstanceStream:
     """Rows of probabilities in, rows of the uint32 instance map out (module docstring)."""
 
-    def __init__(self, settings: InstanceSettings, height: int, halo: int | None = None,
-                 block: int | None = None) -> None:
+    def __init__(
+        self, settings: InstanceSettings, height: int, halo: int | None = None, block: int | None = None
+    ) -> None:
         self.settings, self.height = settings, height
         self.halo = settings.halo if halo is None else halo
         self.block = max(2 * self.halo, 64) if block is None else block
@@ -48,8 +50,9 @@ class InstanceStream:
         if y0 != have:
             raise SegpipeError(f"instances: rows from {y0} arrived after rows up to {have}; expected them in order")
         self._rows = probs if self._rows is None else np.concatenate([self._rows, probs], axis=1)
-        while self._next < self.height and have + probs.shape[1] >= min(self._next + self.block + self.halo,
-                                                                         self.height):
+        while self._next < self.height and have + probs.shape[1] >= min(
+            self._next + self.block + self.halo, self.height
+        ):
             yield self._emit()
 
     def finish(self) -> None:
@@ -61,14 +64,14 @@ class InstanceStream:
         assert self._rows is not None
         start, stop = self._next, min(self._next + self.block, self.height)
         c0, c1 = max(0, start - self.halo), min(self.height, stop + self.halo)
-        local = extract_instances(self._rows[:, c0 - self._top: c1 - self._top], self.settings)
+        local = extract_instances(self._rows[:, c0 - self._top : c1 - self._top], self.settings)
         ids = np.zeros(int(local.max(initial=0)) + 1, np.int64)
         if self._seam is not None:
             self._inherit(ids, local, c0)
-        out = self._assign(ids, local[start - c0: stop - c0])
+        out = self._assign(ids, local[start - c0 : stop - c0])
         keep = max(c0, stop - self.halo)
-        self._seam = (keep, local[keep - c0:], ids)
-        self._rows = self._rows[:, max(0, stop - self.halo) - self._top:]
+        self._seam = (keep, local[keep - c0 :], ids)
+        self._rows = self._rows[:, max(0, stop - self.halo) - self._top :]
         self._top, self._next = max(0, stop - self.halo), stop
         return start, out[None]
 
@@ -79,8 +82,8 @@ class InstanceStream:
         lo, hi = max(first, c0), min(first + before.shape[0], c0 + local.shape[0])
         if hi <= lo:
             return
-        a = before[lo - first: hi - first].ravel().astype(np.int64)
-        b = local[lo - c0: hi - c0].ravel().astype(np.int64)
+        a = before[lo - first : hi - first].ravel().astype(np.int64)
+        b = local[lo - c0 : hi - c0].ravel().astype(np.int64)
         both = (a > 0) & (b > 0)
         if not both.any():
             return
@@ -90,8 +93,12 @@ class InstanceStream:
         best_for_a = _best(pa, overlap)
         best_for_b = _best(pb, overlap)
         for i in range(pairs.size):
-            if (best_for_a[pa[i]] == i and best_for_b[pb[i]] == i and before_ids[pa[i]] > 0
-                    and 2 * overlap[i] >= min(size_a[pa[i]], size_b[pb[i]])):
+            if (
+                best_for_a[pa[i]] == i
+                and best_for_b[pb[i]] == i
+                and before_ids[pa[i]] > 0
+                and 2 * overlap[i] >= min(size_a[pa[i]], size_b[pb[i]])
+            ):
                 ids[pb[i]] = before_ids[pa[i]]
 
     def _assign(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

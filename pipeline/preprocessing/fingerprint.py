@@ -19,6 +19,7 @@ writes `data/prepared/DATASET/fingerprint.json`:
     objects          per foreground class: connected components (8-connected) of its pixels, their
                      count and min / median / 95th-percentile area in pixels
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,14 @@ MAX_PIXELS_TOTAL = 10_000_000
 channel), so the fingerprint of a large dataset fits in memory."""
 
 
-def dataset_fingerprint(loaded: Mapping[str, Mapping[str, np.ndarray]], splits: Mapping[str, str],
-                        facts: Mapping[str, Any], seed: int, max_pixels_per_case: int = MAX_PIXELS_PER_CASE,
-                        max_pixels_total: int = MAX_PIXELS_TOTAL) -> dict[str, Any]:
+def dataset_fingerprint(
+    loaded: Mapping[str, Mapping[str, np.ndarray]],
+    splits: Mapping[str, str],
+    facts: Mapping[str, Any],
+    seed: int,
+    max_pixels_per_case: int = MAX_PIXELS_PER_CASE,
+    max_pixels_total: int = MAX_PIXELS_TOTAL,
+) -> dict[str, Any]:
     """The fingerprint (module docstring) of the `splits` (case -> split) train and val cases of
     `loaded` (case -> {"image" (C, H, W), "label" (1, H, W) class indices, optional "fov"}).
     `facts`: the card's facts (classes, channels, spacing, modality); `seed`: the pixel sample's."""
@@ -58,17 +64,21 @@ def dataset_fingerprint(loaded: Mapping[str, Mapping[str, np.ndarray]], splits: 
         "format": FORMAT,
         "splits": list(SPLITS),
         "cases": {c: [int(s) for s in shape] for c, shape in zip(cases, shapes)},
-        "shape": {"median": [float(v) for v in np.median(shapes, axis=0)],
-                  "min": [int(v) for v in shapes.min(axis=0)], "max": [int(v) for v in shapes.max(axis=0)]},
+        "shape": {
+            "median": [float(v) for v in np.median(shapes, axis=0)],
+            "min": [int(v) for v in shapes.min(axis=0)],
+            "max": [int(v) for v in shapes.max(axis=0)],
+        },
         "channels": {"count": len(channel_names), "names": channel_names},
         "spacing": facts.get("spacing"),
         "modality": facts.get("modality"),
         "plan": dict(facts.get("plan") or {}),
-        "intensity": {"region": "fov" if any("fov" in loaded[c] for c in cases) else "all",
-                      "dtype": str(np.result_type(*[loaded[c]["image"].dtype for c in cases])),
-                      "sample": {"seed": seed, "max_pixels_per_case": per_case},
-                      "channels": intensity_statistics([loaded[c] for c in cases], channel_names, class_names,
-                                                       seed, per_case)},
+        "intensity": {
+            "region": "fov" if any("fov" in loaded[c] for c in cases) else "all",
+            "dtype": str(np.result_type(*[loaded[c]["image"].dtype for c in cases])),
+            "sample": {"seed": seed, "max_pixels_per_case": per_case},
+            "channels": intensity_statistics([loaded[c] for c in cases], channel_names, class_names, seed, per_case),
+        },
         "classes": class_frequencies([loaded[c] for c in cases], class_names),
         "objects": object_sizes([loaded[c]["label"][0] for c in cases], class_names),
     }
@@ -80,8 +90,9 @@ def _region(vols: Mapping[str, np.ndarray]) -> np.ndarray:
     return vols["fov"][0] > 0 if "fov" in vols else np.ones(shape, dtype=bool)
 
 
-def intensity_statistics(cases: list[Mapping[str, np.ndarray]], channel_names: list[str], class_names: list[str],
-                         seed: int, per_case: int) -> dict[str, dict[str, Any]]:
+def intensity_statistics(
+    cases: list[Mapping[str, np.ndarray]], channel_names: list[str], class_names: list[str], seed: int, per_case: int
+) -> dict[str, dict[str, Any]]:
     """Per channel: percentiles, mean and std of a seeded sample of `per_case` in-region pixels per
     case (all of them when a case has fewer), and per class the mean and std of the sample's pixels
     of that class; case i draws with `default_rng([seed, i])`."""
@@ -89,8 +100,10 @@ def intensity_statistics(cases: list[Mapping[str, np.ndarray]], channel_names: l
     for i, vols in enumerate(cases):
         image = vols["image"]
         if image.shape[0] != len(channel_names):
-            raise SegpipeError(f"fingerprint: an image has {image.shape[0]} channel(s), the card names "
-                               f"{len(channel_names)} ({', '.join(channel_names)})")
+            raise SegpipeError(
+                f"fingerprint: an image has {image.shape[0]} channel(s), the card names "
+                f"{len(channel_names)} ({', '.join(channel_names)})"
+            )
         where = np.flatnonzero(_region(vols))
         if where.size > per_case:
             where = np.sort(np.random.default_rng([seed, i]).choice(where, per_case, replace=False))
@@ -103,9 +116,15 @@ def intensity_statistics(cases: list[Mapping[str, np.ndarray]], channel_names: l
     out = {}
     for name, values in zip(channel_names, pooled):
         low, mid, high = np.percentile(values, PERCENTILES)
-        out[name] = {"p0.5": float(low), "p50": float(mid), "p99.5": float(high), "mean": float(values.mean()),
-                     "std": float(values.std()), "pixels": int(values.size),
-                     "classes": _class_statistics(values, pooled_labels, class_names)}
+        out[name] = {
+            "p0.5": float(low),
+            "p50": float(mid),
+            "p99.5": float(high),
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "pixels": int(values.size),
+            "classes": _class_statistics(values, pooled_labels, class_names),
+        }
     return out
 
 
@@ -114,8 +133,11 @@ def _class_statistics(values: np.ndarray, labels: np.ndarray, class_names: list[
     out = {}
     for k, name in enumerate(class_names):
         mine = values[labels == k]
-        out[name] = ({"mean": float(mine.mean()), "std": float(mine.std()), "pixels": int(mine.size)} if mine.size
-                     else {"mean": None, "std": None, "pixels": 0})
+        out[name] = (
+            {"mean": float(mine.mean()), "std": float(mine.std()), "pixels": int(mine.size)}
+            if mine.size
+            else {"mean": None, "std": None, "pixels": 0}
+        )
     return out
 
 
@@ -123,7 +145,7 @@ def class_frequencies(cases: list[Mapping[str, np.ndarray]], class_names: list[s
     """Per class: its pixels inside the field of view (ignored pixels are outside it) and their share."""
     counts = np.zeros(len(class_names), dtype=np.int64)
     for vols in cases:
-        counts += np.bincount(vols["label"][0][_region(vols)].ravel(), minlength=len(class_names))[:len(class_names)]
+        counts += np.bincount(vols["label"][0][_region(vols)].ravel(), minlength=len(class_names))[: len(class_names)]
     total = max(int(counts.sum()), 1)
     return {name: {"pixels": int(n), "frequency": float(n) / total} for name, n in zip(class_names, counts)}
 
@@ -139,9 +161,11 @@ def object_sizes(labels: list[np.ndarray], class_names: list[str]) -> dict[str, 
             components, n = ndimage.label(label == k, structure=structure)
             areas.append(np.bincount(components.ravel(), minlength=n + 1)[1:])
         pooled = np.concatenate(areas)
-        stats = ({"min": int(pooled.min()), "median": float(np.median(pooled)),
-                  "p95": float(np.percentile(pooled, 95))} if pooled.size else
-                 {"min": None, "median": None, "p95": None})
+        stats = (
+            {"min": int(pooled.min()), "median": float(np.median(pooled)), "p95": float(np.percentile(pooled, 95))}
+            if pooled.size
+            else {"min": None, "median": None, "p95": None}
+        )
         out[name] = {"count": int(pooled.size), **stats}
     return out
 
@@ -158,8 +182,9 @@ def read_fingerprint(folder: Path, dataset: str) -> dict[str, Any]:
     not a fingerprint."""
     path = Path(folder) / FINGERPRINT_NAME
     if not path.is_file():
-        raise SegpipeError(f"{path}: not found (prepared before fingerprints existed?); "
-                           f"run segpipe prepare {dataset} again")
+        raise SegpipeError(
+            f"{path}: not found (prepared before fingerprints existed?); run segpipe prepare {dataset} again"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -27,6 +27,7 @@ start):
   fingerprint.json       the train and val cases' shapes, intensities, class frequencies and object
                          sizes, which the training plan reads (`pipeline.preprocessing.fingerprint`)
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,14 @@ log = logging.getLogger(__name__)
 
 FILES_NAME = "files.csv"
 MANIFEST_COLUMNS = ["case", "split", "fold", "image", "label", "weight", "fov", "instances", "label2"]
-ROLE_DIRS = {"image": "images", "label": "labels", "weight": "weights", "fov": "fov",
-             "instances": "instances", "label2": "label2"}
+ROLE_DIRS = {
+    "image": "images",
+    "label": "labels",
+    "weight": "weights",
+    "fov": "fov",
+    "instances": "instances",
+    "label2": "label2",
+}
 
 
 def to_channel_first(array: np.ndarray) -> np.ndarray:
@@ -104,8 +111,14 @@ def weight_map_cells(label: np.ndarray, instances: np.ndarray | None) -> np.ndar
     return np.where(rest > 0, rest + cells.max(), cells)
 
 
-def assign_splits(cases: pd.DataFrame, train_parts: tuple[str, ...], test_parts: tuple[str, ...], seed: int,
-                  val_fraction: float, val_parts: tuple[str, ...] = ()) -> pd.Series:
+def assign_splits(
+    cases: pd.DataFrame,
+    train_parts: tuple[str, ...],
+    test_parts: tuple[str, ...],
+    seed: int,
+    val_fraction: float,
+    val_parts: tuple[str, ...] = (),
+) -> pd.Series:
     """Test parts -> test, val parts -> val; the training parts shuffled with `seed`, `val_fraction`
     -> val (none when the source has val cases of its own)."""
     split = pd.Series("test", index=cases.index)
@@ -132,8 +145,9 @@ def hold_out_test(parts: pd.Series, seed: int, test_fraction: float, where: Path
     n = len(parts)
     n_test = max(1, int(round(test_fraction * n)))
     if n_test >= n:
-        raise SegpipeError(f"{where}: test_fraction {test_fraction} of {n} case(s) leaves no training case; "
-                           "add cases or test folders")
+        raise SegpipeError(
+            f"{where}: test_fraction {test_fraction} of {n} case(s) leaves no training case; add cases or test folders"
+        )
     chosen = np.random.default_rng(seed).permutation(n)[:n_test]
     out = parts.copy()
     out.iloc[chosen] = "test"
@@ -187,8 +201,10 @@ def prepare_dataset(card: DatasetCard, cfg: Mapping[str, Any], tracking: Trackin
         stats = _prepare_into(final, read, card, prep_cfg)
         if tracker is not None:
             # what it wrote, split by split: the same datasets (name and digest) train and evaluate read
-            log_datasets(tracker, [DataInput(final / "manifest.csv", dataset, split, "output")
-                                   for split in ("train", "val", "test")])
+            log_datasets(
+                tracker,
+                [DataInput(final / "manifest.csv", dataset, split, "output") for split in ("train", "val", "test")],
+            )
             tracker.log_metrics({f"cases_{split}": n for split, n in stats["splits"].items()})
             tracker.log_metrics({"foreground_fraction_train": stats["foreground_fraction_train"]})
             tracker.log_dict(stats, "stats.json")
@@ -210,8 +226,9 @@ def _reader(cfg: dict[str, Any], card: DatasetCard, dataset: str) -> tuple[Path,
     archives = [raw_dir / r["name"] for r in records]
     for archive in archives:
         if not archive.is_file():
-            raise SegpipeError(f"{archive}: listed in {raw_dir / 'download.json'} but missing; "
-                               f"run segpipe download {dataset}")
+            raise SegpipeError(
+                f"{archive}: listed in {raw_dir / 'download.json'} but missing; run segpipe download {dataset}"
+            )
     manifest = source.files_manifest or Path(cfg["manifests_dir"]) / "sources.yaml"
     return manifest, lambda work: _archive_cases(work, archives, source, card, prep_cfg["limits"], records)
 
@@ -231,8 +248,9 @@ class _Cases:
     val_parts: tuple[str, ...] = ()
 
 
-def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard,
-                  prep_cfg: dict[str, Any]) -> dict[str, Any]:
+def _prepare_into(
+    final: Path, read: Callable[[Path], _Cases], card: DatasetCard, prep_cfg: dict[str, Any]
+) -> dict[str, Any]:
     """Read the cases (`read`, given a temporary folder), split them, write the prepared folder and
     swap it into `final`; returns the statistics written."""
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-", dir=final.parent))
@@ -246,29 +264,48 @@ def _prepare_into(final: Path, read: Callable[[Path], _Cases], card: DatasetCard
         cases["fold"] = assign_folds(cases["case"], cases["split"], seed, folds)
         out = work / "out"
         stats = _write(cases, got.loaded, out, prep_cfg["weight_map"], card)
-        stats.update(dataset=card.name, seed=seed, val_fraction=val_fraction, folds=fold_record(cases, folds),
-                     silver_cases=sorted(cases.loc[silver, "case"]), **card.facts, **got.facts)
+        stats.update(
+            dataset=card.name,
+            seed=seed,
+            val_fraction=val_fraction,
+            folds=fold_record(cases, folds),
+            silver_cases=sorted(cases.loc[silver, "case"]),
+            **card.facts,
+            **got.facts,
+        )
         if got.files is not None:
             write_text(out / FILES_NAME, pd.DataFrame(got.files).to_csv(index=False))
         write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
-        write_fingerprint(out, dataset_fingerprint(got.loaded, dict(zip(cases["case"], cases["split"])), card.facts,
-                                                   seed))
+        write_fingerprint(
+            out, dataset_fingerprint(got.loaded, dict(zip(cases["case"], cases["split"])), card.facts, seed)
+        )
         _swap_into_place(out, final, work / "previous")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return stats
 
 
-def _archive_cases(work: Path, archives: list[Path], source: DatasetSource, card: DatasetCard,
-                   limits: dict[str, Any], records: list[dict[str, Any]]) -> _Cases:
+def _archive_cases(
+    work: Path,
+    archives: list[Path],
+    source: DatasetSource,
+    card: DatasetCard,
+    limits: dict[str, Any],
+    records: list[dict[str, Any]],
+) -> _Cases:
     """Unpack and validate the archives (layout or per-file manifest), then read every case."""
     max_values = int(limits["max_image_values"])
     root = unpack(archives, work / "unpacked", source.layout, card.name, UnpackLimits.from_config(limits))
     files = find_files(root, source.layout, card.name)
     validate(files, source, max_values)
     cases = _cases(files, source.layout, card.silver_truth)
-    return _Cases(cases, _read_archive_cases(cases, card, max_values), source.layout.train_parts,
-                  source.layout.test_parts, {"archives": [r["sha256"] for r in records]})
+    return _Cases(
+        cases,
+        _read_archive_cases(cases, card, max_values),
+        source.layout.train_parts,
+        source.layout.test_parts,
+        {"archives": [r["sha256"] for r in records]},
+    )
 
 
 def _folder_cases(card: DatasetCard, max_values: int, seed: int) -> _Cases:
@@ -285,8 +322,9 @@ def _folder_cases(card: DatasetCard, max_values: int, seed: int) -> _Cases:
     if test_fraction is not None:
         train = cases["part"] == "train"
         cases.loc[train, "part"] = hold_out_test(cases.loc[train, "part"], seed, test_fraction, card.path)
-    return _Cases(cases, loaded, ("train",), ("test",), {"test_fraction": card.test_fraction}, file_rows(found),
-                  ("val",))
+    return _Cases(
+        cases, loaded, ("train",), ("test",), {"test_fraction": card.test_fraction}, file_rows(found), ("val",)
+    )
 
 
 def _remove_stale_work_dirs(final: Path) -> None:
@@ -317,8 +355,10 @@ def _read_archive_cases(cases: pd.DataFrame, card: DatasetCard, max_values: int)
     for row in tqdm(cases.itertuples(index=False), total=len(cases), desc=f"convert {card.name}", unit="case"):
         vols: dict[str, np.ndarray] = {"image": to_channel_first(read_raster(row.image, max_values))}
         if vols["image"].shape[0] != len(card.channels):
-            raise SegpipeError(f"{row.image}: {vols['image'].shape[0]} channel(s); {card.path} declares "
-                               f"{len(card.channels)} ({', '.join(card.channels)})")
+            raise SegpipeError(
+                f"{row.image}: {vols['image'].shape[0]} channel(s); {card.path} declares "
+                f"{len(card.channels)} ({', '.join(card.channels)})"
+            )
         if "instances" in cases.columns and isinstance(row.instances, Path):
             inst = read_raster(row.instances, max_values).astype(np.uint16)
             vols["instances"] = inst[None]
@@ -338,8 +378,9 @@ def _read_archive_cases(cases: pd.DataFrame, card: DatasetCard, max_values: int)
     return loaded
 
 
-def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: Path, wm_cfg: dict[str, Any],
-           card: DatasetCard) -> dict[str, Any]:
+def _write(
+    cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: Path, wm_cfg: dict[str, Any], card: DatasetCard
+) -> dict[str, Any]:
     """Compute the weight maps, write every case's volumes and the manifest; return statistics for
     stats.json."""
     from pipeline.transforms.weightmap import compute_class_weights, unet_weight_map
@@ -350,8 +391,9 @@ def _write(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], out: P
     class_weights = compute_class_weights([loaded[c]["label"][0] for c in train_cases], num_classes=len(card.classes))
     w0, sigma = float(wm_cfg["w0"]), float(wm_cfg["sigma"])
     rows = []
-    for case, split, fold in tqdm(zip(cases["case"], cases["split"], cases["fold"]), total=len(cases),
-                                  desc="weight maps", unit="case"):
+    for case, split, fold in tqdm(
+        zip(cases["case"], cases["split"], cases["fold"]), total=len(cases), desc="weight maps", unit="case"
+    ):
         vols = loaded[case]
         label = vols["label"][0]
         inst = weight_map_cells(label, vols["instances"][0] if "instances" in vols else None)
@@ -373,8 +415,9 @@ def _check_same_size(vols: dict[str, np.ndarray], case: str) -> None:
         raise SegpipeError(f"case {case}: image, label and masks differ in size {sizes}; expected one H x W")
 
 
-def _statistics(cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], class_weights: np.ndarray,
-                w0: float, sigma: float) -> dict[str, Any]:
+def _statistics(
+    cases: pd.DataFrame, loaded: dict[str, dict[str, np.ndarray]], class_weights: np.ndarray, w0: float, sigma: float
+) -> dict[str, Any]:
     train = [loaded[c] for c in cases.loc[cases["split"] == "train", "case"]]
     pixels = np.concatenate([v["image"].reshape(v["image"].shape[0], -1) for v in train], axis=1).astype(np.float64)
     foreground = float(np.mean([(v["label"] > 0).mean() for v in train]))

@@ -1,4 +1,5 @@
 """Argument types shared by the commands of `segpipe` (argparse errors for bad values)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,9 @@ def nonnegative(text: str) -> float:
 
 
 def precision_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help=f"fp32, bf16 (autocast; CPUs with AVX512-BF16/AMX, CUDA) or fp16 (CUDA); default: {default}")
-
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help=f"fp32, bf16 (autocast; CPUs with AVX512-BF16/AMX, CUDA) or fp16 (CUDA); default: {default}",
+    )

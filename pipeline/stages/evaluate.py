@@ -4,6 +4,7 @@ Reads configs/evaluate.yaml, configs/inference.yaml (with evaluate.yaml's `infer
 `--precision`), configs/train.yaml (`models_dir`), configs/data.yaml (`prepared_dir`) and
 configs/tracking.yaml (MLflow), and calls `pipeline.evaluation.evaluate.evaluate_checkpoint`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,14 @@ from pipeline.stages.arguments import precision_arg
 from pipeline.tracking import tracking_settings
 
 
-def evaluate(dataset: str, network: str, *, models_dir: Path | None = None, results_dir: Path | None = None,
-             precision: str | None = None) -> dict[str, Any]:
+def evaluate(
+    dataset: str,
+    network: str,
+    *,
+    models_dir: Path | None = None,
+    results_dir: Path | None = None,
+    precision: str | None = None,
+) -> dict[str, Any]:
     """models/DATASET/NETWORK/best.pt on the test split into results/DATASET/NETWORK/; returns
     metrics.json's dict with the timings of timings.json added. `models_dir`/`results_dir` None: the configs'."""
     cfg = read_config("evaluate", evaluate_config)
@@ -29,8 +36,15 @@ def evaluate(dataset: str, network: str, *, models_dir: Path | None = None, resu
     models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
     data = open_prepared(dataset, prepared_root(read_config("data", check_data_config), dataset))
     out_dir = Path(results_dir if results_dir is not None else cfg["results_dir"]) / dataset / network
-    return evaluate_checkpoint(models / dataset / network / "best.pt", data, network, cfg, settings, out_dir,
-                               tracking=read_config("tracking", tracking_settings))
+    return evaluate_checkpoint(
+        models / dataset / network / "best.pt",
+        data,
+        network,
+        cfg,
+        settings,
+        out_dir,
+        tracking=read_config("tracking", tracking_settings),
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -39,9 +53,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Whole-image sliding-window inference on the test split with the best checkpoint; writes "
-                     "results/DATASET/NETWORK/ (metrics.json, per_image.csv, curves, overlays). Settings: "
-                     "configs/evaluate.yaml and configs/inference.yaml.")
+    p.description = (
+        "Whole-image sliding-window inference on the test split with the best checkpoint; writes "
+        "results/DATASET/NETWORK/ (metrics.json, per_image.csv, curves, overlays). Settings: "
+        "configs/evaluate.yaml and configs/inference.yaml."
+    )
     p.add_argument("dataset")
     p.add_argument("network")
     precision_arg(p, "configs/inference.yaml")

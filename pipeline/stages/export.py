@@ -1,4 +1,5 @@
 """`segpipe export`: a checkpoint's inference graph as an ONNX model (a user command, not a DVC stage)."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", required=True, metavar="CKPT", help="segpipe checkpoint (.pt)")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default onnx)")
-    p.add_argument("--opset", type=int, default=None, metavar="N",
-                   help="ONNX opset (default: torch's exporter default)")
+    p.add_argument(
+        "--opset", type=int, default=None, metavar="N", help="ONNX opset (default: torch's exporter default)"
+    )
     p.add_argument("--output", default=None, metavar="PATH", help="output file (default: CKPT with .onnx)")
     p.set_defaults(handler=_cmd_export)

@@ -4,6 +4,7 @@ Reads configs/data.yaml (`prepare`, `raw_dir`, `prepared_dir`, `manifests_dir`),
 configs/datasets/DATASET.yaml and configs/tracking.yaml (MLflow), and calls
 `pipeline.preprocessing.prepare.prepare_dataset` with them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Unpack data/raw/DATASET, validate every file against data_manifests/, and write "
-                     "data/prepared/DATASET (NIfTI images/labels, weight maps, manifest.csv, fingerprint.json).")
+    p.description = (
+        "Unpack data/raw/DATASET, validate every file against data_manifests/, and write "
+        "data/prepared/DATASET (NIfTI images/labels, weight maps, manifest.csv, fingerprint.json)."
+    )
     p.add_argument("dataset", help="a dataset with a card, configs/datasets/DATASET.yaml")
     p.set_defaults(handler=_cmd_prepare)

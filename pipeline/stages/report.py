@@ -4,6 +4,7 @@ Reads configs/evaluate.yaml (`results_dir`), configs/train.yaml (`models_dir`, `
 configs/data.yaml (`datasets`: with `networks`, the DVC matrix) and calls
 `pipeline.evaluation.report.write_report`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,19 +21,28 @@ def configured_matrix() -> list[tuple[str, str]]:
     configs/train.yaml `networks`."""
     where = str(config_path("train"))
     networks = check_list(load_config("train").get("networks"), "networks", where, nonempty=True)
-    return [(dataset, check_str(network, "networks[]", where))
-            for dataset in read_config("data", check_data_config)["datasets"] for network in networks]
+    return [
+        (dataset, check_str(network, "networks[]", where))
+        for dataset in read_config("data", check_data_config)["datasets"]
+        for network in networks
+    ]
 
 
-def report(results_dir: Path | None = None, datasets: Iterable[str] | None = None,
-           networks: Iterable[str] | None = None, *, models_dir: Path | None = None,
-           matrix: Iterable[tuple[str, str]] | None = None) -> Path:
+def report(
+    results_dir: Path | None = None,
+    datasets: Iterable[str] | None = None,
+    networks: Iterable[str] | None = None,
+    *,
+    models_dir: Path | None = None,
+    matrix: Iterable[tuple[str, str]] | None = None,
+) -> Path:
     """results/summary.csv and results/report.md; None arguments: configs/evaluate.yaml `results_dir`,
     configs/train.yaml `models_dir`, `configured_matrix()`. Returns the path of report.md."""
     results = Path(results_dir if results_dir is not None else load_config("evaluate")["results_dir"])
     models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
-    return write_report(results, models, configured_matrix() if matrix is None else matrix,
-                        datasets=datasets, networks=networks)
+    return write_report(
+        results, models, configured_matrix() if matrix is None else matrix, datasets=datasets, networks=networks
+    )
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -41,7 +51,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Collect results/*/*/metrics.json (and the training facts of models/*/*/log.csv) into "
-                     "results/summary.csv and results/report.md; pairs of the DVC matrix not evaluated yet "
-                     "are listed as such.")
+    p.description = (
+        "Collect results/*/*/metrics.json (and the training facts of models/*/*/log.csv) into "
+        "results/summary.csv and results/report.md; pairs of the DVC matrix not evaluated yet "
+        "are listed as such."
+    )
     p.set_defaults(handler=_cmd_report)

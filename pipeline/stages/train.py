@@ -5,6 +5,7 @@ configs/augment.yaml (the dataset's preset), configs/inference.yaml (the sliding
 of validation), configs/data.yaml (where the prepared data are) and configs/tracking.yaml (MLflow:
 system metrics, run groups), and passes values down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ from pipeline.training.settings import TrainConfigs, deep_merge, resolve_setting
 
 def load_train_configs() -> TrainConfigs:
     """configs/train.yaml, networks.yaml and augment.yaml as loaded dicts."""
-    return TrainConfigs(load_config("train"), load_config("networks"), load_config("augment"),
-                        str(config_path("train")))
+    return TrainConfigs(
+        load_config("train"), load_config("networks"), load_config("augment"), str(config_path("train"))
+    )
 
 
 def train(
@@ -60,8 +62,16 @@ def train(
     fingerprint = read_fingerprint(prepared.root, dataset)
     plan = plan_training(fingerprint, settings)
     tracking = read_config("tracking", tracking_settings)
-    return run_training(plan.settings, prepared, out_dir, inference, resume=resume, tracking=tracking,
-                        plan=plan.to_dict(), median_area=median_object_area(fingerprint))
+    return run_training(
+        plan.settings,
+        prepared,
+        out_dir,
+        inference,
+        resume=resume,
+        tracking=tracking,
+        plan=plan.to_dict(),
+        median_area=median_object_area(fingerprint),
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -70,11 +80,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides = deep_merge(overrides, item)
     if args.precision:
         overrides["precision"] = args.precision
-    result = train(args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides,
-                   fold=args.fold)
+    result = train(
+        args.dataset, args.network, profile=args.profile, resume=args.resume, overrides=overrides, fold=args.fold
+    )
     if result.stopped_early:
-        print(f"segpipe train: stopped by max_minutes after {result.steps} steps: this model depends on the "
-              "machine's speed, not only on params and data (exit 3)", file=sys.stderr)
+        print(
+            f"segpipe train: stopped by max_minutes after {result.steps} steps: this model depends on the "
+            "machine's speed, not only on params and data (exit 3)",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -89,10 +103,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("network", help="unet, unetpp or u2net (the profile may substitute, e.g. u2netp)")
     p.add_argument("--profile", default=None, help="profile of configs/train.yaml (default: its `profile`)")
     p.add_argument("--resume", action="store_true", help="continue from models/DATASET/NETWORK/last.pt")
-    p.add_argument("--fold", type=int, default=None, metavar="K",
-                   help="cross-validation: validate on fold K of the prepared data, train on the others "
-                   "(default: configs/train.yaml's `fold`; null there: the prepare split)")
-    p.add_argument("--set", action="append", type=setting_argument, metavar="KEY=VALUE",
-                   help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)")
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        metavar="K",
+        help="cross-validation: validate on fold K of the prepared data, train on the others "
+        "(default: configs/train.yaml's `fold`; null there: the prepare split)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        type=setting_argument,
+        metavar="KEY=VALUE",
+        help="override a profile setting for this run, e.g. --set optimizer.lr=0.001 (repeatable)",
+    )
     precision_arg(p, "the profile of configs/train.yaml")
     p.set_defaults(handler=_cmd_train)

@@ -3,6 +3,7 @@
 DistributedDataParallel with gloo on the CPU and nccl on CUDA; only rank 0 validates, writes and
 logs. Rank, world size and local rank come from torchrun's environment variables.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """What each epoch of a training records: its row of log.csv, its console line and its MLflow
 metrics (step = epoch; a resumed run logs the epochs its MLflow run missed)."""
+
 from __future__ import annotations
 
 import csv
@@ -8,8 +9,18 @@ from typing import Any, Mapping
 
 import torch
 
-LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_dice", "val_iou", "patches_per_s",
-               "data_wait_share", "seconds", "elapsed_seconds")
+LOG_COLUMNS = (
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "val_dice",
+    "val_iou",
+    "patches_per_s",
+    "data_wait_share",
+    "seconds",
+    "elapsed_seconds",
+)
 """log.csv: `seconds` = the epoch's training steps; `elapsed_seconds` = wall time of the training so
 far (set-up, validation and checkpoints included; a resumed run adds to the killed run's time)."""
 
@@ -51,9 +62,11 @@ def log_text(rows: list[dict[str, Any]]) -> str:
 def epoch_summary(row: Mapping[str, Any], epochs: int) -> str:
     """The console line of an epoch."""
     val = f" | val Dice {row['val_dice']:.4f} IoU {row['val_iou']:.4f}" if row["val_dice"] != "" else ""
-    return (f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}{val} | lr {row['lr']:.2e}  "
-            f"{row['patches_per_s']:.0f} patches/s  data wait {100 * row['data_wait_share']:.0f}%  "
-            f"{row['seconds']:.0f} s")
+    return (
+        f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}{val} | lr {row['lr']:.2e}  "
+        f"{row['patches_per_s']:.0f} patches/s  data wait {100 * row['data_wait_share']:.0f}%  "
+        f"{row['seconds']:.0f} s"
+    )
 
 
 __all__ = ["LOG_COLUMNS", "epoch_metrics", "epoch_summary", "log_epochs", "log_text", "logged_epochs"]

@@ -6,6 +6,7 @@ does) and the method and parameters with the best SEG (`pipeline.postprocessing.
 as `instances` in best.pt and in instances.json beside it; `segpipe infer` then writes instance maps
 with them and `segpipe evaluate` scores the same.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,13 @@ def median_object_area(fingerprint: Mapping[str, Any]) -> float | None:
     return None
 
 
-def choose_instances(best: Path, prepared: PreparedDataset, settings: Mapping[str, Any],
-                     inference: InferenceSettings, median_area: float | None) -> InstancePlan | None:
+def choose_instances(
+    best: Path,
+    prepared: PreparedDataset,
+    settings: Mapping[str, Any],
+    inference: InferenceSettings,
+    median_area: float | None,
+) -> InstancePlan | None:
     """Choose and record the instance settings of `best` (module docstring); None when the validation
     cases have no reference instances or the fingerprint no objects."""
     names = [c for c in prepared.cases("val") if "instances" in prepared.load(c)]

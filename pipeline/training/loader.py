@@ -6,6 +6,7 @@ deformation, flips, gray values). Item `index` of `epoch` is re-seeded from thos
 so the data do not depend on DataLoader workers, on the number of DDP ranks, or on where a run
 was resumed. A step takes `batch_size` patches (all ranks together).
 """
+
 from __future__ import annotations
 
 import logging
@@ -110,8 +111,13 @@ def fold_class_weights(prepared: PreparedDataset, cases: list[dict[str, np.ndarr
         new = compute_class_weights([c["label"] for c in cases], num_classes=len(old))
     except SegpipeError as exc:
         raise SegpipeError(f"{prepared.root}: eq. 2 class weights of this fold's training cases: {exc}") from exc
-    log.info("%s: eq. 2 class weights over this fold's %d training cases %s (prepare's train split: %s)",
-             prepared.name, len(cases), np.round(new, 4).tolist(), np.round(old, 4).tolist())
+    log.info(
+        "%s: eq. 2 class weights over this fold's %d training cases %s (prepare's train split: %s)",
+        prepared.name,
+        len(cases),
+        np.round(new, 4).tolist(),
+        np.round(old, 4).tolist(),
+    )
     for case in cases:
         case["weight"] = reweigh_classes(case["weight"], case["label"], old, new)
 
@@ -126,9 +132,11 @@ def check_ignore_value(prepared: PreparedDataset, settings: Mapping[str, Any]) -
     prepared "fov", which masks the loss only as the preset's `patches.fov_key`."""
     ignore = prepared.stats.get("ignore_value")
     if ignore is not None and not settings["augment"]["patches"]["fov_key"]:
-        raise SegpipeError(f"configs/augment.yaml: {settings['dataset']}.patches.fov_key is null, but the card's "
-                           f"ignore_value {ignore} ({prepared.root / 'stats.json'}) must stay out of the loss; "
-                           "set fov_key: fov")
+        raise SegpipeError(
+            f"configs/augment.yaml: {settings['dataset']}.patches.fov_key is null, but the card's "
+            f"ignore_value {ignore} ({prepared.root / 'stats.json'}) must stay out of the loss; "
+            "set fov_key: fov"
+        )
 
 
 def build_loader(
@@ -152,12 +160,24 @@ def build_loader(
     dataset, augment_cfg = settings["dataset"], settings["augment"]
     full = build_train_transforms(dataset, model.halo, out_size, augment_cfg)
     n_pre = len(build_preprocess_transforms(dataset, augment_cfg).transforms)
-    cache = CacheDataset(training_cases(prepared, patch_keys(settings)), Compose(full.transforms[:n_pre]),
-                         cache_rate=1.0, num_workers=None, copy_cache=False, progress=False)
+    cache = CacheDataset(
+        training_cases(prepared, patch_keys(settings)),
+        Compose(full.transforms[:n_pre]),
+        cache_rate=1.0,
+        num_workers=None,
+        copy_cache=False,
+        progress=False,
+    )
     patches = PatchDataset(cache, Compose(full.transforms[n_pre:]), int(settings["seed"]))
     sampler = StepSampler(int(settings["steps_per_epoch"]), batch // num_samples, ctx.rank, ctx.world)
     workers = int(settings["workers"])
-    loader = DataLoader(patches, batch_size=sampler.per_rank, sampler=sampler, num_workers=workers,
-                        collate_fn=list_data_collate, persistent_workers=workers > 0,
-                        pin_memory=ctx.device.type == "cuda")
+    loader = DataLoader(
+        patches,
+        batch_size=sampler.per_rank,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=list_data_collate,
+        persistent_workers=workers > 0,
+        pin_memory=ctx.device.type == "cuda",
+    )
     return loader, sampler, batch // ctx.world

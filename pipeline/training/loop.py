@@ -30,8 +30,6 @@ its epoch; also in thresholds.json, JSON null for K > 2, and the run's MLflow me
 (those of its own epoch if it was validated, else None); `segpipe infer --threshold val` reads them.
 Datasets with reference instances: after the last epoch best.pt's instance settings are chosen on
 the validation images (`pipeline.training.instance_output`) and logged (params instances.*, val_seg).
-Datasets with reference instances: after the last epoch best.pt's instance settings are chosen on
-the validation images (`pipeline.training.instance_output`) and logged (params instances.*, val_seg).
 `last.pt` is written atomically after every epoch with the optimizer state, the torch RNG state and
 the log, so `--resume` continues a killed run to the same result as an uninterrupted one. last.pt also
 holds the MLflow run id: a resumed training continues its own run (one run per training).
@@ -39,35 +37,34 @@ holds the MLflow run id: a resumed training continues its own run (one run per t
 Under `torchrun` every rank trains on its share of each step's patches (DistributedDataParallel,
 gloo on CPU, nccl on CUDA); only rank 0 validates, writes files and logs to MLflow.
 """
+
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 from monai.data import set_track_meta
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.data.io import write_text
 from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.inference.settings import InferenceSettings
-from pipeline.networks import SegmentationNetwork, build_network, read_checkpoint, save_checkpoint
-from pipeline.networks.precision import autocast, check_precision, fp32_output
+from pipeline.networks import save_checkpoint
+from pipeline.networks.precision import autocast, fp32_output
 from pipeline.tracking import DataInput, TrackingSettings, stage_run
-from pipeline.training.distributed import Dist, all_mean, init_distributed, max_over_ranks
+from pipeline.training.distributed import all_mean, init_distributed, max_over_ranks
 from pipeline.training.epochs import epoch_metrics, epoch_summary, log_epochs, log_text, logged_epochs
 from pipeline.training.instance_output import choose_instances
-from pipeline.training.loader import StepSampler, build_loader, patch_keys
 from pipeline.training.mlflow_model import log_best_model
-from pipeline.training.optim import build_optimizer, learning_rate
+from pipeline.training.optim import learning_rate
 from pipeline.training.outputs import run_outputs
-from pipeline.training.supervision import DeepSupervisionLoss, build_loss
+from pipeline.training.trainer import Progress, Trainer, build_trainer, restore, resume_settings
 from pipeline.training.validation import (
     threshold_metrics,
     validate,
@@ -75,11 +72,6 @@ from pipeline.training.validation import (
     validation_settings,
     validation_thresholds,
 )
-
-RESUME_KEYS = ("dataset", "network_key", "network", "network_config", "augment", "seed", "epochs",
-               "steps_per_epoch", "batch_size", "patch_size", "optimizer", "schedule", "grad_clip",
-               "loss", "weight_map", "precision", "fold")
-"""Settings a resumed run must share with the checkpoint (others, e.g. workers, may change)."""
 
 
 @dataclass(frozen=True)
@@ -95,97 +87,9 @@ class TrainResult:
     stopped_early: bool
 
 
-@dataclass
-class _Trainer:
-    """Everything one training step needs, built once (`_build`)."""
-
-    settings: Mapping[str, Any]
-    ctx: Dist
-    model: SegmentationNetwork
-    forward: torch.nn.Module
-    loader: DataLoader
-    sampler: StepSampler
-    patches_per_rank: int
-    loss_fn: DeepSupervisionLoss
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    layout: torch.memory_format
-    class_names: list[str]
-    keys: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Progress:
-    """Where the training stands: the next epoch, the best validation so far, the log rows, the
-    MLflow run id of the training (None: none yet, or a checkpoint written before it was kept) and
-    each epoch's MLflow metrics (`epoch` and the metrics; a resumed run logs those it missed)."""
-
-    first_epoch: int = 0
-    best: dict[str, Any] = field(default_factory=lambda: {"val_dice": -1.0, "epoch": -1})
-    log_rows: list[dict[str, Any]] = field(default_factory=list)
-    previous_elapsed: float = 0.0
-    run_id: str | None = None
-    epoch_metrics: list[dict[str, float]] = field(default_factory=list)
-
-
-def output_channels(num_classes: int) -> int:
-    """The network's output channels for `num_classes` classes: 1 (sigmoid) for 2, else one per class."""
-    return 1 if num_classes == 2 else num_classes
-
-
-def _build(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) -> _Trainer:
-    """Network (seeded), patch loader, loss, optimizer and grad scaler of a training."""
-    torch.manual_seed(int(settings["seed"]))
-    channels = settings["augment"]["channels"]
-    in_channels = len(channels) if channels else prepared.in_channels
-    model = build_network(settings["network"], in_channels, output_channels(len(prepared.class_names)),
-                          **settings["network_config"])
-    layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-    model.to(ctx.device, memory_format=layout)
-    loader, sampler, patches_per_rank = build_loader(prepared, settings, model, ctx)
-    loss_fn = build_loss(settings["loss"], network=model,
-                         source=f"configs/train.yaml: profiles.{settings['profile']}.loss")
-    optimizer = build_optimizer(model, settings["optimizer"])
-    check_precision(settings["precision"], ctx.device, f"configs/train.yaml: profiles.{settings['profile']}")
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings["precision"] == "fp16")
-    net: torch.nn.Module = model
-    if ctx.world > 1:
-        devices = [ctx.device.index] if ctx.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=devices)
-    forward = torch.compile(net) if settings["compile"] else net
-    return _Trainer(settings, ctx, model, forward, loader, sampler, patches_per_rank, loss_fn, optimizer, scaler,
-                    layout, prepared.class_names, patch_keys(settings))
-
-
-def _restore(trainer: _Trainer, path: Path) -> _Progress:
-    """The state of `last.pt` loaded into the trainer; SegpipeError if the settings changed."""
-    if not path.is_file():
-        raise SegpipeError(f"{path}: nothing to resume; train without --resume")
-    state = read_checkpoint(path)
-    saved, current = state.get("settings") or {}, _resume_settings(trainer.settings)
-    if saved.get("fold") != current["fold"]:
-        raise SegpipeError(f"{path}: cannot resume with fold {_fold_text(current['fold'])}: this checkpoint trained "
-                           f"fold {_fold_text(saved.get('fold'))}; resume with that fold (--fold, configs/train.yaml "
-                           "fold) or train without --resume to start over")
-    changed = [k for k in RESUME_KEYS if saved.get(k) != current[k]]
-    if changed:
-        raise SegpipeError(f"{path}: cannot resume, settings changed since this checkpoint: {changed}; "
-                           "train without --resume to start over")
-    if state.get("class_names", trainer.class_names) != trainer.class_names:
-        raise SegpipeError(f"{path}: cannot resume, the checkpoint's classes {state['class_names']} differ from the "
-                           f"prepared dataset's {trainer.class_names}; train without --resume to start over")
-    trainer.model.load_state_dict(state["state_dict"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    log_rows = list(state["log"])
-    return _Progress(int(state["epoch"]), dict(state["best"]), log_rows,
-                     float(log_rows[-1]["elapsed_seconds"]) if log_rows else 0.0, state.get("mlflow_run_id"),
-                     list(state.get("mlflow_epoch_metrics", [])))
-
-
-def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
-                 clock: float) -> tuple[dict[str, Any], torch.Tensor, bool]:
+def _train_epoch(
+    t: Trainer, epoch: int, deadline: float | None, clock: float
+) -> tuple[dict[str, Any], torch.Tensor, bool]:
     """One epoch of optimizer steps: (log row without validation, mean losses [total, heads...],
     stopped by the time limit). `deadline`: the wall budget in seconds (None: no limit), counted
     from the `time.perf_counter()` value `clock`."""
@@ -194,27 +98,40 @@ def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
     t.model.train()
     t.sampler.set_epoch(epoch)
     t0, wait, loss_sum, head_sums, n_steps, stopped, lr = time.perf_counter(), 0.0, 0.0, None, 0, False, 0.0
-    bar = tqdm(total=steps, desc=f"{s['dataset']}/{s['network_key']} epoch {epoch + 1}/{epochs}", unit="step",
-               disable=not ctx.main, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        desc=f"{s['dataset']}/{s['network_key']} epoch {epoch + 1}/{epochs}",
+        unit="step",
+        disable=not ctx.main,
+        leave=False,
+        dynamic_ncols=True,
+    )
     batches = iter(t.loader)
     fov_key = s["augment"]["patches"]["fov_key"]
     for step_in_epoch in range(steps):
         t_wait = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t_wait
-        lr = learning_rate(epoch * steps + step_in_epoch, epochs * steps, steps, float(s["optimizer"]["lr"]),
-                           s["schedule"])
+        lr = learning_rate(
+            epoch * steps + step_in_epoch, epochs * steps, steps, float(s["optimizer"]["lr"]), s["schedule"]
+        )
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         data = {k: torch.as_tensor(batch[k]).to(ctx.device, non_blocking=True) for k in t.keys}
         with autocast(s["precision"], ctx.device):
             output = t.forward(data["image"].contiguous(memory_format=t.layout))
-        heads = t.loss_fn.head_losses(fp32_output(output), data["label"], data["weight"] if s["weight_map"] else None,
-                                      data[fov_key] if fov_key else None)
+        heads = t.loss_fn.head_losses(
+            fp32_output(output),
+            data["label"],
+            data["weight"] if s["weight_map"] else None,
+            data[fov_key] if fov_key else None,
+        )
         loss = t.loss_fn.combine(heads)
         if not torch.isfinite(loss):
-            raise SegpipeError(f"{s['dataset']}/{s['network_key']}: loss became {loss.item()} at epoch {epoch + 1} "
-                               f"step {step_in_epoch + 1}; lower optimizer.lr in configs/train.yaml")
+            raise SegpipeError(
+                f"{s['dataset']}/{s['network_key']}: loss became {loss.item()} at epoch {epoch + 1} "
+                f"step {step_in_epoch + 1}; lower optimizer.lr in configs/train.yaml"
+            )
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         if s["grad_clip"] is not None:
@@ -227,8 +144,10 @@ def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
         loss_sum += loss.item()
         n_steps += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}",
-                        patches_s=f"{n_steps * t.patches_per_rank * ctx.world / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(
+            loss=f"{loss_sum / n_steps:.4f}",
+            patches_s=f"{n_steps * t.patches_per_rank * ctx.world / (time.perf_counter() - t0):.0f}",
+        )
         # one clock for all ranks, so that they agree on stopping
         if deadline is not None and max_over_ranks(time.perf_counter() - clock, ctx) > deadline:
             stopped = True
@@ -236,15 +155,30 @@ def _train_epoch(t: _Trainer, epoch: int, deadline: float | None,
     bar.close()
     seconds = time.perf_counter() - t0
     means = all_mean(torch.cat([torch.tensor([loss_sum]), head_sums]) / max(1, n_steps), ctx)
-    row = {"epoch": epoch + 1, "step": epoch * steps + n_steps, "lr": lr, "train_loss": float(means[0]),
-           "val_dice": "", "val_iou": "", "patches_per_s": n_steps * t.patches_per_rank * ctx.world / seconds,
-           "data_wait_share": wait / seconds, "seconds": seconds}
+    row = {
+        "epoch": epoch + 1,
+        "step": epoch * steps + n_steps,
+        "lr": lr,
+        "train_loss": float(means[0]),
+        "val_dice": "",
+        "val_iou": "",
+        "patches_per_s": n_steps * t.patches_per_rank * ctx.world / seconds,
+        "data_wait_share": wait / seconds,
+        "seconds": seconds,
+    }
     return row, means, stopped
 
 
-def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], means: torch.Tensor,
-                       validation: tuple[list[dict[str, Any]], InferenceSettings], out_dir: Path, last: bool,
-                       clock: float) -> None:
+def _validate_and_save(
+    t: Trainer,
+    progress: Progress,
+    row: dict[str, Any],
+    means: torch.Tensor,
+    validation: tuple[list[dict[str, Any]], InferenceSettings],
+    out_dir: Path,
+    last: bool,
+    clock: float,
+) -> None:
     """Rank 0 after an epoch: validation when due (best.pt when it improved), the epoch's MLflow
     metrics (`progress.epoch_metrics`), last.pt and log.csv."""
     s, epoch, thresholds = t.settings, int(row["epoch"]), None
@@ -254,19 +188,41 @@ def _validate_and_save(t: _Trainer, progress: _Progress, row: dict[str, Any], me
         thresholds = validation_thresholds(result.histograms)
         if row["val_dice"] > progress.best["val_dice"] or progress.best["epoch"] < 0:
             progress.best = {"val_dice": row["val_dice"], "epoch": epoch, "thresholds": thresholds}
-            save_checkpoint(t.model, out_dir / "best.pt", dataset=s["dataset"], network_key=s["network_key"],
-                            profile=s["profile"], epoch=epoch, val_dice=row["val_dice"], augment=s["augment"],
-                            precision=s["precision"], class_names=t.class_names, fold=s["fold"],
-                            thresholds=thresholds, target=s["target"])
+            save_checkpoint(
+                t.model,
+                out_dir / "best.pt",
+                dataset=s["dataset"],
+                network_key=s["network_key"],
+                profile=s["profile"],
+                epoch=epoch,
+                val_dice=row["val_dice"],
+                augment=s["augment"],
+                precision=s["precision"],
+                class_names=t.class_names,
+                fold=s["fold"],
+                thresholds=thresholds,
+                target=s["target"],
+            )
             write_text(out_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
     row["elapsed_seconds"] = time.perf_counter() - clock
     progress.log_rows.append(row)
     progress.epoch_metrics.append({"epoch": epoch, **epoch_metrics(row, means)})
-    save_checkpoint(t.model, out_dir / "last.pt", settings=_resume_settings(s), optimizer=t.optimizer.state_dict(),
-                    scaler=t.scaler.state_dict(), torch_rng=torch.get_rng_state(), epoch=epoch,
-                    best=dict(progress.best), log=progress.log_rows, mlflow_run_id=progress.run_id,
-                    mlflow_epoch_metrics=progress.epoch_metrics, class_names=t.class_names, fold=s["fold"],
-                    thresholds=thresholds)
+    save_checkpoint(
+        t.model,
+        out_dir / "last.pt",
+        settings=resume_settings(s),
+        optimizer=t.optimizer.state_dict(),
+        scaler=t.scaler.state_dict(),
+        torch_rng=torch.get_rng_state(),
+        epoch=epoch,
+        best=dict(progress.best),
+        log=progress.log_rows,
+        mlflow_run_id=progress.run_id,
+        mlflow_epoch_metrics=progress.epoch_metrics,
+        class_names=t.class_names,
+        fold=s["fold"],
+        thresholds=thresholds,
+    )
     write_text(out_dir / "log.csv", log_text(progress.log_rows))
 
 
@@ -291,15 +247,24 @@ def run_training(
     start = time.perf_counter()
     ctx = init_distributed()
     set_track_meta(False)
-    trainer = _build(settings, prepared, ctx)
-    progress = _restore(trainer, out_dir / "last.pt") if resume else _Progress()
+    trainer = build_trainer(settings, prepared, ctx)
+    progress = restore(trainer, out_dir / "last.pt") if resume else Progress()
     with run_outputs(out_dir, resume, enabled=ctx.main):
         return _train(trainer, progress, prepared, out_dir, inference, tracking, resume, start, plan, median_area)
 
 
-def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, out_dir: Path,
-           inference: InferenceSettings, tracking: TrackingSettings | None, resume: bool, start: float,
-           plan: Mapping[str, Any] | None = None, median_area: float | None = None) -> TrainResult:
+def _train(
+    trainer: Trainer,
+    progress: Progress,
+    prepared: PreparedDataset,
+    out_dir: Path,
+    inference: InferenceSettings,
+    tracking: TrackingSettings | None,
+    resume: bool,
+    start: float,
+    plan: Mapping[str, Any] | None = None,
+    median_area: float | None = None,
+) -> TrainResult:
     """The epochs of `run_training`, from `progress` on, with validation, checkpoints and MLflow."""
     settings, ctx = trainer.settings, trainer.ctx
     dataset, network = settings["dataset"], settings["network_key"]
@@ -316,10 +281,20 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
     params = {k: v for k, v in settings.items() if k != "augment"}
     if plan is not None:  # the plan's limits and values: plan.memory_budget_mb, plan.patch_size, ...
         params["plan"] = {**settings["plan"], **{k: e["value"] for k, e in plan["entries"].items()}}
-    data = [DataInput(prepared.manifest_path, dataset, "train", "training", settings["fold"]),
-            DataInput(prepared.manifest_path, dataset, "val", "validation", settings["fold"])]
-    with stage_run("train", dataset, params=params, manifest=prepared.manifest_path, network=network,
-                   datasets=data, tracking=tracking, run_id=progress.run_id) as tracker:
+    data = [
+        DataInput(prepared.manifest_path, dataset, "train", "training", settings["fold"]),
+        DataInput(prepared.manifest_path, dataset, "val", "validation", settings["fold"]),
+    ]
+    with stage_run(
+        "train",
+        dataset,
+        params=params,
+        manifest=prepared.manifest_path,
+        network=network,
+        datasets=data,
+        tracking=tracking,
+        run_id=progress.run_id,
+    ) as tracker:
         if tracker is not None:  # kept in last.pt: --resume continues this run
             progress.run_id = tracker.active_run().info.run_id
             tracker.set_tag("fold", str(settings["fold"]))
@@ -330,8 +305,9 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
         for epoch in range(progress.first_epoch, epochs):
             row, means, stopped_early = _train_epoch(trainer, epoch, limit, clock)
             if ctx.main:
-                _validate_and_save(trainer, progress, row, means, validation, out_dir,
-                                   stopped_early or epoch + 1 == epochs, clock)
+                _validate_and_save(
+                    trainer, progress, row, means, validation, out_dir, stopped_early or epoch + 1 == epochs, clock
+                )
                 if tracker is not None:
                     log_epochs(tracker, progress.epoch_metrics[-1:], epoch)
                 tqdm.write(epoch_summary(row, epochs))
@@ -340,12 +316,19 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
             if stopped_early:
                 break
         best = progress.best
-        instances = (choose_instances(out_dir / "best.pt", prepared, settings, validation[1], median_area)
-                     if ctx.main else None)
+        instances = (
+            choose_instances(out_dir / "best.pt", prepared, settings, validation[1], median_area) if ctx.main else None
+        )
         wall = time.perf_counter() - start
         if tracker is not None:
-            tracker.log_metrics({"best_val_dice": best["val_dice"], "best_epoch": best["epoch"], "wall_seconds": wall,
-                                 **threshold_metrics(best.get("thresholds"))})
+            tracker.log_metrics(
+                {
+                    "best_val_dice": best["val_dice"],
+                    "best_epoch": best["epoch"],
+                    "wall_seconds": wall,
+                    **threshold_metrics(best.get("thresholds")),
+                }
+            )
             tracker.set_tag("stopped_by_time_limit", str(stopped_early))
             for name in ("config.json", "log.csv", "best.pt", "thresholds.json"):
                 if name != "thresholds.json" or (out_dir / name).is_file():  # absent: best.pt of an older segpipe
@@ -362,16 +345,9 @@ def _train(trainer: _Trainer, progress: _Progress, prepared: PreparedDataset, ou
         dist.destroy_process_group()
     steps = int(progress.log_rows[-1]["step"]) if progress.log_rows else 0
     if ctx.main:
-        print(f"{dataset}/{network}: best validation Dice {best['val_dice']:.4f} at epoch {best['epoch']} "
-              f"({settings['network']}, {steps} steps, {wall / 60:.1f} min"
-              f"{', STOPPED BY max_minutes' if stopped_early else ''}) -> {out_dir / 'best.pt'}")
+        print(
+            f"{dataset}/{network}: best validation Dice {best['val_dice']:.4f} at epoch {best['epoch']} "
+            f"({settings['network']}, {steps} steps, {wall / 60:.1f} min"
+            f"{', STOPPED BY max_minutes' if stopped_early else ''}) -> {out_dir / 'best.pt'}"
+        )
     return TrainResult(out_dir, out_dir / "best.pt", epoch + 1, steps, float(best["val_dice"]), wall, stopped_early)
-
-
-def _resume_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The RESUME_KEYS of `settings` as plain JSON values (as stored in last.pt)."""
-    return json.loads(json.dumps({k: settings[k] for k in RESUME_KEYS}, default=str))
-
-
-def _fold_text(fold: int | None) -> str:
-    return "null (the prepare split)" if fold is None else str(fold)

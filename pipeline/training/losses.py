@@ -33,6 +33,7 @@ params file), defaults in ``LOSS_DEFAULTS`` (the deep-supervision keys: that mod
 ``dice_smooth`` (float > 0, 1e-5)
     Added to the numerator and the denominator of the Dice ratio.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -98,17 +99,14 @@ def prepare_target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     lo, hi = (int(v) for v in torch.aminmax(target))
     if lo < 0 or hi >= n_classes:
         raise SegpipeError(
-            f"loss: target values span {lo}..{hi}, expected 0..{n_classes - 1} for "
-            f"{logits.shape[1]} output channel(s)"
+            f"loss: target values span {lo}..{hi}, expected 0..{n_classes - 1} for {logits.shape[1]} output channel(s)"
         )
     return target.long()
 
 
 def _check_normalization(normalization: str) -> None:
     if normalization not in CE_NORMALIZATIONS:
-        raise SegpipeError(
-            f"loss: ce_normalization {normalization!r} unknown, expected one of {CE_NORMALIZATIONS}"
-        )
+        raise SegpipeError(f"loss: ce_normalization {normalization!r} unknown, expected one of {CE_NORMALIZATIONS}")
 
 
 Prepared = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
@@ -214,9 +212,7 @@ class SoftDiceLoss(nn.Module):
             for masked in (True, False)
         }
 
-    def forward(
-        self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """logits (N, C, *S), target (N, 1, *S) or (N, *S), mask (N, 1, *S) or (N, *S) -> scalar."""
         logits = plain(logits)
         return self.prepared(logits, prepare_inputs(logits, target, None, mask))

@@ -19,6 +19,7 @@ network, architecture, precision, val_dice and best_epoch. The model:
   (the checkpoint's validation thresholds, as `segpipe infer --threshold`), by default the settings';
 - requirements (`pinned_requirements`): segpipe's runtime dependencies at the installed versions.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,10 +75,13 @@ def model_signature(threshold: float | str = InferenceSettings().threshold) -> M
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
-                          params=ParamSchema([ParamSpec(OUTPUT_PARAM, "string", OUTPUTS[0]),
-                                              ParamSpec(THRESHOLD_PARAM, "string", str(threshold))]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
+        params=ParamSchema(
+            [ParamSpec(OUTPUT_PARAM, "string", OUTPUTS[0]), ParamSpec(THRESHOLD_PARAM, "string", str(threshold))]
+        ),
+    )
 
 
 def pinned_requirements() -> list[str]:
@@ -90,18 +94,28 @@ def pinned_requirements() -> list[str]:
 
     try:
         declared = [Requirement(line) for line in requires("segpipe") or []]
-        return [f"{req.name}=={Version(version(req.name)).public}" for req in declared
-                if req.name not in NOT_SERVED and (req.marker is None or req.marker.evaluate({"extra": ""}))]
+        return [
+            f"{req.name}=={Version(version(req.name)).public}"
+            for req in declared
+            if req.name not in NOT_SERVED and (req.marker is None or req.marker.evaluate({"extra": ""}))
+        ]
     except PackageNotFoundError as exc:
-        raise SegpipeError(f"cannot pin the model's requirements: {exc.name} is not installed "
-                           "(install segpipe with pip, as the Makefile does)") from exc
+        raise SegpipeError(
+            f"cannot pin the model's requirements: {exc.name} is not installed "
+            "(install segpipe with pip, as the Makefile does)"
+        ) from exc
 
 
 def model_tags(settings: Mapping[str, Any], best: Mapping[str, Any]) -> dict[str, str]:
     """The tags of the logged model and its registered version."""
-    return {"dataset": settings["dataset"], "network": settings["network_key"], "architecture": settings["network"],
-            "precision": settings["precision"], "val_dice": f"{float(best['val_dice']):.6f}",
-            "best_epoch": str(best["epoch"])}
+    return {
+        "dataset": settings["dataset"],
+        "network": settings["network_key"],
+        "architecture": settings["network"],
+        "precision": settings["precision"],
+        "val_dice": f"{float(best['val_dice']):.6f}",
+        "best_epoch": str(best["epoch"]),
+    }
 
 
 def _log_pyfunc(checkpoint: Path, inference: InferenceSettings, tags: Mapping[str, str]) -> str:
@@ -114,14 +128,24 @@ def _log_pyfunc(checkpoint: Path, inference: InferenceSettings, tags: Mapping[st
         with warnings.catch_warnings():  # the signature says what an input example would
             warnings.filterwarnings("ignore", ".*An input example was not provided")
             return mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=str(PYFUNC_CODE), code_paths=[str(PACKAGE_DIR)],
+                name=MODEL_NAME,
+                python_model=str(PYFUNC_CODE),
+                code_paths=[str(PACKAGE_DIR)],
                 artifacts={CHECKPOINT_ARTIFACT: str(checkpoint), SETTINGS_ARTIFACT: str(settings_file)},
-                signature=model_signature(inference.threshold), pip_requirements=pinned_requirements(),
-                tags=dict(tags)).model_uri
+                signature=model_signature(inference.threshold),
+                pip_requirements=pinned_requirements(),
+                tags=dict(tags),
+            ).model_uri
 
 
-def log_best_model(checkpoint: Path, settings: Mapping[str, Any], inference: InferenceSettings,
-                   best: Mapping[str, Any], *, register: bool) -> str:
+def log_best_model(
+    checkpoint: Path,
+    settings: Mapping[str, Any],
+    inference: InferenceSettings,
+    best: Mapping[str, Any],
+    *,
+    register: bool,
+) -> str:
     """Log `checkpoint` (best.pt) as the pyfunc model `model` of the active MLflow run, with the
     sliding-window settings `inference`; `settings` are the training's, `best` its best epoch
     ({"val_dice", "epoch"}). With `register`, register it as `registered_name(...)`. Prints and
@@ -140,6 +164,7 @@ def log_best_model(checkpoint: Path, settings: Mapping[str, Any], inference: Inf
             f"{checkpoint}: logging it as an MLflow model (registry name {name!r}) failed "
             f"({type(exc).__name__}: {exc}); the training's files are kept: "
             f"`segpipe train {settings['dataset']} {settings['network_key']} --resume` "
-            "logs the model again without training, or set log_model: false in configs/tracking.yaml") from exc
+            "logs the model again without training, or set log_model: false in configs/tracking.yaml"
+        ) from exc
     print(f"{settings['dataset']}/{settings['network_key']}: MLflow model {uri}")
     return uri

@@ -1,4 +1,5 @@
 """The optimiser and the learning rate per step (warm-up, then cosine / poly / step / constant)."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.opt
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if cfg["name"] == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg["momentum"]),
-                           nesterov=bool(cfg["nesterov"]))
+    return torch.optim.SGD(
+        params, lr=lr, weight_decay=wd, momentum=float(cfg["momentum"]), nesterov=bool(cfg["nesterov"])
+    )
 
 
 def learning_rate(step: int, total: int, steps_per_epoch: int, base: float, cfg: Mapping[str, Any]) -> float:

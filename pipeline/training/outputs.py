@@ -7,6 +7,7 @@ files (a consistent set that `--resume` continues) with the previous run still i
 next fresh start drops the failed run's files and keeps the previous run aside until a run
 succeeds. `--resume` moves nothing and, when it succeeds, deletes `PREVIOUS`.
 """
+
 from __future__ import annotations
 
 import contextlib

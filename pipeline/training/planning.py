@@ -33,6 +33,7 @@ An explicit setting always wins. Every entry of the plan records where its value
 A setting the card asks to plan but the preset sets keeps the preset's value and records the planned
 one. normalize is planned on the planned channels.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,7 @@ import torch
 
 from pipeline.errors import SegpipeError
 from pipeline.networks import SegmentationNetwork, build_network
-from pipeline.training.loop import output_channels
+from pipeline.training.trainer import output_channels
 from pipeline.transforms.presets import AUTO
 
 PLAN_FORMAT = "segpipe-plan/1"
@@ -79,8 +80,14 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """plan.json's content."""
         s = self.settings
-        return {"format": PLAN_FORMAT, "dataset": s["dataset"], "network_key": s["network_key"],
-                "network": s["network"], "limits": dict(s["plan"]), "entries": self.entries}
+        return {
+            "format": PLAN_FORMAT,
+            "dataset": s["dataset"],
+            "network_key": s["network_key"],
+            "network": s["network"],
+            "limits": dict(s["plan"]),
+            "entries": self.entries,
+        }
 
 
 def plan_training(fingerprint: Mapping[str, Any], settings: Mapping[str, Any]) -> Plan:
@@ -94,13 +101,26 @@ def plan_training(fingerprint: Mapping[str, Any], settings: Mapping[str, Any]) -
     resolved["augment"] = {**copy.deepcopy(dict(augment)), "channels": channels["value"], "clahe": clahe["value"]}
     network = meta_network(resolved, fingerprint)
     patch = _entry(settings["patch_size"], *plan_patch_size(network, fingerprint, int(limits["max_patch_size"])))
-    batch = _entry(settings["batch_size"], *plan_batch_size(
-        network, int(patch["value"]), settings["precision"], int(limits["memory_budget_mb"]),
-        int(limits["max_batch_size"]), int(augment["patches"]["num_samples"])))
+    batch = _entry(
+        settings["batch_size"],
+        *plan_batch_size(
+            network,
+            int(patch["value"]),
+            settings["precision"],
+            int(limits["memory_budget_mb"]),
+            int(limits["max_batch_size"]),
+            int(augment["patches"]["num_samples"]),
+        ),
+    )
     normalize = plan_normalize(fingerprint, channels["value"])
     if augment["normalize"] != AUTO:
-        normalize = {"value": augment["normalize"], "source": "preset", "why": "set in configs/augment.yaml",
-                     "planned": normalize["value"], "channels": normalize["channels"]}
+        normalize = {
+            "value": augment["normalize"],
+            "source": "preset",
+            "why": "set in configs/augment.yaml",
+            "planned": normalize["value"],
+            "channels": normalize["channels"],
+        }
     entries = {
         "patch_size": patch,
         "batch_size": batch,
@@ -118,22 +138,33 @@ def _requested(key: str, preset: Any, asked: Mapping[str, str], plan: Callable[[
     """The entry of a preset setting the card may ask to plan (`asked`: the fingerprint's `plan`): the
     preset's value unless the card asks and the preset's is null; planned (`plan()`) when the card asks."""
     if asked.get(key) != AUTO:
-        return {"value": preset, "source": "preset",
-                "why": f"from configs/augment.yaml; planned only when the card sets plan.{key}: auto"}
+        return {
+            "value": preset,
+            "source": "preset",
+            "why": f"from configs/augment.yaml; planned only when the card sets plan.{key}: auto",
+        }
     planned = plan()
     if preset is None:
         return planned
-    return {**planned, "value": preset, "source": "preset",
-            "why": f"set in configs/augment.yaml (wins over the card's plan.{key}: auto); planned: {planned['why']}",
-            "planned": planned["value"]}
+    return {
+        **planned,
+        "value": preset,
+        "source": "preset",
+        "why": f"set in configs/augment.yaml (wins over the card's plan.{key}: auto); planned: {planned['why']}",
+        "planned": planned["value"],
+    }
 
 
 def _entry(explicit: Any, planned: Any, why: str) -> dict[str, Any]:
     """An entry: the profile's explicit value when set (recording the planned one), else the planned one."""
     if explicit is None:
         return {"value": planned, "source": "planned", "why": why}
-    return {"value": explicit, "source": "profile", "why": f"set in configs/train.yaml (or --set); planned: {why}",
-            "planned": planned}
+    return {
+        "value": explicit,
+        "source": "profile",
+        "why": f"set in configs/train.yaml (or --set); planned: {why}",
+        "planned": planned,
+    }
 
 
 def meta_network(settings: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> SegmentationNetwork:
@@ -141,23 +172,29 @@ def meta_network(settings: Mapping[str, Any], fingerprint: Mapping[str, Any]) ->
     channels = settings["augment"]["channels"]
     in_channels = len(channels) if channels else int(fingerprint["channels"]["count"])
     with torch.device("meta"):
-        return build_network(settings["network"], in_channels, output_channels(len(fingerprint["classes"])),
-                             **settings["network_config"])
+        return build_network(
+            settings["network"], in_channels, output_channels(len(fingerprint["classes"])), **settings["network_config"]
+        )
 
 
-def plan_patch_size(network: SegmentationNetwork, fingerprint: Mapping[str, Any],
-                    max_patch_size: int) -> tuple[int, str]:
+def plan_patch_size(
+    network: SegmentationNetwork, fingerprint: Mapping[str, Any], max_patch_size: int
+) -> tuple[int, str]:
     """(patch size, why): the largest output size `network` can produce that is <= the median image's
     shorter side and <= `max_patch_size`; the smallest it can produce when none is."""
     shorter = int(math.floor(min(fingerprint["shape"]["median"])))
     limit = min(shorter, max_patch_size)
     for size in range(limit, 0, -1):
         if network.valid_output_size(size) == size:
-            return size, (f"largest output size of {network.network_name} ({network.padding} padding) <= "
-                          f"min(median shorter side {shorter}, plan.max_patch_size {max_patch_size})")
+            return size, (
+                f"largest output size of {network.network_name} ({network.padding} padding) <= "
+                f"min(median shorter side {shorter}, plan.max_patch_size {max_patch_size})"
+            )
     smallest = network.valid_output_size(1)
-    return smallest, (f"{network.network_name} produces no output size <= {limit} (median shorter side "
-                      f"{shorter}, plan.max_patch_size {max_patch_size}): its smallest, {smallest}")
+    return smallest, (
+        f"{network.network_name} produces no output size <= {limit} (median shorter side "
+        f"{shorter}, plan.max_patch_size {max_patch_size}): its smallest, {smallest}"
+    )
 
 
 def estimate_memory(network: SegmentationNetwork, patch_size: int, precision: str) -> tuple[int, int]:
@@ -201,8 +238,14 @@ def estimate_memory(network: SegmentationNetwork, patch_size: int, precision: st
     return per_patch, fixed
 
 
-def plan_batch_size(network: SegmentationNetwork, patch_size: int, precision: str, memory_budget_mb: int,
-                    max_batch_size: int, num_samples: int) -> tuple[int, str]:
+def plan_batch_size(
+    network: SegmentationNetwork,
+    patch_size: int,
+    precision: str,
+    memory_budget_mb: int,
+    max_batch_size: int,
+    num_samples: int,
+) -> tuple[int, str]:
     """(batch size, why): floor((budget - per-training memory) / memory per patch), clamped to
     [MIN_BATCH, max_batch_size], then rounded down to a multiple of `num_samples` (patches.num_samples:
     the loader draws that many patches per image), at least one multiple."""
@@ -210,10 +253,12 @@ def plan_batch_size(network: SegmentationNetwork, patch_size: int, precision: st
     fits = (memory_budget_mb * 2**20 - fixed) // per_patch
     batch = min(max(fits, MIN_BATCH), max_batch_size)
     batch = max(num_samples, batch // num_samples * num_samples)
-    why = (f"plan.memory_budget_mb {memory_budget_mb} - {fixed / 2**20:.0f} MB weights and optimizer state: room "
-           f"for {max(fits, 0)} patches of ~{per_patch / 2**20:.1f} MB ({precision}, {patch_size} x {patch_size} "
-           f"px), clamped to [{MIN_BATCH}, plan.max_batch_size {max_batch_size}], a multiple of "
-           f"patches.num_samples {num_samples}")
+    why = (
+        f"plan.memory_budget_mb {memory_budget_mb} - {fixed / 2**20:.0f} MB weights and optimizer state: room "
+        f"for {max(fits, 0)} patches of ~{per_patch / 2**20:.1f} MB ({precision}, {patch_size} x {patch_size} "
+        f"px), clamped to [{MIN_BATCH}, plan.max_batch_size {max_batch_size}], a multiple of "
+        f"patches.num_samples {num_samples}"
+    )
     return int(batch), why
 
 
@@ -229,17 +274,25 @@ def plan_normalize(fingerprint: Mapping[str, Any], channels: list[int] | None) -
         if PERCENTILE_MODALITY.search(modality):
             per_channel[name] = {"value": "percentile", "source": "card", "why": f"modality {modality!r}"}
         elif spread < HEAVY_TAIL_SPREAD * stats["std"]:
-            per_channel[name] = {"value": "percentile", "source": "planned",
-                                 "why": f"heavy tails: p99.5 - p0.5 = {spread:.4g} < {HEAVY_TAIL_SPREAD:g} std "
-                                        f"({stats['std']:.4g})"}
+            per_channel[name] = {
+                "value": "percentile",
+                "source": "planned",
+                "why": f"heavy tails: p99.5 - p0.5 = {spread:.4g} < {HEAVY_TAIL_SPREAD:g} std ({stats['std']:.4g})",
+            }
         else:
-            per_channel[name] = {"value": "zscore", "source": "planned",
-                                 "why": f"p99.5 - p0.5 = {spread:.4g} >= {HEAVY_TAIL_SPREAD:g} std "
-                                        f"({stats['std']:.4g})"}
+            per_channel[name] = {
+                "value": "zscore",
+                "source": "planned",
+                "why": f"p99.5 - p0.5 = {spread:.4g} >= {HEAVY_TAIL_SPREAD:g} std ({stats['std']:.4g})",
+            }
     value = "percentile" if any(c["value"] == "percentile" for c in per_channel.values()) else "zscore"
     source = "card" if any(c["source"] == "card" for c in per_channel.values()) else "planned"
-    return {"value": value, "source": source, "channels": per_channel,
-            "why": "percentile when any kept channel needs it (one scheme for all channels), else zscore"}
+    return {
+        "value": value,
+        "source": source,
+        "channels": per_channel,
+        "why": "percentile when any kept channel needs it (one scheme for all channels), else zscore",
+    }
 
 
 def plan_channels(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,12 +304,20 @@ def plan_channels(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     stats = fingerprint["intensity"]["channels"]
     ratios = {name: _mean_fisher_ratio(stats[name]["classes"]) for name in names}
     if any(r is None for r in ratios.values()):
-        return {"value": None, "source": "planned", "fisher": ratios,
-                "why": "class 0 or every foreground class has no pixel in the fingerprint's sample: all channels"}
+        return {
+            "value": None,
+            "source": "planned",
+            "fisher": ratios,
+            "why": "class 0 or every foreground class has no pixel in the fingerprint's sample: all channels",
+        }
     best = max(range(len(names)), key=lambda i: ratios[names[i]])
-    return {"value": [best], "source": "planned", "fisher": ratios,
-            "why": f"{names[best]}: the largest mean Fisher ratio (mu_k - mu_0)^2 / (sd_k^2 + sd_0^2) of the "
-                   f"foreground classes against class 0 ({ratios[names[best]]:.4g})"}
+    return {
+        "value": [best],
+        "source": "planned",
+        "fisher": ratios,
+        "why": f"{names[best]}: the largest mean Fisher ratio (mu_k - mu_0)^2 / (sd_k^2 + sd_0^2) of the "
+        f"foreground classes against class 0 ({ratios[names[best]]:.4g})",
+    }
 
 
 def _mean_fisher_ratio(classes: Mapping[str, Mapping[str, Any]]) -> float | None:
@@ -267,7 +328,7 @@ def _mean_fisher_ratio(classes: Mapping[str, Mapping[str, Any]]) -> float | None
     if not background["pixels"] or not present:
         return None
     mu0, sd0 = background["mean"], background["std"]
-    return sum((c["mean"] - mu0) ** 2 / max(c["std"] ** 2 + sd0 ** 2, FISHER_EPS) for c in present) / len(present)
+    return sum((c["mean"] - mu0) ** 2 / max(c["std"] ** 2 + sd0**2, FISHER_EPS) for c in present) / len(present)
 
 
 def plan_clahe(fingerprint: Mapping[str, Any], channels: list[int] | None) -> dict[str, Any]:
@@ -275,9 +336,11 @@ def plan_clahe(fingerprint: Mapping[str, Any], channels: list[int] | None) -> di
     channel's p99.5 - p0.5 under "spread"."""
     dtype = fingerprint["intensity"]["dtype"]
     if dtype not in DTYPE_RANGE:
-        return {"value": None, "source": "planned",
-                "why": f"{dtype} images: no dtype range to compare the intensities with (only uint8, uint16); "
-                       f"no CLAHE"}
+        return {
+            "value": None,
+            "source": "planned",
+            "why": f"{dtype} images: no dtype range to compare the intensities with (only uint8, uint16); no CLAHE",
+        }
     names = list(fingerprint["channels"]["names"])
     kept = [names[i] for i in channels] if channels else names
     stats = fingerprint["intensity"]["channels"]
@@ -285,17 +348,21 @@ def plan_clahe(fingerprint: Mapping[str, Any], channels: list[int] | None) -> di
     limit = NARROW_RANGE * DTYPE_RANGE[dtype]
     narrow = all(v < limit for v in spread.values())
     shown = ", ".join(f"{name} {v:.4g}" for name, v in spread.items())
-    why = (f"p99.5 - p0.5 ({shown}) {'<' if narrow else 'not all <'} {NARROW_RANGE:g} x {dtype} range "
-           f"{DTYPE_RANGE[dtype]} = {limit:g}: {'narrow, CLAHE' if narrow else 'no CLAHE'}")
+    why = (
+        f"p99.5 - p0.5 ({shown}) {'<' if narrow else 'not all <'} {NARROW_RANGE:g} x {dtype} range "
+        f"{DTYPE_RANGE[dtype]} = {limit:g}: {'narrow, CLAHE' if narrow else 'no CLAHE'}"
+    )
     return {"value": CLAHE_CLIP if narrow else None, "source": "planned", "spread": spread, "why": why}
 
 
 def plan_class_weights(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse-frequency class weights of the fingerprint (recorded, see the module docstring)."""
     counts = [int(c["pixels"]) for c in fingerprint["classes"].values()]
-    why = ("w_k = N / (K n_k) over the fingerprint's in-FOV pixels (compute_class_weights' rule); recorded "
-           "only: the eq. 2 weight maps training reads hold stats.json's class_weights (train split; a "
-           "k-fold's training swaps in its own)")
+    why = (
+        "w_k = N / (K n_k) over the fingerprint's in-FOV pixels (compute_class_weights' rule); recorded "
+        "only: the eq. 2 weight maps training reads hold stats.json's class_weights (train split; a "
+        "k-fold's training swaps in its own)"
+    )
     if min(counts) == 0:
         absent = [name for name, c in fingerprint["classes"].items() if int(c["pixels"]) == 0]
         return {"value": None, "source": "planned", "why": f"classes {absent} have no pixel in the train and val cases"}

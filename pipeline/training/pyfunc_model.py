@@ -13,6 +13,7 @@ probabilities float32 (K, H, W). The threshold is `params={"threshold": ...}`: a
 string, `val` or `val-dice` (the checkpoint's validation thresholds, `pipeline.inference.resolve_threshold`),
 by default the settings' threshold.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,14 +56,16 @@ class SegmentationModel(PythonModel):
         self.settings = read_settings(context.artifacts[SETTINGS_ARTIFACT])
         self.net = torch_network(checkpoint, self.settings)
 
-    def predict(self, context: PythonModelContext, model_input: np.ndarray,
-                params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(
+        self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         """Label map (H, W) uint8, or probabilities (K, H, W) float32, of one image (C, H, W)."""
         params = params or {}
         output = params.get(OUTPUT_PARAM, OUTPUTS[0])
         if output not in OUTPUTS:
-            raise MlflowException.invalid_parameter_value(f"{OUTPUT_PARAM} must be one of {', '.join(OUTPUTS)}, "
-                                                          f"got {output!r}")
+            raise MlflowException.invalid_parameter_value(
+                f"{OUTPUT_PARAM} must be one of {', '.join(OUTPUTS)}, got {output!r}"
+            )
         asked = params.get(THRESHOLD_PARAM, self.settings.threshold)
         threshold = self._threshold(asked) if output == "labels" else None
         image = np.asarray(model_input)
@@ -77,8 +80,12 @@ class SegmentationModel(PythonModel):
     def _threshold(self, value: float | str) -> float:
         """The number the threshold param (or setting) `value` stands for; MLflow's invalid-parameter error."""
         try:
-            return resolve_threshold(parse_threshold(str(value), f"param {THRESHOLD_PARAM}"), self.net.thresholds,
-                                     self.net.out_channels, str(self.checkpoint))
+            return resolve_threshold(
+                parse_threshold(str(value), f"param {THRESHOLD_PARAM}"),
+                self.net.thresholds,
+                self.net.out_channels,
+                str(self.checkpoint),
+            )
         except SegpipeError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from exc
 

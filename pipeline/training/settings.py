@@ -9,6 +9,7 @@ cross-validation `fold` (the file's top-level `fold`, or the caller's). Every va
 is checked up front (type, range, missing and unknown keys), so a bad `--set` fails before any
 work with a message naming the key.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,10 +24,27 @@ from pipeline.training.losses import LOSS_DEFAULTS
 from pipeline.transforms.presets import preset_section
 
 PROFILE_KEYS = {
-    "network_preset", "substitute", "seed", "epochs", "steps_per_epoch", "batch_size", "patch_size",
-    "optimizer", "schedule", "grad_clip", "precision", "channels_last", "compile", "workers", "val_every",
+    "network_preset",
+    "substitute",
+    "seed",
+    "epochs",
+    "steps_per_epoch",
+    "batch_size",
+    "patch_size",
+    "optimizer",
+    "schedule",
+    "grad_clip",
+    "precision",
+    "channels_last",
+    "compile",
+    "workers",
+    "val_every",
     "max_minutes",
-    "weight_map", "target", "loss", "plan", "overrides",
+    "weight_map",
+    "target",
+    "loss",
+    "plan",
+    "overrides",
 }
 TARGETS = ("labels", "border")
 """`target`: the dataset's classes, or the border-aware three classes of its instances (cells)."""
@@ -124,8 +142,11 @@ def resolve_settings(
     if actual not in network_names():
         raise SegpipeError(f"{where}: network {actual!r} unknown; networks: {network_names()}")
     cfg.pop("overrides")
-    fold = (check_int(full["fold"], "fold", path, minimum=0, optional=True) if fold is None
-            else check_int(fold, "fold", "segpipe train --fold", minimum=0))
+    fold = (
+        check_int(full["fold"], "fold", path, minimum=0, optional=True)
+        if fold is None
+        else check_int(fold, "fold", "segpipe train --fold", minimum=0)
+    )
     return {
         **cfg,
         "profile": name,

@@ -14,6 +14,7 @@ of its heads in `head_names()`); the ``loss`` section of the params file may ove
     (U2-Net eq. 1's w_fuse, w_side^(1..6)); null means all 1. "sum" computes sum_i w_i l_i,
     "mean" the weighted mean sum_i w_i l_i / sum_i w_i.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -54,9 +55,7 @@ class DeepSupervisionLoss(nn.Module):
             if mode == "main":
                 raise SegpipeError("loss: head_weights has no use with deep_supervision 'main'")
             if any(w < 0 for w in head_weights) or not any(w > 0 for w in head_weights):
-                raise SegpipeError(
-                    f"loss: head_weights {list(head_weights)} must be >= 0 with at least one > 0"
-                )
+                raise SegpipeError(f"loss: head_weights {list(head_weights)} must be >= 0 with at least one > 0")
         self.loss = loss
         self.mode = mode
         self.head_weights = None if head_weights is None else [float(w) for w in head_weights]
@@ -140,8 +139,10 @@ def build_loss(
     if head_weights is not None:
         head_weights = [check_number(w, "head_weights[]", source, low=0) for w in head_weights]
         if network is not None and len(head_weights) != len(network.head_names()):
-            raise SegpipeError(f"{source}: head_weights has {len(head_weights)} entries, network "
-                               f"{network.network_name} has {len(network.head_names())} heads {network.head_names()}")
+            raise SegpipeError(
+                f"{source}: head_weights has {len(head_weights)} entries, network "
+                f"{network.network_name} has {len(network.head_names())} heads {network.head_names()}"
+            )
     segmentation_loss = SegmentationLoss(
         ce_weight=ce_weight,
         dice_weight=dice_weight,

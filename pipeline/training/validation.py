@@ -7,6 +7,7 @@ uses (`validation_thresholds`), from the same probabilities: each image's in-FOV
 probabilities are kept as a histogram (`pipeline.metrics.score_histogram`, 1000 bins, negatives and
 positives apart), never as pixels, so memory does not grow with the images.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,12 +36,14 @@ def validation_cases(prepared: PreparedDataset, settings: Mapping[str, Any]) -> 
     out = []
     for case in prepared.cases("val"):
         arrays = prepared.load(case)
-        out.append({
-            "case": case,
-            "image": preprocess(settings["dataset"], arrays["image"], settings["augment"]),
-            "label": arrays["label"][0],
-            "fov": arrays["fov"][0] > 0 if "fov" in arrays else None,
-        })
+        out.append(
+            {
+                "case": case,
+                "image": preprocess(settings["dataset"], arrays["image"], settings["augment"]),
+                "label": arrays["label"][0],
+                "fov": arrays["fov"][0] > 0 if "fov" in arrays else None,
+            }
+        )
     return out
 
 
@@ -96,14 +99,22 @@ def validation_thresholds(histograms: np.ndarray | None) -> dict[str, float | in
         return None
     best_f1, val_f1 = histogram_best_f1(histograms.sum(axis=0))
     best_dice, val_dice = histogram_best_mean_dice(histograms)
-    return {"best_f1": best_f1, "best_dice": best_dice, "val_f1": val_f1, "val_dice": val_dice,
-            "cases": len(histograms)}
+    return {
+        "best_f1": best_f1,
+        "best_dice": best_dice,
+        "val_f1": val_f1,
+        "val_dice": val_dice,
+        "cases": len(histograms),
+    }
 
 
 def threshold_metrics(thresholds: Mapping[str, float | int] | None) -> dict[str, float]:
     """The MLflow metrics of `validation_thresholds` (none for None)."""
     if thresholds is None:
         return {}
-    return {"val_threshold_best_f1": float(thresholds["best_f1"]), "val_f1_at_best_f1": float(thresholds["val_f1"]),
-            "val_threshold_best_dice": float(thresholds["best_dice"]),
-            "val_dice_at_best_dice": float(thresholds["val_dice"])}
+    return {
+        "val_threshold_best_f1": float(thresholds["best_f1"]),
+        "val_f1_at_best_f1": float(thresholds["val_f1"]),
+        "val_threshold_best_dice": float(thresholds["best_dice"]),
+        "val_dice_at_best_dice": float(thresholds["val_dice"]),
+    }

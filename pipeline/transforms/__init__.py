@@ -7,6 +7,7 @@ The weight-map functions import only numpy/scipy (the prepare stage uses them); 
 transforms are imported on first access, so `from pipeline.transforms import unet_weight_map`
 does not load torch and MONAI.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -11,6 +11,7 @@ The transform can also trim: each key may ask for a centred output smaller than 
 size, all cut from one same-size input so that the pixels around the output move in from real
 context instead of from a mirror of the patch. Only the output pixels are resampled.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -52,9 +53,7 @@ def dense_displacement(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return cubic_weights(g, size[0]) @ coarse @ cubic_weights(g, size[1]).T
 
 
-def sampling_grid(
-    displacement: torch.Tensor, offset: tuple[float, float], in_size: tuple[int, int]
-) -> torch.Tensor:
+def sampling_grid(displacement: torch.Tensor, offset: tuple[float, float], in_size: tuple[int, int]) -> torch.Tensor:
     """grid_sample grid (1, h, w, 2) reading output pixel p from input p + offset + displacement[:, p].
 
     displacement: (2, h, w) in pixels (dy, dx); in_size: the input (H, W). Normalised coordinates

@@ -9,6 +9,7 @@ repeatedly for any distance), never zeros. For "same" padding networks `halo` is
 * `TileGrid`: the grid tiler and stitcher for whole images; tile -> identity -> stitch gives the
   image back bit for bit, for any halo and any image size (also smaller than one tile).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -15,6 +15,7 @@ U-Net paper (Ronneberger et al. 2015) section 3.1 recipe, over the prepared-data
 Output per patch: image float32 (C, P + 2 halo, P + 2 halo), label int64 (1, P, P), weight
 float32 (1, P, P), fov uint8 (1, P, P) when the preset names a FOV key.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -147,15 +148,16 @@ class Clahed(MapTransform):
         return out
 
 
-
 def build_preprocess_transforms(dataset: str, config: Mapping[str, Any]) -> Compose:
     """The deterministic intensity pre-processing of the image (C, H, W); inference must apply the
     same: optional channel selection, optional CLAHE, then zscore (per image and channel) or
     percentile (0.5..99.5 percentiles -> 0..1, clipped)."""
     cfg = preset(dataset, config)
     if cfg["normalize"] == AUTO:
-        raise SegpipeError(f"configs/{CONFIG_NAME}.yaml: {dataset}.normalize is auto, which the training plan "
-                           f"resolves (plan.json); give zscore or percentile here")
+        raise SegpipeError(
+            f"configs/{CONFIG_NAME}.yaml: {dataset}.normalize is auto, which the training plan "
+            f"resolves (plan.json); give zscore or percentile here"
+        )
     chain: list[Any] = []
     if cfg["channels"] is not None:
         chain.append(SelectChannelsd("image", cfg["channels"]))

@@ -27,6 +27,7 @@ distance transform per cell, `unet_weight_map_reference`):
 
 Hence |fast - reference| < tol everywhere (default tol = 1e-6, far below the 1e-4 the tests use).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,10 @@ def compact_ids(inst: np.ndarray) -> np.ndarray:
 def check_parameters(w0: float, sigma: float, where: str = "weight map", **names: str) -> tuple[float, float]:
     """(w0, sigma) as finite numbers >= 0 (ConfigError naming the option otherwise); `names` maps
     "w0"/"sigma" to how the caller calls them (e.g. "--w0")."""
-    return (check_number(_plain(w0), names.get("w0", "w0"), where, low=0),
-            check_number(_plain(sigma), names.get("sigma", "sigma"), where, low=0))
+    return (
+        check_number(_plain(w0), names.get("w0", "w0"), where, low=0),
+        check_number(_plain(sigma), names.get("sigma", "sigma"), where, low=0),
+    )
 
 
 def _plain(value: object) -> object:
@@ -102,8 +105,7 @@ def _class_term(
         check_number(float(value), "class_weights", "weight map", low=0)
     if lab.size and (lab.min() < 0 or lab.max() >= cw.size):
         raise SegpipeError(
-            f"class_weights: {cw.size} weights given but labels hold classes "
-            f"{int(lab.min())}..{int(lab.max())}"
+            f"class_weights: {cw.size} weights given but labels hold classes {int(lab.min())}..{int(lab.max())}"
         )
     return cw[lab]
 
@@ -225,9 +227,7 @@ def compute_class_weights(label_images: Iterable[np.ndarray], num_classes: int =
     return counts.sum() / (num_classes * counts.astype(np.float64))
 
 
-def reweigh_classes(
-    weight: np.ndarray, labels: np.ndarray, old: Sequence[float], new: Sequence[float]
-) -> np.ndarray:
+def reweigh_classes(weight: np.ndarray, labels: np.ndarray, old: Sequence[float], new: Sequence[float]) -> np.ndarray:
     """Eq. 2 with other class weights: w(x) - old[labels[x]] + new[labels[x]] (the border term
     w0 * exp(...) is kept). `weight` and `labels` of one shape; returns float32."""
     delta = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)

@@ -20,6 +20,7 @@ The model's `metadata_props` carry what the pipeline needs besides the graph
 (`pipeline.inference.backends.onnx_meta`: preprocessing record, network, size contract, class names,
 training precision, validation thresholds). Files are written to a temporary name and renamed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,8 +69,16 @@ def _trace(module: nn.Module, x: torch.Tensor, opset: int | None) -> bytes:
             # `_verify` runs the graph at another size instead
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=[INPUT], output_names=[OUTPUT],
-                              opset_version=opset, dynamic_axes=axes)
+            torch.onnx.export(
+                module,
+                (x,),
+                buffer,
+                dynamo=False,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                opset_version=opset,
+                dynamic_axes=axes,
+            )
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::log_sigmoid", 9)
     return buffer.getvalue()
@@ -86,8 +95,10 @@ def _verify(data: bytes, module: nn.Module, x: torch.Tensor) -> None:
     scale = max(1.0, float(np.abs(want).max()))
     if got.shape != want.shape or not float(np.abs(got - want).max()) <= _TOLERANCE * scale:
         found = f"shape {got.shape}" if got.shape != want.shape else f"max difference {np.abs(got - want).max():.3g}"
-        raise SegpipeError(f"ONNX Runtime disagrees with torch on a {tuple(x.shape)} input ({found}, expected "
-                           f"{want.shape} within {_TOLERANCE:g} x {scale:.3g})")
+        raise SegpipeError(
+            f"ONNX Runtime disagrees with torch on a {tuple(x.shape)} input ({found}, expected "
+            f"{want.shape} within {_TOLERANCE:g} x {scale:.3g})"
+        )
 
 
 def _checkpoint_facts(path: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -127,14 +138,26 @@ def onnx_model(model: nn.Module | str | os.PathLike[str], *, opset: int | None =
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise SegpipeError(f"{where}: ONNX export failed ({type(exc).__name__}: {first})") from exc
     meta = OnnxMeta(
-        network=name, config=dict(getattr(net, "config", {})), padding=inet.padding, in_channels=inet.in_channels,
-        out_channels=inet.out_channels, rule=rule, augment=record.get("augment"),
-        class_names=record.get("class_names"), precision=record.get("precision"),
+        network=name,
+        config=dict(getattr(net, "config", {})),
+        padding=inet.padding,
+        in_channels=inet.in_channels,
+        out_channels=inet.out_channels,
+        rule=rule,
+        augment=record.get("augment"),
+        class_names=record.get("class_names"),
+        precision=record.get("precision"),
         checkpoint=_checkpoint_facts(source, record) if source is not None else None,
-        thresholds=record.get("thresholds"), instances=record.get("instances"),
-        export={"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "torch": torch.__version__,
-                "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                "input": INPUT, "output": OUTPUT, "graph": "eval mode, batch norm folded, fp32"},
+        thresholds=record.get("thresholds"),
+        instances=record.get("instances"),
+        export={
+            "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+            "torch": torch.__version__,
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "input": INPUT,
+            "output": OUTPUT,
+            "graph": "eval mode, batch norm folded, fp32",
+        },
     )
     onnx.helper.set_model_props(proto, meta.props())
     proto.doc_string = f"segpipe export of {source.name if source is not None else name}"

@@ -29,6 +29,7 @@ Sizes per spatial axis (`SizeRule`): the reachable outputs are smallest_output +
 has outputs = inputs = multiples of 2**depth (U-Net), of 2**prune_level (UNet++) or any size
 (U2-Net: step 1, smallest 1); the "valid" U-Net has outputs `unet_valid_output_size(1)` + k * 2**depth.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,18 @@ from pipeline.errors import SegpipeError
 
 FORMAT = "segpipe-onnx/1"
 PREFIX = "segpipe."
-KEYS = ("format", "network", "contract", "augment", "class_names", "precision", "checkpoint", "export", "thresholds",
-        "instances")
+KEYS = (
+    "format",
+    "network",
+    "contract",
+    "augment",
+    "class_names",
+    "precision",
+    "checkpoint",
+    "export",
+    "thresholds",
+    "instances",
+)
 """The metadata keys, each stored as PREFIX + key."""
 OPTIONAL = ("thresholds", "instances")
 """Keys written only when not null (added after the format's first version): absent reads as null."""
@@ -68,11 +79,14 @@ class SizeRule:
         rule = cls(owner, int(net.halo), smallest, int(net.valid_output_size(smallest + 1)) - smallest)
         for n in range(1, smallest + 2 * rule.halo + 4 * rule.step):
             if _or_none(net.output_size, n) != _or_none(rule.output_size, n):
-                raise SegpipeError(f"{owner}: its sizes are not outputs {smallest} + k * {rule.step} from inputs "
-                                   f"+ 2 * halo {rule.halo} (input {n}); the ONNX metadata cannot describe them")
+                raise SegpipeError(
+                    f"{owner}: its sizes are not outputs {smallest} + k * {rule.step} from inputs "
+                    f"+ 2 * halo {rule.halo} (input {n}); the ONNX metadata cannot describe them"
+                )
             if n <= smallest + 3 * rule.step and net.valid_output_size(n) != rule.valid_output_size(n):
-                raise SegpipeError(f"{owner}: valid_output_size({n}) disagrees with outputs {smallest} + k * "
-                                   f"{rule.step}")
+                raise SegpipeError(
+                    f"{owner}: valid_output_size({n}) disagrees with outputs {smallest} + k * {rule.step}"
+                )
         return rule
 
     def valid_output_size(self, at_least: int) -> int:
@@ -132,15 +146,31 @@ class OnnxMeta:
 
     def props(self) -> dict[str, str]:
         """The metadata_props entries: PREFIX + key -> JSON (`OPTIONAL` keys only when not None)."""
-        contract = {"padding": self.padding, "halo": self.rule.halo, "in_channels": self.in_channels,
-                    "out_channels": self.out_channels, "smallest_output": self.rule.smallest,
-                    "output_step": self.rule.step}
-        values = {"format": FORMAT, "network": {"name": self.network, "config": self.config}, "contract": contract,
-                  "augment": self.augment, "class_names": self.class_names, "precision": self.precision,
-                  "checkpoint": self.checkpoint, "export": self.export, "thresholds": self.thresholds,
-                  "instances": self.instances}
-        return {PREFIX + key: json.dumps(values[key], sort_keys=True) for key in KEYS
-                if key not in OPTIONAL or values[key] is not None}
+        contract = {
+            "padding": self.padding,
+            "halo": self.rule.halo,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "smallest_output": self.rule.smallest,
+            "output_step": self.rule.step,
+        }
+        values = {
+            "format": FORMAT,
+            "network": {"name": self.network, "config": self.config},
+            "contract": contract,
+            "augment": self.augment,
+            "class_names": self.class_names,
+            "precision": self.precision,
+            "checkpoint": self.checkpoint,
+            "export": self.export,
+            "thresholds": self.thresholds,
+            "instances": self.instances,
+        }
+        return {
+            PREFIX + key: json.dumps(values[key], sort_keys=True)
+            for key in KEYS
+            if key not in OPTIONAL or values[key] is not None
+        }
 
 
 def read_meta(props: Mapping[str, str], where: str) -> OnnxMeta:
@@ -149,16 +179,19 @@ def read_meta(props: Mapping[str, str], where: str) -> OnnxMeta:
     if PREFIX + "format" not in props:
         raise SegpipeError(f"{where}: an ONNX model without segpipe metadata; export checkpoints with `segpipe export`")
     try:
-        values = {key: json.loads(props.get(PREFIX + key, "null") if key in OPTIONAL else props[PREFIX + key])
-                  for key in KEYS}
+        values = {
+            key: json.loads(props.get(PREFIX + key, "null") if key in OPTIONAL else props[PREFIX + key]) for key in KEYS
+        }
         if values["format"] != FORMAT:
             raise SegpipeError(f"format {values['format']!r}, expected {FORMAT!r}")
         network, contract = values["network"], values["contract"]
         padding = contract["padding"]
         if padding not in ("same", "valid"):
             raise SegpipeError(f"contract padding must be 'same' or 'valid', got {padding!r}")
-        ints = {k: check_int(contract[k], k, "contract", minimum=1)
-                for k in ("in_channels", "out_channels", "smallest_output", "output_step")}
+        ints = {
+            k: check_int(contract[k], k, "contract", minimum=1)
+            for k in ("in_channels", "out_channels", "smallest_output", "output_step")
+        }
         halo = check_int(contract["halo"], "halo", "contract", minimum=0)
         if padding == "same" and halo:
             raise SegpipeError(f"contract halo must be 0 for same padding, got {halo}")
@@ -166,10 +199,21 @@ def read_meta(props: Mapping[str, str], where: str) -> OnnxMeta:
             if not isinstance(values[key], (dict, type(None))):
                 raise SegpipeError(f"{key} must be an object or null, got {values[key]!r}")
         name = str(network["name"])
-        return OnnxMeta(name, dict(network["config"]), padding, ints["in_channels"], ints["out_channels"],
-                        SizeRule(name, halo, ints["smallest_output"], ints["output_step"]), values["augment"],
-                        values["class_names"], values["precision"], values["checkpoint"], values["export"],
-                        values["thresholds"], values["instances"])
+        return OnnxMeta(
+            name,
+            dict(network["config"]),
+            padding,
+            ints["in_channels"],
+            ints["out_channels"],
+            SizeRule(name, halo, ints["smallest_output"], ints["output_step"]),
+            values["augment"],
+            values["class_names"],
+            values["precision"],
+            values["checkpoint"],
+            values["export"],
+            values["thresholds"],
+            values["instances"],
+        )
     except (KeyError, TypeError, ValueError, AttributeError, SegpipeError) as exc:
         raise SegpipeError(f"{where}: malformed segpipe metadata ({type(exc).__name__}: {exc})") from exc
 

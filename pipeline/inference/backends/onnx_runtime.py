@@ -13,6 +13,7 @@ from the `threads` setting (None: ONNX Runtime's default, one per physical core)
 do not spin, so they leave the CPU to the reading, blending and writing between calls. Tensors stay
 on the host (ONNX Runtime copies them to the GPU itself). The graph is fp32: precision must be fp32.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,10 @@ def _providers(device: str) -> list[Any]:
     if not device.startswith("cuda"):
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise SegpipeError(f"device {device!r} with backend onnxruntime needs the CUDAExecutionProvider, which this "
-                           "onnxruntime lacks (install onnxruntime-gpu), or use device cpu")
+        raise SegpipeError(
+            f"device {device!r} with backend onnxruntime needs the CUDAExecutionProvider, which this "
+            "onnxruntime lacks (install onnxruntime-gpu), or use device cpu"
+        )
     return [("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
 
 
@@ -84,8 +87,10 @@ def onnx_network(model: ModelLike, settings: InferenceSettings) -> InferenceNetw
     import onnxruntime as ort
 
     if settings.precision != "fp32":
-        raise SegpipeError(f"backend onnxruntime runs the exported fp32 graph; precision {settings.precision!r} "
-                           "is the torch backend's autocast (use precision fp32)")
+        raise SegpipeError(
+            f"backend onnxruntime runs the exported fp32 graph; precision {settings.precision!r} "
+            "is the torch backend's autocast (use precision fp32)"
+        )
     path = None if isinstance(model, nn.Module) else Path(model)
     where = str(path) if path is not None else type(model).__name__
     notes = [f"onnxruntime {ort.__version__}"]
@@ -101,16 +106,30 @@ def onnx_network(model: ModelLike, settings: InferenceSettings) -> InferenceNetw
     meta = read_meta(session.get_modelmeta().custom_metadata_map, where)
     channels = session.get_inputs()[0].shape[1]
     if channels != meta.in_channels:
-        raise SegpipeError(f"{where}: the graph takes {channels} input channel(s), its metadata says "
-                           f"{meta.in_channels}")
+        raise SegpipeError(
+            f"{where}: the graph takes {channels} input channel(s), its metadata says {meta.in_channels}"
+        )
     notes += [session.get_providers()[0], f"{settings.threads} threads" if settings.threads else "default threads"]
     rule = meta.rule
     return InferenceNetwork(
-        module=SessionModule(session), padding=meta.padding, halo=rule.halo, in_channels=meta.in_channels,
-        out_channels=meta.out_channels, output_size=rule.output_size, input_size=rule.input_size,
-        valid_output_size=rule.valid_output_size, device=torch.device("cpu"), channels_last=False,
-        precision="fp32", fixed_batch=False, notes=notes, augment=meta.augment, source=path,
-        class_names=meta.class_names, thresholds=meta.thresholds, instances=meta.instances,
+        module=SessionModule(session),
+        padding=meta.padding,
+        halo=rule.halo,
+        in_channels=meta.in_channels,
+        out_channels=meta.out_channels,
+        output_size=rule.output_size,
+        input_size=rule.input_size,
+        valid_output_size=rule.valid_output_size,
+        device=torch.device("cpu"),
+        channels_last=False,
+        precision="fp32",
+        fixed_batch=False,
+        notes=notes,
+        augment=meta.augment,
+        source=path,
+        class_names=meta.class_names,
+        thresholds=meta.thresholds,
+        instances=meta.instances,
     )
 
 

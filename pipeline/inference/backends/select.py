@@ -3,6 +3,7 @@
 `segpipe infer` and the public API choose here; training's validation and `segpipe evaluate` run the
 checkpoint in torch (`torch_graph.torch_network`) and never load this module.
 """
+
 from __future__ import annotations
 
 from pipeline.inference.backends.onnx_runtime import is_onnx_file, onnx_network

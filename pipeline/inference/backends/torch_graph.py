@@ -11,6 +11,7 @@ call). The forward runs in the `precision` asked for
 (`pipeline.networks.precision`: fp32, or bf16/fp16 autocast) and returns fp32 logits.
 The contract facts the tiler needs (padding, halo, sizes, channels) are kept beside the graph.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -136,8 +137,9 @@ def recorded_preprocessing(model: ModelLike) -> dict[str, Any] | None:
     return _checkpoint_facts(model)[0]
 
 
-def _checkpoint_facts(model: ModelLike) -> tuple[dict[str, Any] | None, list[str] | None, dict[str, Any] | None,
-                                                 dict[str, Any] | None]:
+def _checkpoint_facts(
+    model: ModelLike,
+) -> tuple[dict[str, Any] | None, list[str] | None, dict[str, Any] | None, dict[str, Any] | None]:
     """A checkpoint path's recorded preprocessing (`augment`), class names, validation thresholds and
     instance settings (None: a module, or not recorded)."""
     if not isinstance(model, (str, os.PathLike)):
@@ -147,10 +149,12 @@ def _checkpoint_facts(model: ModelLike) -> tuple[dict[str, Any] | None, list[str
     record = read_checkpoint(Path(model))
     augment, names, thresholds = record.get("augment"), record.get("class_names"), record.get("thresholds")
     instances = record.get("instances")
-    return (dict(augment) if isinstance(augment, dict) else None,
-            [str(n) for n in names] if isinstance(names, (list, tuple)) else None,
-            dict(thresholds) if isinstance(thresholds, dict) else None,
-            dict(instances) if isinstance(instances, dict) else None)
+    return (
+        dict(augment) if isinstance(augment, dict) else None,
+        [str(n) for n in names] if isinstance(names, (list, tuple)) else None,
+        dict(thresholds) if isinstance(thresholds, dict) else None,
+        dict(instances) if isinstance(instances, dict) else None,
+    )
 
 
 @dataclass
@@ -299,8 +303,17 @@ def torch_network(model: ModelLike | InferenceNetwork, settings: InferenceSettin
     """The torch backend: `optimize_network` with the graph settings of `settings` (an
     InferenceNetwork passes through). A .onnx file runs on ONNX Runtime (`backends.select`)."""
     if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx":
-        raise SegpipeError(f"{model}: an ONNX model runs on ONNX Runtime; build it with "
-                           "pipeline.inference.inference_network(path, settings)")
-    return optimize_network(model, settings.device, fold_bn=settings.fold_batch_norm,
-                            inplace_act=settings.inplace_activations, channels_last=settings.channels_last,
-                            compile=settings.compile, threads=settings.threads, precision=settings.precision)
+        raise SegpipeError(
+            f"{model}: an ONNX model runs on ONNX Runtime; build it with "
+            "pipeline.inference.inference_network(path, settings)"
+        )
+    return optimize_network(
+        model,
+        settings.device,
+        fold_bn=settings.fold_batch_norm,
+        inplace_act=settings.inplace_activations,
+        channels_last=settings.channels_last,
+        compile=settings.compile,
+        threads=settings.threads,
+        precision=settings.precision,
+    )

@@ -1,4 +1,5 @@
 """Probabilities into a label map: the last step of segmentation, shared by writers, evaluation and serving."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Memory of streamed inference: the process's peak RSS (what `segpipe infer` reports and the bench
 measures) and the check, before anything is allocated, that an image's windows and bands fit."""
+
 from __future__ import annotations
 
 import ctypes

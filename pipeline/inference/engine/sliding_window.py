@@ -11,6 +11,7 @@ window touches them: memory is bounded by the band, not by the image
 MONAI's `SlidingWindowInferer` followed by sigmoid (one output channel) or softmax. "valid" padding:
 the U-Net paper's overlap-tile (Ronneberger et al. 2015), each output pixel from exactly one tile.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,18 +87,29 @@ def _rows(
 
     _, h, w = reader.shape
     batches = window_batches(len(plan.rows.starts), len(plan.cols.starts), settings.batch_size)
-    first = next((b for b, batch in enumerate(batches) if any(plan.rows.keep[iy][1] > start_row for iy, _ in batch)),
-                 len(batches))
+    first = next(
+        (b for b, batch in enumerate(batches) if any(plan.rows.keep[iy][1] > start_row for iy, _ in batch)),
+        len(batches),
+    )
     if first == len(batches):
         return
     blend = plan.strategy == "blend"
     weight = (
-        compute_importance_map((plan.in_tile, plan.in_tile), mode=settings.blend,
-                               sigma_scale=settings.sigma_scale, device="cpu", dtype=torch.float32)
-        if blend else None
+        compute_importance_map(
+            (plan.in_tile, plan.in_tile),
+            mode=settings.blend,
+            sigma_scale=settings.sigma_scale,
+            device="cpu",
+            dtype=torch.float32,
+        )
+        if blend
+        else None
     )
-    scale = (float(np.iinfo(reader.dtype).max)
-             if settings.intensity == "scale" and np.issubdtype(reader.dtype, np.integer) else None)
+    scale = (
+        float(np.iinfo(reader.dtype).max)
+        if settings.intensity == "scale" and np.issubdtype(reader.dtype, np.integer)
+        else None
+    )
     source = PaddedRows(reader, plan)
     band = LogitBand(net.out_channels, w, plan.out_tile, blend, top=plan.rows.keep[batches[first][0][0]][0])
     t_in, t_out = plan.in_tile, plan.out_tile
@@ -105,11 +117,16 @@ def _rows(
         batch = batches[b]
         top = plan.rows.starts[batch[0][0]]
         rows = source.rows(top, plan.rows.starts[batch[-1][0]] + t_in)
-        tiles = np.stack([
-            rows[:, plan.rows.starts[iy] - top : plan.rows.starts[iy] - top + t_in,
-                 plan.cols.starts[ix] : plan.cols.starts[ix] + t_in]
-            for iy, ix in batch
-        ])
+        tiles = np.stack(
+            [
+                rows[
+                    :,
+                    plan.rows.starts[iy] - top : plan.rows.starts[iy] - top + t_in,
+                    plan.cols.starts[ix] : plan.cols.starts[ix] + t_in,
+                ]
+                for iy, ix in batch
+            ]
+        )
         x = torch.from_numpy(tiles).to(torch.float32)
         if scale is not None:
             x /= scale

@@ -17,6 +17,7 @@ The network's padding decides the strategy (see `pipeline.networks` for the cont
 once); `LogitBand` accumulates the windows' logits in a band a few tiles high and hands out rows
 once final; `window_batches` orders the windows so that the band stays small.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -108,16 +109,23 @@ def plan_tiles(net: InferenceNetwork, height: int, width: int, tile: int, overla
                 raise SegpipeError(f"the network maps {tile} to {net.output_size(tile)}, not 'same'")
         except SegpipeError as exc:
             raise SegpipeError(f"tile {tile} does not suit this network: {exc}") from exc
-        return TilePlan("blend", tile, tile, _monai_axis(height, tile, overlap),
-                        _monai_axis(width, tile, overlap), "constant")
+        return TilePlan(
+            "blend", tile, tile, _monai_axis(height, tile, overlap), _monai_axis(width, tile, overlap), "constant"
+        )
     period = output_period(net)
     out_tile = net.valid_output_size(max(tile, period))
     stride = out_tile // period * period
     in_tile = net.input_size(out_tile)
     if in_tile - out_tile != 2 * net.halo:
         raise SegpipeError(f"network halo {net.halo} disagrees with its sizes {in_tile} -> {out_tile}")
-    return TilePlan("overlap-tile", in_tile, out_tile, _overlap_tile_axis(height, out_tile, stride, net.halo),
-                    _overlap_tile_axis(width, out_tile, stride, net.halo), "reflect")
+    return TilePlan(
+        "overlap-tile",
+        in_tile,
+        out_tile,
+        _overlap_tile_axis(height, out_tile, stride, net.halo),
+        _overlap_tile_axis(width, out_tile, stride, net.halo),
+        "reflect",
+    )
 
 
 def source_index(size: int, before: int, after: int, mode: str) -> np.ndarray:
@@ -207,8 +215,9 @@ class LogitBand:
                 self.wsum = wsum
         self.used = max(self.used, need)
 
-    def add(self, logits: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
-            weight: torch.Tensor | None) -> None:
+    def add(
+        self, logits: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], weight: torch.Tensor | None
+    ) -> None:
         """Add (blend) or copy `logits` (K, r, c), already cut to the kept range, at `rows` x `cols`."""
         self._ensure(rows[1])
         r = slice(rows[0] - self.top, rows[1] - self.top)
@@ -243,11 +252,15 @@ def window_batches(n_rows: int, n_cols: int, batch_size: int) -> list[list[tuple
     holds at least `batch_size` windows (so the band never spans more than one window row), else
     in groups of whole rows."""
     if n_cols >= batch_size:
-        return [[(iy, ix) for ix in range(x0, min(x0 + batch_size, n_cols))]
-                for iy in range(n_rows) for x0 in range(0, n_cols, batch_size)]
+        return [
+            [(iy, ix) for ix in range(x0, min(x0 + batch_size, n_cols))]
+            for iy in range(n_rows)
+            for x0 in range(0, n_cols, batch_size)
+        ]
     per = batch_size // n_cols
-    return [[(iy, ix) for iy in range(y0, min(y0 + per, n_rows)) for ix in range(n_cols)]
-            for y0 in range(0, n_rows, per)]
+    return [
+        [(iy, ix) for iy in range(y0, min(y0 + per, n_rows)) for ix in range(n_cols)] for y0 in range(0, n_rows, per)
+    ]
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 The flips are nnU-Net's mirroring; with the transposes they make the dihedral group D4 (the 8
 symmetries of the square). Each transformed window's output is mapped back by the inverse.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -10,8 +11,13 @@ from typing import Callable, Sequence
 import torch
 
 TTA_TRANSFORMS: dict[str, tuple[tuple[int, ...], bool]] = {
-    "h": ((-1,), False), "v": ((-2,), False), "hv": ((-2, -1), False),
-    "t": ((), True), "th": ((-1,), True), "tv": ((-2,), True), "thv": ((-2, -1), True),
+    "h": ((-1,), False),
+    "v": ((-2,), False),
+    "hv": ((-2, -1), False),
+    "t": ((), True),
+    "th": ((-1,), True),
+    "tv": ((-2,), True),
+    "thv": ((-2, -1), True),
 }
 """Test-time augmentation by the symmetries of the square window (the dihedral group D4): name ->
 (flipped axes, then transposed?). "h" mirrors left-right, "v" top-bottom, "hv" both (a 180 degree

@@ -18,6 +18,7 @@ in native byte order, reading only what those rows need:
 `meta` carries the spacing/metadata a writer can keep: TIFF resolution tags, OME physical pixel
 sizes, the NIfTI header (affine, pixdim), SimpleITK spacing as a TIFF resolution.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -80,10 +81,18 @@ class ImageReader:
         if h < 1 or w < 1 or c < 1:
             raise SegpipeError(f"{self.path}: zero-size image (C, H, W) = {self.shape}")
         self.dtype = np.dtype(self.dtype).newbyteorder("=")
-        if not (np.issubdtype(self.dtype, np.integer) or np.issubdtype(self.dtype, np.floating)
-                or self.dtype == np.bool_) or self.dtype == np.uint64:
-            raise SegpipeError(f"{self.path}: pixel type {self.dtype} is not supported (bool, int8..int64, "
-                               "uint8..uint32, float); convert the image, e.g. to float32")
+        if (
+            not (
+                np.issubdtype(self.dtype, np.integer)
+                or np.issubdtype(self.dtype, np.floating)
+                or self.dtype == np.bool_
+            )
+            or self.dtype == np.uint64
+        ):
+            raise SegpipeError(
+                f"{self.path}: pixel type {self.dtype} is not supported (bool, int8..int64, "
+                "uint8..uint32, float); convert the image, e.g. to float32"
+            )
 
 
 class ArrayReader(ImageReader):
@@ -159,7 +168,8 @@ class TiffReader(ImageReader):
             image = image[0] if isinstance(image, list) else image
             pixels = image.get("Pixels", {}) if isinstance(image, dict) else {}
             meta.ome_pixels = {
-                k: v for k, v in pixels.items()
+                k: v
+                for k, v in pixels.items()
                 if k in ("PhysicalSizeX", "PhysicalSizeY", "PhysicalSizeXUnit", "PhysicalSizeYUnit")
             }
         return meta
@@ -180,10 +190,12 @@ class TiffReader(ImageReader):
             base = page.dataoffsets[0]
             with fh.lock:
                 if separate:
-                    return np.stack([
-                        fh.read_array(dtype, n * w, base + ((s * h + start) * w) * dtype.itemsize).reshape(n, w)
-                        for s in range(spp)
-                    ])
+                    return np.stack(
+                        [
+                            fh.read_array(dtype, n * w, base + ((s * h + start) * w) * dtype.itemsize).reshape(n, w)
+                            for s in range(spp)
+                        ]
+                    )
                 row = w * spp
                 data = fh.read_array(dtype, n * row, base + start * row * dtype.itemsize)
             return data.reshape(n, w, spp).transpose(2, 0, 1)
@@ -371,7 +383,13 @@ def open_image(path: str | os.PathLike[str]) -> ImageReader:
     except SegpipeError:
         raise
     except Exception as exc:  # each library has its own exception types for corrupt files
-        expected = ("a TIFF" if has_suffix(path, TIFF_SUFFIXES) else "a NIfTI image" if has_suffix(path, NIFTI_SUFFIXES)
-                    else "in a format segpipe reads (TIFF, NIfTI, PNG, JPEG, or one SimpleITK reads)")
-        raise SegpipeError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc}); the file is damaged or "
-                           f"not {expected}") from exc
+        expected = (
+            "a TIFF"
+            if has_suffix(path, TIFF_SUFFIXES)
+            else "a NIfTI image"
+            if has_suffix(path, NIFTI_SUFFIXES)
+            else "in a format segpipe reads (TIFF, NIfTI, PNG, JPEG, or one SimpleITK reads)"
+        )
+        raise SegpipeError(
+            f"{path}: cannot read as an image ({type(exc).__name__}: {exc}); the file is damaged or not {expected}"
+        ) from exc

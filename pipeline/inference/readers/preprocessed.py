@@ -26,6 +26,7 @@ read (truncated or corrupt data, whatever the library's exception) becomes a Seg
 file, and where non-finite values (NaN, +-Inf, or floats beyond float32's range) are refused or,
 with `nonfinite`, replaced.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,9 @@ class CheckedReader(ImageReader):
         self.path, self.shape, self.dtype = reader.path, reader.shape, reader.dtype
         self.meta, self.two_d = reader.meta, reader.two_d
         if nonfinite is not None and self.dtype.kind == "f" and abs(nonfinite) > float(np.finfo(self.dtype).max):
-            raise SegpipeError(f"{self.path}: the replacement of non-finite values {nonfinite:g} does not fit "
-                               f"the image's {self.dtype}")
+            raise SegpipeError(
+                f"{self.path}: the replacement of non-finite values {nonfinite:g} does not fit the image's {self.dtype}"
+            )
         self.nonfinite = nonfinite
         self.band_rows = band_rows
         self.replaced = 0
@@ -81,11 +83,15 @@ class CheckedReader(ImageReader):
         except SegpipeError:
             raise
         except Exception as exc:  # every library has its own exceptions for truncated or corrupt data
-            raise SegpipeError(f"{self.path}: cannot read rows {start}..{stop} (truncated or corrupt file?): "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise SegpipeError(
+                f"{self.path}: cannot read rows {start}..{stop} (truncated or corrupt file?): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         if rows.shape != (c, stop - start, w):
-            raise SegpipeError(f"{self.path}: rows {start}..{stop} read back with shape {rows.shape}, "
-                               f"expected {(c, stop - start, w)} (truncated or corrupt file?)")
+            raise SegpipeError(
+                f"{self.path}: rows {start}..{stop} read back with shape {rows.shape}, "
+                f"expected {(c, stop - start, w)} (truncated or corrupt file?)"
+            )
         return rows
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
@@ -247,8 +253,10 @@ class PreprocessedReader(ImageReader):
                 m2[i] += m2_b + delta * delta * count[i] * n_b / n
                 count[i] = n
         std = np.sqrt(m2 / count)
-        return [NormalizeIntensity(subtrahend=[float(mean[i])], divisor=[float(std[i])], channel_wise=True)
-                for i in range(c)]
+        return [
+            NormalizeIntensity(subtrahend=[float(mean[i])], divisor=[float(std[i])], channel_wise=True)
+            for i in range(c)
+        ]
 
     def _percentile(self) -> list[Any]:
         """MONAI ScaleIntensityRange per channel from the exact histogram's percentiles."""
@@ -291,8 +299,9 @@ class PreprocessedReader(ImageReader):
         if self._normalizers is None:
             self._normalizers = self._zscore() if self.augment["normalize"] == "zscore" else self._percentile()
         rows = self._selected(start, stop).astype(np.float32)
-        return np.stack([convert_to_numpy(f(rows[i : i + 1]), dtype=np.float32)[0]
-                         for i, f in enumerate(self._normalizers)])
+        return np.stack(
+            [convert_to_numpy(f(rows[i : i + 1]), dtype=np.float32)[0] for i, f in enumerate(self._normalizers)]
+        )
 
     def close(self) -> None:
         """Drop the statistics and the whole-image result (the wrapped reader is not closed)."""

@@ -1,5 +1,6 @@
 """Structural checks of a TIFF before any pixel is decoded: one image size per file, and every
 tile or strip listed and inside the file (a truncated or corrupt file is refused up front)."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,9 @@ from pipeline.errors import SegpipeError
 
 def check_series(tif: Any, series: Any, path: object) -> None:
     """Refuse a file holding several images of different sizes (reduced-resolution copies aside)."""
-    shapes = [tuple(s.shape) for s in tif.series
-              if s is series or not (s.keyframe is not None and s.keyframe.is_reduced)]
+    shapes = [
+        tuple(s.shape) for s in tif.series if s is series or not (s.keyframe is not None and s.keyframe.is_reduced)
+    ]
     if len(set(shapes)) > 1:
         raise SegpipeError(
             f"{path}: the TIFF holds {len(shapes)} images of different sizes {shapes}; segpipe reads "

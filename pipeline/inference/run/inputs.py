@@ -1,4 +1,5 @@
 """The inputs of `segpipe infer`: paths and glob patterns to files, and the outputs they would write."""
+
 from __future__ import annotations
 
 import glob

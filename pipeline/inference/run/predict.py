@@ -17,6 +17,7 @@ with the next input. A killed (or interrupted) run resumes when run again (`resu
 `pipeline.inference.run.resume`): the rows it finished are replayed into the writers and the engine goes
 on from the next row, giving the outputs of an uninterrupted run bit for bit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -120,8 +121,10 @@ def recorded_instances(net: InferenceNetwork) -> InstanceSettings:
     model when it records none (trained on a dataset without reference instances)."""
     where = str(net.source) if net.source is not None else "the model"
     if net.instances is None:
-        raise SegpipeError(f"{where}: records no instance settings; instance maps need a model trained by "
-                           "`segpipe train` on a dataset with reference instances (the cell sets)")
+        raise SegpipeError(
+            f"{where}: records no instance settings; instance maps need a model trained by "
+            "`segpipe train` on a dataset with reference instances (the cell sets)"
+        )
     return InstanceSettings.from_dict(net.instances.get("settings"), where)
 
 
@@ -217,26 +220,35 @@ def _predict(
         checked = CheckedReader(raw, nonfinite)
         reader: ImageReader = checked
         if recorded is not None:
-            reader = PreprocessedReader(checked, recorded, max_megapixels=settings.preprocess_max_megapixels,
-                                        where=str(net.source or "the checkpoint"))
+            reader = PreprocessedReader(
+                checked,
+                recorded,
+                max_megapixels=settings.preprocess_max_megapixels,
+                where=str(net.source or "the checkpoint"),
+            )
         check_memory(net, reader, settings)
         writers: list[RowWriter] = []
         rowlog: RowLog | None = None
         try:
             key = run_key(input_path, reader.shape, str(reader.dtype), net, settings, targets, names, nonfinite)
-            rowlog, resumed = _open_row_log(key, reader, targets, net.out_channels,
-                                            replace(settings, resume=settings.resume and objects is None))
+            rowlog, resumed = _open_row_log(
+                key, reader, targets, net.out_channels, replace(settings, resume=settings.resume and objects is None)
+            )
             start_row = rowlog.rows_done if rowlog is not None else 0
             stream = stream_probabilities(net, reader, settings, progress, start_row=start_row)
             writers.append(label_writer(*targets[0], reader, settings, names, uuid=output_uuid(key, targets[0][0])))
             if len(targets) > 1:
-                writers.append(probability_writer(*targets[1], reader, settings, names, net.out_channels,
-                                                  uuid=output_uuid(key, targets[1][0])))
+                writers.append(
+                    probability_writer(
+                        *targets[1], reader, settings, names, net.out_channels, uuid=output_uuid(key, targets[1][0])
+                    )
+                )
             stitched = None
             if instance_target is not None and objects is not None:
-                stitched = (InstanceStream(objects, reader.shape[1]),
-                            instance_writer(*instance_target, reader, settings,
-                                            uuid=output_uuid(key, instance_target[0])))
+                stitched = (
+                    InstanceStream(objects, reader.shape[1]),
+                    instance_writer(*instance_target, reader, settings, uuid=output_uuid(key, instance_target[0])),
+                )
                 writers.append(stitched[1])
             if rowlog is not None:
                 _replay(rowlog, writers, reader.shape, progress)
@@ -286,12 +298,18 @@ def _predict(
         notes.append(f"checkpoint preprocessing off, intensity {settings.intensity}")
     if net.device.type == "cuda":
         notes.append(f"peak CUDA {torch.cuda.max_memory_allocated(net.device) / 2**20:.0f} MB")
-    return InferenceReport(input_path, outputs, shape, dtype, stream.plan.describe(), stream.plan.n_windows,
-                           seconds, peak_rss_mb(), notes)
+    return InferenceReport(
+        input_path, outputs, shape, dtype, stream.plan.describe(), stream.plan.n_windows, seconds, peak_rss_mb(), notes
+    )
 
 
-def _open_row_log(key: dict[str, Any], reader: ImageReader, targets: list[tuple[Path, str]], channels: int,
-                  settings: InferenceSettings) -> tuple[RowLog | None, str | None]:
+def _open_row_log(
+    key: dict[str, Any],
+    reader: ImageReader,
+    targets: list[tuple[Path, str]],
+    channels: int,
+    settings: InferenceSettings,
+) -> tuple[RowLog | None, str | None]:
     """The resume log of this run (`pipeline.inference.run.resume`), None with `resume: false`; and its note."""
     if not settings.resume:
         return None, None
@@ -302,8 +320,9 @@ def _open_row_log(key: dict[str, Any], reader: ImageReader, targets: list[tuple[
     return open_log(targets[0][0], key, layouts, h)
 
 
-def _replay(rowlog: RowLog, writers: list[RowWriter], shape: tuple[int, int, int],
-            progress: Callable[[int, int], None] | None) -> None:
+def _replay(
+    rowlog: RowLog, writers: list[RowWriter], shape: tuple[int, int, int], progress: Callable[[int, int], None] | None
+) -> None:
     """Hand the rows a killed run finished to the writers, as they were stored."""
     _, h, w = shape
     for y0, parts in rowlog.replay(_REPLAY_ROWS):
@@ -353,8 +372,11 @@ def infer_files(
     named, settings = settings.threshold, with_threshold(settings, net)
     if isinstance(named, str):
         facts = net.thresholds or {}
-        print(f"segpipe infer: threshold {named} = {settings.threshold:g} ({THRESHOLD_NAMES[named]} on "
-              f"{facts.get('cases', '?')} validation image(s), recorded in {net.source or 'the model'})", flush=True)
+        print(
+            f"segpipe infer: threshold {named} = {settings.threshold:g} ({THRESHOLD_NAMES[named]} on "
+            f"{facts.get('cases', '?')} validation image(s), recorded in {net.source or 'the model'})",
+            flush=True,
+        )
     probs = settings.save_probabilities if save_probabilities is None else save_probabilities
     objects = settings.instances == "auto" and net.instances is not None
     reports: list[InferenceReport] = []
@@ -370,9 +392,17 @@ def infer_files(
             bar.update(pixels)
 
         try:
-            report = predict_file(net, path, seg, probabilities_path=prob if probs else None,
-                                  nonfinite=nonfinite, settings=settings, progress=advance,
-                                  class_names=class_names, instances_path=instance_path(seg) if objects else None)
+            report = predict_file(
+                net,
+                path,
+                seg,
+                probabilities_path=prob if probs else None,
+                nonfinite=nonfinite,
+                settings=settings,
+                progress=advance,
+                class_names=class_names,
+                instances_path=instance_path(seg) if objects else None,
+            )
         except Exception as exc:  # SegpipeError by design; anything else is still this file's failure
             text = str(exc) if isinstance(exc, SegpipeError) else f"{path}: {type(exc).__name__}: {exc}"
             print(f"segpipe infer: error: {text}", file=sys.stderr)

@@ -11,6 +11,7 @@ modification time, shape, dtype), model (sha256 of the checkpoint, or of the wei
 setting or output starts over and says why. The cost: disk for the stored rows (one byte per pixel
 for the labels, K x the dtype's size for probabilities) until the run completes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,16 +60,32 @@ def model_digest(net: InferenceNetwork) -> str:
     return digest.hexdigest()
 
 
-def run_key(input_path: Path, shape: tuple[int, ...], dtype: str, net: InferenceNetwork, settings: InferenceSettings,
-            targets: Sequence[tuple[Path, str]], names: Sequence[str], nonfinite: float | None) -> dict[str, Any]:
+def run_key(
+    input_path: Path,
+    shape: tuple[int, ...],
+    dtype: str,
+    net: InferenceNetwork,
+    settings: InferenceSettings,
+    targets: Sequence[tuple[Path, str]],
+    names: Sequence[str],
+    nonfinite: float | None,
+) -> dict[str, Any]:
     """What the outputs of one `predict_file` run depend on, as JSON-able values."""
     stat = input_path.stat()
     return {
-        "input": {"path": str(input_path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                  "shape": list(shape), "dtype": dtype},
+        "input": {
+            "path": str(input_path.resolve()),
+            "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "shape": list(shape),
+            "dtype": dtype,
+        },
         "model": model_digest(net),
-        "settings": {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in dataclasses.asdict(settings).items() if k not in _NOT_KEYED},
+        "settings": {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(settings).items()
+            if k not in _NOT_KEYED
+        },
         "outputs": [[str(path.resolve()), fmt] for path, fmt in targets],
         "classes": list(names),
         "nonfinite": nonfinite,
@@ -101,8 +118,14 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
 class RowLog:
     """The stored final rows of one run: `replay()` what a killed run finished, `append()` each band."""
 
-    def __init__(self, folder: Path, key: dict[str, Any], layouts: Sequence[tuple[int, int, np.dtype]],
-                 height: int, rows_done: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        key: dict[str, Any],
+        layouts: Sequence[tuple[int, int, np.dtype]],
+        height: int,
+        rows_done: int,
+    ) -> None:
         self.folder, self.key, self.height, self.rows_done = folder, key, height, rows_done
         self.layouts = [(k, w, np.dtype(dtype)) for k, w, dtype in layouts]
         self.files = [folder / f"output{i}.raw" for i in range(len(self.layouts))]
@@ -138,9 +161,15 @@ class RowLog:
         self._record()
 
     def _record(self) -> None:
-        body = {"format": FORMAT, "host": socket.gethostname(), "pid": os.getpid(), "rows_done": self.rows_done,
-                "height": self.height, "layouts": [[k, w, dtype.str] for k, w, dtype in self.layouts],
-                "key": self.key}
+        body = {
+            "format": FORMAT,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rows_done": self.rows_done,
+            "height": self.height,
+            "layouts": [[k, w, dtype.str] for k, w, dtype in self.layouts],
+            "key": self.key,
+        }
         tmp = self.folder / f".{RECORD}.tmp"
         tmp.write_text(json.dumps(body))
         os.replace(tmp, self.folder / RECORD)
@@ -154,8 +183,9 @@ def progress_folder(label_path: Path) -> Path:
     return label_path.parent / f".{label_path.name}.resume"
 
 
-def open_log(label_path: Path, key: dict[str, Any], layouts: Sequence[tuple[int, int, np.dtype]],
-             height: int) -> tuple[RowLog, str | None]:
+def open_log(
+    label_path: Path, key: dict[str, Any], layouts: Sequence[tuple[int, int, np.dtype]], height: int
+) -> tuple[RowLog, str | None]:
     """The row log of this run: the one a killed run with the same key left (resumed), else a new one.
 
     Returns the log and a note for the summary ("resumed at row R of H", or why it started over);
@@ -176,8 +206,11 @@ def open_log(label_path: Path, key: dict[str, Any], layouts: Sequence[tuple[int,
             reason = _changes(old.get("key") or {}, key)
         else:
             log_ = RowLog(folder, key, layouts, height, int(old["rows_done"]))
-            short = [p for p, size in zip(log_.files, log_.row_bytes)
-                     if not p.is_file() or p.stat().st_size < log_.rows_done * size]
+            short = [
+                p
+                for p, size in zip(log_.files, log_.row_bytes)
+                if not p.is_file() or p.stat().st_size < log_.rows_done * size
+            ]
             if short:
                 reason = f"{short[0]} holds fewer rows than recorded"
             else:
@@ -193,8 +226,10 @@ def open_log(label_path: Path, key: dict[str, Any], layouts: Sequence[tuple[int,
     try:
         folder.mkdir(parents=True)
     except OSError as exc:
-        raise SegpipeError(f"{folder.parent}: output directory is not writable ({exc.strerror or exc}): the run's "
-                           f"progress is kept there, in {folder.name}") from exc
+        raise SegpipeError(
+            f"{folder.parent}: output directory is not writable ({exc.strerror or exc}): the run's "
+            f"progress is kept there, in {folder.name}"
+        ) from exc
     log_ = RowLog(folder, key, layouts, height, 0)
     for path in log_.files:
         path.touch()

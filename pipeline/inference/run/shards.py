@@ -15,6 +15,7 @@ are drawn by the first process of each node only (processes sharing a terminal w
 other's bar line); the others print their summary lines. Torch threads default to the node's cores
 divided by its processes (`threads` in `configs/inference.yaml` overrides).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -141,8 +142,9 @@ class JobStore:
         try:
             store, _, _ = next(rendezvous("env://", env.rank, env.world, timeout=timeout))
         except Exception as exc:
-            raise SegpipeError(f"cannot reach torchrun's store at {address} (MASTER_ADDR:MASTER_PORT): "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise SegpipeError(
+                f"cannot reach torchrun's store at {address} (MASTER_ADDR:MASTER_PORT): {type(exc).__name__}: {exc}"
+            ) from exc
         run = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.store = PrefixStore(f"segpipe-infer/{run}/{attempt}", store)
@@ -201,19 +203,30 @@ def run_shard(
             differ = [str(r) for r, d in enumerate(listings) if d != listings[0]]
             error = SegpipeError(
                 f"the ranks do not see the same inputs (rank(s) {', '.join(differ)} differ from rank 0 in the "
-                "files or their sizes): every node needs the same input files, e.g. on a shared filesystem")
+                "files or their sizes): every node needs the same input files, e.g. on a shared filesystem"
+            )
         share: list[int] = []
         if error is None:
             share = assign_shards(pixels, env.world)[env.rank]
             try:
-                reports = _infer_share(model, [paths[i] for i in share], [pixels[i] for i in share], sum(pixels),
-                                       output_dir, settings=settings, env=env,
-                                       show_progress=show_progress and env.local_rank == 0, **infer_kwargs)
+                reports = _infer_share(
+                    model,
+                    [paths[i] for i in share],
+                    [pixels[i] for i in share],
+                    sum(pixels),
+                    output_dir,
+                    settings=settings,
+                    env=env,
+                    show_progress=show_progress and env.local_rank == 0,
+                    **infer_kwargs,
+                )
             except Exception as exc:
                 error = exc
         seconds = time.perf_counter() - start
-        results = job.gather("result", json.dumps({"inputs": len(share), "seconds": seconds,
-                                                   "error": None if error is None else str(error)}))
+        results = job.gather(
+            "result",
+            json.dumps({"inputs": len(share), "seconds": seconds, "error": None if error is None else str(error)}),
+        )
         if env.main:
             print(_job_summary([json.loads(r) for r in results], len(paths)), flush=True)
         job.leave()
@@ -224,21 +237,39 @@ def run_shard(
     return reports
 
 
-def _infer_share(model: ModelLike | InferenceNetwork, share: list[Path], share_pixels: list[int],
-                 total_pixels: int, output_dir: str | os.PathLike[str], *, settings: InferenceSettings, env: RankEnv,
-                 show_progress: bool, **infer_kwargs: Any) -> list[InferenceReport]:
+def _infer_share(
+    model: ModelLike | InferenceNetwork,
+    share: list[Path],
+    share_pixels: list[int],
+    total_pixels: int,
+    output_dir: str | os.PathLike[str],
+    *,
+    settings: InferenceSettings,
+    env: RankEnv,
+    show_progress: bool,
+    **infer_kwargs: Any,
+) -> list[InferenceReport]:
     """Print this rank's share and threads, then run `infer_files` on the share (none: nothing)."""
     if settings.threads is not None:
         threads, why = settings.threads, "the threads setting"
     else:
         threads = threads_per_process(env.local_world)
         why = f"{available_cores()} cores / {env.local_world} processes on this node; set `threads` to change"
-    print(f"{len(share)} input(s), {sum(share_pixels) / 1e6:.3g} of {total_pixels / 1e6:.3g} Mpx; "
-          f"{threads} torch thread(s) ({why})", flush=True)
+    print(
+        f"{len(share)} input(s), {sum(share_pixels) / 1e6:.3g} of {total_pixels / 1e6:.3g} Mpx; "
+        f"{threads} torch thread(s) ({why})",
+        flush=True,
+    )
     if not share:
         return []
-    return infer_files(model, [str(p) for p in share], output_dir, settings=replace(settings, threads=threads),
-                       show_progress=show_progress, **infer_kwargs)
+    return infer_files(
+        model,
+        [str(p) for p in share],
+        output_dir,
+        settings=replace(settings, threads=threads),
+        show_progress=show_progress,
+        **infer_kwargs,
+    )
 
 
 def _job_summary(results: list[dict[str, Any]], n_inputs: int) -> str:

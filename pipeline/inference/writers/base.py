@@ -16,6 +16,7 @@ renames it onto the final name (`os.replace`, atomic); `abort()` removes it. An 
 never leaves a file under the final name; several outputs of one run are published only once all
 of them are finished.
 """
+
 from __future__ import annotations
 
 import errno
@@ -78,12 +79,15 @@ def check_output_path(final: Path) -> None:
     there; for a zarr store (a name ending in .zarr, replaced whole) a file or a non-zarr directory there."""
     length = len(os.fsencode(final.name))
     if length > NAME_MAX:
-        raise SegpipeError(f"{final}: the output file name is {length} bytes long, longer than file systems allow "
-                           f"({NAME_MAX}); shorten the input's name")
+        raise SegpipeError(
+            f"{final}: the output file name is {length} bytes long, longer than file systems allow "
+            f"({NAME_MAX}); shorten the input's name"
+        )
     if has_suffix(final, (".zarr",)):
         if os.path.lexists(final) and not is_zarr_store(final):
-            raise SegpipeError(f"{final}: the output path exists and is not a zarr store; remove it or choose "
-                               "another output")
+            raise SegpipeError(
+                f"{final}: the output path exists and is not a zarr store; remove it or choose another output"
+            )
     elif final.is_dir():
         raise SegpipeError(f"{final}: the output path exists and is a directory; remove it or choose another output")
 
@@ -185,8 +189,9 @@ class TiffRowWriter(RowWriter):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         kwargs = self._tiff_kwargs(meta or ImageMeta(), compression)
-        self._thread = threading.Thread(target=self._run, args=(kwargs,), name=f"tiff-writer {self.path.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(kwargs,), name=f"tiff-writer {self.path.name}", daemon=True
+        )
         self._thread.start()
 
     def _tiff_kwargs(self, meta: ImageMeta, compression: str) -> dict[str, Any]:

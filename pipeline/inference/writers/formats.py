@@ -11,6 +11,7 @@ For a path given directly (`predict_file`), `auto` goes by its suffix: .nii/.nii
 OME-Zarr, a TIFF suffix a flat TIFF (OME-TIFF when .ome.tif). Pyramid levels of label maps keep
 the top-left pixel of each 2 x 2 block (`nearest`); those of probabilities average it (`mean`).
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,9 @@ def _stem(path: Path, output_format: str) -> tuple[str, str]:
     return stem, _SUFFIXES[output_format]
 
 
-def output_paths(input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str],
-                 output_format: str = "auto") -> tuple[Path, Path]:
+def output_paths(
+    input_path: str | os.PathLike[str], output_dir: str | os.PathLike[str], output_format: str = "auto"
+) -> tuple[Path, Path]:
     """(label map, probabilities) paths for `input_path` in `output_dir`: NAME_seg.*, NAME_prob.*."""
     stem, suffix = _stem(Path(input_path), check_format(output_format))
     out = Path(output_dir)
@@ -78,8 +80,10 @@ def resolve_format(path: Path, output_format: str) -> str:
         by_suffix = None
     if check_format(output_format) == "auto":
         if by_suffix is None:
-            raise SegpipeError(f"{path}: output must be a TIFF (.tif, .tiff, .ome.tif), OME-Zarr (.ome.zarr) or "
-                               "NIfTI (.nii, .nii.gz) path")
+            raise SegpipeError(
+                f"{path}: output must be a TIFF (.tif, .tiff, .ome.tif), OME-Zarr (.ome.zarr) or "
+                "NIfTI (.nii, .nii.gz) path"
+            )
         return by_suffix
     fits = has_suffix(path, _OME_TIFF) if output_format == "ome-tiff" else by_suffix == output_format
     if not fits:
@@ -87,8 +91,16 @@ def resolve_format(path: Path, output_format: str) -> str:
     return output_format
 
 
-def _open(path: Path, output_format: str, reader: ImageReader, channels: int, dtype: np.dtype | str,
-          settings: InferenceSettings, uuid: str | None, **ome: Any) -> RowWriter:
+def _open(
+    path: Path,
+    output_format: str,
+    reader: ImageReader,
+    channels: int,
+    dtype: np.dtype | str,
+    settings: InferenceSettings,
+    uuid: str | None,
+    **ome: Any,
+) -> RowWriter:
     """The writer of `output_format` for a (channels, H, W) result of `reader`'s image; `ome` are the
     OME writers' channel_names, label_names and downsampling; `uuid` the OME-TIFF's (None: a new one)."""
     _, h, w = reader.shape
@@ -98,24 +110,52 @@ def _open(path: Path, output_format: str, reader: ImageReader, channels: int, dt
     if output_format == "tiff":
         return TiffRowWriter(path, h, w, channels, dtype, tile=tile, compression=compression, meta=reader.meta)
     if output_format == "ome-tiff":
-        return OmeTiffWriter(path, h, w, channels, dtype, tile=tile, compression=compression, meta=reader.meta,
-                             uuid=uuid, **ome)
+        return OmeTiffWriter(
+            path, h, w, channels, dtype, tile=tile, compression=compression, meta=reader.meta, uuid=uuid, **ome
+        )
     return OmeZarrWriter(path, h, w, channels, dtype, chunk=tile, compression=compression, meta=reader.meta, **ome)
 
 
-def label_writer(path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings,
-                 names: Sequence[str], uuid: str | None = None) -> RowWriter:
+def label_writer(
+    path: Path,
+    output_format: str,
+    reader: ImageReader,
+    settings: InferenceSettings,
+    names: Sequence[str],
+    uuid: str | None = None,
+) -> RowWriter:
     """The writer of the uint8 label map, whose values 0, 1, ... are the classes `names`."""
-    return _open(path, output_format, reader, 1, np.uint8, settings, uuid, channel_names=[LABEL_CHANNEL],
-                 label_names=names, downsampling="nearest")
+    return _open(
+        path,
+        output_format,
+        reader,
+        1,
+        np.uint8,
+        settings,
+        uuid,
+        channel_names=[LABEL_CHANNEL],
+        label_names=names,
+        downsampling="nearest",
+    )
 
 
-def instance_writer(path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings,
-                    uuid: str | None = None) -> RowWriter:
+def instance_writer(
+    path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings, uuid: str | None = None
+) -> RowWriter:
     """The writer of the uint32 instance map (0 background, 1..n the objects): a label map whose values
     name no class (OME-Zarr `image-label` without properties; OME-TIFF without a value map)."""
-    return _open(path, output_format, reader, 1, np.uint32, settings, uuid, channel_names=[INSTANCE_CHANNEL],
-                 label_names=[], downsampling="nearest")
+    return _open(
+        path,
+        output_format,
+        reader,
+        1,
+        np.uint32,
+        settings,
+        uuid,
+        channel_names=[INSTANCE_CHANNEL],
+        label_names=[],
+        downsampling="nearest",
+    )
 
 
 def instance_path(label_path: Path) -> Path:
@@ -128,8 +168,24 @@ def instance_path(label_path: Path) -> Path:
     return label_path.with_name(f"{stem}_inst{dot}{suffix}")
 
 
-def probability_writer(path: Path, output_format: str, reader: ImageReader, settings: InferenceSettings,
-                       names: Sequence[str], channels: int, uuid: str | None = None) -> RowWriter:
+def probability_writer(
+    path: Path,
+    output_format: str,
+    reader: ImageReader,
+    settings: InferenceSettings,
+    names: Sequence[str],
+    channels: int,
+    uuid: str | None = None,
+) -> RowWriter:
     """The writer of the `channels` probabilities (`settings.probabilities_dtype`) of the classes `names`."""
-    return _open(path, output_format, reader, channels, settings.probabilities_dtype, settings, uuid,
-                 channel_names=probability_names(names, channels), downsampling="mean")
+    return _open(
+        path,
+        output_format,
+        reader,
+        channels,
+        settings.probabilities_dtype,
+        settings,
+        uuid,
+        channel_names=probability_names(names, channels),
+        downsampling="mean",
+    )

@@ -94,8 +94,11 @@ class NiftiRowWriter(RowWriter):
         packed = temp_beside(self.path, ".tmp.nii.gz")
         try:
             # the gzip header names the final file and no time: the same result, the same bytes
-            with (open(self._tmp, "rb") as src, open(packed, "wb") as raw,
-                  gzip.GzipFile(self.path.name[:-3], "wb", 6, raw, mtime=0) as dst):
+            with (
+                open(self._tmp, "rb") as src,
+                open(packed, "wb") as raw,
+                gzip.GzipFile(self.path.name[:-3], "wb", 6, raw, mtime=0) as dst,
+            ):
                 shutil.copyfileobj(src, dst, 1 << 22)
         except BaseException:
             packed.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ arrive as these too), or the NIfTI pixdim of the image's two axes with the heade
 (unknown taken as millimetres, as ITK does, unless both are 1: no information). None if the input
 has none. `name_classes` names the label values and probability channels, `image_name` the image.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,10 +19,27 @@ from pipeline.inference.readers.images import ImageMeta
 
 _METRES = {"Å": 1e-10, "pm": 1e-12, "nm": 1e-9, "µm": 1e-6, "mm": 1e-3, "cm": 1e-2, "m": 1.0, "in": 0.0254}
 """OME UnitsLength symbols (the ones images use) in metres."""
-_NGFF_UNITS = {"Å": "angstrom", "pm": "picometer", "nm": "nanometer", "µm": "micrometer", "mm": "millimeter",
-               "cm": "centimeter", "m": "meter", "in": "inch"}
-_ALIASES = {"um": "µm", "\u03bcm": "µm", "micron": "µm", "micrometer": "µm", "A": "Å", "angstrom": "Å",
-            "millimeter": "mm", "meter": "m", "nanometer": "nm"}
+_NGFF_UNITS = {
+    "Å": "angstrom",
+    "pm": "picometer",
+    "nm": "nanometer",
+    "µm": "micrometer",
+    "mm": "millimeter",
+    "cm": "centimeter",
+    "m": "meter",
+    "in": "inch",
+}
+_ALIASES = {
+    "um": "µm",
+    "\u03bcm": "µm",
+    "micron": "µm",
+    "micrometer": "µm",
+    "A": "Å",
+    "angstrom": "Å",
+    "millimeter": "mm",
+    "meter": "m",
+    "nanometer": "nm",
+}
 _NIFTI_UNITS = {"mm": "mm", "micron": "µm", "meter": "m", "unknown": "mm"}
 _TIFF_UNITS = {2: "in", 3: "cm"}
 LABEL_CHANNEL = "labels"
@@ -39,8 +57,12 @@ class PixelSize:
 
     def ome(self) -> dict[str, Any]:
         """OME Pixels attributes (tifffile metadata keys)."""
-        return {"PhysicalSizeX": self.x, "PhysicalSizeXUnit": self.unit,
-                "PhysicalSizeY": self.y, "PhysicalSizeYUnit": self.unit}
+        return {
+            "PhysicalSizeX": self.x,
+            "PhysicalSizeXUnit": self.unit,
+            "PhysicalSizeY": self.y,
+            "PhysicalSizeYUnit": self.unit,
+        }
 
     @property
     def ngff_unit(self) -> str:
@@ -117,8 +139,10 @@ def name_classes(out_channels: int, given: Sequence[str] | None = None) -> list[
         return [f"class {v}" for v in range(values)]
     names = [str(name).strip() for name in given]
     if len(names) != values or not all(names) or len(set(names)) != len(names):
-        raise SegpipeError(f"class names: the network's label map has {values} values (0..{values - 1}), so give "
-                           f"{values} distinct non-empty names, got {list(given)!r}")
+        raise SegpipeError(
+            f"class names: the network's label map has {values} values (0..{values - 1}), so give "
+            f"{values} distinct non-empty names, got {list(given)!r}"
+        )
     return names
 
 

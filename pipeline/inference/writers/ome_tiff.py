@@ -15,6 +15,7 @@ file beside the output (`ChunkSpool`), and read back a tile row at a time when t
 them. Peak memory is a few tile rows per level, whatever the image's height; the spool costs disk
 (compressed, about (K - 1) / K + 1/3 of the image for K channels) and is removed at the end.
 """
+
 from __future__ import annotations
 
 import threading
@@ -68,8 +69,14 @@ class OmeTiffWriter(TiffRowWriter):
         self._cancel = threading.Event()
         self._spool = ChunkSpool(temp_beside(path, ".spool"), dtype)
         try:
-            self._pyramid = Pyramid(self.shapes, channels, dtype, tile, downsampling,
-                                    [self._sink(k, channels) for k in range(len(self.shapes))])
+            self._pyramid = Pyramid(
+                self.shapes,
+                channels,
+                dtype,
+                tile,
+                downsampling,
+                [self._sink(k, channels) for k in range(len(self.shapes))],
+            )
             super().__init__(path, height, width, channels, dtype, tile=tile, compression=compression, meta=meta)
         except BaseException:
             self._spool.close()
@@ -116,8 +123,10 @@ class OmeTiffWriter(TiffRowWriter):
             **({"UUID": self.uuid} if self.uuid else {}),
         }
         if self.label_names:  # an instance map ([]) names no values
-            metadata["MapAnnotation"] = {"Namespace": LABEL_VALUES_NAMESPACE,
-                                         "Value": {str(v): name for v, name in enumerate(self.label_names)}}
+            metadata["MapAnnotation"] = {
+                "Namespace": LABEL_VALUES_NAMESPACE,
+                "Value": {str(v): name for v, name in enumerate(self.label_names)},
+            }
         return {**self._level_kwargs(0), "subifds": len(self.shapes) - 1, "metadata": metadata}
 
     def _level0_tiles(self) -> Iterator[np.ndarray]:

@@ -13,6 +13,7 @@ map `image-label` properties naming the class of every value.
 The store is built in a temp directory beside the output and renamed into place when complete; a
 store already under that name is moved aside first and deleted after.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ def _compressor(compression: str, path: Path) -> Any:
 
     codecs = {"zlib": numcodecs.Zlib(level=6), "zstd": numcodecs.Zstd(level=3), "lzma": numcodecs.LZMA(), "none": None}
     if compression not in codecs:
-        raise SegpipeError(f"{path}: OME-Zarr has no {compression} codec; set the output compression to zlib, "
-                           "zstd, lzma or none")
+        raise SegpipeError(
+            f"{path}: OME-Zarr has no {compression} codec; set the output compression to zlib, zstd, lzma or none"
+        )
     return codecs[compression]
 
 
@@ -69,8 +71,14 @@ class OmeZarrWriter(RowWriter):
         self.height, self.dtype = height, np.dtype(dtype)
         self.shapes = level_shapes(height, width, chunk)
         self.labels = label_names is not None
-        self._image_label = None if label_names is None else {
-            "version": "0.4", "properties": [{"label-value": v, "class": name} for v, name in enumerate(label_names)]}
+        self._image_label = (
+            None
+            if label_names is None
+            else {
+                "version": "0.4",
+                "properties": [{"label-value": v, "class": name} for v, name in enumerate(label_names)],
+            }
+        )
         if self.labels and channels != 1:
             raise SegpipeError(f"{self.path}: a label map has one channel, not {channels}")
         compressor = _compressor(compression, self.path)
@@ -79,13 +87,19 @@ class OmeZarrWriter(RowWriter):
             self._group = zarr.open_group(str(self._tmp), mode="w", zarr_format=2)
             arrays = [
                 self._group.create_array(
-                    str(k), shape=(h, w) if self.labels else (channels, h, w),
-                    chunks=(chunk, chunk) if self.labels else (1, chunk, chunk), dtype=self.dtype,
-                    compressors=compressor, fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
+                    str(k),
+                    shape=(h, w) if self.labels else (channels, h, w),
+                    chunks=(chunk, chunk) if self.labels else (1, chunk, chunk),
+                    dtype=self.dtype,
+                    compressors=compressor,
+                    fill_value=0,
+                    chunk_key_encoding={"name": "v2", "separator": "/"},
+                )
                 for k, (h, w) in enumerate(self.shapes)
             ]
-            self._pyramid = Pyramid(self.shapes, channels, self.dtype, chunk, downsampling,
-                                    [self._sink(a) for a in arrays])
+            self._pyramid = Pyramid(
+                self.shapes, channels, self.dtype, chunk, downsampling, [self._sink(a) for a in arrays]
+            )
             self._multiscales_kwargs = self._multiscales(pixel_size(meta or ImageMeta()), downsampling, channel_names)
         except BaseException:
             shutil.rmtree(self._tmp, ignore_errors=True)
@@ -116,9 +130,20 @@ class OmeZarrWriter(RowWriter):
         if not self.labels:
             top = 255 if self.dtype == np.uint8 else 1.0
             kwargs["axes"] = [{"name": "c", "type": "channel"}, *axes]
-            kwargs["metadata"] = {"omero": {"rdefs": {"model": "color"}, "channels": [
-                {"label": name, "color": _COLOURS[c % len(_COLOURS)], "active": True,
-                 "window": {"min": 0, "max": top, "start": 0, "end": top}} for c, name in enumerate(channel_names)]}}
+            kwargs["metadata"] = {
+                "omero": {
+                    "rdefs": {"model": "color"},
+                    "channels": [
+                        {
+                            "label": name,
+                            "color": _COLOURS[c % len(_COLOURS)],
+                            "active": True,
+                            "window": {"min": 0, "max": top, "start": 0, "end": top},
+                        }
+                        for c, name in enumerate(channel_names)
+                    ],
+                }
+            }
         return kwargs
 
     def write(self, y0: int, rows: np.ndarray) -> None:

@@ -10,6 +10,7 @@ counts as its own neighbour). Integers are rounded back to their type.
 (the last one partial), to that level's sink. It holds at most one chunk row per level plus one
 carried row: memory is set by the image's width, never by its height.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -99,8 +100,15 @@ class Pyramid:
     """Level-0 rows in, every level's rows out to `sinks[k]` (None: that level is not wanted) in
     whole chunk rows of `chunk` rows; `close()` after the last row flushes every level."""
 
-    def __init__(self, shapes: Sequence[tuple[int, int]], channels: int, dtype: np.dtype | str, chunk: int,
-                 mode: str, sinks: Sequence[Sink | None]) -> None:
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int]],
+        channels: int,
+        dtype: np.dtype | str,
+        chunk: int,
+        mode: str,
+        sinks: Sequence[Sink | None],
+    ) -> None:
         if mode not in DOWNSAMPLINGS:
             raise ValueError(f"downsampling must be one of {', '.join(DOWNSAMPLINGS)}, got {mode!r}")
         self._levels = [_ChunkRows(sink, channels, w, chunk, np.dtype(dtype)) for (_, w), sink in zip(shapes, sinks)]

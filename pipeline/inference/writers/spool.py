@@ -6,6 +6,7 @@ plane) at a time: each block is compressed in the calling thread and appended to
 and an in-memory index (a few numbers per block) finds it again. Unlike a zarr store, nothing runs
 in other threads and nothing is cached: memory is the one block in hand.
 """
+
 from __future__ import annotations
 
 import os
