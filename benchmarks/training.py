@@ -309,7 +309,7 @@ def run_quality(
                 os.environ["MLFLOW_TRACKING_URI"] = old_uri
         ckpt = read_checkpoint(ours.checkpoint)
         inference = settings_from_config(load_config("inference"), str(config_path("inference")))
-        overrides = evaluate_config(load_config("evaluate"), str(config_path("evaluate")))["inference"]
+        overrides = evaluate_config(load_config("evaluate"), str(config_path("evaluate"))).inference
         settings = load_settings(inference, **overrides, intensity="none")  # as `segpipe evaluate`
         net = inference_network(ours.checkpoint, settings)
         recorded = ckpt.get("instances")

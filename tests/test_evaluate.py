@@ -6,6 +6,7 @@ or a fixed function of the image where the metrics themselves are under test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -463,6 +464,11 @@ def test_config_is_checked(work: Path) -> None:
         ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
     with pytest.raises(SegpipeError, match="overlays"):  # the stage reads the file and stops before any work
         run_evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
+    set_eval_config(work, overlays=2, inference={"tile": 64})
+    cfg = ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")  # typed, frozen settings
+    assert (cfg.threshold, cfg.overlays, dict(cfg.inference)) == (0.5, 2, {"tile": 64})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.threshold = 0.3  # type: ignore[misc]
 
 
 def test_foreground_of_softmax_outputs() -> None:

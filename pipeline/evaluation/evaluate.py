@@ -101,8 +101,22 @@ TIMINGS = ("inference_seconds", "seconds")
 """Wall times: in timings.json (and MLflow), never in metrics.json, which DVC compares."""
 
 
-def evaluate_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """configs/evaluate.yaml (`cfg`), checked; errors name `where` and the key."""
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """configs/evaluate.yaml, checked (`evaluate_config`)."""
+
+    results_dir: str
+    threshold: float
+    val_threshold: bool
+    overlays: int | None
+    curve_points: int
+    per_head: bool
+    inference: Mapping[str, Any]
+    """Overrides of configs/inference.yaml's `InferenceSettings` for evaluation."""
+
+
+def evaluate_config(cfg: Mapping[str, Any], where: str) -> EvaluateSettings:
+    """configs/evaluate.yaml (`cfg`) as settings; errors name `where` and the key."""
     cfg = check_keys(cfg, CONFIG_KEYS, where)
     check_number(cfg["threshold"], "threshold", where, low=0, high=1, low_open=True, high_open=True)
     for key in ("val_threshold", "per_head"):
@@ -110,18 +124,26 @@ def evaluate_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     check_int(cfg["overlays"], "overlays", where, minimum=0, optional=True)
     check_int(cfg["curve_points"], "curve_points", where, minimum=2)
     check_str(cfg["results_dir"], "results_dir", where)
-    cfg["inference"] = check_keys(
+    inference = check_keys(
         cfg["inference"] or {},
         InferenceSettings.__dataclass_fields__,
         f"{where}: inference",
         optional=InferenceSettings.__dataclass_fields__,
     )
-    if "intensity" in cfg["inference"]:
+    if "intensity" in inference:
         raise SegpipeError(
             f"{where}: inference.intensity cannot be set: evaluation images are preprocessed as "
             "the checkpoint records, so intensity is always 'none'"
         )
-    return cfg
+    return EvaluateSettings(
+        str(cfg["results_dir"]),
+        float(cfg["threshold"]),
+        bool(cfg["val_threshold"]),
+        cfg["overlays"],
+        int(cfg["curve_points"]),
+        bool(cfg["per_head"]),
+        dict(inference),
+    )
 
 
 def load_trained(path: Path, dataset: str, network: str) -> tuple[SegmentationNetwork, dict[str, Any]]:
@@ -215,7 +237,7 @@ def evaluate_checkpoint(
     path: Path,
     data: PreparedDataset,
     network: str,
-    cfg: Mapping[str, Any],
+    cfg: EvaluateSettings,
     settings: InferenceSettings,
     out_dir: Path,
     *,
@@ -244,9 +266,9 @@ def evaluate_checkpoint(
         "val_dice": ckpt.get("val_dice", ""),
         "fold": ckpt.get("fold"),
     }
-    params = {"evaluate": dict(cfg), "checkpoint": facts, "inference": asdict(settings)}
+    params = {"evaluate": asdict(cfg), "checkpoint": facts, "inference": asdict(settings)}
     tag = f"{dataset}/{network}"
-    use_val = cfg["val_threshold"] and not multiclass  # the best-F1 threshold: two classes only
+    use_val = cfg.val_threshold and not multiclass  # the best-F1 threshold: two classes only
     inputs = [DataInput(data.manifest_path, dataset, "test", "testing")] + (
         [DataInput(data.manifest_path, dataset, "val", "validation", ckpt.get("fold"))] if use_val else []
     )
@@ -263,8 +285,8 @@ def evaluate_checkpoint(
         predictor = _Predictor(dataset, torch_network(model, settings), ckpt["augment"], settings, reduce)
         scoring, scoring_facts = _scoring(predictor, data, cfg, classes, tag, ckpt.get("instances"), str(path))
         predictor.seconds = 0.0
-        runners = head_runners(model, replace(settings, tta=()), reduce) if cfg["per_head"] else []  # heads: no TTA
-        n_overlays = len(test_cases) if cfg["overlays"] is None else min(cfg["overlays"], len(test_cases))
+        runners = head_runners(model, replace(settings, tta=()), reduce) if cfg.per_head else []  # heads: no TTA
+        n_overlays = len(test_cases) if cfg.overlays is None else min(cfg.overlays, len(test_cases))
         out_dir.mkdir(parents=True, exist_ok=True)
         overlay_tmp = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out_dir))
         try:
@@ -289,7 +311,7 @@ def evaluate_checkpoint(
                 **head_metrics(runners, heads, ("seconds",)),
                 "seconds": time.perf_counter() - start,
             }
-            _write_results(out_dir, scoring, cfg["curve_points"], heads, overlay_tmp, summary, timings)
+            _write_results(out_dir, scoring, cfg.curve_points, heads, overlay_tmp, summary, timings)
         finally:
             shutil.rmtree(overlay_tmp, ignore_errors=True)
         if tracker is not None:
@@ -303,7 +325,7 @@ def evaluate_checkpoint(
 def _scoring(
     predictor: _Predictor,
     data: PreparedDataset,
-    cfg: Mapping[str, Any],
+    cfg: EvaluateSettings,
     classes: list[str],
     tag: str,
     objects_record: Mapping[str, Any] | None = None,
@@ -318,9 +340,9 @@ def _scoring(
     if len(classes) > 2:
         scoring = ClassScoring(classes)
         return scoring, {"classes": scoring.tally.keys}
-    thresholds = {"": float(cfg["threshold"])}
+    thresholds = {"": float(cfg.threshold)}
     facts: dict[str, Any] = {"threshold": thresholds[""]}
-    if cfg["val_threshold"]:
+    if cfg.val_threshold:
         thresholds["_best"], val_f1 = pick_threshold(predictor, data, f"{tag} val")
         facts.update(threshold_best=thresholds["_best"], val_best_f1=val_f1)
     if objects is not None:

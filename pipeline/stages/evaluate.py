@@ -32,10 +32,10 @@ def evaluate(
     metrics.json's dict with the timings of timings.json added. `models_dir`/`results_dir` None: the configs'."""
     cfg = read_config("evaluate", evaluate_config)
     base = read_config("inference", settings_from_config)
-    settings = load_settings(load_settings(base, **cfg["inference"], intensity="none"), precision=precision)
+    settings = load_settings(load_settings(base, **cfg.inference, intensity="none"), precision=precision)
     models = Path(models_dir if models_dir is not None else load_config("train")["models_dir"])
     data = open_prepared(dataset, prepared_root(read_config("data", check_data_config), dataset))
-    out_dir = Path(results_dir if results_dir is not None else cfg["results_dir"]) / dataset / network
+    out_dir = Path(results_dir if results_dir is not None else cfg.results_dir) / dataset / network
     return evaluate_checkpoint(
         models / dataset / network / "best.pt",
         data,
