@@ -90,7 +90,7 @@ def _timed(batches: Iterable[Any], steps: int, step_fn) -> tuple[float, float]:
 
 def _monai_loader(prepared: PreparedDataset, settings: dict[str, Any], in_size: int, batches: int) -> DataLoader:
     """MONAI-standard patches: pos/neg crops, Rand2DElasticd, flips/rot90, from normalised cases."""
-    aug = settings["augment"]
+    aug = settings.augment
     num = int(aug["patches"]["num_samples"])
     keys = patch_keys(settings)  # image, label, weight (+ fov)
     data = []
@@ -120,10 +120,10 @@ def _monai_loader(prepared: PreparedDataset, settings: dict[str, Any], in_size: 
         ]
     )
     dataset = CacheDataset(data * max(1, batches * num // len(data) + 1), transforms, progress=False)
-    workers = int(settings["workers"])
+    workers = int(settings.workers)
     return DataLoader(
         dataset,
-        batch_size=int(settings["batch_size"]) // num,
+        batch_size=int(settings.batch_size) // num,
         shuffle=True,
         num_workers=workers,
         collate_fn=list_data_collate,
@@ -168,15 +168,15 @@ def run_benchmark(
             if source.startswith("prepared"):  # as `segpipe train` plans (the synthetic set is DRIVE's: explicit)
                 settings = plan_training(read_fingerprint(prepared.root, dataset), settings).settings
             torch.manual_seed(0)
-            channels = settings["augment"]["channels"]
+            channels = settings.augment["channels"]
             model = build_network(
-                settings["network"],
+                settings.network,
                 len(channels) if channels else prepared.in_channels,
                 1,
-                **settings["network_config"],
+                **settings.network_config,
             )
-            loss_fn = build_loss(settings["loss"], network=model)
-            optimizer = build_optimizer(model, settings["optimizer"])
+            loss_fn = build_loss(settings.loss, network=model)
+            optimizer = build_optimizer(model, settings.optimizer)
             keys = patch_keys(settings)
             model.train()
 
@@ -202,23 +202,23 @@ def run_benchmark(
 
                 return step
 
-            layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
-            in_size = model.input_size(int(settings["patch_size"]))
+            layout = torch.channels_last if settings.channels_last else torch.contiguous_format
+            in_size = model.input_size(int(settings.patch_size))
             if model.padding == "valid":
                 raise SegpipeError("bench train compares same-padding networks (MONAI crops input = output)")
-            batch = int(settings["batch_size"])
+            batch = int(settings.batch_size)
             probe = {k: torch.zeros(batch, 1, in_size, in_size) for k in keys}
             probe["image"] = torch.zeros(batch, model.in_channels, in_size, in_size)
             flops = count_flops(lambda: stepper(layout, "fp32")(probe)) / batch  # per patch
             row: dict[str, Any] = {
-                "network": settings["network"],
+                "network": settings.network,
                 "patch": in_size,
                 "batch": batch,
                 "GFLOP_per_patch": flops / 1e9,
             }
             for precision in precisions:  # as `segpipe train` runs
                 loader, _, _ = build_loader(
-                    prepared, {**settings, "steps_per_epoch": steps + 1}, model, Dist(0, 1, torch.device("cpu"))
+                    prepared, settings.with_changes(steps_per_epoch=steps + 1), model, Dist(0, 1, torch.device("cpu"))
                 )
                 rate, wait = _timed(loader, steps, stepper(layout, precision))
                 row.update(
@@ -244,7 +244,7 @@ def run_benchmark(
     table = pd.DataFrame(rows)
     print(
         f"bench train: {steps} steps per loader, {torch.get_num_threads()} torch threads, {source}, "
-        f"workers {settings['workers']}, channels-last {settings['channels_last']}"
+        f"workers {settings.workers}, channels-last {settings.channels_last}"
     )
     print(peak_line(peaks))
     print(table.T.to_string(header=False, float_format=lambda v: f"{v:.3f}"))

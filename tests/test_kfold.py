@@ -103,12 +103,12 @@ def test_fold_settings_are_checked() -> None:
     train = dict(load_config("train"))
     assert train["fold"] is None
     configs = TrainConfigs(train, load_config("networks"), load_config("augment"))
-    assert resolve_settings(configs, "drive", "unet", "smoke")["fold"] is None
-    assert resolve_settings(configs, "drive", "unet", "smoke", fold=3)["fold"] == 3
+    assert resolve_settings(configs, "drive", "unet", "smoke").fold is None
+    assert resolve_settings(configs, "drive", "unet", "smoke", fold=3).fold == 3
     assert (
         resolve_settings(
             TrainConfigs({**train, "fold": 2}, configs.networks, configs.augment), "drive", "unet", "smoke"
-        )["fold"]
+        ).fold
         == 2
     )
     with pytest.raises(ConfigError, match=r"configs/train\.yaml: fold must be null or an integer >= 0, got 'a'"):

@@ -23,6 +23,7 @@ from pipeline.errors import SegpipeError
 from pipeline.networks import read_checkpoint
 from pipeline.training.loader import check_ignore_value
 from pipeline.training.losses import SegmentationLoss
+from pipeline.training.settings import TrainSettings
 from pipeline.training.supervision import DeepSupervisionLoss
 from pipeline.training.validation import validation_cases, validation_scores
 from pipeline.transforms.weightmap import (
@@ -93,7 +94,7 @@ def test_three_classes_train_end_to_end(project: FixtureProject, three: Path, mo
     assert all(bool((m == 0).any()) for m in masks)
 
     # validation scores inside the FOV, which leaves the ignore value out
-    settings = json.loads((out / "config.json").read_text())
+    settings = TrainSettings.from_dict(json.loads((out / "config.json").read_text()))
     case = validation_cases(open_prepared("three", three), settings)[0]
     assert not case["fov"][:3].any() and case["fov"][3:].all()
     assert set(np.unique(case["label"])) == {0, 1, 2}
@@ -116,13 +117,13 @@ def test_binary_checkpoints_keep_one_channel_and_record_their_names(project: Fix
 
 def test_an_ignore_value_needs_the_fov_in_the_loss(three: Path) -> None:
     prepared = open_prepared("three", three)
-    check_ignore_value(prepared, {"dataset": "three", "augment": {"patches": {"fov_key": "fov"}}})
+    check_ignore_value(prepared, {"patches": {"fov_key": "fov"}})
     with pytest.raises(
         SegpipeError,
         match=r"configs/augment\.yaml: three\.patches\.fov_key is null, but the "
         r"card's ignore_value 9 .*stats\.json.* set fov_key: fov",
     ):
-        check_ignore_value(prepared, {"dataset": "three", "augment": {"patches": {"fov_key": None}}})
+        check_ignore_value(prepared, {"patches": {"fov_key": None}})
 
 
 def test_the_pyfunc_model_gives_argmax_label_maps(project: FixtureProject, three: Path) -> None:

@@ -213,7 +213,7 @@ def test_patch_size_obeys_the_size_contract(network: str, overrides: dict, media
     plan = _plan(network, fingerprint=_fingerprint(median), **overrides)
     entry, net = plan.entries["patch_size"], meta_network(plan.settings, _fingerprint(median))
     size, limit = entry["value"], min(int(min(median)), 128)
-    assert entry["source"] == "planned" and plan.settings["patch_size"] == size
+    assert entry["source"] == "planned" and plan.settings.patch_size == size
     assert net.valid_output_size(size) == size and size <= limit
     assert all(net.valid_output_size(n) != n for n in range(size + 1, limit + 1))  # the largest
     if net.padding == "valid":
@@ -228,7 +228,7 @@ def test_patch_size_too_small_an_image_gets_the_smallest_output() -> None:
 def test_batch_size_follows_the_memory_budget_and_is_clamped() -> None:
     def batch(budget: int, max_batch: int = 1024) -> int:
         configs = _configs(plan={"memory_budget_mb": budget, "max_patch_size": 128, "max_batch_size": max_batch})
-        return _plan("unet", configs=configs).settings["batch_size"]
+        return _plan("unet", configs=configs).settings.batch_size
 
     sizes = [batch(b) for b in (16, 64, 256, 1024, 4096)]
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
@@ -247,9 +247,9 @@ def test_explicit_settings_win_and_the_plan_records_its_alternative() -> None:
     patch, batch = plan.entries["patch_size"], plan.entries["batch_size"]
     assert (patch["value"], patch["source"], patch["planned"]) == (32, "profile", 128)
     assert (batch["value"], batch["source"]) == (4, "profile") and batch["planned"] % 4 == 0
-    assert (plan.settings["patch_size"], plan.settings["batch_size"]) == (32, 4)
+    assert (plan.settings.patch_size, plan.settings.batch_size) == (32, 4)
     plan = _plan("unet", patch_size=64)  # --set patch_size=64 over the default profile's null
-    assert plan.entries["patch_size"]["source"] == "profile" and plan.settings["patch_size"] == 64
+    assert plan.entries["patch_size"]["source"] == "profile" and plan.settings.patch_size == 64
     assert plan.entries["batch_size"]["source"] == "planned"
 
 
@@ -257,13 +257,13 @@ def test_normalize_auto_is_resolved_per_channel() -> None:
     normal = {"p0.5": -2.58, "p50": 0.0, "p99.5": 2.58, "mean": 0.0, "std": 1.0}
     spiky = {"p0.5": 10.0, "p50": 11.0, "p99.5": 12.0, "mean": 12.0, "std": 5.0}  # a few very bright pixels
     plan = _plan(fingerprint=_fingerprint(channels={"gray": normal}))
-    assert plan.entries["normalize"]["value"] == "zscore" and plan.settings["augment"]["normalize"] == "zscore"
+    assert plan.entries["normalize"]["value"] == "zscore" and plan.settings.augment["normalize"] == "zscore"
     plan = _plan(fingerprint=_fingerprint(channels={"dapi": normal, "gfp": spiky}))
     channels = plan.entries["normalize"]["channels"]
     assert (channels["dapi"]["value"], channels["gfp"]["value"]) == ("zscore", "percentile")
-    assert plan.settings["augment"]["normalize"] == "percentile"  # one scheme for every channel
+    assert plan.settings.augment["normalize"] == "percentile"  # one scheme for every channel
     plan = _plan(fingerprint=_fingerprint(channels={"gray": normal}, modality="CT"))
-    assert plan.entries["normalize"]["source"] == "card" and plan.settings["augment"]["normalize"] == "percentile"
+    assert plan.entries["normalize"]["source"] == "card" and plan.settings.augment["normalize"] == "percentile"
     configs = _configs()
     configs.augment["mine"] = {**configs.augment["generic"], "normalize": "zscore"}
     plan = _plan(fingerprint=_fingerprint(channels={"gray": spiky}), configs=configs)
@@ -327,7 +327,7 @@ def test_channels_auto_keeps_the_channel_separating_the_classes_best() -> None:
     configs.augment["mine"] = {**configs.augment["generic"], "normalize": "auto"}
     plan = _plan(fingerprint=_fingerprint(channels=THREE, asked={"channels": "auto"}), configs=configs)
     entry = plan.entries["channels"]
-    assert (entry["value"], entry["source"]) == ([1], "planned") and plan.settings["augment"]["channels"] == [1]
+    assert (entry["value"], entry["source"]) == ([1], "planned") and plan.settings.augment["channels"] == [1]
     assert entry["fisher"] == pytest.approx({"red": 900 / 800, "green": 32.0, "blue": 0.0})
     assert set(plan.entries["normalize"]["channels"]) == {"green"}  # normalisation of the kept channel
     assert meta_network(plan.settings, _fingerprint(channels=THREE)).in_channels == 1
@@ -343,7 +343,7 @@ def test_an_explicit_preset_wins_over_the_card_and_records_the_planned_alternati
     channels, clahe = plan.entries["channels"], plan.entries["clahe"]
     assert (channels["value"], channels["source"], channels["planned"]) == ([0], "preset", [1])
     assert (clahe["value"], clahe["source"], clahe["planned"]) == (0.03, "preset", CLAHE_CLIP)
-    assert plan.settings["augment"]["channels"] == [0] and plan.settings["augment"]["clahe"] == 0.03
+    assert plan.settings.augment["channels"] == [0] and plan.settings.augment["clahe"] == 0.03
     assert set(plan.entries["normalize"]["channels"]) == {"red"}
 
 
@@ -361,7 +361,7 @@ def test_clahe_auto_on_narrow_integer_data_only(dtype: str, spread: float, clahe
     channels = {"gray": _stats(10.0, 10.0 + spread, [(20, 5), (60, 5)])}
     plan = _plan(fingerprint=_fingerprint(channels=channels, asked={"clahe": "auto"}, dtype=dtype))
     entry = plan.entries["clahe"]
-    assert (entry["value"], entry["source"]) == (clahe, "planned") and plan.settings["augment"]["clahe"] == clahe
+    assert (entry["value"], entry["source"]) == (clahe, "planned") and plan.settings.augment["clahe"] == clahe
     assert (f"{spread:.4g}" in entry["why"]) if dtype != "float32" else ("float32" in entry["why"])
 
 
@@ -371,7 +371,7 @@ def test_without_the_card_asking_channels_and_clahe_stay_the_presets() -> None:
     plan = _plan(fingerprint=_fingerprint(channels=THREE), configs=configs)  # narrow uint8 channels
     for key in ("channels", "clahe"):
         assert plan.entries[key]["value"] is None and plan.entries[key]["source"] == "preset"
-        assert "planned" not in plan.entries[key] and plan.settings["augment"][key] is None
+        assert "planned" not in plan.entries[key] and plan.settings.augment[key] is None
     assert set(plan.entries["normalize"]["channels"]) == {"red", "green", "blue"}
 
 
@@ -395,15 +395,15 @@ def test_plan_keys_are_validated() -> None:
 def test_paper_datasets_keep_their_calibrated_settings(dataset: str, network: str) -> None:
     configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment"))
     settings = resolve_settings(configs, dataset, network)
-    assert (settings["patch_size"], settings["batch_size"]) == (96, 16)
-    assert settings["weight_map"] is (dataset != "drive")
+    assert (settings.patch_size, settings.batch_size) == (96, 16)
+    assert settings.weight_map is (dataset != "drive")
     channels = {"red": {}, "green": {}, "blue": {}} if dataset == "drive" else {"gray": {}}
     fingerprint = _fingerprint(
         (584.0, 565.0), channels={k: {"p0.5": 0.0, "p50": 1.0, "p99.5": 9.0, "mean": 1.0, "std": 1.0} for k in channels}
     )
     plan = plan_training(fingerprint, settings)
-    assert (plan.settings["patch_size"], plan.settings["batch_size"]) == (96, 16)
-    assert plan.settings["augment"] == settings["augment"]  # their presets set normalize
+    assert (plan.settings.patch_size, plan.settings.batch_size) == (96, 16)
+    assert plan.settings.augment == settings.augment  # their presets set normalize
     assert {plan.entries[k]["source"] for k in ("patch_size", "batch_size", "normalize")} == {"profile", "preset"}
 
 

@@ -29,6 +29,7 @@ from pipeline.inference.settings import settings_from_config
 from pipeline.metrics import best_f1_threshold, confusion, histogram_best_f1, histogram_best_mean_dice, score_histogram
 from pipeline.networks import build_network, load_model, read_checkpoint, save_checkpoint
 from pipeline.stages.infer import config_settings
+from pipeline.training.settings import TrainSettings
 from pipeline.training.validation import validate, validation_cases, validation_settings, validation_thresholds
 
 from fixtures import FixtureProject
@@ -102,7 +103,7 @@ def test_training_stores_thresholds_that_infer_and_the_pyfunc_model_use(
 
     # the thresholds of best.pt's own validation: the same probabilities, histograms and picks again
     prepared = open_prepared("two", project.root / "data" / "prepared" / "two")
-    cases = validation_cases(prepared, json.loads((out / "config.json").read_text()))
+    cases = validation_cases(prepared, TrainSettings.from_dict(json.loads((out / "config.json").read_text())))
     result = validate(load_model(out / "best.pt"), cases, validation_settings(config_settings(), torch.device("cpu")))
     assert validation_thresholds(result.histograms) == thresholds and thresholds["cases"] == len(cases)
 

@@ -54,11 +54,11 @@ def train(
     """
     settings = resolve_settings(load_train_configs(), dataset, network, profile, overrides, fold)
     inference = read_config("inference", settings_from_config)
-    out_dir = Path(models_dir or settings["models_dir"]) / dataset / network
+    out_dir = Path(models_dir or settings.models_dir) / dataset / network
     if prepared is None:
         prepared = open_prepared(dataset, prepared_root(read_config("data", check_data_config), dataset))
-    prepared = prepared.with_fold(settings["fold"])
-    prepared = prepared.with_target(settings["target"])  # border: background / interior / border of the instances
+    prepared = prepared.with_fold(settings.fold)
+    prepared = prepared.with_target(settings.target)  # border: background / interior / border of the instances
     fingerprint = read_fingerprint(prepared.root, dataset)
     plan = plan_training(fingerprint, settings)
     tracking = read_config("tracking", tracking_settings)

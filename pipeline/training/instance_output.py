@@ -23,6 +23,7 @@ from pipeline.inference.engine.sliding_window import predict
 from pipeline.inference.settings import InferenceSettings
 from pipeline.networks import load_model, read_checkpoint, save_checkpoint
 from pipeline.postprocessing.planning import InstancePlan, plan_instances
+from pipeline.training.settings import TrainSettings
 from pipeline.transforms.presets import preprocess
 
 RESERVED = ("format", "network", "config", "in_channels", "out_channels", "padding", "halo", "state_dict")
@@ -40,7 +41,7 @@ def median_object_area(fingerprint: Mapping[str, Any]) -> float | None:
 def choose_instances(
     best: Path,
     prepared: PreparedDataset,
-    settings: Mapping[str, Any],
+    settings: TrainSettings,
     inference: InferenceSettings,
     median_area: float | None,
 ) -> InstancePlan | None:
@@ -51,11 +52,11 @@ def choose_instances(
         return None
     net = torch_network(load_model(best), inference)
     cases = []
-    for name in tqdm(names, desc=f"{settings['dataset']} instances", unit="image", leave=False):
+    for name in tqdm(names, desc=f"{settings.dataset} instances", unit="image", leave=False):
         arrays = prepared.load(name)
-        probs = predict(net, preprocess(settings["dataset"], arrays["image"], settings["augment"]), settings=inference)
+        probs = predict(net, preprocess(settings.dataset, arrays["image"], settings.augment), settings=inference)
         cases.append((probs, arrays["instances"][0].astype(np.int64)))
-    plan = plan_instances(cases, median_area, desc=f"{settings['dataset']} instance methods")
+    plan = plan_instances(cases, median_area, desc=f"{settings.dataset} instance methods")
     ckpt = read_checkpoint(best)
     extra = {k: v for k, v in ckpt.items() if k not in RESERVED}
     save_checkpoint(load_model(best), best, **{**extra, "instances": plan.record()})

@@ -22,6 +22,7 @@ from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.networks import SegmentationNetwork
 from pipeline.training.distributed import Dist
+from pipeline.training.settings import TrainSettings
 from pipeline.transforms.presets import build_preprocess_transforms, build_train_transforms
 from pipeline.transforms.weightmap import compute_class_weights, reweigh_classes
 
@@ -122,42 +123,42 @@ def fold_class_weights(prepared: PreparedDataset, cases: list[dict[str, np.ndarr
         case["weight"] = reweigh_classes(case["weight"], case["label"], old, new)
 
 
-def patch_keys(settings: Mapping[str, Any]) -> list[str]:
-    fov = settings["augment"]["patches"]["fov_key"]
+def patch_keys(settings: TrainSettings) -> list[str]:
+    fov = settings.augment["patches"]["fov_key"]
     return ["image", "label", "weight"] + ([fov] if fov else [])
 
 
-def check_ignore_value(prepared: PreparedDataset, settings: Mapping[str, Any]) -> None:
+def check_ignore_value(prepared: PreparedDataset, augment: Mapping[str, Any]) -> None:
     """SegpipeError when the card's ignore_value would count in the loss: its pixels are left out of the
-    prepared "fov", which masks the loss only as the preset's `patches.fov_key`."""
+    prepared "fov", which masks the loss only as the preset's (`augment`) `patches.fov_key`."""
     ignore = prepared.stats.get("ignore_value")
-    if ignore is not None and not settings["augment"]["patches"]["fov_key"]:
+    if ignore is not None and not augment["patches"]["fov_key"]:
         raise SegpipeError(
-            f"configs/augment.yaml: {settings['dataset']}.patches.fov_key is null, but the card's "
+            f"configs/augment.yaml: {prepared.name}.patches.fov_key is null, but the card's "
             f"ignore_value {ignore} ({prepared.root / 'stats.json'}) must stay out of the loss; "
             "set fov_key: fov"
         )
 
 
 def build_loader(
-    prepared: PreparedDataset, settings: Mapping[str, Any], model: SegmentationNetwork, ctx: Dist
+    prepared: PreparedDataset, settings: TrainSettings, model: SegmentationNetwork, ctx: Dist
 ) -> tuple[DataLoader, StepSampler, int]:
     """The patch loader of this rank; returns (loader, sampler, patches per step and rank)."""
-    check_ignore_value(prepared, settings)
-    num_samples = int(settings["augment"]["patches"]["num_samples"])
-    batch = int(settings["batch_size"])
+    check_ignore_value(prepared, settings.augment)
+    num_samples = int(settings.augment["patches"]["num_samples"])
+    batch = int(settings.batch_size)
     if batch % (num_samples * ctx.world):
         raise SegpipeError(
             f"batch_size {batch} must be a multiple of patches.num_samples ({num_samples}, configs/augment.yaml) "
             f"x the number of processes ({ctx.world})"
         )
-    patch = int(settings["patch_size"])
+    patch = int(settings.patch_size)
     out_size = model.valid_output_size(patch) if model.padding == "valid" else patch
     try:
         model.input_size(out_size)
     except SegpipeError as exc:
-        raise SegpipeError(f"patch_size {out_size} does not fit network {settings['network']}: {exc}") from exc
-    dataset, augment_cfg = settings["dataset"], settings["augment"]
+        raise SegpipeError(f"patch_size {out_size} does not fit network {settings.network}: {exc}") from exc
+    dataset, augment_cfg = settings.dataset, settings.augment
     full = build_train_transforms(dataset, model.halo, out_size, augment_cfg)
     n_pre = len(build_preprocess_transforms(dataset, augment_cfg).transforms)
     cache = CacheDataset(
@@ -168,9 +169,9 @@ def build_loader(
         copy_cache=False,
         progress=False,
     )
-    patches = PatchDataset(cache, Compose(full.transforms[n_pre:]), int(settings["seed"]))
-    sampler = StepSampler(int(settings["steps_per_epoch"]), batch // num_samples, ctx.rank, ctx.world)
-    workers = int(settings["workers"])
+    patches = PatchDataset(cache, Compose(full.transforms[n_pre:]), int(settings.seed))
+    sampler = StepSampler(int(settings.steps_per_epoch), batch // num_samples, ctx.rank, ctx.world)
+    workers = int(settings.workers)
     loader = DataLoader(
         patches,
         batch_size=sampler.per_rank,

@@ -18,7 +18,7 @@ network (softmax cross-entropy with the eq. 2 weight map, soft Dice over the for
 checkpoints record the dataset's class names (`class_names`) and the `target` (labels, or the border
 target's three classes, `PreparedDataset.with_target`).
 
-Cross-validation: `settings["fold"]` (None: the prepare split) is the fold `prepared` was re-split
+Cross-validation: `settings.fold` (None: the prepare split) is the fold `prepared` was re-split
 on (`PreparedDataset.with_fold`); best.pt and last.pt record it (`fold`), as do config.json and the
 MLflow run (param and tag `fold`); `--resume` refuses a checkpoint of another fold.
 
@@ -64,6 +64,7 @@ from pipeline.training.instance_output import choose_instances
 from pipeline.training.mlflow_model import log_best_model
 from pipeline.training.optim import learning_rate
 from pipeline.training.outputs import run_outputs
+from pipeline.training.settings import TrainSettings
 from pipeline.training.trainer import Progress, Trainer, build_trainer, restore, resume_settings
 from pipeline.training.validation import (
     threshold_metrics,
@@ -94,49 +95,47 @@ def _train_epoch(
     stopped by the time limit). `deadline`: the wall budget in seconds (None: no limit), counted
     from the `time.perf_counter()` value `clock`."""
     s, ctx = t.settings, t.ctx
-    epochs, steps = int(s["epochs"]), int(s["steps_per_epoch"])
+    epochs, steps = int(s.epochs), int(s.steps_per_epoch)
     t.model.train()
     t.sampler.set_epoch(epoch)
     t0, wait, loss_sum, head_sums, n_steps, stopped, lr = time.perf_counter(), 0.0, 0.0, None, 0, False, 0.0
     bar = tqdm(
         total=steps,
-        desc=f"{s['dataset']}/{s['network_key']} epoch {epoch + 1}/{epochs}",
+        desc=f"{s.dataset}/{s.network_key} epoch {epoch + 1}/{epochs}",
         unit="step",
         disable=not ctx.main,
         leave=False,
         dynamic_ncols=True,
     )
     batches = iter(t.loader)
-    fov_key = s["augment"]["patches"]["fov_key"]
+    fov_key = s.augment["patches"]["fov_key"]
     for step_in_epoch in range(steps):
         t_wait = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t_wait
-        lr = learning_rate(
-            epoch * steps + step_in_epoch, epochs * steps, steps, float(s["optimizer"]["lr"]), s["schedule"]
-        )
+        lr = learning_rate(epoch * steps + step_in_epoch, epochs * steps, steps, float(s.optimizer["lr"]), s.schedule)
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         data = {k: torch.as_tensor(batch[k]).to(ctx.device, non_blocking=True) for k in t.keys}
-        with autocast(s["precision"], ctx.device):
+        with autocast(s.precision, ctx.device):
             output = t.forward(data["image"].contiguous(memory_format=t.layout))
         heads = t.loss_fn.head_losses(
             fp32_output(output),
             data["label"],
-            data["weight"] if s["weight_map"] else None,
+            data["weight"] if s.weight_map else None,
             data[fov_key] if fov_key else None,
         )
         loss = t.loss_fn.combine(heads)
         if not torch.isfinite(loss):
             raise SegpipeError(
-                f"{s['dataset']}/{s['network_key']}: loss became {loss.item()} at epoch {epoch + 1} "
+                f"{s.dataset}/{s.network_key}: loss became {loss.item()} at epoch {epoch + 1} "
                 f"step {step_in_epoch + 1}; lower optimizer.lr in configs/train.yaml"
             )
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
-        if s["grad_clip"] is not None:
+        if s.grad_clip is not None:
             t.scaler.unscale_(t.optimizer)
-            torch.nn.utils.clip_grad_norm_(t.model.parameters(), float(s["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(t.model.parameters(), float(s.grad_clip))
         t.scaler.step(t.optimizer)
         t.scaler.update()
         detached = torch.stack([h.detach().float() for h in heads]).cpu()
@@ -182,7 +181,7 @@ def _validate_and_save(
     """Rank 0 after an epoch: validation when due (best.pt when it improved), the epoch's MLflow
     metrics (`progress.epoch_metrics`), last.pt and log.csv."""
     s, epoch, thresholds = t.settings, int(row["epoch"]), None
-    if epoch % int(s["val_every"]) == 0 or last:
+    if epoch % int(s.val_every) == 0 or last:
         result = validate(t.model, *validation)
         row["val_dice"], row["val_iou"] = result.dice, result.iou
         thresholds = validation_thresholds(result.histograms)
@@ -191,17 +190,17 @@ def _validate_and_save(
             save_checkpoint(
                 t.model,
                 out_dir / "best.pt",
-                dataset=s["dataset"],
-                network_key=s["network_key"],
-                profile=s["profile"],
+                dataset=s.dataset,
+                network_key=s.network_key,
+                profile=s.profile,
                 epoch=epoch,
                 val_dice=row["val_dice"],
-                augment=s["augment"],
-                precision=s["precision"],
+                augment=s.augment,
+                precision=s.precision,
                 class_names=t.class_names,
-                fold=s["fold"],
+                fold=s.fold,
                 thresholds=thresholds,
-                target=s["target"],
+                target=s.target,
             )
             write_text(out_dir / "thresholds.json", json.dumps(thresholds, indent=2) + "\n")
     row["elapsed_seconds"] = time.perf_counter() - clock
@@ -220,14 +219,14 @@ def _validate_and_save(
         mlflow_run_id=progress.run_id,
         mlflow_epoch_metrics=progress.epoch_metrics,
         class_names=t.class_names,
-        fold=s["fold"],
+        fold=s.fold,
         thresholds=thresholds,
     )
     write_text(out_dir / "log.csv", log_text(progress.log_rows))
 
 
 def run_training(
-    settings: Mapping[str, Any],
+    settings: TrainSettings,
     prepared: PreparedDataset,
     out_dir: Path,
     inference: InferenceSettings,
@@ -267,23 +266,23 @@ def _train(
 ) -> TrainResult:
     """The epochs of `run_training`, from `progress` on, with validation, checkpoints and MLflow."""
     settings, ctx = trainer.settings, trainer.ctx
-    dataset, network = settings["dataset"], settings["network_key"]
+    dataset, network = settings.dataset, settings.network_key
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / "config.json", json.dumps(settings, indent=2, default=str) + "\n")
+        write_text(out_dir / "config.json", json.dumps(settings.to_dict(), indent=2, default=str) + "\n")
         if plan is not None:
             write_text(out_dir / "plan.json", json.dumps(plan, indent=2) + "\n")
     validation = (validation_cases(prepared, settings) if ctx.main else [], validation_settings(inference, ctx.device))
-    limit = None if settings["max_minutes"] is None else float(settings["max_minutes"]) * 60
+    limit = None if settings.max_minutes is None else float(settings.max_minutes) * 60
     clock = start - progress.previous_elapsed  # a resumed run's budget counts the killed run's time
-    epochs, stopped_early, epoch = int(settings["epochs"]), False, progress.first_epoch
+    epochs, stopped_early, epoch = int(settings.epochs), False, progress.first_epoch
 
-    params = {k: v for k, v in settings.items() if k != "augment"}
+    params = {k: v for k, v in settings.to_dict().items() if k != "augment"}
     if plan is not None:  # the plan's limits and values: plan.memory_budget_mb, plan.patch_size, ...
-        params["plan"] = {**settings["plan"], **{k: e["value"] for k, e in plan["entries"].items()}}
+        params["plan"] = {**settings.plan, **{k: e["value"] for k, e in plan["entries"].items()}}
     data = [
-        DataInput(prepared.manifest_path, dataset, "train", "training", settings["fold"]),
-        DataInput(prepared.manifest_path, dataset, "val", "validation", settings["fold"]),
+        DataInput(prepared.manifest_path, dataset, "train", "training", settings.fold),
+        DataInput(prepared.manifest_path, dataset, "val", "validation", settings.fold),
     ]
     with stage_run(
         "train",
@@ -297,7 +296,7 @@ def _train(
     ) as tracker:
         if tracker is not None:  # kept in last.pt: --resume continues this run
             progress.run_id = tracker.active_run().info.run_id
-            tracker.set_tag("fold", str(settings["fold"]))
+            tracker.set_tag("fold", str(settings.fold))
         if tracker is not None and resume:
             tracker.set_tag("resumed_from_epoch", str(progress.first_epoch))
             # epochs checkpointed but not logged (killed in between), or a new run: the whole history
@@ -347,7 +346,7 @@ def _train(
     if ctx.main:
         print(
             f"{dataset}/{network}: best validation Dice {best['val_dice']:.4f} at epoch {best['epoch']} "
-            f"({settings['network']}, {steps} steps, {wall / 60:.1f} min"
+            f"({settings.network}, {steps} steps, {wall / 60:.1f} min"
             f"{', STOPPED BY max_minutes' if stopped_early else ''}) -> {out_dir / 'best.pt'}"
         )
     return TrainResult(out_dir, out_dir / "best.pt", epoch + 1, steps, float(best["val_dice"]), wall, stopped_early)

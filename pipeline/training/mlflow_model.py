@@ -33,6 +33,7 @@ import numpy as np
 
 from pipeline.errors import SegpipeError
 from pipeline.inference.settings import InferenceSettings, load_settings
+from pipeline.training.settings import TrainSettings
 
 if TYPE_CHECKING:
     from mlflow.models import ModelSignature
@@ -106,13 +107,13 @@ def pinned_requirements() -> list[str]:
         ) from exc
 
 
-def model_tags(settings: Mapping[str, Any], best: Mapping[str, Any]) -> dict[str, str]:
+def model_tags(settings: TrainSettings, best: Mapping[str, Any]) -> dict[str, str]:
     """The tags of the logged model and its registered version."""
     return {
-        "dataset": settings["dataset"],
-        "network": settings["network_key"],
-        "architecture": settings["network"],
-        "precision": settings["precision"],
+        "dataset": settings.dataset,
+        "network": settings.network_key,
+        "architecture": settings.network,
+        "precision": settings.precision,
         "val_dice": f"{float(best['val_dice']):.6f}",
         "best_epoch": str(best["epoch"]),
     }
@@ -140,7 +141,7 @@ def _log_pyfunc(checkpoint: Path, inference: InferenceSettings, tags: Mapping[st
 
 def log_best_model(
     checkpoint: Path,
-    settings: Mapping[str, Any],
+    settings: TrainSettings,
     inference: InferenceSettings,
     best: Mapping[str, Any],
     *,
@@ -154,7 +155,7 @@ def log_best_model(
     import mlflow
 
     tags = model_tags(settings, best)
-    name = registered_name(settings["dataset"], settings["network_key"])
+    name = registered_name(settings.dataset, settings.network_key)
     try:
         uri = _log_pyfunc(checkpoint, inference, tags)
         if register:
@@ -163,8 +164,8 @@ def log_best_model(
         raise SegpipeError(
             f"{checkpoint}: logging it as an MLflow model (registry name {name!r}) failed "
             f"({type(exc).__name__}: {exc}); the training's files are kept: "
-            f"`segpipe train {settings['dataset']} {settings['network_key']} --resume` "
+            f"`segpipe train {settings.dataset} {settings.network_key} --resume` "
             "logs the model again without training, or set log_model: false in configs/tracking.yaml"
         ) from exc
-    print(f"{settings['dataset']}/{settings['network_key']}: MLflow model {uri}")
+    print(f"{settings.dataset}/{settings.network_key}: MLflow model {uri}")
     return uri

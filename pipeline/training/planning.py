@@ -46,6 +46,7 @@ import torch
 
 from pipeline.errors import SegpipeError
 from pipeline.networks import SegmentationNetwork, build_network
+from pipeline.training.settings import TrainSettings
 from pipeline.training.trainer import output_channels
 from pipeline.transforms.presets import AUTO
 
@@ -74,7 +75,7 @@ FISHER_EPS = 1e-12
 class Plan:
     """The resolved settings (what training uses) and the entries saying where each came from."""
 
-    settings: dict[str, Any]
+    settings: TrainSettings
     entries: dict[str, dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,31 +83,30 @@ class Plan:
         s = self.settings
         return {
             "format": PLAN_FORMAT,
-            "dataset": s["dataset"],
-            "network_key": s["network_key"],
-            "network": s["network"],
-            "limits": dict(s["plan"]),
+            "dataset": s.dataset,
+            "network_key": s.network_key,
+            "network": s.network,
+            "limits": dict(s.plan),
             "entries": self.entries,
         }
 
 
-def plan_training(fingerprint: Mapping[str, Any], settings: Mapping[str, Any]) -> Plan:
+def plan_training(fingerprint: Mapping[str, Any], settings: TrainSettings) -> Plan:
     """The plan of `settings` (`resolve_settings`; patch_size, batch_size may be None, the preset's
     normalize "auto") on the dataset of `fingerprint`."""
-    limits, augment = settings["plan"], settings["augment"]
+    limits, augment = settings.plan, settings.augment
     asked = fingerprint.get("plan") or {}
     channels = _requested("channels", augment["channels"], asked, lambda: plan_channels(fingerprint))
     clahe = _requested("clahe", augment["clahe"], asked, lambda: plan_clahe(fingerprint, channels["value"]))
-    resolved = copy.deepcopy(dict(settings))
-    resolved["augment"] = {**copy.deepcopy(dict(augment)), "channels": channels["value"], "clahe": clahe["value"]}
-    network = meta_network(resolved, fingerprint)
-    patch = _entry(settings["patch_size"], *plan_patch_size(network, fingerprint, int(limits["max_patch_size"])))
+    planned = {**copy.deepcopy(dict(augment)), "channels": channels["value"], "clahe": clahe["value"]}
+    network = meta_network(settings.with_changes(augment=planned), fingerprint)
+    patch = _entry(settings.patch_size, *plan_patch_size(network, fingerprint, int(limits["max_patch_size"])))
     batch = _entry(
-        settings["batch_size"],
+        settings.batch_size,
         *plan_batch_size(
             network,
             int(patch["value"]),
-            settings["precision"],
+            settings.precision,
             int(limits["memory_budget_mb"]),
             int(limits["max_batch_size"]),
             int(augment["patches"]["num_samples"]),
@@ -129,9 +129,8 @@ def plan_training(fingerprint: Mapping[str, Any], settings: Mapping[str, Any]) -
         "clahe": clahe,
         "channels": channels,
     }
-    resolved.update(patch_size=patch["value"], batch_size=batch["value"])
-    resolved["augment"]["normalize"] = normalize["value"]
-    return Plan(resolved, entries)
+    planned["normalize"] = normalize["value"]
+    return Plan(settings.with_changes(patch_size=patch["value"], batch_size=batch["value"], augment=planned), entries)
 
 
 def _requested(key: str, preset: Any, asked: Mapping[str, str], plan: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -167,13 +166,13 @@ def _entry(explicit: Any, planned: Any, why: str) -> dict[str, Any]:
     }
 
 
-def meta_network(settings: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> SegmentationNetwork:
+def meta_network(settings: TrainSettings, fingerprint: Mapping[str, Any]) -> SegmentationNetwork:
     """The network training builds, on the `meta` device (shapes only: no memory, no weights)."""
-    channels = settings["augment"]["channels"]
+    channels = settings.augment["channels"]
     in_channels = len(channels) if channels else int(fingerprint["channels"]["count"])
     with torch.device("meta"):
         return build_network(
-            settings["network"], in_channels, output_channels(len(fingerprint["classes"])), **settings["network_config"]
+            settings.network, in_channels, output_channels(len(fingerprint["classes"])), **settings.network_config
         )
 
 

@@ -1,7 +1,7 @@
 """Resolved training settings: a profile of `configs/train.yaml` merged with its overrides.
 
-`resolve_settings(configs, dataset, network)` returns one validated, JSON-ready dict that the
-trainer, the checkpoint (config.json, last.pt) and MLflow all see: the profile's keys, then
+`resolve_settings(configs, dataset, network)` returns one validated, frozen `TrainSettings` that the
+trainer, the checkpoint (config.json, last.pt: `to_dict()`) and MLflow all see: the profile's keys, then
 `overrides.<network>`, `overrides.<dataset>` and `overrides.<dataset>/<network>` merged in (later
 wins), then the caller's overrides; plus the network actually built (`substitute`), its config
 (configs/networks.yaml), the dataset's augmentation preset (configs/augment.yaml) and the
@@ -13,7 +13,7 @@ work with a message naming the key.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 from pipeline.config import check_bool, check_choice, check_int, check_keys, check_number, check_str
@@ -77,6 +77,60 @@ class TrainConfigs:
     """How errors name configs/train.yaml."""
 
 
+@dataclass(frozen=True)
+class TrainSettings:
+    """The resolved settings of one training (`resolve_settings`); `plan_training` fills the planned
+    ones (patch_size, batch_size None: planned; the preset's channels, clahe, normalize)."""
+
+    profile: str
+    dataset: str
+    network_key: str
+    """The DVC matrix name (unet, unetpp, u2net)."""
+    network: str
+    """The registry network built (after `substitute`, e.g. u2netp)."""
+    network_config: Mapping[str, Any]
+    augment: Mapping[str, Any]
+    """The dataset's preset of configs/augment.yaml."""
+    models_dir: str
+    fold: int | None
+    network_preset: str
+    substitute: Mapping[str, str] | None
+    seed: int
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int | None
+    patch_size: int | None
+    optimizer: Mapping[str, Any]
+    schedule: Mapping[str, Any]
+    grad_clip: float | None
+    precision: str
+    channels_last: bool
+    compile: bool
+    workers: int
+    val_every: int
+    max_minutes: float | None
+    weight_map: bool
+    target: str
+    loss: Mapping[str, Any]
+    plan: Mapping[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready copy (config.json, the checkpoints' `settings`, MLflow params)."""
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainSettings:
+        """The settings a `to_dict()` wrote (a training's config.json)."""
+        missing = sorted({f.name for f in fields(cls)} - set(data))
+        if missing:
+            raise SegpipeError(f"training settings: missing {missing} (expected a training's config.json)")
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    def with_changes(self, **changes: Any) -> TrainSettings:
+        """A copy with `changes` (field -> value)."""
+        return replace(self, **changes)
+
+
 def _validate(cfg: Mapping[str, Any], where: str) -> None:
     check_keys(cfg, PROFILE_KEYS, where)
     check_int(cfg["seed"], "seed", where, minimum=0)
@@ -119,7 +173,7 @@ def resolve_settings(
     profile: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     fold: int | None = None,
-) -> dict[str, Any]:
+) -> TrainSettings:
     """The training settings of (`dataset`, `network`) under `profile` (default: the file's); `fold`
     (None: the file's) is the cross-validation fold validated on (`PreparedDataset.with_fold`)."""
     full, path = configs.train, configs.where
@@ -147,14 +201,14 @@ def resolve_settings(
         if fold is None
         else check_int(fold, "fold", "segpipe train --fold", minimum=0)
     )
-    return {
+    return TrainSettings(
         **cfg,
-        "profile": name,
-        "dataset": dataset,
-        "network_key": network,
-        "network": actual,
-        "network_config": network_config(configs.networks, actual, cfg["network_preset"], "configs/networks.yaml"),
-        "augment": dict(preset_section(configs.augment, dataset)),
-        "models_dir": str(full["models_dir"]),
-        "fold": fold,
-    }
+        profile=name,
+        dataset=dataset,
+        network_key=network,
+        network=actual,
+        network_config=network_config(configs.networks, actual, cfg["network_preset"], "configs/networks.yaml"),
+        augment=dict(preset_section(configs.augment, dataset)),
+        models_dir=str(full["models_dir"]),
+        fold=fold,
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,6 +19,7 @@ from pipeline.networks.precision import check_precision
 from pipeline.training.distributed import Dist
 from pipeline.training.loader import StepSampler, build_loader, patch_keys
 from pipeline.training.optim import build_optimizer
+from pipeline.training.settings import TrainSettings
 from pipeline.training.supervision import DeepSupervisionLoss, build_loss
 
 RESUME_KEYS = (
@@ -47,7 +48,7 @@ RESUME_KEYS = (
 class Trainer:
     """Everything one training step needs, built once (`_build`)."""
 
-    settings: Mapping[str, Any]
+    settings: TrainSettings
     ctx: Dist
     model: SegmentationNetwork
     forward: torch.nn.Module
@@ -81,28 +82,26 @@ def output_channels(num_classes: int) -> int:
     return 1 if num_classes == 2 else num_classes
 
 
-def build_trainer(settings: Mapping[str, Any], prepared: PreparedDataset, ctx: Dist) -> Trainer:
+def build_trainer(settings: TrainSettings, prepared: PreparedDataset, ctx: Dist) -> Trainer:
     """Network (seeded), patch loader, loss, optimizer and grad scaler of a training."""
-    torch.manual_seed(int(settings["seed"]))
-    channels = settings["augment"]["channels"]
+    torch.manual_seed(int(settings.seed))
+    channels = settings.augment["channels"]
     in_channels = len(channels) if channels else prepared.in_channels
     model = build_network(
-        settings["network"], in_channels, output_channels(len(prepared.class_names)), **settings["network_config"]
+        settings.network, in_channels, output_channels(len(prepared.class_names)), **settings.network_config
     )
-    layout = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    layout = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(ctx.device, memory_format=layout)
     loader, sampler, patches_per_rank = build_loader(prepared, settings, model, ctx)
-    loss_fn = build_loss(
-        settings["loss"], network=model, source=f"configs/train.yaml: profiles.{settings['profile']}.loss"
-    )
-    optimizer = build_optimizer(model, settings["optimizer"])
-    check_precision(settings["precision"], ctx.device, f"configs/train.yaml: profiles.{settings['profile']}")
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings["precision"] == "fp16")
+    loss_fn = build_loss(settings.loss, network=model, source=f"configs/train.yaml: profiles.{settings.profile}.loss")
+    optimizer = build_optimizer(model, settings.optimizer)
+    check_precision(settings.precision, ctx.device, f"configs/train.yaml: profiles.{settings.profile}")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=settings.precision == "fp16")
     net: torch.nn.Module = model
     if ctx.world > 1:
         devices = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=devices)
-    forward = torch.compile(net) if settings["compile"] else net
+    forward = torch.compile(net) if settings.compile else net
     return Trainer(
         settings,
         ctx,
@@ -158,9 +157,9 @@ def restore(trainer: Trainer, path: Path) -> Progress:
     )
 
 
-def resume_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+def resume_settings(settings: TrainSettings) -> dict[str, Any]:
     """The RESUME_KEYS of `settings` as plain JSON values (as stored in last.pt)."""
-    return json.loads(json.dumps({k: settings[k] for k in RESUME_KEYS}, default=str))
+    return json.loads(json.dumps({k: getattr(settings, k) for k in RESUME_KEYS}, default=str))
 
 
 def fold_text(fold: int | None) -> str:

@@ -28,10 +28,11 @@ from pipeline.metrics import (
     score_histogram,
 )
 from pipeline.networks import SegmentationNetwork
+from pipeline.training.settings import TrainSettings
 from pipeline.transforms.presets import preprocess
 
 
-def validation_cases(prepared: PreparedDataset, settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+def validation_cases(prepared: PreparedDataset, settings: TrainSettings) -> list[dict[str, Any]]:
     """Validation images normalised like training, with labels (class indices) and the FOV if any."""
     out = []
     for case in prepared.cases("val"):
@@ -39,7 +40,7 @@ def validation_cases(prepared: PreparedDataset, settings: Mapping[str, Any]) -> 
         out.append(
             {
                 "case": case,
-                "image": preprocess(settings["dataset"], arrays["image"], settings["augment"]),
+                "image": preprocess(settings.dataset, arrays["image"], settings.augment),
                 "label": arrays["label"][0],
                 "fov": arrays["fov"][0] > 0 if "fov" in arrays else None,
             }
