@@ -30,9 +30,9 @@ from pipeline.errors import SegpipeError
 from fixtures import REPO_ROOT, _tif_bytes
 
 LAYOUT = get_source(REPO_ROOT / "data_manifests", "hela").layout
-DATA_LIMITS = check_data_config(yaml.safe_load((REPO_ROOT / "configs" / "data.yaml").read_text()), "configs/data.yaml")[
-    "prepare"
-]["limits"]  # the shipped defaults
+DATA_LIMITS = check_data_config(  # the shipped defaults
+    yaml.safe_load((REPO_ROOT / "configs" / "data.yaml").read_text()), "configs/data.yaml"
+).prepare.limits
 LIMITS = UnpackLimits.from_config(DATA_LIMITS)
 ROOT = "DIC-C2DH-HeLa"
 FRAME = f"{ROOT}/01/t000.tif"

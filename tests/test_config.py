@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -44,7 +45,12 @@ def test_helpers_name_where_and_key_and_refuse_non_finite() -> None:
 
 def test_data_config_is_checked_before_any_work() -> None:
     good = load_config("data")
-    assert check_data_config(good, "configs/data.yaml") == good
+    checked = check_data_config(good, "configs/data.yaml")  # frozen typed settings with the file's values
+    assert list(checked.datasets) == good["datasets"] and checked.prepared_dir == good["prepared_dir"]
+    assert checked.prepare.seed == good["prepare"]["seed"] and dict(checked.prepare.limits) == good["prepare"]["limits"]
+    assert checked.download.retries == good["download"]["retries"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checked.prepared_dir = "elsewhere"  # type: ignore[misc]
     cases = [
         (("prepare", "val_fraction"), math.nan, "prepare.val_fraction must be a finite number"),
         (("prepare", "seed"), -1, "prepare.seed must be an integer >= 0"),

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import requests
 import urllib3
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pipeline.data import folders, importers
 from pipeline.data.cards import DatasetCard
 from pipeline.data.io import sha256_file, write_text
+from pipeline.data.settings import DataConfig, DownloadConfig
 from pipeline.data.sources import Archive, DatasetSource, get_source
 from pipeline.errors import SegpipeError
 from pipeline.files import atomic_path
@@ -48,11 +49,9 @@ class DownloadSettings:
     chunk_bytes: int = 1 << 20
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "DownloadSettings":
+    def from_config(cls, cfg: DownloadConfig) -> "DownloadSettings":
         """From the checked `download` section (`pipeline.data.settings.check_data_config`)."""
-        return cls(
-            int(cfg["retries"]), float(cfg["backoff_seconds"]), float(cfg["timeout_seconds"]), int(cfg["chunk_bytes"])
-        )
+        return cls(cfg.retries, cfg.backoff_seconds, cfg.timeout_seconds, cfg.chunk_bytes)
 
 
 class _Retryable(Exception):
@@ -204,7 +203,7 @@ def import_archive(path: Path, raw_dir: Path, source: DatasetSource, accepted: s
 
 def download_dataset(
     card: DatasetCard,
-    cfg: Mapping[str, Any],
+    cfg: DataConfig,
     *,
     from_paths: Sequence[str] | None = None,
     accept_sha256: Sequence[str] | None = None,
@@ -212,8 +211,8 @@ def download_dataset(
 ) -> Path:
     """Fetch or import every archive of the dataset of `card` (a folder dataset: record its files) as
     configs/data.yaml (`cfg`, checked) says; returns the raw folder. Arguments win over `cfg`."""
-    dataset, dl_cfg = card.name, cfg["download"]
-    raw_dir = Path(cfg["raw_dir"]) / dataset
+    dataset, dl_cfg = card.name, cfg.download
+    raw_dir = Path(cfg.raw_dir) / dataset
     raw_dir.mkdir(parents=True, exist_ok=True)
     if card.archives is None:
         if from_paths or accept_sha256 or mirror:
@@ -222,10 +221,10 @@ def download_dataset(
                 "--mirror are for archive sources"
             )
         return record_files(card, raw_dir, dataset)
-    source = get_source(Path(cfg["manifests_dir"]), card.archives or dataset)
-    accepted = {h.lower() for h in (accept_sha256 or []) + list(dl_cfg["accept_sha256"] or [])}
-    imports = list(from_paths or (dl_cfg["from"] or {}).get(dataset) or [])
-    mirror = mirror or os.environ.get(MIRROR_ENV) or dl_cfg["mirror"]
+    source = get_source(Path(cfg.manifests_dir), card.archives or dataset)
+    accepted = {h.lower() for h in (accept_sha256 or []) + list(dl_cfg.accept_sha256)}
+    imports = list(from_paths or dl_cfg.imports.get(dataset) or [])
+    mirror = mirror or os.environ.get(MIRROR_ENV) or dl_cfg.mirror
     settings = DownloadSettings.from_config(dl_cfg)
 
     records: list[dict[str, Any]] = []

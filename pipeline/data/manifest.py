@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline.data.archives import UnpackLimits, unpack
 from pipeline.data.io import read_raster, sha256_file, write_text
+from pipeline.data.settings import DataConfig
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError, raise_problems
 
@@ -139,15 +139,13 @@ def read_file_manifest(path: Path) -> pd.DataFrame:
     return table
 
 
-def write_file_manifest(
-    dataset: str, source_path: str | Path, cfg: Mapping[str, Any], output: str | None = None
-) -> Path:
+def write_file_manifest(dataset: str, source_path: str | Path, cfg: DataConfig, output: str | None = None) -> Path:
     """`segpipe manifest`: hash and describe every file of a verified copy (folder or archive) into a
     CSV; `cfg`: configs/data.yaml, checked."""
     import tempfile
 
-    limits = cfg["prepare"]["limits"]
-    manifests_dir = Path(cfg["manifests_dir"])
+    limits = cfg.prepare.limits
+    manifests_dir = Path(cfg.manifests_dir)
     source = get_source(manifests_dir, dataset)
     src = Path(source_path)
     out = Path(output) if output else manifests_dir / f"{dataset}_files.csv"

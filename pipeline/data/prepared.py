@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.data.io import read_volume
+from pipeline.data.settings import DataConfig
 from pipeline.errors import SegpipeError
 from pipeline.postprocessing.instances import BORDER_CLASSES, border_target
 
@@ -136,9 +137,9 @@ class PreparedDataset:
         return int(read_volume(self.root / first["image"]).shape[0])
 
 
-def prepared_root(data_config: Mapping[str, Any], dataset: str) -> Path:
+def prepared_root(data_config: DataConfig, dataset: str) -> Path:
     """data/prepared/<dataset> from configs/data.yaml (`data_config`: its `prepared_dir`)."""
-    return Path(data_config["prepared_dir"]) / dataset
+    return Path(data_config.prepared_dir) / dataset
 
 
 def open_prepared(dataset: str, root: Path) -> PreparedDataset:

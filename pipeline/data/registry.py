@@ -111,12 +111,12 @@ def _new_name(files: ConfigFiles, name: str) -> int:
     path = card_path(files.cards, name)
     if not NAME_PATTERN.fullmatch(name):
         raise SegpipeError(f"dataset name {name!r}: expected lower-case letters, digits and _ (e.g. my_vessels)")
-    if path.exists() or name in cfg["datasets"]:
+    if path.exists() or name in cfg.datasets:
         raise SegpipeError(
             f"{path}: dataset {name!r} exists already ({files.data} datasets: "
-            f"{cfg['datasets']}); edit its card, or choose another name"
+            f"{list(cfg.datasets)}); edit its card, or choose another name"
         )
-    return int(cfg["prepare"]["limits"]["max_image_values"])
+    return int(cfg.prepare.limits["max_image_values"])
 
 
 def channel_names(count: int) -> list[str]:

@@ -6,6 +6,7 @@ key. `download.from.<dataset>` lists archives to import instead of downloading.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pipeline.config import (
@@ -32,8 +33,50 @@ PREPARE_KEYS = ("seed", "val_fraction", "folds", "weight_map", "limits")
 LIMIT_KEYS = ("max_members", "max_unpacked_bytes", "max_compression_ratio", "max_image_values")
 
 
-def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """`cfg` (configs/data.yaml) validated; returned as a dict."""
+@dataclass(frozen=True)
+class DownloadConfig:
+    """The `download` section: where archives come from and how transfers retry."""
+
+    mirror: str | None
+    imports: Mapping[str, tuple[str, ...]]
+    """`from:` dataset -> archives on disk imported instead of downloaded."""
+    accept_sha256: tuple[str, ...]
+    retries: int
+    backoff_seconds: float
+    timeout_seconds: float
+    chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """The `prepare` section: the split, the weight map and the limits on what archives may hold."""
+
+    seed: int
+    val_fraction: float
+    folds: int
+    weight_map: Mapping[str, float]
+    """U-Net eq. 2: w0, sigma."""
+    limits: Mapping[str, float]
+    """max_members, max_unpacked_bytes, max_compression_ratio (`UnpackLimits`), max_image_values."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """configs/data.yaml, checked (`check_data_config`)."""
+
+    datasets: tuple[str, ...]
+    """The DVC matrix's datasets."""
+    cell_datasets: tuple[str, ...]
+    folder_datasets: tuple[str, ...]
+    manifests_dir: str
+    raw_dir: str
+    prepared_dir: str
+    download: DownloadConfig
+    prepare: PrepareConfig
+
+
+def check_data_config(cfg: Mapping[str, Any], where: str) -> DataConfig:
+    """`cfg` (configs/data.yaml) validated into a `DataConfig`; errors name `where` and the key."""
     cfg = check_keys(cfg, TOP_KEYS, where)
     for key in ("datasets", "cell_datasets", "folder_datasets"):
         for name in check_list(cfg[key], key, where):
@@ -66,4 +109,17 @@ def check_data_config(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
     for key in ("max_members", "max_unpacked_bytes", "max_image_values"):
         check_int(limits[key], f"prepare.limits.{key}", where, minimum=1)
     check_number(limits["max_compression_ratio"], "prepare.limits.max_compression_ratio", where, low=1)
-    return cfg
+    return DataConfig(
+        *(tuple(cfg[key]) for key in ("datasets", "cell_datasets", "folder_datasets")),
+        *(str(cfg[key]) for key in ("manifests_dir", "raw_dir", "prepared_dir")),
+        DownloadConfig(
+            dl["mirror"],
+            {dataset: tuple(paths or ()) for dataset, paths in (dl["from"] or {}).items()},
+            tuple(dl["accept_sha256"] or ()),
+            int(dl["retries"]),
+            float(dl["backoff_seconds"]),
+            float(dl["timeout_seconds"]),
+            int(dl["chunk_bytes"]),
+        ),
+        PrepareConfig(int(prep["seed"]), float(prep["val_fraction"]), int(prep["folds"]), dict(wm), dict(limits)),
+    )

@@ -37,9 +37,9 @@ import re
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,7 @@ from pipeline.data.folders import file_rows, load_cases, map_labels, pair_cases
 from pipeline.data.importers import list_cases
 from pipeline.data.io import read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, validate
+from pipeline.data.settings import DataConfig, PrepareConfig
 from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
 from pipeline.preprocessing.fingerprint import FINGERPRINT_NAME, dataset_fingerprint, write_fingerprint
@@ -189,15 +190,17 @@ def _cases(files: list[FoundFile], layout: Layout, silver: bool = False) -> pd.D
     return complete.sort_values("case").reset_index(drop=True)
 
 
-def prepare_dataset(card: DatasetCard, cfg: Mapping[str, Any], tracking: TrackingSettings | None = None) -> Path:
+def prepare_dataset(card: DatasetCard, cfg: DataConfig, tracking: TrackingSettings | None = None) -> Path:
     """Run the prepare stage for the dataset of `card` with configs/data.yaml (`cfg`, checked) and MLflow
     `tracking`; returns `data/prepared/<dataset>`."""
-    dataset, prep_cfg = card.name, cfg["prepare"]
-    final = Path(cfg["prepared_dir"]) / dataset
+    dataset, prep_cfg = card.name, cfg.prepare
+    final = Path(cfg.prepared_dir) / dataset
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work_dirs(final)
     manifest, read = _reader(cfg, card, dataset)
-    with stage_run("prepare", dataset, params={"prepare": prep_cfg}, manifest=manifest, tracking=tracking) as tracker:
+    with stage_run(
+        "prepare", dataset, params={"prepare": asdict(prep_cfg)}, manifest=manifest, tracking=tracking
+    ) as tracker:
         stats = _prepare_into(final, read, card, prep_cfg)
         if tracker is not None:
             # what it wrote, split by split: the same datasets (name and digest) train and evaluate read
@@ -213,15 +216,15 @@ def prepare_dataset(card: DatasetCard, cfg: Mapping[str, Any], tracking: Trackin
     return final
 
 
-def _reader(cfg: dict[str, Any], card: DatasetCard, dataset: str) -> tuple[Path, Callable[[Path], "_Cases"]]:
+def _reader(cfg: DataConfig, card: DatasetCard, dataset: str) -> tuple[Path, Callable[[Path], "_Cases"]]:
     """The file MLflow tags as the data manifest, and the function reading the cases (given a
     temporary folder to unpack into)."""
-    prep_cfg = cfg["prepare"]
+    prep_cfg = cfg.prepare
     if card.archives is None:  # folders, an nnU-Net raw folder or a datalist, read in place
-        max_values, seed = int(prep_cfg["limits"]["max_image_values"]), int(prep_cfg["seed"])
+        max_values, seed = int(prep_cfg.limits["max_image_values"]), prep_cfg.seed
         return card.path, lambda work: _folder_cases(card, max_values, seed)
-    source = get_source(Path(cfg["manifests_dir"]), card.archives or dataset)
-    raw_dir = Path(cfg["raw_dir"]) / dataset
+    source = get_source(Path(cfg.manifests_dir), card.archives or dataset)
+    raw_dir = Path(cfg.raw_dir) / dataset
     records = read_record(raw_dir)
     archives = [raw_dir / r["name"] for r in records]
     for archive in archives:
@@ -229,8 +232,8 @@ def _reader(cfg: dict[str, Any], card: DatasetCard, dataset: str) -> tuple[Path,
             raise SegpipeError(
                 f"{archive}: listed in {raw_dir / 'download.json'} but missing; run segpipe download {dataset}"
             )
-    manifest = source.files_manifest or Path(cfg["manifests_dir"]) / "sources.yaml"
-    return manifest, lambda work: _archive_cases(work, archives, source, card, prep_cfg["limits"], records)
+    manifest = source.files_manifest or Path(cfg.manifests_dir) / "sources.yaml"
+    return manifest, lambda work: _archive_cases(work, archives, source, card, prep_cfg.limits, records)
 
 
 @dataclass
@@ -249,7 +252,7 @@ class _Cases:
 
 
 def _prepare_into(
-    final: Path, read: Callable[[Path], _Cases], card: DatasetCard, prep_cfg: dict[str, Any]
+    final: Path, read: Callable[[Path], _Cases], card: DatasetCard, prep_cfg: PrepareConfig
 ) -> dict[str, Any]:
     """Read the cases (`read`, given a temporary folder), split them, write the prepared folder and
     swap it into `final`; returns the statistics written."""
@@ -257,13 +260,13 @@ def _prepare_into(
     try:
         got = read(work)
         cases = got.table
-        seed, val_fraction = int(prep_cfg["seed"]), float(prep_cfg["val_fraction"])
+        seed, val_fraction = prep_cfg.seed, prep_cfg.val_fraction
         silver = cases["truth"].eq("silver") if "truth" in cases else pd.Series(False, index=cases.index)
         cases["split"] = assign_splits(cases, got.train_parts, got.test_parts, seed, val_fraction, got.val_parts)
-        folds = int(prep_cfg["folds"])
+        folds = prep_cfg.folds
         cases["fold"] = assign_folds(cases["case"], cases["split"], seed, folds)
         out = work / "out"
-        stats = _write(cases, got.loaded, out, prep_cfg["weight_map"], card)
+        stats = _write(cases, got.loaded, out, prep_cfg.weight_map, card)
         stats.update(
             dataset=card.name,
             seed=seed,

@@ -23,7 +23,7 @@ def configured_matrix() -> list[tuple[str, str]]:
     networks = check_list(load_config("train").get("networks"), "networks", where, nonempty=True)
     return [
         (dataset, check_str(network, "networks[]", where))
-        for dataset in read_config("data", check_data_config)["datasets"]
+        for dataset in read_config("data", check_data_config).datasets
         for network in networks
     ]
 
