@@ -22,7 +22,7 @@ from pipeline.data.settings import check_data_config
 from pipeline.data.sources import get_source
 from pipeline.errors import SegpipeError
 from pipeline.networks import read_checkpoint
-from pipeline.preprocessing.prepare import assign_folds, assign_splits
+from pipeline.preprocessing.splits import assign_folds, assign_splits
 from pipeline.stages.evaluate import evaluate as run_evaluate
 from pipeline.training.settings import TrainConfigs, resolve_settings
 
