@@ -1,12 +1,13 @@
 """`predict_file`: sliding-window inference from disk to disk, memory bounded by the tile band.
 
-The reader (`readers.py`) delivers row bands of the input; the engine (`sliding.py`) runs the
+The reader (`readers/images.py`) delivers row bands of the input; the engine
+(`engine/sliding_window.py`) runs the
 windows of each band in batches and yields rows as soon as they are final; the writer of the
-output format (`outputs.py`: flat TIFF, NIfTI, pyramidal OME-TIFF, OME-Zarr) encodes them (labels,
+output format (`writers/formats.py`: flat TIFF, NIfTI, pyramidal OME-TIFF, OME-Zarr) encodes them (labels,
 probabilities) and drops them. Nothing image-sized is held: peak memory is the band (a few tiles
 high, the image wide) plus the network's activations; the pyramids' reduced levels are built from
 the bands as they pass.
-A checkpoint's recorded training preprocessing wraps the reader (`preprocessing.py`): zscore and
+A checkpoint's recorded training preprocessing wraps the reader (`readers/preprocessed.py`): zscore and
 percentile of <= 16-bit images stream (one extra statistics pass); CLAHE and other percentiles
 hold the whole image, up to `preprocess_max_megapixels`.
 

@@ -6,8 +6,8 @@
   OME-TIFF input writes OME-TIFF with the input's physical pixel sizes.
 
 The other writers build on `RowWriter` and the temp-file helpers here: `NiftiRowWriter`
-(nifti_writer.py), and the pyramidal `OmeTiffWriter` (ome_tiff.py) and `OmeZarrWriter` (ngff.py);
-`outputs.py` picks the writer of an output format.
+(nifti.py), and the pyramidal `OmeTiffWriter` (ome_tiff.py) and `OmeZarrWriter` (ome_zarr.py);
+`formats.py` picks the writer of an output format.
 
 Every writer writes a temp file beside the final path (a short name, whatever the length of the
 final one, its process's id in it: `remove_stale_temps` clears those of killed runs); `finish()`

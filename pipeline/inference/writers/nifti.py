@@ -3,7 +3,7 @@
 The input's header (affine, pixdim, codes) with the shape and dtype of the result. NIfTI stores
 arrays in Fortran order, so a row band is strided on disk: each band is written column by column (a
 seek and a write each) into a sparse temp `.nii`; `.nii.gz` is compressed from it at the end
-(streaming). Temp files and publishing as for every `RowWriter` (writers.py).
+(streaming). Temp files and publishing as for every `RowWriter` (base.py).
 """
 
 from __future__ import annotations
