@@ -164,7 +164,7 @@ def run_benchmark(
             source = "synthetic DRIVE-like images"
         rows = []
         for network in networks:
-            settings = resolve_settings(load_train_configs(), prepared.name, network, overrides=overrides)
+            settings = resolve_settings(load_train_configs(prepared.name), prepared.name, network, overrides=overrides)
             if source.startswith("prepared"):  # as `segpipe train` plans (the synthetic set is DRIVE's: explicit)
                 settings = plan_training(read_fingerprint(prepared.root, dataset), settings).settings
             torch.manual_seed(0)

@@ -87,6 +87,6 @@ def test_data_config_is_checked_before_any_work() -> None:
     ],
 )
 def test_training_settings_are_checked_up_front(override: dict, message: str) -> None:
-    configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment"))
+    configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment")["drive"])
     with pytest.raises(ConfigError, match=message):
         resolve_settings(configs, "drive", "unet", "smoke", override)

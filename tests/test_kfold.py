@@ -102,7 +102,7 @@ def test_fold_settings_are_checked() -> None:
         check_data_config(cfg, "configs/data.yaml")
     train = dict(load_config("train"))
     assert train["fold"] is None
-    configs = TrainConfigs(train, load_config("networks"), load_config("augment"))
+    configs = TrainConfigs(train, load_config("networks"), load_config("augment")["drive"])
     assert resolve_settings(configs, "drive", "unet", "smoke").fold is None
     assert resolve_settings(configs, "drive", "unet", "smoke", fold=3).fold == 3
     assert (

@@ -18,7 +18,8 @@ with a LOWER rank (`RANKS` below); rank 0 is the base every layer may use:
             pipeline/cli.py, pipeline/__main__.py, pipeline/__init__.py
 
 Only the entries (rank 9) read configs/: no module below them calls `load_config`, `read_config`,
-`config_path`, `config_dir` or `cards_dir`; they take settings as values. The benchmarks live beside
+`config_path`, `config_dir`, `cards_dir` or `preset_section` (a dataset's augmentation preset looked up
+by name); they take settings as values. The benchmarks live beside
 the package (`benchmarks/`): no module of pipeline/ imports them; `pipeline.cli.COMMANDS` names
 `benchmarks.cli` as the lazy entry of `segpipe bench`.
 
@@ -380,7 +381,8 @@ def test_checker_catches_an_upward_import(tmp_path: Path) -> None:
 
 # --- entries read configs/, benchmarks stay beside the package -------------------------------------
 
-CONFIG_READERS = {"load_config", "read_config", "config_path", "config_dir", "cards_dir"}
+CONFIG_READERS = {"load_config", "read_config", "config_path", "config_dir", "cards_dir", "preset_section"}
+"""Calls that read configs/ or look a section of it up by a dataset's name: entries only."""
 ENTRY_UNITS = {"pipeline.stages", "pipeline.commands", "pipeline.cli", "pipeline.config"}
 BENCHMARKS = "benchmarks"
 

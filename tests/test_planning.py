@@ -6,6 +6,7 @@ the DRIVE / HeLa / U373 trainings unchanged by the default profile's planned key
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,7 @@ def _configs(**profile_changes: Any) -> TrainConfigs:
     train = copy.deepcopy(load_config("train"))
     for profile in train["profiles"].values():
         profile.update(profile_changes)
-    augment = dict(load_config("augment"))
-    augment["mine"] = augment["generic"]
-    return TrainConfigs(train, load_config("networks"), augment)
+    return TrainConfigs(train, load_config("networks"), load_config("augment")["generic"])
 
 
 def _fingerprint(
@@ -265,7 +264,7 @@ def test_normalize_auto_is_resolved_per_channel() -> None:
     plan = _plan(fingerprint=_fingerprint(channels={"gray": normal}, modality="CT"))
     assert plan.entries["normalize"]["source"] == "card" and plan.settings.augment["normalize"] == "percentile"
     configs = _configs()
-    configs.augment["mine"] = {**configs.augment["generic"], "normalize": "zscore"}
+    configs = dataclasses.replace(configs, augment={**configs.augment, "normalize": "zscore"})
     plan = _plan(fingerprint=_fingerprint(channels={"gray": spiky}), configs=configs)
     assert plan.entries["normalize"] | {"channels": None} == {
         "value": "zscore",
@@ -324,7 +323,7 @@ THREE = {
 
 def test_channels_auto_keeps_the_channel_separating_the_classes_best() -> None:
     configs = _configs()
-    configs.augment["mine"] = {**configs.augment["generic"], "normalize": "auto"}
+    configs = dataclasses.replace(configs, augment={**configs.augment, "normalize": "auto"})
     plan = _plan(fingerprint=_fingerprint(channels=THREE, asked={"channels": "auto"}), configs=configs)
     entry = plan.entries["channels"]
     assert (entry["value"], entry["source"]) == ([1], "planned") and plan.settings.augment["channels"] == [1]
@@ -337,7 +336,7 @@ def test_channels_auto_keeps_the_channel_separating_the_classes_best() -> None:
 
 def test_an_explicit_preset_wins_over_the_card_and_records_the_planned_alternative() -> None:
     configs = _configs()
-    configs.augment["mine"] = {**configs.augment["generic"], "channels": [0], "clahe": 0.03}
+    configs = dataclasses.replace(configs, augment={**configs.augment, "channels": [0], "clahe": 0.03})
     fingerprint = _fingerprint(channels=THREE, asked={"channels": "auto", "clahe": "auto"})
     plan = _plan(fingerprint=fingerprint, configs=configs)
     channels, clahe = plan.entries["channels"], plan.entries["clahe"]
@@ -367,7 +366,7 @@ def test_clahe_auto_on_narrow_integer_data_only(dtype: str, spread: float, clahe
 
 def test_without_the_card_asking_channels_and_clahe_stay_the_presets() -> None:
     configs = _configs()
-    configs.augment["mine"] = {**configs.augment["generic"], "channels": None, "clahe": None}
+    configs = dataclasses.replace(configs, augment={**configs.augment, "channels": None, "clahe": None})
     plan = _plan(fingerprint=_fingerprint(channels=THREE), configs=configs)  # narrow uint8 channels
     for key in ("channels", "clahe"):
         assert plan.entries[key]["value"] is None and plan.entries[key]["source"] == "preset"
@@ -393,7 +392,7 @@ def test_plan_keys_are_validated() -> None:
 @pytest.mark.parametrize("dataset", ["drive", "hela", "u373"])
 @pytest.mark.parametrize("network", ["unet", "unetpp", "u2net"])
 def test_paper_datasets_keep_their_calibrated_settings(dataset: str, network: str) -> None:
-    configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment"))
+    configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment")[dataset])
     settings = resolve_settings(configs, dataset, network)
     assert (settings.patch_size, settings.batch_size) == (96, 16)
     assert settings.weight_map is (dataset != "drive")

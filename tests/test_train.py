@@ -162,7 +162,7 @@ def test_channels_last_trains_like_the_default_layout(drive_project: FixtureProj
     for key in ("train_loss", "val_dice"):
         np.testing.assert_allclose(logs[True][key], logs[False][key], rtol=1e-3)
     with pytest.raises(SegpipeError, match="channels_last must be true or false"):
-        resolve_settings(load_train_configs(), "drive", "unet", "smoke", {"channels_last": "yes"})
+        resolve_settings(load_train_configs("drive"), "drive", "unet", "smoke", {"channels_last": "yes"})
 
 
 def _killed_after_epoch_one(
@@ -243,9 +243,9 @@ def test_a_resumed_training_continues_its_mlflow_run(
 
 def test_bad_settings_are_named(drive_project: FixtureProject) -> None:
     with pytest.raises(SegpipeError, match="optimizer.name must be one of"):
-        resolve_settings(load_train_configs(), "drive", "unet", "smoke", {"optimizer": {"name": "lion"}})
+        resolve_settings(load_train_configs("drive"), "drive", "unet", "smoke", {"optimizer": {"name": "lion"}})
     with pytest.raises(SegpipeError, match="no profile 'turbo'"):
-        resolve_settings(load_train_configs(), "drive", "unet", "turbo")
+        resolve_settings(load_train_configs("drive"), "drive", "unet", "turbo")
     with pytest.raises(SegpipeError, match="batch_size 6 must be a multiple"):
         train("drive", "unet", profile="smoke", overrides={"batch_size": 6})
     with pytest.raises(SegpipeError, match="nothing to resume"):

@@ -24,13 +24,13 @@ from pipeline.training.instance_output import median_object_area
 from pipeline.training.loop import TrainResult, run_training
 from pipeline.training.planning import plan_training
 from pipeline.training.settings import TrainConfigs, deep_merge, resolve_settings
+from pipeline.transforms.presets import preset_section
 
 
-def load_train_configs() -> TrainConfigs:
-    """configs/train.yaml, networks.yaml and augment.yaml as loaded dicts."""
-    return TrainConfigs(
-        load_config("train"), load_config("networks"), load_config("augment"), str(config_path("train"))
-    )
+def load_train_configs(dataset: str) -> TrainConfigs:
+    """configs/train.yaml and networks.yaml as loaded, and `dataset`'s preset of configs/augment.yaml."""
+    augment = preset_section(load_config("augment"), dataset)
+    return TrainConfigs(load_config("train"), load_config("networks"), augment, str(config_path("train")))
 
 
 def train(
@@ -52,7 +52,7 @@ def train(
 
     Writes models/<dataset>/<network>/: best.pt, last.pt, log.csv, config.json, plan.json.
     """
-    settings = resolve_settings(load_train_configs(), dataset, network, profile, overrides, fold)
+    settings = resolve_settings(load_train_configs(dataset), dataset, network, profile, overrides, fold)
     inference = read_config("inference", settings_from_config)
     out_dir = Path(models_dir or settings.models_dir) / dataset / network
     if prepared is None:

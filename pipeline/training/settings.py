@@ -4,7 +4,7 @@
 trainer, the checkpoint (config.json, last.pt: `to_dict()`) and MLflow all see: the profile's keys, then
 `overrides.<network>`, `overrides.<dataset>` and `overrides.<dataset>/<network>` merged in (later
 wins), then the caller's overrides; plus the network actually built (`substitute`), its config
-(configs/networks.yaml), the dataset's augmentation preset (configs/augment.yaml) and the
+(configs/networks.yaml), the dataset's augmentation preset (configs/augment.yaml, checked) and the
 cross-validation `fold` (the file's top-level `fold`, or the caller's). Every value
 is checked up front (type, range, missing and unknown keys), so a bad `--set` fails before any
 work with a message naming the key.
@@ -21,7 +21,7 @@ from pipeline.errors import SegpipeError
 from pipeline.networks import network_config, network_names
 from pipeline.networks.precision import PRECISIONS
 from pipeline.training.losses import LOSS_DEFAULTS
-from pipeline.transforms.presets import preset_section
+from pipeline.transforms.presets import preset
 
 PROFILE_KEYS = {
     "network_preset",
@@ -68,7 +68,9 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
 
 @dataclass(frozen=True)
 class TrainConfigs:
-    """The params files a training reads, as loaded by the stage entry (`pipeline.stages.train`)."""
+    """The params files a training reads, as loaded by the stage entry (`pipeline.stages.train`):
+    configs/train.yaml, configs/networks.yaml and the dataset's preset of configs/augment.yaml (the
+    entry looks it up, `pipeline.transforms.presets.preset_section`)."""
 
     train: Mapping[str, Any]
     networks: Mapping[str, Any]
@@ -208,7 +210,7 @@ def resolve_settings(
         network_key=network,
         network=actual,
         network_config=network_config(configs.networks, actual, cfg["network_preset"], "configs/networks.yaml"),
-        augment=dict(preset_section(configs.augment, dataset)),
+        augment=dict(preset(dataset, configs.augment)),
         models_dir=str(full["models_dir"]),
         fold=fold,
     )

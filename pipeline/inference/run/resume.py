@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline.errors import SegpipeError
+from pipeline.files import atomic_path
 from pipeline.inference.backends.torch_graph import InferenceNetwork
 from pipeline.inference.settings import InferenceSettings
 from pipeline.tracking_store import pid_alive
@@ -170,9 +171,8 @@ class RowLog:
             "layouts": [[k, w, dtype.str] for k, w, dtype in self.layouts],
             "key": self.key,
         }
-        tmp = self.folder / f".{RECORD}.tmp"
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, self.folder / RECORD)
+        with atomic_path(self.folder / RECORD) as tmp:
+            tmp.write_text(json.dumps(body))
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
