@@ -285,7 +285,7 @@ def run_quality(
     import os
 
     from benchmarks.baseline import evaluate_probabilities, predict_baseline, train_baseline
-    from pipeline.evaluation.evaluate import evaluate_config
+    from pipeline.evaluation.settings import evaluate_config
     from pipeline.inference import inference_network, load_settings, predict
     from pipeline.inference.settings import settings_from_config
     from pipeline.networks import read_checkpoint

@@ -25,6 +25,7 @@ from pipeline.errors import SegpipeError
 from pipeline.evaluation import evaluate as ev
 from pipeline.evaluation.heads import multi_head_scores
 from pipeline.evaluation.overlays import overlay
+from pipeline.evaluation.settings import evaluate_config
 from pipeline.inference import inference_network, load_settings, predict
 from pipeline.metrics import (
     best_f1_threshold,
@@ -458,14 +459,14 @@ def test_failure_marks_run_failed_and_writes_nothing(work: Path) -> None:
 def test_config_is_checked(work: Path) -> None:
     set_eval_config(work, threshold=1.5)
     with pytest.raises(SegpipeError, match=r"evaluate\.yaml: threshold must be a finite number > 0 and < 1"):
-        ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
+        evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
     set_eval_config(work, threshold=0.5, overlays=-1)
     with pytest.raises(SegpipeError, match="overlays"):
-        ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
+        evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")
     with pytest.raises(SegpipeError, match="overlays"):  # the stage reads the file and stops before any work
         run_evaluate("drive", "unet", models_dir=work / "models", results_dir=work / "results")
     set_eval_config(work, overlays=2, inference={"tile": 64})
-    cfg = ev.evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")  # typed, frozen settings
+    cfg = evaluate_config(load_config("evaluate"), "configs/evaluate.yaml")  # typed, frozen settings
     assert (cfg.threshold, cfg.overlays, dict(cfg.inference)) == (0.5, 2, {"tile": 64})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.threshold = 0.3  # type: ignore[misc]

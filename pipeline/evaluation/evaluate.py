@@ -78,13 +78,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config import check_bool, check_int, check_keys, check_number, check_str
 from pipeline.data.io import write_text
 from pipeline.data.prepared import PreparedDataset
 from pipeline.errors import SegpipeError
 from pipeline.evaluation.heads import HeadRunner, Reduce, head_metrics, head_runners, heads_table
 from pipeline.evaluation.overlays import write_png
 from pipeline.evaluation.scoring import BinaryScoring, Case, ClassScoring, Scoring, check_classes
+from pipeline.evaluation.settings import EvaluateSettings
 from pipeline.evaluation.summary import summary_text
 from pipeline.files import atomic_path
 from pipeline.inference.backends.torch_graph import InferenceNetwork, torch_network
@@ -96,54 +96,8 @@ from pipeline.postprocessing.instances import InstanceSettings
 from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run
 from pipeline.transforms.presets import preprocess
 
-CONFIG_KEYS = ("results_dir", "threshold", "val_threshold", "overlays", "curve_points", "per_head", "inference")
 TIMINGS = ("inference_seconds", "seconds")
 """Wall times: in timings.json (and MLflow), never in metrics.json, which DVC compares."""
-
-
-@dataclass(frozen=True)
-class EvaluateSettings:
-    """configs/evaluate.yaml, checked (`evaluate_config`)."""
-
-    results_dir: str
-    threshold: float
-    val_threshold: bool
-    overlays: int | None
-    curve_points: int
-    per_head: bool
-    inference: Mapping[str, Any]
-    """Overrides of configs/inference.yaml's `InferenceSettings` for evaluation."""
-
-
-def evaluate_config(cfg: Mapping[str, Any], where: str) -> EvaluateSettings:
-    """configs/evaluate.yaml (`cfg`) as settings; errors name `where` and the key."""
-    cfg = check_keys(cfg, CONFIG_KEYS, where)
-    check_number(cfg["threshold"], "threshold", where, low=0, high=1, low_open=True, high_open=True)
-    for key in ("val_threshold", "per_head"):
-        check_bool(cfg[key], key, where)
-    check_int(cfg["overlays"], "overlays", where, minimum=0, optional=True)
-    check_int(cfg["curve_points"], "curve_points", where, minimum=2)
-    check_str(cfg["results_dir"], "results_dir", where)
-    inference = check_keys(
-        cfg["inference"] or {},
-        InferenceSettings.__dataclass_fields__,
-        f"{where}: inference",
-        optional=InferenceSettings.__dataclass_fields__,
-    )
-    if "intensity" in inference:
-        raise SegpipeError(
-            f"{where}: inference.intensity cannot be set: evaluation images are preprocessed as "
-            "the checkpoint records, so intensity is always 'none'"
-        )
-    return EvaluateSettings(
-        str(cfg["results_dir"]),
-        float(cfg["threshold"]),
-        bool(cfg["val_threshold"]),
-        cfg["overlays"],
-        int(cfg["curve_points"]),
-        bool(cfg["per_head"]),
-        dict(inference),
-    )
 
 
 def load_trained(path: Path, dataset: str, network: str) -> tuple[SegmentationNetwork, dict[str, Any]]:

@@ -38,7 +38,7 @@ _API: dict[str, str] = {
     "OUTPUT_FORMATS": "pipeline.inference.writers.formats",
     "predict_file": "pipeline.inference.run.predict",
     "infer_files": "pipeline.inference.run.predict",
-    "InferenceReport": "pipeline.inference.run.predict",
+    "InferenceReport": "pipeline.inference.run.report",
 }
 _ATTRIBUTE = {"OUTPUT_FORMATS": "FORMATS"}
 

@@ -14,7 +14,8 @@ from typing import Any
 from pipeline.config import load_config, read_config
 from pipeline.data.prepared import open_prepared, prepared_root
 from pipeline.data.settings import check_data_config
-from pipeline.evaluation.evaluate import evaluate_checkpoint, evaluate_config
+from pipeline.evaluation.evaluate import evaluate_checkpoint
+from pipeline.evaluation.settings import evaluate_config
 from pipeline.inference.settings import load_settings, settings_from_config
 from pipeline.stages.arguments import precision_arg
 from pipeline.tracking import tracking_settings

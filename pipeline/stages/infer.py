@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from pipeline.config import config_path, load_config
 from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
-from pipeline.inference.run.predict import InferenceReport, infer_files
+from pipeline.inference.run.predict import infer_files
+from pipeline.inference.run.report import InferenceReport
 from pipeline.inference.settings import InferenceSettings, load_settings, parse_threshold, settings_from_config
 from pipeline.stages.arguments import finite, precision_arg
 from pipeline.torchrun import rank_env

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,6 +43,7 @@ from pipeline.inference.engine.sliding_window import stream_probabilities
 from pipeline.inference.readers.images import ImageReader, open_image
 from pipeline.inference.readers.preprocessed import CheckedReader, PreprocessedReader
 from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
+from pipeline.inference.run.report import InferenceReport
 from pipeline.inference.run.resume import RowLog, open_log, output_uuid, run_key
 from pipeline.inference.settings import THRESHOLD_NAMES, InferenceSettings, load_settings, resolve_threshold
 from pipeline.inference.writers.base import (
@@ -69,41 +70,6 @@ DEVICES = "cpu, cuda or cuda:N"
 """The devices inference runs on, as said in errors."""
 _REPLAY_ROWS = 256
 """Rows of a resumed run's stored output handed to the writers at a time."""
-
-
-@dataclass
-class InferenceReport:
-    """What one `predict_file` run did, for the summary line and benchmarks.
-
-    `peak_rss_mb` is the process's resident-memory high-water mark (since start, or since the last
-    `reset_peak_rss()`, which `segpipe infer` calls before each image).
-    """
-
-    input: Path
-    outputs: list[Path]
-    shape: tuple[int, int, int]
-    dtype: str
-    plan: str
-    tiles: int
-    seconds: float
-    peak_rss_mb: float
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def megapixels(self) -> float:
-        return self.shape[1] * self.shape[2] / 1e6
-
-    @property
-    def megapixels_per_second(self) -> float:
-        return self.megapixels / self.seconds if self.seconds > 0 else float("inf")
-
-    def summary(self) -> str:
-        c, h, w = self.shape
-        return (
-            f"{self.input.name}: {w}x{h}x{c} {self.dtype}, {self.plan}, {self.seconds:.1f} s, "
-            f"{self.megapixels_per_second:.2f} Mpx/s, peak RSS {self.peak_rss_mb:.0f} MB "
-            f"[{', '.join(self.notes)}] -> {', '.join(str(p) for p in self.outputs)}"
-        )
 
 
 def check_device(device: str) -> None:

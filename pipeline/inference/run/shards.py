@@ -35,7 +35,8 @@ from pipeline.files import NIFTI_SUFFIXES, has_suffix
 from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
 from pipeline.inference.readers.images import open_image
 from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
-from pipeline.inference.run.predict import InferenceReport, infer_files
+from pipeline.inference.run.predict import infer_files
+from pipeline.inference.run.report import InferenceReport
 from pipeline.inference.settings import InferenceSettings
 from pipeline.torchrun import RankEnv
 
