@@ -197,5 +197,19 @@ def setting_argument(text: str) -> dict:
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = _number_or_yaml(value)
     return out
+
+
+def _number_or_yaml(text: str) -> Any:
+    """A `--set` value: a number as people type it (1e-3, 5E4, 0.5, 3: YAML 1.1 reads 1e-3 as text), else
+    the YAML value (true, null, [1, 2], {a: 1}, text)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return yaml.safe_load(text)
+    return number if text.strip().lower().lstrip("+-") not in ("nan", "inf", "infinity") else yaml.safe_load(text)

@@ -17,6 +17,7 @@ from pipeline.config import (
     check_list,
     check_number,
     load_config,
+    setting_argument,
 )
 from pipeline.data.settings import check_data_config
 from pipeline.training.settings import TrainConfigs, resolve_settings
@@ -90,3 +91,17 @@ def test_training_settings_are_checked_up_front(override: dict, message: str) ->
     configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment")["drive"])
     with pytest.raises(ConfigError, match=message):
         resolve_settings(configs, "drive", "unet", "smoke", override)
+
+
+def test_set_values_are_read_as_people_type_them() -> None:
+    """`--set optimizer.lr=1e-3`: YAML 1.1 reads 1e-3 as text; numbers are numbers, the rest is YAML."""
+    assert setting_argument("optimizer.lr=1e-3") == {"optimizer": {"lr": 0.001}}
+    assert setting_argument("epochs=3") == {"epochs": 3} and setting_argument("x=5E4") == {"x": 50000.0}
+    assert setting_argument("compile=true") == {"compile": True} and setting_argument("grad_clip=null") == {
+        "grad_clip": None
+    }
+    assert setting_argument("x=nan") == {"x": "nan"}  # not a number: the settings' checks refuse it
+    configs = TrainConfigs(load_config("train"), load_config("networks"), load_config("augment")["drive"])
+    assert resolve_settings(configs, "drive", "unet", "smoke", setting_argument("optimizer.lr=1e-3")).optimizer[
+        "lr"
+    ] == pytest.approx(0.001)

@@ -397,3 +397,61 @@ def test_the_shipped_datasets_are_archive_cards() -> None:
         card = load_card(REPO_ROOT / "configs" / "datasets", name)
         assert card.archives == name and card.folders is None and len(card.classes) == 2
         assert list(card.classes.values()) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.nan, r"3 pixel\(s\) are NaN, infinite or beyond float32 \(float32\)"),
+        (np.inf, r"3 pixel\(s\) are NaN, infinite or beyond float32 \(float32\)"),
+        (1e300, r"3 pixel\(s\) are NaN, infinite or beyond float32 \(float64\)"),
+    ],
+)
+def test_non_finite_image_values_are_refused_naming_the_file(
+    project: FixtureProject, capsys: pytest.CaptureFixture, bad: float, message: str
+) -> None:
+    folders = write_folders(project.root / "f")
+    dtype = np.float64 if bad == 1e300 else np.float32
+    image = iio.imread(folders["images"] / "slice_02.png").astype(dtype)
+    image[0, :3] = bad
+    (folders["images"] / "slice_02.png").unlink()
+    tifffile.imwrite(folders["images"] / "slice_02.tif", image)
+    assert add("nonfinite", folders) == 0  # dataset add reads the first image only (slice_00 is fine)
+    capsys.readouterr()
+    assert main(["prepare", "nonfinite"]) == 2  # every image is read: refused, naming the file and the count
+    err = capsys.readouterr().err
+    assert "slice_02.tif" in err and re.search(message, err), err
+    assert not (project.root / "data" / "prepared" / "nonfinite").exists()
+
+
+def test_64_bit_integer_images_are_kept_when_they_fit_and_refused_when_not(project: FixtureProject) -> None:
+    from pipeline.data.io import checked_image
+
+    fits = np.array([[0, 70000]], np.uint64)
+    assert checked_image(fits, Path("a.tif")).dtype == np.int32
+    with pytest.raises(SegpipeError, match=r"a\.tif: uint64 pixels up to 18446744073709551615 do not fit 32 bits"):
+        checked_image(np.array([[0, 2**64 - 1]], np.uint64), Path("a.tif"))
+    folders = write_folders(project.root / "g")
+    for path in sorted(folders["images"].glob("*.png")):
+        tifffile.imwrite(path.with_suffix(".tif"), iio.imread(path).astype(np.uint64))
+        path.unlink()
+    assert add("wide", folders) == 0
+    out = prepare("wide")  # used to fail in nibabel ("Image data has type uint64")
+    table = pd.read_csv(out / "manifest.csv")
+    assert read_volume(out / table["image"].iloc[0]).dtype == np.int32
+
+
+def test_negative_label_values_are_refused_with_the_ignore_value_route(
+    project: FixtureProject, capsys: pytest.CaptureFixture
+) -> None:
+    folders = write_folders(project.root / "h")
+    for path in sorted(folders["labels"].glob("*.png")):
+        label = iio.imread(path).astype(np.int16)
+        label[0, 0] = -1
+        tifffile.imwrite(path.with_suffix(".tif"), label)
+        path.unlink()
+    assert add("neg", folders) == 2
+    err = capsys.readouterr().err
+    assert "negative label value(s) [-1]" in err and "--ignore-value -1" in err, err
+    assert add("neg", folders, "--ignore-value", "-1") == 0
+    assert load_card(cards_dir(), "neg").classes == {"background": 0, "foreground": 255}

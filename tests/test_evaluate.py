@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -286,6 +287,31 @@ def test_all_zero_prediction(drive: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert m["pooled_auc"] == pytest.approx(0.5) and m["mean_auc"] == pytest.approx(0.5)
     assert "threshold_best" not in m and "dice_best" not in m
     assert not list((drive / "results" / "drive" / "unet" / "overlays").iterdir())
+
+
+def test_a_killed_evaluations_folders_go_and_overlays_look_like_any_folder(
+    drive: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed evaluate leaves its temp overlay folder: the next one removes it (this host, dead pid);
+    overlays/ gets the mode of a new folder, not mkdtemp's 0700."""
+    import subprocess
+
+    from pipeline.files import file_mode, temp_prefix
+
+    out = drive / "results" / "drive" / "unet"
+    out.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out / (temp_prefix().replace(f"-{os.getpid()}-", f"-{dead.pid}-") + "x.overlays")
+    stale.mkdir()
+    (stale / "test_00.png").write_bytes(b"half")
+    alive = out / (temp_prefix() + "y.overlays")  # a live process's (ours): kept
+    alive.mkdir()
+    monkeypatch.setattr(ev, "predict", fake_predict(lambda x: np.zeros(x.shape[1:])))
+    run_evaluate("drive", "unet", models_dir=drive / "models", results_dir=drive / "results")
+    assert not stale.exists() and alive.exists()
+    assert (out / "overlays").stat().st_mode & 0o777 == file_mode(directory=True)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [alive.name]
 
 
 def test_metrics_match_pipeline_metrics(drive: Path, monkeypatch: pytest.MonkeyPatch) -> None:

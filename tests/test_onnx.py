@@ -288,6 +288,11 @@ def test_export_failures_name_the_file_and_leave_nothing(tmp_path, monkeypatch):
         export_onnx(ckpt, tmp_path / "dir.onnx")
     with pytest.raises(SegpipeError, match="would overwrite the checkpoint"):
         export_onnx(ckpt, ckpt)
+    with pytest.raises(SegpipeError, match=r"the ONNX file name is 300 bytes long, longer than file systems allow"):
+        export_onnx(ckpt, tmp_path / ("m" * 295 + ".onnx"))  # refused before any work, named
+    long_ok = tmp_path / ("m" * 245 + ".onnx")  # 250 bytes: fits, and so does its temp file's name
+    assert export_onnx(ckpt, long_ok) == long_ok and long_ok.stat().st_size > 0
+    long_ok.unlink()
 
     def refuse(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")

@@ -267,7 +267,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
 
 
 def test_stale_temps_of_killed_processes_are_removed(tmp_path):
-    from pipeline.inference.writers.base import remove_stale_temps, temp_prefix
+    from pipeline.files import remove_stale_temps, temp_prefix
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

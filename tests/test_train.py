@@ -202,6 +202,10 @@ def test_a_resumed_run_continues_the_wall_clock_budget(
     torch.save(state, last)
     result = train("drive", "unet", profile="smoke", resume=True, overrides={**settings, "max_minutes": 60})
     assert result.stopped_early and result.epochs == 2
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().get_run(read_checkpoint(last)["mlflow_run_id"])
+    assert run.data.tags["stopped_by_time_limit"] == "true"
     log = pd.read_csv(drive_project.root / "models/drive/unet/log.csv")
     assert list(log["epoch"]) == [1, 2] and list(log["step"]) == [2, 3]  # one step of epoch 2
     assert log["elapsed_seconds"].iloc[-1] > 7200.0
@@ -230,7 +234,7 @@ def test_a_resumed_training_continues_its_mlflow_run(
     train("drive", "unet", profile="smoke", resume=True, overrides=settings)
     [run] = train_runs()
     assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
-    assert run.data.tags["resumed_from_epoch"] == "1"
+    assert run.data.tags["resumed_from_epoch"] == "1" and "stopped_by_time_limit" not in run.data.tags
     for metric in ("train_loss", "val_dice", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2, 3]
     assert read_checkpoint(last)["mlflow_run_id"] == run.info.run_id

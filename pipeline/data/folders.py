@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.cards import DatasetCard, FolderSource
-from pipeline.data.io import read_raster, sha256_file
+from pipeline.data.io import checked_image, read_raster, sha256_file
 from pipeline.errors import SegpipeError, raise_problems
 from pipeline.files import NIFTI_SUFFIXES, SITK_SUFFIXES, TIFF_SUFFIXES
 
@@ -215,9 +215,7 @@ def read_channels(paths: tuple[Path, ...], max_values: int | None = None) -> np.
     """A case's image as (H, W, C): its file(s) read and stacked along the channels, in order."""
     planes = []
     for path in paths:
-        array = read_slice(path, max_values)
-        if array.dtype == bool:  # 1-bit images; NIfTI has no bool
-            array = array.astype(np.uint8)
+        array = checked_image(read_slice(path, max_values), path)  # 1-bit images: uint8 (NIfTI has no bool)
         if planes and array.shape[:2] != planes[0].shape[:2]:
             raise SegpipeError(
                 f"{path}: shape {array.shape[:2]}, its first channel {paths[0].name} is "

@@ -87,6 +87,36 @@ def read_raster(path: Path, max_values: int | None = None) -> np.ndarray:
         raise SegpipeError(f"{path}: cannot read as an image ({type(exc).__name__}: {exc})") from exc
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def checked_image(array: np.ndarray, path: Path) -> np.ndarray:
+    """An image's pixels as training can use them: NaN, +-inf and floats beyond float32 are an error
+    naming `path` and the count (they would poison the statistics and the loss silently); 64-bit
+    integers are stored as int32 when they fit, else an error; bool becomes uint8."""
+    kind = array.dtype.kind
+    if kind == "b":
+        return array.astype(np.uint8)
+    if kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(array) | (np.abs(array) > FLOAT32_MAX)))
+        if bad:
+            raise SegpipeError(
+                f"{path}: {bad} pixel(s) are NaN, infinite or beyond float32 ({array.dtype}); expected finite "
+                "values (replace them in the image, e.g. by 0)"
+            )
+        return array
+    if kind in "iu" and array.dtype.itemsize == 8:
+        if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+            raise SegpipeError(
+                f"{path}: {array.dtype} pixels up to {array.max()} do not fit 32 bits; expected an image of at most "
+                "32-bit integers or floats"
+            )
+        return array.astype(np.int32)
+    if kind not in "iu":
+        raise SegpipeError(f"{path}: {array.dtype} pixels; expected integer or floating-point image values")
+    return array
+
+
 def read_volume(path: Path) -> np.ndarray:
     """Read a prepared NIfTI volume back as the channel-first array it was written from."""
     import nibabel as nib

@@ -13,6 +13,7 @@ atomically:
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,10 +159,17 @@ def label_values(cases: list[FolderCase], ignore_value: int | None, limit: int) 
     for case in cases:
         found.update(np.unique(read_plane(case.files["label"], limit)).tolist())
     found.discard(ignore_value)
-    if any(float(v) != int(v) for v in found):
+    folder = cases[0].files["label"].parent
+    if any(not math.isfinite(v) or float(v) != int(v) for v in found):
         raise SegpipeError(
-            f"{cases[0].files['label'].parent}: label values {sorted(found)[:10]} are not all integers; "
+            f"{folder}: label values {sorted(found)[:10]} are not all integers; "
             "expected class values such as 0, 1 or 0, 255"
+        )
+    negative = sorted(int(v) for v in found if v < 0)
+    if negative:  # class indices follow the values: a negative one would come before background
+        raise SegpipeError(
+            f"{folder}: negative label value(s) {negative[:10]}; expected class values >= 0 (0 = background); "
+            f"to leave {negative[0]} out of the loss and the metrics: --ignore-value {negative[0]}"
         )
     return sorted(int(v) for v in found)
 

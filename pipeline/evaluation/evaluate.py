@@ -86,7 +86,7 @@ from pipeline.evaluation.overlays import write_png
 from pipeline.evaluation.scoring import BinaryScoring, Case, ClassScoring, Scoring, check_classes
 from pipeline.evaluation.settings import EvaluateSettings
 from pipeline.evaluation.summary import summary_text
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, file_mode, remove_stale_temps, temp_prefix
 from pipeline.inference.backends.torch_graph import InferenceNetwork, torch_network
 from pipeline.inference.engine.sliding_window import predict
 from pipeline.inference.settings import InferenceSettings
@@ -119,7 +119,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Put the finished folder `tmp` in place of `final` (the old one is removed after the rename)."""
     old = None
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=f".{final.name}.old", dir=final.parent))
         os.replace(final, old / final.name)
     os.replace(tmp, final)
     if old is not None:
@@ -242,7 +242,9 @@ def evaluate_checkpoint(
         runners = head_runners(model, replace(settings, tta=()), reduce) if cfg.per_head else []  # heads: no TTA
         n_overlays = len(test_cases) if cfg.overlays is None else min(cfg.overlays, len(test_cases))
         out_dir.mkdir(parents=True, exist_ok=True)
-        overlay_tmp = Path(tempfile.mkdtemp(prefix=".overlays.", dir=out_dir))
+        remove_stale_temps(out_dir)  # the overlay folders of a killed evaluation
+        overlay_tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".overlays", dir=out_dir))
+        os.chmod(overlay_tmp, file_mode(directory=True))  # mkdtemp makes 0700; results are ordinary folders
         try:
             head_scores = _score_test_split(data, predictor, scoring, runners, n_overlays, overlay_tmp, tag)
             metrics = scoring.metrics()

@@ -51,7 +51,7 @@ from pipeline.data.cards import DatasetCard, split_fraction
 from pipeline.data.download import read_record
 from pipeline.data.folders import file_rows, load_cases, map_labels, pair_cases
 from pipeline.data.importers import list_cases
-from pipeline.data.io import read_raster, write_text, write_volume
+from pipeline.data.io import checked_image, read_raster, write_text, write_volume
 from pipeline.data.manifest import FoundFile, find_files, validate
 from pipeline.data.settings import DataConfig, PrepareConfig
 from pipeline.data.sources import DatasetSource, Layout, get_source
@@ -299,7 +299,8 @@ def _read_archive_cases(cases: pd.DataFrame, card: DatasetCard, max_values: int)
     than `max_values` (H x W x C) are refused before decoding."""
     loaded: dict[str, dict[str, np.ndarray]] = {}
     for row in tqdm(cases.itertuples(index=False), total=len(cases), desc=f"convert {card.name}", unit="case"):
-        vols: dict[str, np.ndarray] = {"image": to_channel_first(read_raster(row.image, max_values))}
+        image = checked_image(read_raster(row.image, max_values), row.image)
+        vols: dict[str, np.ndarray] = {"image": to_channel_first(image)}
         if vols["image"].shape[0] != len(card.channels):
             raise SegpipeError(
                 f"{row.image}: {vols['image'].shape[0]} channel(s); {card.path} declares "

@@ -328,7 +328,8 @@ def _train(
                     **threshold_metrics(best.get("thresholds")),
                 }
             )
-            tracker.set_tag("stopped_by_time_limit", str(stopped_early))
+            if stopped_early:  # only then: a tag on every run would say nothing
+                tracker.set_tag("stopped_by_time_limit", "true")
             for name in ("config.json", "log.csv", "best.pt", "thresholds.json"):
                 if name != "thresholds.json" or (out_dir / name).is_file():  # absent: best.pt of an older segpipe
                     tracker.log_artifact(str(out_dir / name))

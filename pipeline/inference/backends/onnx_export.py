@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import SegpipeError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, check_name_length
 from pipeline.inference.backends.onnx_meta import OnnxMeta, SizeRule
 from pipeline.inference.backends.torch_graph import optimize_network, resolve_model
 
@@ -181,6 +181,7 @@ def export_onnx(
             raise SegpipeError("exporting a module needs an output path")
         output = Path(model).with_suffix(".onnx")
     output = Path(output)
+    check_name_length(output, "ONNX file")
     if not isinstance(model, nn.Module) and output.resolve() == Path(model).resolve():
         raise SegpipeError(f"{output}: the ONNX file would overwrite the checkpoint")
     if output.is_dir():

@@ -35,6 +35,7 @@ import torch
 
 from pipeline.config import check_number
 from pipeline.errors import SegpipeError
+from pipeline.files import remove_stale_temps
 from pipeline.inference.backends.select import inference_network
 from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
 from pipeline.inference.engine.labels import to_labels
@@ -50,7 +51,6 @@ from pipeline.inference.writers.base import (
     RowWriter,
     check_output_path,
     encode_probabilities,
-    remove_stale_temps,
 )
 from pipeline.inference.writers.formats import (
     instance_path,

@@ -20,12 +20,8 @@ of them are finished.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import queue
-import re
-import shutil
-import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -34,11 +30,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.files import file_mode, has_suffix
+from pipeline.files import NAME_MAX, file_mode, has_suffix, temp_prefix
 from pipeline.inference.readers.images import ImageMeta
-from pipeline.tracking_store import pid_alive
 
-_TEMP_NAME = re.compile(r"\.segpipe-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-")
 _END = object()
 _ABORT = object()
 
@@ -65,10 +59,6 @@ def strip_tiles(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
         yield block
 
 
-NAME_MAX = 255
-"""Bytes in a file name on the usual file systems (ext4, xfs, btrfs, APFS, NTFS in UTF-16 units)."""
-
-
 def is_zarr_store(path: Path) -> bool:
     """True if `path` is a directory holding a zarr group or array (v2 or v3 metadata)."""
     return any((path / name).is_file() for name in (".zgroup", ".zarray", "zarr.json"))
@@ -90,29 +80,6 @@ def check_output_path(final: Path) -> None:
             )
     elif final.is_dir():
         raise SegpipeError(f"{final}: the output path exists and is a directory; remove it or choose another output")
-
-
-def temp_prefix() -> str:
-    """The name prefix of this process's temp files: `.segpipe-PID-HOST8-` (HOST8: 8 hex digits of the
-    host name's sha1), so that those of a killed process can be told apart (`remove_stale_temps`)."""
-    return f".segpipe-{os.getpid()}-{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]}-"
-
-
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Remove the temp files and folders in `directory` that a killed segpipe process of this host
-    left (its process is gone); those of live processes and other hosts stay. Returns the removed."""
-    ours = temp_prefix().split("-")[2]
-    removed = []
-    try:
-        entries = [p for p in directory.iterdir() if p.name.startswith(".segpipe-")]
-    except OSError:
-        return removed
-    for path in entries:
-        found = _TEMP_NAME.match(path.name)
-        if found and found["host"] == ours and not pid_alive(int(found["pid"])):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 def temp_beside(final: Path, suffix: str, *, directory: bool = False) -> Path:

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import SegpipeError
-from pipeline.files import file_mode
+from pipeline.files import file_mode, temp_prefix
 from pipeline.inference.readers.images import ImageMeta
-from pipeline.inference.writers.base import RowWriter, check_output_path, temp_beside, temp_prefix
+from pipeline.inference.writers.base import RowWriter, check_output_path, temp_beside
 from pipeline.inference.writers.ome_meta import PixelSize, image_name, pixel_size
 from pipeline.inference.writers.pyramid import Pyramid, Sink, level_shapes
 
