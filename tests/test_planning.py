@@ -250,6 +250,14 @@ def test_explicit_settings_win_and_the_plan_records_its_alternative() -> None:
     plan = _plan("unet", patch_size=64)  # --set patch_size=64 over the default profile's null
     assert plan.entries["patch_size"]["source"] == "profile" and plan.settings.patch_size == 64
     assert plan.entries["batch_size"]["source"] == "planned"
+    fingerprint = {**_fingerprint(), "shape": {"median": [300.0, 200.0], "min": [200, 150], "max": [320, 240]}}
+    assert _plan("unet", patch_size=320, fingerprint=fingerprint).settings.patch_size == 320
+    with pytest.raises(
+        SegpipeError,
+        match=r"patch_size 100000 \(mine, .*\) is larger than the largest image side "
+        r"of the dataset \(320 px",
+    ):
+        _plan("unet", patch_size=100000, fingerprint=fingerprint)  # --set patch_size=100000: refused, not a traceback
 
 
 def test_normalize_auto_is_resolved_per_channel() -> None:

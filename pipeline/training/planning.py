@@ -100,6 +100,13 @@ def plan_training(fingerprint: Mapping[str, Any], settings: TrainSettings) -> Pl
     clahe = _requested("clahe", augment["clahe"], asked, lambda: plan_clahe(fingerprint, channels["value"]))
     planned = {**copy.deepcopy(dict(augment)), "channels": channels["value"], "clahe": clahe["value"]}
     network = meta_network(settings.with_changes(augment=planned), fingerprint)
+    largest = max(fingerprint["shape"].get("max") or [0])  # fingerprints before "max": no check
+    if settings.patch_size is not None and largest and settings.patch_size > largest:
+        raise SegpipeError(
+            f"patch_size {settings.patch_size} ({settings.dataset}, configs/train.yaml or --set) is larger than the "
+            f"largest image side of the dataset ({largest} px, fingerprint.json); expected at most {largest}, "
+            "or null to plan it"
+        )
     patch = _entry(settings.patch_size, *plan_patch_size(network, fingerprint, int(limits["max_patch_size"])))
     batch = _entry(
         settings.batch_size,
