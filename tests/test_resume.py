@@ -21,7 +21,7 @@ from torch import nn
 
 from pipeline.errors import SegpipeError
 from pipeline.inference import inference_network, load_settings, predict_file
-from pipeline.inference.run.resume import RECORD, progress_folder
+from pipeline.inference.run.resume import RECORD, _still_running, process_start, progress_folder
 from pipeline.networks import build_network, save_checkpoint
 
 torch.set_num_threads(1)
@@ -144,6 +144,17 @@ def test_a_change_starts_over_and_says_why(tmp_path, caplog):
     assert any("missing or unreadable" in n for n in report.notes), report.notes
     assert out.read_bytes() == reference
 
+    # damaged records (a field missing, negative, not a number, more rows than the image): reported,
+    # discarded, started over; the next run never fails on them
+    for damage in ({"rows_done": None}, {"rows_done": -3}, {"rows_done": "12"}, {"pid": "x"}, {"rows_done": 10**6}):
+        interrupted(ckpt, settings)
+        path = progress_folder(out) / RECORD
+        good = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in {**good, **damage}.items() if v is not None}))
+        report = _run(ckpt, image, out, None, settings)
+        assert any(n.startswith("started over:") for n in report.notes), (damage, report.notes)
+        assert not progress_folder(out).exists()
+
 
 def test_resume_off_and_failures_leave_nothing(tmp_path):
     ckpt, image = _checkpoint(tmp_path), _image(tmp_path / "in.tif")
@@ -170,9 +181,12 @@ def test_a_live_run_on_the_same_output_is_refused(tmp_path):
     record = json.loads(record_path.read_text())
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        record_path.write_text(json.dumps({**record, "pid": sleeper.pid}))
+        record_path.write_text(json.dumps({**record, "pid": sleeper.pid, "started": process_start(sleeper.pid)}))
         with pytest.raises(SegpipeError, match=f"another segpipe infer \\(process {sleeper.pid}\\)"):
             _run(ckpt, image, out, None, settings)
+        # the same pid, started at another time (reused after a restart): not that run, so no lock
+        record_path.write_text(json.dumps({**record, "pid": sleeper.pid, "started": 1.0}))
+        assert _still_running(json.loads(record_path.read_text())) is False
     finally:
         sleeper.kill()
         sleeper.wait()

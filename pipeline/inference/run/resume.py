@@ -23,9 +23,10 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import psutil
 
 from pipeline.errors import SegpipeError
 from pipeline.files import atomic_path
@@ -166,6 +167,7 @@ class RowLog:
             "format": FORMAT,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "started": process_start(os.getpid()),
             "rows_done": self.rows_done,
             "height": self.height,
             "layouts": [[k, w, dtype.str] for k, w, dtype in self.layouts],
@@ -196,12 +198,14 @@ def open_log(
     note = None
     if old is not None:
         other = old.get("host") == socket.gethostname() and old.get("pid") != os.getpid()
-        if other and pid_alive(int(old.get("pid", 0))):
+        if other and _still_running(old):
             raise SegpipeError(f"{label_path}: another segpipe infer (process {old['pid']}) is writing this output")
         layouts_now = [[k, w, np.dtype(d).str] for k, w, d in layouts]
         reason = None
         if not old:
             reason = f"its progress record {folder / RECORD} is missing or unreadable"
+        elif old["rows_done"] > height:
+            reason = f"its progress record {folder / RECORD} says {old['rows_done']} rows of {height} are done"
         elif old.get("format") != FORMAT or old.get("key") != key or old.get("layouts") != layouts_now:
             reason = _changes(old.get("key") or {}, key)
         else:
@@ -245,7 +249,31 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict):
+        return {}
+    counts = [record.get("rows_done"), record.get("pid")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+        return {}  # damaged: reported as unreadable and discarded, the run starts over
+    if not isinstance(record.get("host"), str) or not isinstance(record.get("started", 0.0), (int, float)):
+        return {}
+    return record
+
+
+def process_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), None if it is gone: with the pid it names
+    one process, so a pid reused after a restart is not taken for the run that wrote a record."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.Error, ValueError):
+        return None
+
+
+def _still_running(record: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote `record` (its pid and, when recorded, its start time) still runs."""
+    if not pid_alive(record["pid"]):
+        return False
+    started = record.get("started")
+    return started is None or process_start(record["pid"]) == started
 
 
 __all__ = ["RowLog", "model_digest", "open_log", "progress_folder", "run_key"]
