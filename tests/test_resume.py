@@ -156,6 +156,18 @@ def test_a_change_starts_over_and_says_why(tmp_path, caplog):
         assert not progress_folder(out).exists()
 
 
+def test_resume_off_removes_what_a_killed_run_left(tmp_path):
+    ckpt, image = _checkpoint(tmp_path), _image(tmp_path / "in.tif")
+    out = tmp_path / "out" / "seg.tif"
+    settings = load_settings(None, tile=32)
+    with pytest.raises(KeyboardInterrupt):
+        _run(ckpt, image, out, None, settings, after=3)
+    assert progress_folder(out).is_dir()
+    report = _run(ckpt, image, out, None, load_settings(settings, resume=False))  # --no-resume
+    assert any(n.startswith("started over: resume is off") for n in report.notes), report.notes
+    assert not progress_folder(out).exists() and sorted(p.name for p in out.parent.iterdir()) == ["seg.tif"]
+
+
 def test_resume_off_and_failures_leave_nothing(tmp_path):
     ckpt, image = _checkpoint(tmp_path), _image(tmp_path / "in.tif")
     out = tmp_path / "out"

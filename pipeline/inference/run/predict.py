@@ -45,7 +45,7 @@ from pipeline.inference.readers.images import ImageReader, open_image
 from pipeline.inference.readers.preprocessed import CheckedReader, PreprocessedReader
 from pipeline.inference.run.inputs import check_output_clashes, expand_inputs
 from pipeline.inference.run.report import InferenceReport
-from pipeline.inference.run.resume import RowLog, open_log, output_uuid, run_key
+from pipeline.inference.run.resume import RowLog, discard_log, open_log, output_uuid, run_key
 from pipeline.inference.settings import THRESHOLD_NAMES, InferenceSettings, load_settings, resolve_threshold
 from pipeline.inference.writers.base import (
     RowWriter,
@@ -279,7 +279,7 @@ def _open_row_log(
 ) -> tuple[RowLog | None, str | None]:
     """The resume log of this run (`pipeline.inference.run.resume`), None with `resume: false`; and its note."""
     if not settings.resume:
-        return None, None
+        return None, discard_log(targets[0][0])
     _, h, w = reader.shape
     layouts = [(1, w, np.dtype(np.uint8))]
     if len(targets) > 1:

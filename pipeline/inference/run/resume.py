@@ -241,6 +241,19 @@ def open_log(
     return log_, note
 
 
+def discard_log(label_path: Path) -> str | None:
+    """With `resume: false`: the progress a previous run left for `label_path` is removed (SegpipeError
+    if a live process on this host is writing that output); returns the note saying so, or None."""
+    folder = progress_folder(label_path)
+    old = _read_record(folder)
+    if old is None:
+        return None
+    if old and old["host"] == socket.gethostname() and old["pid"] != os.getpid() and _still_running(old):
+        raise SegpipeError(f"{label_path}: another segpipe infer (process {old['pid']}) is writing this output")
+    shutil.rmtree(folder, ignore_errors=True)
+    return f"started over: resume is off ({folder.name} removed)"
+
+
 def _read_record(folder: Path) -> dict[str, Any] | None:
     """The progress record in `folder`: None without the folder, {} if it cannot be read."""
     if not folder.is_dir():
@@ -276,4 +289,4 @@ def _still_running(record: Mapping[str, Any]) -> bool:
     return started is None or process_start(record["pid"]) == started
 
 
-__all__ = ["RowLog", "model_digest", "open_log", "progress_folder", "run_key"]
+__all__ = ["RowLog", "discard_log", "model_digest", "open_log", "progress_folder", "run_key"]
