@@ -3,7 +3,7 @@
 The folders follow the data flow. A module may import only modules of its own folder or of a folder
 with a LOWER rank (`RANKS` below); rank 0 is the base every layer may use:
 
-    rank 0  pipeline/errors.py, pipeline/config.py, pipeline/files.py, pipeline/tracking.py, pipeline/tracking_store.py,
+    rank 0  pipeline/errors.py, pipeline/config.py, pipeline/files.py, pipeline/tracking*.py,
             pipeline/torchrun.py, pipeline/metrics/
     rank 1  pipeline/data/            raw and prepared data on disk
             pipeline/postprocessing/  probabilities into objects (instances)
@@ -47,6 +47,7 @@ RANKS: dict[str, int] = {
     "pipeline.config": 0,
     "pipeline.tracking": 0,
     "pipeline.tracking_store": 0,
+    "pipeline.tracking_datasets": 0,
     "pipeline.torchrun": 0,
     "pipeline.files": 0,
     "pipeline.metrics": 0,

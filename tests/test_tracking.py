@@ -26,13 +26,13 @@ from pipeline.tracking import (
     PARENT_STAGE,
     RUN_GROUP_TAG,
     TrackingSettings,
-    data_digest,
     parent_run,
     run_group,
     stage_run,
     tracking_settings,
     tracking_uri,
 )
+from pipeline.tracking_datasets import data_digest
 
 from fixtures import FixtureProject
 from test_evaluate import UNET, drive_case, fake_predict, make_checkpoint, make_prepared, work  # noqa: F401 (fixture)

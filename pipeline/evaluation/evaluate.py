@@ -93,7 +93,8 @@ from pipeline.inference.settings import InferenceSettings
 from pipeline.metrics import best_f1_threshold
 from pipeline.networks import SegmentationNetwork, load_model, read_checkpoint
 from pipeline.postprocessing.instances import InstanceSettings
-from pipeline.tracking import DataInput, TrackingSettings, run_record, stage_run
+from pipeline.tracking import TrackingSettings, run_record, stage_run
+from pipeline.tracking_datasets import DataInput
 from pipeline.transforms.presets import preprocess
 
 TIMINGS = ("inference_seconds", "seconds")

@@ -58,7 +58,8 @@ from pipeline.data.sources import DatasetSource, Layout, get_source
 from pipeline.errors import SegpipeError
 from pipeline.preprocessing.fingerprint import FINGERPRINT_NAME, dataset_fingerprint, write_fingerprint
 from pipeline.preprocessing.splits import assign_folds, assign_splits, fold_record, hold_out_test
-from pipeline.tracking import DataInput, TrackingSettings, log_datasets, stage_run
+from pipeline.tracking import TrackingSettings, stage_run
+from pipeline.tracking_datasets import DataInput, log_datasets
 from pipeline.tracking_store import pid_alive
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,8 @@ from pipeline.errors import SegpipeError
 from pipeline.inference.settings import InferenceSettings
 from pipeline.networks import save_checkpoint
 from pipeline.networks.precision import autocast, fp32_output
-from pipeline.tracking import DataInput, TrackingSettings, stage_run
+from pipeline.tracking import TrackingSettings, stage_run
+from pipeline.tracking_datasets import DataInput
 from pipeline.training.distributed import all_mean, init_distributed, max_over_ranks
 from pipeline.training.epochs import epoch_metrics, epoch_summary, log_epochs, log_text, logged_epochs
 from pipeline.training.instance_output import choose_instances
