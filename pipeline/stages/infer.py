@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Any, Sequence
 
-from pipeline.config import config_path, load_config
+from pipeline.config import read_config
 from pipeline.inference.backends.torch_graph import InferenceNetwork, ModelLike
 from pipeline.inference.run.predict import infer_files
 from pipeline.inference.run.report import InferenceReport
@@ -24,7 +24,7 @@ CONFIG_NAME = "inference"
 
 def config_settings() -> InferenceSettings:
     """`configs/inference.yaml` as validated settings (errors name the file and the key)."""
-    return settings_from_config(load_config(CONFIG_NAME), str(config_path(CONFIG_NAME)))
+    return read_config(CONFIG_NAME, settings_from_config)
 
 
 def run_infer(
